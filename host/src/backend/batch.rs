@@ -1,0 +1,117 @@
+//! What the host knows about a batch that a model plugin does not: positions,
+//! padding, packing segments, and the KV cache during generation.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Per-batch facts the host's `rope` and `attention` ops read.
+#[derive(Clone, Debug, Default)]
+pub struct BatchInfo {
+    /// `[batch, seq]` positions of the new tokens. When absent they run
+    /// from the KV cache's length on.
+    pub position_ids: Option<Tensor>,
+    /// `[batch, kv_len]`, non-zero where a key may be attended to (left
+    /// padding in batched generation). `kv_len` counts cached tokens too.
+    pub attention_mask: Option<Tensor>,
+    /// `[batch, seq]` packing segment of each token: a token attends only
+    /// within its segment. Not used together with a KV cache.
+    pub segment_ids: Option<Tensor>,
+}
+
+/// Keys and values of past tokens, per layer, for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// How many tokens are cached (those of layer 0).
+    pub fn seq_len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Appends this step's `k`, `v` (`[b, h, s, d]`) to `layer` and returns
+    /// the full keys and values.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let (k, v) = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
+            None => (k.clone(), v.clone()),
+        };
+        self.layers[layer] = Some((k.detach(), v.detach()));
+        Ok((k, v))
+    }
+}
+
+/// Which keys query `i` (absolute position `offset + i`) may see.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MaskSpec {
+    /// Only keys at or before the query.
+    pub causal: bool,
+    /// Only the last `n` keys (0: no window).
+    pub sliding_window: u32,
+}
+
+fn rows_u32(t: &Tensor) -> Result<Vec<Vec<u32>>> {
+    t.to_dtype(DType::U32)?.to_vec2::<u32>()
+}
+
+/// Builds the additive mask `[batch or 1, 1, seq, kv_len]` (0 or -inf) for
+/// `seq` new queries after `offset` cached tokens. A query that would see
+/// no key at all (a padding row) is allowed to see itself, so its softmax
+/// stays finite.
+pub fn build_mask(
+    spec: MaskSpec,
+    batch: usize,
+    seq: usize,
+    kv_len: usize,
+    offset: usize,
+    info: &BatchInfo,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let padding = info.attention_mask.as_ref().map(rows_u32).transpose()?;
+    let segments = info.segment_ids.as_ref().map(rows_u32).transpose()?;
+    if !spec.causal && spec.sliding_window == 0 && padding.is_none() && segments.is_none() {
+        return Ok(None);
+    }
+    let rows = if padding.is_some() || segments.is_some() { batch } else { 1 };
+    let mut data = vec![0f32; rows * seq * kv_len];
+    for r in 0..rows {
+        for i in 0..seq {
+            let qpos = offset + i;
+            let row = &mut data[(r * seq + i) * kv_len..(r * seq + i + 1) * kv_len];
+            let mut any = false;
+            for (j, cell) in row.iter_mut().enumerate() {
+                let mut ok = !spec.causal || j <= qpos;
+                if spec.sliding_window > 0 && qpos >= j + spec.sliding_window as usize {
+                    ok = false;
+                }
+                if let Some(p) = &padding {
+                    ok &= p[r].get(j).copied().unwrap_or(1) != 0;
+                }
+                if let Some(sg) = &segments {
+                    ok &= sg[r].get(i) == sg[r].get(j);
+                }
+                if ok {
+                    any = true;
+                } else {
+                    *cell = f32::NEG_INFINITY;
+                }
+            }
+            if !any {
+                row[qpos.min(kv_len - 1)] = 0.0;
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(data, (rows, 1, seq, kv_len), device)?.to_dtype(dtype)?))
+}

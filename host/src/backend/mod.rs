@@ -1,0 +1,16 @@
+//! The host's implementation of the tensor-op API on candle.
+//!
+//! [`session::GraphSession`] owns the tensors of one call and dispatches
+//! every op a plugin sends; [`ops`] holds the differentiable versions of the
+//! ops candle only has fused (forward-only) kernels for; [`batch`] holds what
+//! the host knows about a batch (positions, masks, KV cache); [`weights`]
+//! resolves parameters by name.
+
+pub mod batch;
+pub mod ops;
+pub mod session;
+pub mod weights;
+
+pub use batch::{BatchInfo, KvCache};
+pub use session::{ForwardContext, GraphSession, OpError, TunerBinding};
+pub use weights::WeightStore;

@@ -1,0 +1,64 @@
+//! Named parameters, as a model plugin refers to them (Hugging Face names).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+/// The parameters of one run, by name. Trainable ones are [`Var`]s so the
+/// backward pass reaches them; frozen ones are plain tensors.
+#[derive(Clone, Debug, Default)]
+pub struct WeightStore {
+    tensors: HashMap<String, Tensor>,
+    vars: HashMap<String, Var>,
+}
+
+impl WeightStore {
+    /// An empty store.
+    pub fn new() -> WeightStore {
+        WeightStore::default()
+    }
+
+    /// Loads every tensor of a safetensors file (memory-mapped), converted to `dtype`.
+    pub fn load_safetensors(path: &Path, dtype: DType, device: &Device) -> candle_core::Result<WeightStore> {
+        let mut store = WeightStore::new();
+        for (name, tensor) in candle_core::safetensors::load(path, device)? {
+            store.insert(name, tensor.to_dtype(dtype)?);
+        }
+        Ok(store)
+    }
+
+    /// Adds a frozen parameter.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    /// Adds a trainable parameter.
+    pub fn insert_var(&mut self, name: impl Into<String>, var: Var) {
+        let name = name.into();
+        self.tensors.insert(name.clone(), var.as_tensor().clone());
+        self.vars.insert(name, var);
+    }
+
+    /// The parameter `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// Whether the store holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The trainable parameter `name`, if it is one.
+    pub fn var(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name)
+    }
+
+    /// All parameter names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}

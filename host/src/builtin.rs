@@ -1,0 +1,6 @@
+//! The first-party plugins linked into the `oxtune` binary.
+//!
+//! A plugin crate registers itself with `inventory` when it is linked; the
+//! `use` lines below make sure the linker keeps each one.
+
+use oxtune_plugin_rewards as _;

@@ -1,0 +1,76 @@
+//! The command line: global options shared by every subcommand, and the
+//! dispatch to each subcommand's module.
+
+mod plugins;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use oxtune_registry::{Discovery, Registry, SandboxConfig};
+
+/// Fine-tune and align language models, with plugins.
+#[derive(Debug, Parser)]
+#[command(name = "oxtune", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand accepts.
+#[derive(Debug, clap::Args)]
+pub struct GlobalArgs {
+    /// Load a plugin: a cdylib, a `.wasm`/`.wat` reward script, or a folder of them (repeatable).
+    #[arg(long = "plugin", value_name = "PATH", global = true)]
+    pub plugins: Vec<PathBuf>,
+    /// Grant reward scripts a capability: `clock` or `env:NAME` (repeatable).
+    #[arg(long = "wasm-grant", value_name = "WHAT", global = true)]
+    pub wasm_grants: Vec<String>,
+    /// Memory cap of one reward-script instance, in MiB.
+    #[arg(long = "wasm-memory-mb", value_name = "MIB", default_value_t = 64, global = true)]
+    pub wasm_memory_mb: usize,
+    /// Fuel (about one unit per wasm instruction) one reward-script call may burn.
+    #[arg(long = "wasm-fuel", value_name = "UNITS", default_value_t = 1_000_000_000, global = true)]
+    pub wasm_fuel: u64,
+}
+
+impl GlobalArgs {
+    /// The registry: built-ins, `OXTUNE_PLUGIN_PATH`, the user folder and `--plugin`.
+    pub fn registry(&self) -> anyhow::Result<Registry> {
+        let mut sandbox = SandboxConfig { memory_limit: self.wasm_memory_mb << 20, fuel_per_sample: self.wasm_fuel, ..Default::default() };
+        for grant in &self.wasm_grants {
+            sandbox.grant(grant).map_err(anyhow::Error::msg)?;
+        }
+        let discovery = Discovery::from_env(self.plugins.clone(), sandbox);
+        Registry::discover(&discovery).context("loading plugins")
+    }
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List every registered component: kind, name, origin, version, API version.
+    Plugins(plugins::PluginsArgs),
+}
+
+/// Parses the command line, runs it, and reports errors with their context.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("OXTUNE_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Plugins(args) => plugins::run(&cli.global, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

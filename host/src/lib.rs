@@ -1,0 +1,7 @@
+//! `oxtune`: the host. It owns the tensors (the candle op backend in
+//! [`backend`]), finds plugins through `oxtune-registry`, and drives them
+//! from the command line ([`cli`]).
+
+pub mod backend;
+pub mod builtin;
+pub mod cli;

@@ -1,0 +1,7 @@
+//! The `oxtune` command line.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    oxtune::cli::main()
+}

@@ -1,0 +1,324 @@
+//! Ordinary-looking tensor code on top of the host's op API.
+//!
+//! While the host runs a plugin's forward pass (or tuner hook), the graph
+//! handle it passed in is installed as the thread's *current graph*; a
+//! [`Tensor`] is a plain copyable handle whose methods send ops to it. So a
+//! plugin author writes
+//!
+//! ```ignore
+//! let h = x.matmul(&w)?.silu()?;
+//! ```
+//!
+//! and never touches FFI types. Using a `Tensor` outside such a call is an
+//! error, not undefined behaviour.
+
+use std::cell::Cell;
+use std::ptr;
+
+use abi_stable::nonexhaustive_enum::NonExhaustive;
+use abi_stable::std_types::{RString, RVec};
+
+use crate::abi::{DType, GraphRef, Op, TensorId};
+use crate::{Error, Result};
+
+thread_local! {
+    static CURRENT: Cell<*mut GraphRef<'static>> = const { Cell::new(ptr::null_mut()) };
+}
+
+/// Runs `f` with `graph` installed as this thread's current graph, restoring
+/// the previous one afterwards (calls nest: a tuner hook runs inside a
+/// model's forward pass).
+pub fn with_graph<R>(graph: &mut GraphRef<'_>, f: impl FnOnce() -> R) -> R {
+    struct Restore(*mut GraphRef<'static>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CURRENT.with(|c| c.set(self.0));
+        }
+    }
+    // The lifetime is erased only for the duration of `f`; `Restore` puts
+    // the previous pointer back even if `f` unwinds.
+    let erased = graph as *mut GraphRef<'_> as *mut GraphRef<'static>;
+    let _restore = Restore(CURRENT.with(|c| c.replace(erased)));
+    f()
+}
+
+fn with_current<R>(f: impl FnOnce(&mut GraphRef<'static>) -> Result<R>) -> Result<R> {
+    let p = CURRENT.with(|c| c.get());
+    if p.is_null() {
+        return Err(Error::new(
+            "tensor used outside a forward call: oxtune tensors exist only while the host runs the plugin",
+        ));
+    }
+    // SAFETY: the pointer was installed by `with_graph`, whose borrow of the
+    // graph outlives every call made while it is installed.
+    f(unsafe { &mut *p })
+}
+
+fn apply(op: Op) -> Result<Tensor> {
+    with_current(|g| g.apply(NonExhaustive::new(op)).into_result().map(Tensor).map_err(Error::from))
+}
+
+/// A handle to a tensor owned by the host, valid during one call.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Tensor(pub(crate) TensorId);
+
+macro_rules! unary_ops {
+    ($($(#[$doc:meta])* $method:ident => $variant:ident;)*) => {
+        $($(#[$doc])* pub fn $method(&self) -> Result<Tensor> {
+            apply(Op::$variant { x: self.0 })
+        })*
+    };
+}
+
+macro_rules! binary_ops {
+    ($($(#[$doc:meta])* $method:ident => $variant:ident;)*) => {
+        $($(#[$doc])* pub fn $method(&self, other: &Tensor) -> Result<Tensor> {
+            apply(Op::$variant { a: self.0, b: other.0 })
+        })*
+    };
+}
+
+macro_rules! reduce_ops {
+    ($($(#[$doc:meta])* $method:ident, $method_keepdim:ident => $variant:ident;)*) => {
+        $(
+            $(#[$doc])* pub fn $method(&self, dim: i64) -> Result<Tensor> {
+                apply(Op::$variant { x: self.0, dim, keepdim: false })
+            }
+            $(#[$doc])* /// Keeps the reduced dim with size 1.
+            pub fn $method_keepdim(&self, dim: i64) -> Result<Tensor> {
+                apply(Op::$variant { x: self.0, dim, keepdim: true })
+            }
+        )*
+    };
+}
+
+impl Tensor {
+    /// Wraps a raw handle received from the host (e.g. a model input).
+    pub fn from_id(id: TensorId) -> Tensor {
+        Tensor(id)
+    }
+
+    /// The raw handle, to return to the host.
+    pub fn id(&self) -> TensorId {
+        self.0
+    }
+
+    /// The tensor's shape.
+    pub fn dims(&self) -> Result<Vec<usize>> {
+        with_current(|g| {
+            let dims = g.shape(self.0).into_result().map_err(Error::from)?;
+            Ok(dims.iter().map(|&d| d as usize).collect())
+        })
+    }
+
+    /// The size of one dim (negative counts from the end).
+    pub fn dim(&self, dim: i64) -> Result<usize> {
+        let dims = self.dims()?;
+        let rank = dims.len() as i64;
+        let d = if dim < 0 { dim + rank } else { dim };
+        if d < 0 || d >= rank {
+            return Err(Error::new(format!("dim {dim} out of range for a rank-{rank} tensor")));
+        }
+        Ok(dims[d as usize])
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> Result<DType> {
+        with_current(|g| g.dtype(self.0).into_result().map_err(Error::from))
+    }
+
+    /// The values as f32, flattened (not differentiable; for small tensors).
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        with_current(|g| Ok(g.read_f32(self.0).into_result().map_err(Error::from)?.into_vec()))
+    }
+
+    unary_ops! {
+        /// `-x`
+        neg => Neg;
+        /// `e^x`
+        exp => Exp;
+        /// Natural logarithm.
+        log => Log;
+        /// Square root.
+        sqrt => Sqrt;
+        /// `1 / x`
+        recip => Recip;
+        /// `|x|`
+        abs => Abs;
+        /// `x²`
+        sqr => Sqr;
+        /// Hyperbolic tangent.
+        tanh => Tanh;
+        /// Logistic sigmoid.
+        sigmoid => Sigmoid;
+        /// `x · sigmoid(x)`
+        silu => Silu;
+        /// GELU, tanh approximation.
+        gelu => Gelu;
+        /// GELU, exact.
+        gelu_erf => GeluErf;
+        /// `max(x, 0)`
+        relu => Relu;
+        /// Sine.
+        sin => Sin;
+        /// Cosine.
+        cos => Cos;
+    }
+
+    binary_ops! {
+        /// `self + other`, broadcasting.
+        add => Add;
+        /// `self - other`, broadcasting.
+        sub => Sub;
+        /// `self * other`, broadcasting.
+        mul => Mul;
+        /// `self / other`, broadcasting.
+        div => Div;
+        /// Element-wise maximum.
+        maximum => Maximum;
+        /// Element-wise minimum.
+        minimum => Minimum;
+        /// Matrix product over the last two dims, broadcasting batch dims.
+        matmul => Matmul;
+    }
+
+    reduce_ops! {
+        /// Sum over `dim`.
+        sum, sum_keepdim => Sum;
+        /// Mean over `dim`.
+        mean, mean_keepdim => Mean;
+        /// Maximum over `dim`.
+        max, max_keepdim => Max;
+        /// Minimum over `dim`.
+        min, min_keepdim => Min;
+        /// Index of the maximum over `dim` (not differentiable).
+        argmax, argmax_keepdim => ArgMax;
+    }
+
+    /// `self * mul + add`
+    pub fn affine(&self, mul: f64, add: f64) -> Result<Tensor> {
+        apply(Op::Affine { x: self.0, mul, add })
+    }
+
+    /// `self * s`
+    pub fn scale(&self, s: f64) -> Result<Tensor> {
+        self.affine(s, 0.0)
+    }
+
+    /// `self ^ exponent`
+    pub fn powf(&self, exponent: f64) -> Result<Tensor> {
+        apply(Op::PowScalar { x: self.0, exponent })
+    }
+
+    /// Clamps every element into `[min, max]`.
+    pub fn clamp(&self, min: f64, max: f64) -> Result<Tensor> {
+        apply(Op::Clamp { x: self.0, min, max })
+    }
+
+    /// Softmax over `dim`.
+    pub fn softmax(&self, dim: i64) -> Result<Tensor> {
+        apply(Op::Softmax { x: self.0, dim })
+    }
+
+    /// Log-softmax over `dim`.
+    pub fn log_softmax(&self, dim: i64) -> Result<Tensor> {
+        apply(Op::LogSoftmax { x: self.0, dim })
+    }
+
+    /// Same elements, new shape; one entry may be `-1`.
+    pub fn reshape(&self, shape: &[i64]) -> Result<Tensor> {
+        apply(Op::Reshape { x: self.0, shape: RVec::from(shape) })
+    }
+
+    /// Swaps two dims.
+    pub fn transpose(&self, dim0: i64, dim1: i64) -> Result<Tensor> {
+        apply(Op::Transpose { x: self.0, dim0, dim1 })
+    }
+
+    /// Reorders all dims.
+    pub fn permute(&self, dims: &[i64]) -> Result<Tensor> {
+        apply(Op::Permute { x: self.0, dims: RVec::from(dims) })
+    }
+
+    /// `len` entries of `dim` starting at `start`.
+    pub fn narrow(&self, dim: i64, start: usize, len: usize) -> Result<Tensor> {
+        apply(Op::Narrow { x: self.0, dim, start: start as u64, len: len as u64 })
+    }
+
+    /// Concatenates tensors along `dim`.
+    pub fn cat(xs: &[Tensor], dim: i64) -> Result<Tensor> {
+        let xs: RVec<TensorId> = xs.iter().map(|t| t.0).collect();
+        apply(Op::Cat { xs, dim })
+    }
+
+    /// Entries of `dim` picked by the 1-D integer tensor `ids`.
+    pub fn index_select(&self, ids: &Tensor, dim: i64) -> Result<Tensor> {
+        apply(Op::IndexSelect { x: self.0, ids: ids.0, dim })
+    }
+
+    /// Broadcasts to `shape`.
+    pub fn broadcast_as(&self, shape: &[usize]) -> Result<Tensor> {
+        apply(Op::BroadcastAs { x: self.0, shape: shape.iter().map(|&d| d as u64).collect() })
+    }
+
+    /// Converts the element type.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        apply(Op::ToDType { x: self.0, dtype })
+    }
+
+    /// Rotary position embedding (see [`Op::Rope`]); positions come from the batch.
+    pub fn rope(&self, inv_freq: &[f32], interleaved: bool, scale: f32) -> Result<Tensor> {
+        apply(Op::Rope { x: self.0, inv_freq: RVec::from(inv_freq), interleaved, scale })
+    }
+}
+
+/// A named parameter of the run's weights, e.g. `model.norm.weight`.
+pub fn weight(name: &str) -> Result<Tensor> {
+    apply(Op::Weight { name: RString::from(name) })
+}
+
+/// Whether the run's weights hold a parameter of this name (for optional
+/// biases and tied embeddings).
+pub fn has_weight(name: &str) -> Result<bool> {
+    with_current(|g| Ok(g.has_weight(name.into())))
+}
+
+/// Options of [`attention`], with the defaults of a causal decoder.
+#[derive(Copy, Clone, Debug)]
+pub struct AttentionSpec {
+    /// Apply the causal mask.
+    pub causal: bool,
+    /// Score scale; `None` means `1/sqrt(head_dim)`.
+    pub scale: Option<f64>,
+    /// Attend only to the last `n` positions.
+    pub sliding_window: Option<u32>,
+    /// Gemma-style `tanh` soft-capping of the scores.
+    pub softcap: Option<f32>,
+}
+
+impl Default for AttentionSpec {
+    fn default() -> Self {
+        AttentionSpec { causal: true, scale: None, sliding_window: None, softcap: None }
+    }
+}
+
+/// Scaled dot-product attention of layer `layer` (see [`Op::Attention`]):
+/// the host owns the masks, GQA and the KV cache.
+pub fn attention(layer: u32, q: &Tensor, k: &Tensor, v: &Tensor, spec: AttentionSpec) -> Result<Tensor> {
+    apply(Op::Attention {
+        layer,
+        q: q.0,
+        k: k.0,
+        v: v.0,
+        causal: spec.causal,
+        scale: spec.scale.unwrap_or(0.0),
+        sliding_window: spec.sliding_window.unwrap_or(0),
+        softcap: spec.softcap.unwrap_or(0.0),
+    })
+}
+
+/// The op API's escape hatch: sends any [`Op`], including ones added in a
+/// later 1.x version that have no method here yet.
+pub fn apply_op(op: Op) -> Result<Tensor> {
+    apply(op)
+}

@@ -1,0 +1,498 @@
+//! What a plugin author implements, and how it becomes a root module.
+//!
+//! An author implements some of [`ModelArchitecture`], [`Tuner`],
+//! [`RewardFunction`] and [`DatasetAdapter`], lists them in a [`Plugin`],
+//! and calls [`declare_plugin!`](crate::declare_plugin). The macro turns
+//! the plugin into the [`PluginModRef`] root module the host calls — linked
+//! in (registered with `inventory`) or exported from a cdylib — and every
+//! call into it is wrapped so that a panic becomes an error naming the
+//! plugin.
+
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use abi_stable::nonexhaustive_enum::NonExhaustive;
+use abi_stable::prefix_type::PrefixTypeTrait;
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
+
+use crate::abi::{
+    ComponentDescriptor, ComponentKind, GraphRef, Modality, ModelBox, ModelInstance, ModelInstance_TO, NamedTensor,
+    ParamInit, ParamSpec, PluginInfo, PluginMod, PluginModRef, TensorId, TunerBox, TunerInstance, TunerInstance_TO,
+};
+use crate::data::RewardSample;
+use crate::graph::{with_graph, Tensor};
+use crate::{Error, Result, API_VERSION};
+
+/// The description of one component, as an author writes it.
+#[derive(Clone, Debug)]
+pub struct Descriptor {
+    kind: ComponentKind,
+    name: String,
+    version: String,
+    description: String,
+    architectures: Vec<String>,
+    model_types: Vec<String>,
+    modality: Modality,
+    columns: Vec<String>,
+    metadata: serde_json::Value,
+}
+
+impl Descriptor {
+    fn new(kind: ComponentKind, name: &str, version: &str) -> Descriptor {
+        Descriptor {
+            kind,
+            name: name.to_owned(),
+            version: version.to_owned(),
+            description: String::new(),
+            architectures: Vec::new(),
+            model_types: Vec::new(),
+            modality: Modality::TEXT,
+            columns: Vec::new(),
+            metadata: serde_json::Value::Object(Default::default()),
+        }
+    }
+
+    /// A model architecture named `name`.
+    pub fn model(name: &str, version: &str) -> Descriptor {
+        Descriptor::new(ComponentKind::Model, name, version)
+    }
+
+    /// A tuner named `name`.
+    pub fn tuner(name: &str, version: &str) -> Descriptor {
+        Descriptor::new(ComponentKind::Tuner, name, version)
+    }
+
+    /// A reward function named `name`.
+    pub fn reward(name: &str, version: &str) -> Descriptor {
+        Descriptor::new(ComponentKind::Reward, name, version)
+    }
+
+    /// A dataset adapter named `name`.
+    pub fn dataset_adapter(name: &str, version: &str) -> Descriptor {
+        Descriptor::new(ComponentKind::DatasetAdapter, name, version)
+    }
+
+    /// One line saying what the component does.
+    pub fn description(mut self, text: &str) -> Descriptor {
+        self.description = text.to_owned();
+        self
+    }
+
+    /// Models: the HF `architectures` entries served.
+    pub fn architectures(mut self, names: &[&str]) -> Descriptor {
+        self.architectures = names.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Models: the HF `model_type`s served.
+    pub fn model_types(mut self, names: &[&str]) -> Descriptor {
+        self.model_types = names.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Models: what the model consumes.
+    pub fn modality(mut self, modality: Modality) -> Descriptor {
+        self.modality = modality;
+        self
+    }
+
+    /// Dataset adapters: the columns whose presence selects this adapter.
+    pub fn columns(mut self, names: &[&str]) -> Descriptor {
+        self.columns = names.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Open-ended metadata (a JSON object).
+    pub fn metadata(mut self, value: serde_json::Value) -> Descriptor {
+        self.metadata = value;
+        self
+    }
+
+    fn to_abi(&self) -> ComponentDescriptor {
+        let strings = |v: &[String]| v.iter().map(|s| RString::from(s.as_str())).collect::<RVec<_>>();
+        ComponentDescriptor {
+            kind: self.kind,
+            name: self.name.as_str().into(),
+            version: self.version.as_str().into(),
+            description: self.description.as_str().into(),
+            architectures: strings(&self.architectures),
+            model_types: strings(&self.model_types),
+            modality: self.modality,
+            columns: strings(&self.columns),
+            metadata_json: self.metadata.to_string().into(),
+        }
+    }
+}
+
+/// A model architecture: turns a `config.json` into a [`Model`].
+pub trait ModelArchitecture: Send + Sync + 'static {
+    /// What the registry needs to match checkpoints to this architecture.
+    fn descriptor(&self) -> Descriptor;
+    /// Reads a `config.json` (already parsed); loads no weights.
+    fn load(&self, config: &serde_json::Value) -> Result<Box<dyn Model>>;
+}
+
+/// A configured model: its forward pass on the host's graph.
+pub trait Model: Send + Sync + 'static {
+    /// Computes the output (logits for a language model) from named inputs.
+    fn forward(&self, inputs: &Inputs) -> Result<Tensor>;
+}
+
+/// The named inputs of one forward pass.
+pub struct Inputs {
+    tensors: Vec<(String, Tensor)>,
+}
+
+impl Inputs {
+    /// The input called `name` (`input_ids`, `pixel_values`, ...).
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        self.tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| Error::new(format!("the host passed no input named `{name}`")))
+    }
+
+    /// The input called `name`, if the host passed one.
+    pub fn try_get(&self, name: &str) -> Option<Tensor> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| *t)
+    }
+}
+
+/// A tuner: how a frozen linear layer is adapted.
+pub trait Tuner: Send + Sync + 'static {
+    /// Name and version.
+    fn descriptor(&self) -> Descriptor;
+    /// Reads the tuner's configuration (a JSON object).
+    fn load(&self, config: &serde_json::Value) -> Result<Box<dyn TunerLayers>>;
+}
+
+/// A configured tuner, applied layer by layer at the host's `linear` hook.
+pub trait TunerLayers: Send + Sync + 'static {
+    /// The trainable parameters added to layer `layer`.
+    fn params(&self, layer: &str, in_features: usize, out_features: usize) -> Result<Vec<TunerParam>>;
+    /// The adapted output of `layer` for input `x`, given the frozen output `base`.
+    fn forward(&self, layer: &str, x: &Tensor, base: &Tensor) -> Result<Tensor>;
+}
+
+/// A trainable parameter a tuner adds.
+#[derive(Clone, Debug)]
+pub struct TunerParam {
+    /// Full parameter name.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Its initialisation.
+    pub init: ParamInit,
+}
+
+/// A reward function for GRPO and evaluation.
+pub trait RewardFunction: Send + Sync + 'static {
+    /// Name and version.
+    fn descriptor(&self) -> Descriptor;
+    /// One score per sample.
+    fn score(&self, samples: &[RewardSample]) -> Result<Vec<f64>>;
+}
+
+/// A dataset adapter: one raw record to the standard conversation row.
+pub trait DatasetAdapter: Send + Sync + 'static {
+    /// Name, version and the columns that select it.
+    fn descriptor(&self) -> Descriptor;
+    /// Converts one record (a JSON object) into a standard row
+    /// (`{"messages": [...], ...}`).
+    fn adapt(&self, record: &serde_json::Map<String, serde_json::Value>) -> Result<serde_json::Value>;
+}
+
+/// Everything one plugin library provides.
+pub struct Plugin {
+    name: String,
+    version: String,
+    models: Vec<Box<dyn ModelArchitecture>>,
+    tuners: Vec<Box<dyn Tuner>>,
+    rewards: Vec<Box<dyn RewardFunction>>,
+    adapters: Vec<Box<dyn DatasetAdapter>>,
+}
+
+impl Plugin {
+    /// An empty plugin called `name` at `version`.
+    pub fn new(name: &str, version: &str) -> Plugin {
+        Plugin {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            models: Vec::new(),
+            tuners: Vec::new(),
+            rewards: Vec::new(),
+            adapters: Vec::new(),
+        }
+    }
+
+    /// Adds a model architecture.
+    pub fn model(mut self, m: impl ModelArchitecture) -> Plugin {
+        self.models.push(Box::new(m));
+        self
+    }
+
+    /// Adds a tuner.
+    pub fn tuner(mut self, t: impl Tuner) -> Plugin {
+        self.tuners.push(Box::new(t));
+        self
+    }
+
+    /// Adds a reward function.
+    pub fn reward(mut self, r: impl RewardFunction) -> Plugin {
+        self.rewards.push(Box::new(r));
+        self
+    }
+
+    /// Adds a dataset adapter.
+    pub fn dataset_adapter(mut self, a: impl DatasetAdapter) -> Plugin {
+        self.adapters.push(Box::new(a));
+        self
+    }
+
+    fn find<'a, T: ?Sized>(&self, list: &'a [Box<T>], name: &str, kind: &str, descr: impl Fn(&T) -> Descriptor) -> Result<&'a T> {
+        list.iter()
+            .map(|b| &**b)
+            .find(|c| descr(c).name == name)
+            .ok_or_else(|| Error::new(format!("plugin `{}` has no {kind} named `{name}`", self.name)))
+    }
+}
+
+/// Gives the root-module functions of one plugin access to its [`Plugin`].
+/// Implemented by [`declare_plugin!`](crate::declare_plugin); not by hand.
+pub trait PluginSource: 'static {
+    /// The plugin, built on first use.
+    fn plugin() -> &'static Plugin;
+    /// The plugin's name, for error messages even when building it panicked.
+    const NAME: &'static str;
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(a non-string panic payload)".to_owned()
+    }
+}
+
+/// Runs `f`, turning both its error and any panic into an error string that
+/// names the plugin and what it was doing. Every function a plugin exports
+/// goes through here: a panic must never cross the boundary.
+pub fn guard<T>(plugin: &str, what: &dyn Fn() -> String, f: impl FnOnce() -> Result<T>) -> RResult<T, RString> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => RResult::ROk(v),
+        Ok(Err(e)) => RResult::RErr(format!("plugin `{plugin}`, {}: {e}", what()).into()),
+        Err(payload) => {
+            RResult::RErr(format!("plugin `{plugin}` panicked in {}: {}", what(), panic_message(&*payload)).into())
+        }
+    }
+}
+
+extern "C" fn info<P: PluginSource>() -> PluginInfo {
+    // Building the plugin may panic; the name and versions never need it.
+    PluginInfo { name: P::NAME.into(), version: plugin_version::<P>().into(), api_version: API_VERSION.into() }
+}
+
+fn plugin_version<P: PluginSource>() -> String {
+    catch_unwind(P::plugin).map(|p| p.version.clone()).unwrap_or_else(|_| "unknown".to_owned())
+}
+
+extern "C" fn components<P: PluginSource>() -> RResult<RVec<ComponentDescriptor>, RString> {
+    guard(P::NAME, &|| "listing its components".into(), || {
+        let p = P::plugin();
+        let mut out = RVec::new();
+        out.extend(p.models.iter().map(|c| c.descriptor().to_abi()));
+        out.extend(p.tuners.iter().map(|c| c.descriptor().to_abi()));
+        out.extend(p.rewards.iter().map(|c| c.descriptor().to_abi()));
+        out.extend(p.adapters.iter().map(|c| c.descriptor().to_abi()));
+        Ok(out)
+    })
+}
+
+extern "C" fn score<P: PluginSource>(name: RStr<'_>, samples_json: RStr<'_>) -> RResult<RVec<f64>, RString> {
+    guard(P::NAME, &|| format!("reward `{name}`"), || {
+        let p = P::plugin();
+        let reward = p.find(&p.rewards, name.as_str(), "reward function", |r| r.descriptor())?;
+        let samples: Vec<RewardSample> = serde_json::from_str(samples_json.as_str())?;
+        let scores = reward.score(&samples)?;
+        if scores.len() != samples.len() {
+            return Err(Error::new(format!("returned {} scores for {} samples", scores.len(), samples.len())));
+        }
+        Ok(scores.into())
+    })
+}
+
+extern "C" fn adapt<P: PluginSource>(name: RStr<'_>, record_json: RStr<'_>) -> RResult<RString, RString> {
+    guard(P::NAME, &|| format!("dataset adapter `{name}`"), || {
+        let p = P::plugin();
+        let adapter = p.find(&p.adapters, name.as_str(), "dataset adapter", |a| a.descriptor())?;
+        let record: serde_json::Value = serde_json::from_str(record_json.as_str())?;
+        let serde_json::Value::Object(record) = record else {
+            return Err(Error::new("a record must be a JSON object"));
+        };
+        Ok(adapter.adapt(&record)?.to_string().into())
+    })
+}
+
+/// A [`Model`] behind the ABI's model trait object.
+struct ModelAdapter<P> {
+    model: Box<dyn Model>,
+    name: String,
+    _plugin: std::marker::PhantomData<fn() -> P>,
+}
+
+impl<P: PluginSource> ModelInstance for ModelAdapter<P> {
+    fn forward(&self, mut graph: GraphRef<'_>, inputs: RSlice<'_, NamedTensor>) -> RResult<TensorId, RString> {
+        guard(P::NAME, &|| format!("the forward pass of model `{}`", self.name), || {
+            let inputs = Inputs {
+                tensors: inputs.iter().map(|n| (n.name.to_string(), Tensor::from_id(n.id))).collect(),
+            };
+            with_graph(&mut graph, || self.model.forward(&inputs)).map(|t| t.id())
+        })
+    }
+}
+
+extern "C" fn load_model<P: PluginSource>(name: RStr<'_>, config_json: RStr<'_>) -> RResult<ModelBox, RString> {
+    guard(P::NAME, &|| format!("loading model `{name}`"), || {
+        let p = P::plugin();
+        let arch = p.find(&p.models, name.as_str(), "model architecture", |m| m.descriptor())?;
+        let config: serde_json::Value = serde_json::from_str(config_json.as_str())?;
+        let model = arch.load(&config)?;
+        let adapter = ModelAdapter::<P> { model, name: name.to_string(), _plugin: Default::default() };
+        Ok(ModelInstance_TO::from_value(adapter, TD_Opaque))
+    })
+}
+
+/// A [`TunerLayers`] behind the ABI's tuner trait object.
+struct TunerAdapter<P> {
+    layers: Box<dyn TunerLayers>,
+    name: String,
+    _plugin: std::marker::PhantomData<fn() -> P>,
+}
+
+impl<P: PluginSource> TunerInstance for TunerAdapter<P> {
+    fn params(&self, layer: RStr<'_>, in_features: u64, out_features: u64) -> RResult<RVec<ParamSpec>, RString> {
+        guard(P::NAME, &|| format!("tuner `{}` on layer `{layer}`", self.name), || {
+            let params = self.layers.params(layer.as_str(), in_features as usize, out_features as usize)?;
+            Ok(params
+                .into_iter()
+                .map(|p| ParamSpec {
+                    name: p.name.into(),
+                    shape: p.shape.iter().map(|&d| d as u64).collect(),
+                    init: NonExhaustive::new(p.init),
+                })
+                .collect())
+        })
+    }
+
+    fn forward(&self, mut graph: GraphRef<'_>, layer: RStr<'_>, x: TensorId, base: TensorId) -> RResult<TensorId, RString> {
+        guard(P::NAME, &|| format!("tuner `{}` on layer `{layer}`", self.name), || {
+            with_graph(&mut graph, || {
+                self.layers.forward(layer.as_str(), &Tensor::from_id(x), &Tensor::from_id(base))
+            })
+            .map(|t| t.id())
+        })
+    }
+}
+
+extern "C" fn load_tuner<P: PluginSource>(name: RStr<'_>, config_json: RStr<'_>) -> RResult<TunerBox, RString> {
+    guard(P::NAME, &|| format!("loading tuner `{name}`"), || {
+        let p = P::plugin();
+        let tuner = p.find(&p.tuners, name.as_str(), "tuner", |t| t.descriptor())?;
+        let config: serde_json::Value = serde_json::from_str(config_json.as_str())?;
+        let layers = tuner.load(&config)?;
+        let adapter = TunerAdapter::<P> { layers, name: name.to_string(), _plugin: Default::default() };
+        Ok(TunerInstance_TO::from_value(adapter, TD_Opaque))
+    })
+}
+
+/// Builds the root module of plugin `P` (called once, by the macro's code).
+pub fn root_module<P: PluginSource>() -> PluginModRef {
+    PluginMod {
+        info: info::<P>,
+        components: components::<P>,
+        score: score::<P>,
+        adapt: adapt::<P>,
+        load_model: load_model::<P>,
+        load_tuner: load_tuner::<P>,
+    }
+    .leak_into_prefix()
+}
+
+/// A plugin linked into the host binary, collected with `inventory`.
+pub struct BuiltinPlugin {
+    /// The crate that declared it (its "origin" in listings).
+    pub crate_name: &'static str,
+    /// Its root module, the same one its cdylib build exports.
+    pub module: fn() -> PluginModRef,
+}
+
+inventory::collect!(BuiltinPlugin);
+
+/// The name of the static through which `abi_stable` finds a library's
+/// root module (`abi_stable::library::ROOT_MODULE_LOADER_NAME`); spelled out
+/// because `#[export_name]` needs a literal.
+#[doc(hidden)]
+pub const LIB_HEADER_EXPORT_NAME: &str = "_1as_0lib_1header_0root_bmodule_bloader";
+
+/// Declares a plugin crate's [`Plugin`].
+///
+/// `declare_plugin!(build)` with `fn build() -> Plugin`:
+///
+/// - registers the plugin with `inventory`, so a host that links the crate
+///   (as an rlib) has it built in;
+/// - with the crate's `cdylib` feature enabled, exports the root module and
+///   the API version symbol, so the host can load the crate's cdylib build.
+///
+/// The crate must declare `[features] cdylib = []` and
+/// `crate-type = ["rlib", "cdylib"]`.
+#[macro_export]
+macro_rules! declare_plugin {
+    ($build:path) => {
+        #[doc(hidden)]
+        pub struct __OxtunePluginSource;
+
+        impl $crate::plugin::PluginSource for __OxtunePluginSource {
+            fn plugin() -> &'static $crate::plugin::Plugin {
+                static PLUGIN: ::std::sync::OnceLock<$crate::plugin::Plugin> = ::std::sync::OnceLock::new();
+                PLUGIN.get_or_init($build)
+            }
+            const NAME: &'static str = env!("CARGO_PKG_NAME");
+        }
+
+        #[doc(hidden)]
+        pub fn __oxtune_root_module() -> $crate::abi::PluginModRef {
+            static MODULE: ::std::sync::OnceLock<$crate::abi::PluginModRef> = ::std::sync::OnceLock::new();
+            *MODULE.get_or_init($crate::plugin::root_module::<__OxtunePluginSource>)
+        }
+
+        $crate::inventory::submit! {
+            $crate::plugin::BuiltinPlugin { crate_name: env!("CARGO_PKG_NAME"), module: __oxtune_root_module }
+        }
+
+        #[cfg(feature = "cdylib")]
+        #[doc(hidden)]
+        #[no_mangle]
+        pub static OXTUNE_PLUGIN_API_VERSION: [u8; 32] = $crate::abi::encode_api_version($crate::API_VERSION);
+
+        #[cfg(feature = "cdylib")]
+        #[doc(hidden)]
+        #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
+        pub static __OXTUNE_LIB_HEADER: $crate::abi_stable::library::LibHeader = {
+            extern "C" fn erased_root_module() -> $crate::abi_stable::library::RootModuleResult {
+                $crate::abi_stable::library::__call_root_module_loader(__oxtune_root_module)
+            }
+            // SAFETY: the constructor returns the root module of type
+            // `PluginModRef`, as `from_constructor` requires.
+            unsafe {
+                $crate::abi_stable::library::LibHeader::from_constructor::<$crate::abi::PluginModRef>(
+                    erased_root_module,
+                    $crate::abi_stable::library::CheckTypeLayout::Yes,
+                )
+            }
+        };
+    };
+}
