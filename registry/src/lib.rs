@@ -332,6 +332,18 @@ impl Registry {
     }
 }
 
+impl fmt::Debug for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} `{}` {} from {}", self.kind.as_str(), self.name, self.version, self.origin)
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.components).finish()
+    }
+}
+
 /// The plugin API version this registry (and host) provides.
 pub fn host_api_version() -> &'static str {
     API_VERSION
