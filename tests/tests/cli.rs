@@ -1,0 +1,122 @@
+//! The `oxtune` binary end to end: `oxtune plugins` over built-in, dynamic
+//! and wasm plugins found through `--plugin`, `OXTUNE_PLUGIN_PATH` and the
+//! user folder, and its error messages.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use oxtune_tests::{build_cdylib, oxtune_bin, workspace_root};
+use serde_json::Value;
+
+/// Runs `oxtune` with a clean plugin environment (an empty home folder).
+fn oxtune(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let home = std::env::temp_dir().join(format!("oxtune-cli-home-{}", std::process::id()));
+    let mut cmd = Command::new(oxtune_bin());
+    cmd.args(args).env_remove("OXTUNE_PLUGIN_PATH").env("OXTUNE_HOME", &home);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("oxtune runs")
+}
+
+fn json_lines(out: &Output) -> Vec<Value> {
+    assert!(out.status.success(), "oxtune failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect()
+}
+
+fn find<'a>(rows: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["kind"] == kind && r["name"] == name)
+        .unwrap_or_else(|| panic!("{kind} `{name}` not listed in {rows:#?}"))
+}
+
+#[test]
+fn plugins_lists_builtins_in_a_table() {
+    let out = oxtune(&["plugins"], &[]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header = text.lines().next().unwrap();
+    assert!(header.starts_with("KIND") && header.contains("ORIGIN") && header.contains("API"), "{text}");
+    let format = text.lines().find(|l| l.contains(" format ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(format.starts_with("reward") && format.contains("built-in (oxtune-plugin-rewards)"), "{format}");
+    assert!(format.trim_end().ends_with(oxtune_plugin_api::API_VERSION), "{format}");
+}
+
+#[test]
+fn plugins_lists_dynamic_and_wasm_plugins_from_every_source() {
+    let cdylib = build_cdylib("oxtune-example-plugin", &["cdylib"]);
+    let wat = workspace_root().join("examples/wasm-rewards/sentence_end.wat");
+    let rows = json_lines(&oxtune(
+        &["plugins", "--json", "--plugin", cdylib.to_str().unwrap(), "--plugin", wat.to_str().unwrap()],
+        &[],
+    ));
+    let model = find(&rows, "model", "example-block");
+    assert_eq!(model["origin"], "dynamic");
+    assert_eq!(model["source"], cdylib.display().to_string());
+    assert_eq!(model["architectures"], serde_json::json!(["ExampleBlockModel"]));
+    assert_eq!(model["api_version"], oxtune_plugin_api::API_VERSION);
+    assert_eq!(find(&rows, "tuner", "scale")["origin"], "dynamic");
+    assert_eq!(find(&rows, "dataset-adapter", "qa-pairs")["origin"], "dynamic");
+    assert_eq!(find(&rows, "reward", "sentence_end")["origin"], "wasm");
+    assert_eq!(find(&rows, "reward", "format")["origin"], "built-in");
+    // Sorted by kind, then name.
+    let keys: Vec<(String, String)> =
+        rows.iter().map(|r| (r["kind"].to_string(), r["name"].to_string())).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"model"));
+    let rewards: Vec<&String> = keys.iter().filter(|k| k.0 == "\"reward\"").map(|k| &k.1).collect();
+    let mut sorted = rewards.clone();
+    sorted.sort();
+    assert_eq!(rewards, sorted);
+
+    // The same folder through OXTUNE_PLUGIN_PATH and through the user folder.
+    let folder = std::env::temp_dir().join(format!("oxtune-plugin-folder-{}", std::process::id()));
+    std::fs::create_dir_all(folder.join("plugins")).unwrap();
+    std::fs::copy(&wat, folder.join("plugins/sentence_end.wat")).unwrap();
+    let rows = json_lines(&oxtune(&["plugins", "--json"], &[("OXTUNE_PLUGIN_PATH", &folder.join("plugins"))]));
+    assert_eq!(find(&rows, "reward", "sentence_end")["origin"], "wasm");
+    let home = Command::new(oxtune_bin())
+        .args(["plugins", "--json"])
+        .env_remove("OXTUNE_PLUGIN_PATH")
+        .env("OXTUNE_HOME", &folder)
+        .output()
+        .unwrap();
+    assert_eq!(find(&json_lines(&home), "reward", "sentence_end")["origin"], "wasm");
+}
+
+fn fails_with(out: &Output, needles: &[&str]) {
+    assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.lines().count() <= 2, "not a short message:\n{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "`{n}` not in:\n{stderr}");
+    }
+}
+
+#[test]
+fn plugin_errors_are_short_messages() {
+    fails_with(&oxtune(&["plugins", "--plugin", "/nonexistent/libx.so"], &[]), &["/nonexistent/libx.so", "does not exist"]);
+    let rewards = build_cdylib("oxtune-plugin-rewards", &["cdylib"]);
+    fails_with(
+        &oxtune(&["plugins", "--plugin", rewards.to_str().unwrap()], &[]),
+        &["two plugins provide the reward `format`", "built-in (oxtune-plugin-rewards)", rewards.to_str().unwrap()],
+    );
+    let mismatched = build_cdylib("oxtune-fixture-mismatched-api", &["claims-api-2"]);
+    fails_with(&oxtune(&["plugins", "--plugin", mismatched.to_str().unwrap()], &[]), &["2.0.0", "oxtune-plugin-api"]);
+    fails_with(&oxtune(&["plugins", "--wasm-grant", "network"], &[]), &["unknown sandbox grant `network`"]);
+}
+
+#[test]
+fn only_working_subcommands_are_offered() {
+    let out = oxtune(&["--help"], &[]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    let commands: Vec<&str> = help
+        .split("Commands:")
+        .nth(1)
+        .and_then(|s| s.split("Options:").next())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(commands, vec!["plugins", "help"], "{help}");
+}
