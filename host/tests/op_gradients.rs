@@ -50,7 +50,11 @@ struct Case {
 }
 
 impl Case {
-    fn new(name: &'static str, inputs: Vec<Tensor>, build: impl Fn(&mut GraphSession, &[TensorId]) -> TensorId + 'static) -> Case {
+    fn new(
+        name: &'static str,
+        inputs: Vec<Tensor>,
+        build: impl Fn(&mut GraphSession, &[TensorId]) -> TensorId + 'static,
+    ) -> Case {
         Case { name, inputs, constants: vec![], weights: vec![], batch: BatchInfo::default(), build: Box::new(build) }
     }
 
@@ -80,8 +84,7 @@ impl Case {
         }
         let mut session =
             GraphSession::new(ForwardContext { weights: &store, batch: &self.batch, cache: None, tuner: None });
-        let ids: Vec<TensorId> =
-            inputs.iter().chain(&self.constants).map(|t| session.insert(t.clone())).collect();
+        let ids: Vec<TensorId> = inputs.iter().chain(&self.constants).map(|t| session.insert(t.clone())).collect();
         let out = (self.build)(&mut session, &ids);
         session.get(out).unwrap().clone()
     }
@@ -248,8 +251,10 @@ fn matmul_and_shape_ops() {
     Case::new("permute", vec![x()], |s, i| op(s, Op::Permute { x: i[0], dims: RVec::from(vec![2, 0, 1]) }))
         .check(TOL, H);
     Case::new("narrow", vec![x()], |s, i| op(s, Op::Narrow { x: i[0], dim: -1, start: 1, len: 2 })).check(TOL, H);
-    Case::new("cat", vec![x(), rand(&[2, 1, 4], 36)], |s, i| op(s, Op::Cat { xs: RVec::from(vec![i[0], i[1]]), dim: 1 }))
-        .check(TOL, H);
+    Case::new("cat", vec![x(), rand(&[2, 1, 4], 36)], |s, i| {
+        op(s, Op::Cat { xs: RVec::from(vec![i[0], i[1]]), dim: 1 })
+    })
+    .check(TOL, H);
     Case::new("broadcast_as", vec![rand(&[3, 1], 37)], |s, i| {
         op(s, Op::BroadcastAs { x: i[0], shape: RVec::from(vec![2, 3, 4]) })
     })
@@ -303,7 +308,8 @@ fn rope_case(name: &'static str, head_dim: usize, inv_freq: Vec<f32>, interleave
 
 #[test]
 fn rope_variants() {
-    let inv = |n: usize, dim: usize| -> Vec<f32> { (0..n).map(|i| 10000f32.powf(-2.0 * i as f32 / dim as f32)).collect() };
+    let inv =
+        |n: usize, dim: usize| -> Vec<f32> { (0..n).map(|i| 10000f32.powf(-2.0 * i as f32 / dim as f32)).collect() };
     rope_case("rope(neox)", 8, inv(4, 8), false, 1.0).check(TOL, H);
     rope_case("rope(interleaved)", 8, inv(4, 8), true, 1.0).check(TOL, H);
     rope_case("rope(partial)", 8, inv(2, 4), false, 1.0).check(TOL, H);
@@ -356,7 +362,14 @@ fn attention_variants() {
 }
 
 /// Reference attention for one head, written out with loops.
-fn naive_attention(q: &[f64], k: &[f64], v: &[f64], s: usize, d: usize, allowed: impl Fn(usize, usize) -> bool) -> Vec<f64> {
+fn naive_attention(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    s: usize,
+    d: usize,
+    allowed: impl Fn(usize, usize) -> bool,
+) -> Vec<f64> {
     let mut out = vec![0.0; s * d];
     for i in 0..s {
         let scores: Vec<f64> = (0..s)
@@ -410,12 +423,14 @@ fn kv_cache_decoding_matches_the_full_sequence() {
     let attend = |cache: Option<&mut KvCache>, q: &Tensor, k: &Tensor, v: &Tensor| {
         let mut s = GraphSession::new(ForwardContext { weights: &store, batch: &batch, cache, tuner: None });
         let (q, k, v) = (s.insert(q.clone()), s.insert(k.clone()), s.insert(v.clone()));
-        let out = op(&mut s, Op::Attention { layer: 0, q, k, v, causal: true, scale: 0.0, sliding_window: 0, softcap: 0.0 });
+        let out =
+            op(&mut s, Op::Attention { layer: 0, q, k, v, causal: true, scale: 0.0, sliding_window: 0, softcap: 0.0 });
         s.get(out).unwrap().clone()
     };
     let full = attend(None, &q, &k, &v);
     let mut cache = KvCache::new();
-    let prefix = attend(Some(&mut cache), &q.narrow(2, 0, 3).unwrap(), &k.narrow(2, 0, 3).unwrap(), &v.narrow(2, 0, 3).unwrap());
+    let prefix =
+        attend(Some(&mut cache), &q.narrow(2, 0, 3).unwrap(), &k.narrow(2, 0, 3).unwrap(), &v.narrow(2, 0, 3).unwrap());
     let mut steps = vec![prefix];
     for t in 3..5 {
         let narrow = |x: &Tensor| x.narrow(2, t, 1).unwrap();

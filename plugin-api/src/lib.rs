@@ -23,13 +23,13 @@ pub use abi_stable;
 pub use inventory;
 
 pub use abi::{ComponentKind, DType, Modality, ParamInit};
-pub use serde_json;
 pub use data::RewardSample;
 pub use graph::{attention, has_weight, weight, AttentionSpec, Tensor};
 pub use plugin::{
     DatasetAdapter, Descriptor, Inputs, Model, ModelArchitecture, Plugin, RewardFunction, Tuner, TunerLayers,
     TunerParam,
 };
+pub use serde_json;
 
 /// The version of this API a plugin is built against (this crate's version).
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -87,7 +87,5 @@ impl Embedding {
 
 /// The standard RoPE inverse frequencies `theta^(-2i/dim)` for `i < dim/2`.
 pub fn rope_inv_freq(rotary_dim: usize, theta: f64) -> Vec<f32> {
-    (0..rotary_dim / 2)
-        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64)) as f32)
-        .collect()
+    (0..rotary_dim / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64)) as f32).collect()
 }

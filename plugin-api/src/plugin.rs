@@ -251,7 +251,13 @@ impl Plugin {
         self
     }
 
-    fn find<'a, T: ?Sized>(&self, list: &'a [Box<T>], name: &str, kind: &str, descr: impl Fn(&T) -> Descriptor) -> Result<&'a T> {
+    fn find<'a, T: ?Sized>(
+        &self,
+        list: &'a [Box<T>],
+        name: &str,
+        kind: &str,
+        descr: impl Fn(&T) -> Descriptor,
+    ) -> Result<&'a T> {
         list.iter()
             .map(|b| &**b)
             .find(|c| descr(c).name == name)
@@ -347,9 +353,8 @@ struct ModelAdapter<P> {
 impl<P: PluginSource> ModelInstance for ModelAdapter<P> {
     fn forward(&self, mut graph: GraphRef<'_>, inputs: RSlice<'_, NamedTensor>) -> RResult<TensorId, RString> {
         guard(P::NAME, &|| format!("the forward pass of model `{}`", self.name), || {
-            let inputs = Inputs {
-                tensors: inputs.iter().map(|n| (n.name.to_string(), Tensor::from_id(n.id))).collect(),
-            };
+            let inputs =
+                Inputs { tensors: inputs.iter().map(|n| (n.name.to_string(), Tensor::from_id(n.id))).collect() };
             with_graph(&mut graph, || self.model.forward(&inputs)).map(|t| t.id())
         })
     }
@@ -388,12 +393,16 @@ impl<P: PluginSource> TunerInstance for TunerAdapter<P> {
         })
     }
 
-    fn forward(&self, mut graph: GraphRef<'_>, layer: RStr<'_>, x: TensorId, base: TensorId) -> RResult<TensorId, RString> {
+    fn forward(
+        &self,
+        mut graph: GraphRef<'_>,
+        layer: RStr<'_>,
+        x: TensorId,
+        base: TensorId,
+    ) -> RResult<TensorId, RString> {
         guard(P::NAME, &|| format!("tuner `{}` on layer `{layer}`", self.name), || {
-            with_graph(&mut graph, || {
-                self.layers.forward(layer.as_str(), &Tensor::from_id(x), &Tensor::from_id(base))
-            })
-            .map(|t| t.id())
+            with_graph(&mut graph, || self.layers.forward(layer.as_str(), &Tensor::from_id(x), &Tensor::from_id(base)))
+                .map(|t| t.id())
         })
     }
 }

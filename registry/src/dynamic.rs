@@ -58,9 +58,8 @@ fn read_api_version(path: &Path) -> Result<String, RegistryError> {
         .map_err(|e| RegistryError::NotALibrary { path: path.to_owned(), reason: e.to_string() })?;
     // SAFETY: the symbol is a `[u8; 32]` static written by declare_plugin!.
     let bytes = unsafe {
-        let sym = lib
-            .get::<*const [u8; 32]>(API_VERSION_SYMBOL)
-            .map_err(|_| RegistryError::NotAPlugin(path.to_owned()))?;
+        let sym =
+            lib.get::<*const [u8; 32]>(API_VERSION_SYMBOL).map_err(|_| RegistryError::NotAPlugin(path.to_owned()))?;
         **sym
     };
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());

@@ -68,9 +68,7 @@ pub enum RegistryError {
     },
 
     /// Two components of one kind share a name.
-    #[error(
-        "two plugins provide the {kind} `{name}`: {first} and {second}; remove one of them from the plugin path"
-    )]
+    #[error("two plugins provide the {kind} `{name}`: {first} and {second}; remove one of them from the plugin path")]
     Duplicate {
         /// The kind, as listed.
         kind: &'static str,

@@ -300,7 +300,11 @@ impl Registry {
         let out = (module.adapt())(RStr::from_str(name), RStr::from_str(&record.to_string()))
             .into_result()
             .map_err(|e| RegistryError::Plugin(e.into()))?;
-        let bad = |reason: String| RegistryError::BadResult { plugin: plugin.to_owned(), what: format!("dataset adapter `{name}`"), reason };
+        let bad = |reason: String| RegistryError::BadResult {
+            plugin: plugin.to_owned(),
+            what: format!("dataset adapter `{name}`"),
+            reason,
+        };
         let row: serde_json::Value = serde_json::from_str(out.as_str()).map_err(|e| bad(e.to_string()))?;
         if !row.get("messages").is_some_and(|m| m.is_array()) {
             return Err(bad("a standard row needs a `messages` array".into()));

@@ -69,7 +69,9 @@ impl SandboxConfig {
             self.granted_env.push((name.to_owned(), value));
             Ok(())
         } else {
-            Err(format!("unknown sandbox grant `{what}`: use `clock` or `env:NAME` (files and sockets cannot be granted)"))
+            Err(format!(
+                "unknown sandbox grant `{what}`: use `clock` or `env:NAME` (files and sockets cannot be granted)"
+            ))
         }
     }
 }
@@ -254,9 +256,8 @@ impl WasmReward {
 
     fn run(&self, store: &mut Store<SandboxState>, sample: &RewardSample) -> wasmtime::Result<f64> {
         let instance = self.linker.instantiate(&mut *store, &self.module)?;
-        let memory = instance
-            .get_memory(&mut *store, "memory")
-            .ok_or_else(|| wasmtime::Error::msg("no exported memory"))?;
+        let memory =
+            instance.get_memory(&mut *store, "memory").ok_or_else(|| wasmtime::Error::msg("no exported memory"))?;
         let alloc = instance.get_typed_func::<i32, i32>(&mut *store, "oxtune_alloc")?;
         let reward = instance.get_typed_func::<(i32, i32, i32, i32, i32, i32), f64>(&mut *store, "oxtune_reward")?;
         let columns = serde_json::Value::Object(sample.columns.clone()).to_string();
@@ -264,9 +265,9 @@ impl WasmReward {
         for (k, text) in [sample.prompt.as_str(), sample.completion.as_str(), columns.as_str()].iter().enumerate() {
             let len = i32::try_from(text.len()).map_err(|_| wasmtime::Error::msg("input larger than 2 GiB"))?;
             let ptr = alloc.call(&mut *store, len)?;
-            memory
-                .write(&mut *store, ptr as u32 as usize, text.as_bytes())
-                .map_err(|_| wasmtime::Error::msg(format!("oxtune_alloc({len}) returned an out-of-bounds pointer {ptr}")))?;
+            memory.write(&mut *store, ptr as u32 as usize, text.as_bytes()).map_err(|_| {
+                wasmtime::Error::msg(format!("oxtune_alloc({len}) returned an out-of-bounds pointer {ptr}"))
+            })?;
             args[2 * k] = ptr;
             args[2 * k + 1] = len;
         }
@@ -303,7 +304,12 @@ fn memory_of(caller: &mut Caller<'_, SandboxState>) -> wasmtime::Result<wasmtime
     }
 }
 
-fn clock_time_get(mut caller: Caller<'_, SandboxState>, _clock: i32, _precision: i64, out: i32) -> wasmtime::Result<i32> {
+fn clock_time_get(
+    mut caller: Caller<'_, SandboxState>,
+    _clock: i32,
+    _precision: i64,
+    out: i32,
+) -> wasmtime::Result<i32> {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let memory = memory_of(&mut caller)?;
     memory.write(&mut caller, out as u32 as usize, &nanos.to_le_bytes())?;

@@ -39,8 +39,11 @@ fn build(key: &str, args: &[&str], manifest_dir: &Path, pick: impl Fn(&Path) -> 
     if let Some(path) = cache.get_or_insert_with(HashMap::new).get(key) {
         return path.clone();
     }
+    // A benchmark (built without debug assertions) measures release plugins.
+    let profile: &[&str] = if cfg!(debug_assertions) { &[] } else { &["--release"] };
     let output = Command::new(cargo())
         .arg("build")
+        .args(profile)
         .args(args)
         .arg("--message-format=json-render-diagnostics")
         .current_dir(manifest_dir)
@@ -90,11 +93,12 @@ pub fn oxtune_bin() -> PathBuf {
     })
 }
 
-/// Builds the Rust reward example for `wasm32-unknown-unknown` (the target
+/// Builds the Rust reward example for `wasm32-unknown-unknown`, in the
+/// profile of the caller (the target
 /// must be installed: `rustup target add wasm32-unknown-unknown`).
 pub fn build_rust_wasm_reward() -> PathBuf {
     let dir = workspace_root().join("examples/wasm-reward-rust");
-    build("repetition_wasm", &["--release", "--target", "wasm32-unknown-unknown"], &dir, |p| {
+    build("repetition_wasm", &["--target", "wasm32-unknown-unknown"], &dir, |p| {
         p.extension().is_some_and(|e| e == "wasm")
     })
 }

@@ -21,7 +21,10 @@ fn oxtune(args: &[&str], env: &[(&str, &Path)]) -> Output {
 
 fn json_lines(out: &Output) -> Vec<Value> {
     assert!(out.status.success(), "oxtune failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
 }
 
 fn find<'a>(rows: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -60,8 +63,7 @@ fn plugins_lists_dynamic_and_wasm_plugins_from_every_source() {
     assert_eq!(find(&rows, "reward", "sentence_end")["origin"], "wasm");
     assert_eq!(find(&rows, "reward", "format")["origin"], "built-in");
     // Sorted by kind, then name.
-    let keys: Vec<(String, String)> =
-        rows.iter().map(|r| (r["kind"].to_string(), r["name"].to_string())).collect();
+    let keys: Vec<(String, String)> = rows.iter().map(|r| (r["kind"].to_string(), r["name"].to_string())).collect();
     let kinds: Vec<&str> = rows.iter().map(|r| r["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds.first(), Some(&"model"));
     let rewards: Vec<&String> = keys.iter().filter(|k| k.0 == "\"reward\"").map(|k| &k.1).collect();
@@ -95,7 +97,10 @@ fn fails_with(out: &Output, needles: &[&str]) {
 
 #[test]
 fn plugin_errors_are_short_messages() {
-    fails_with(&oxtune(&["plugins", "--plugin", "/nonexistent/libx.so"], &[]), &["/nonexistent/libx.so", "does not exist"]);
+    fails_with(
+        &oxtune(&["plugins", "--plugin", "/nonexistent/libx.so"], &[]),
+        &["/nonexistent/libx.so", "does not exist"],
+    );
     let rewards = build_cdylib("oxtune-plugin-rewards", &["cdylib"]);
     fails_with(
         &oxtune(&["plugins", "--plugin", rewards.to_str().unwrap()], &[]),

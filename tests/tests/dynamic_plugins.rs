@@ -63,10 +63,7 @@ fn example_plugin_loads_from_a_path_and_its_components_work() {
     assert_eq!(scores, vec![1.0, 0.0, 1.0]);
 
     let row = registry.adapt("qa-pairs", &json!({"q": "2+2?", "a": "4"})).unwrap();
-    assert_eq!(
-        row,
-        json!({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]})
-    );
+    assert_eq!(row, json!({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}));
 
     // A plugin's own error names the plugin, the component and the record.
     let err = registry.adapt("qa-pairs", &json!({"question": "?"})).unwrap_err().to_string();
@@ -97,15 +94,17 @@ fn first_party_rewards_are_identical_linked_in_and_as_a_cdylib() {
         assert!(matches!(builtin.get(ComponentKind::Reward, name).unwrap().origin(), Origin::Builtin(_)));
         let a = builtin.score(name, &completions()).unwrap();
         let b = dynamic.score(name, &completions()).unwrap();
-        assert_eq!(a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
     // And they are not trivially constant.
     assert_eq!(builtin.score("format", &completions()).unwrap(), vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
     assert!(builtin.score("repetition", &completions()).unwrap()[2] < -0.3);
 }
 
-const BLOCK_CONFIG: &str =
-    r#"{"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "rms_norm_eps": 1e-6}"#;
+const BLOCK_CONFIG: &str = r#"{"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "rms_norm_eps": 1e-6}"#;
 
 /// Random weights for the example block (each test compares runs on the same weights).
 fn block_weights() -> WeightStore {
@@ -146,7 +145,8 @@ fn a_model_plugin_gives_bit_identical_outputs_linked_in_and_loaded() {
     let a = run_block(&builtin, &weights, &x, None);
     let b = run_block(&dynamic, &weights, &x, None);
     assert_eq!(a.dims(), &[2, 7, 16]);
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let bits =
+        |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a), bits(&b));
     // The blocks did something: the output is not the input.
     let moved = (a - &x).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -156,11 +156,14 @@ fn a_model_plugin_gives_bit_identical_outputs_linked_in_and_loaded() {
 #[test]
 fn a_tuner_plugin_adapts_the_linear_hook_and_receives_gradients() {
     let registry = load(&build_cdylib("oxtune-example-plugin", &["cdylib"])).unwrap();
-    let tuner = TunerBinding { instance: registry.load_tuner("scale", "{}").unwrap(), target_modules: vec!["o_proj".into()] };
+    let tuner =
+        TunerBinding { instance: registry.load_tuner("scale", "{}").unwrap(), target_modules: vec!["o_proj".into()] };
     let params = tuner.instance.params("layers.0.o_proj".into(), 16, 16).into_result().unwrap();
     assert_eq!(params.len(), 1);
     assert_eq!(params[0].name.as_str(), "layers.0.o_proj.scale_vector");
-    assert!(tuner.targets("layers.1.o_proj") && !tuner.targets("layers.1.q_proj") && !tuner.targets("layers.1.xo_proj"));
+    assert!(
+        tuner.targets("layers.1.o_proj") && !tuner.targets("layers.1.q_proj") && !tuner.targets("layers.1.xo_proj")
+    );
 
     let mut weights = block_weights();
     let x = Tensor::rand(-1f32, 1.0, (1, 5, 16), &Device::Cpu).unwrap();
@@ -239,7 +242,9 @@ fn bad_paths_and_non_plugins_are_clear_errors() {
     let libstd = std::fs::read_dir(&lib_dir)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libstd-") && n.ends_with(".so")))
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libstd-") && n.ends_with(".so"))
+        })
         .expect("the toolchain ships libstd as a shared library");
     let message = load(&libstd).unwrap_err().to_string();
     one_line(&message);

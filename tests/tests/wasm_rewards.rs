@@ -30,9 +30,8 @@ fn the_wat_example_scores_sentence_ends() {
     let path = workspace_root().join("examples/wasm-rewards/sentence_end.wat");
     let mut registry = Registry::empty();
     registry.load_path(&path, &SandboxConfig::default()).unwrap();
-    let scores = registry
-        .score("sentence_end", &samples(&["It is four.", "Four!  \n", "four", "", "Is it?", "a.b"]))
-        .unwrap();
+    let scores =
+        registry.score("sentence_end", &samples(&["It is four.", "Four!  \n", "four", "", "Is it?", "a.b"])).unwrap();
     assert_eq!(scores, vec![1.0, 1.0, 0.0, 0.0, 1.0, 0.0]);
 }
 

@@ -23,8 +23,7 @@ use oxtune_plugin_api::nn::{rope_inv_freq, Linear, RmsNorm};
 use oxtune_plugin_api::serde_json::{json, Map, Value};
 use oxtune_plugin_api::{
     attention, declare_plugin, weight, AttentionSpec, DatasetAdapter, Descriptor, Error, Inputs, Model,
-    ModelArchitecture, ParamInit, Plugin, Result, RewardFunction, RewardSample, Tensor, Tuner, TunerLayers,
-    TunerParam,
+    ModelArchitecture, ParamInit, Plugin, Result, RewardFunction, RewardSample, Tensor, Tuner, TunerLayers, TunerParam,
 };
 
 /// Rewards completions that mention the row's keyword.
@@ -129,7 +128,10 @@ impl ModelArchitecture for ExampleBlockArch {
 
     fn load(&self, config: &Value) -> Result<Box<dyn Model>> {
         let get = |key: &str| {
-            config.get(key).and_then(Value::as_u64).ok_or_else(|| Error::new(format!("config.json: `{key}` is missing")))
+            config
+                .get(key)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| Error::new(format!("config.json: `{key}` is missing")))
         };
         let hidden = get("hidden_size")? as usize;
         let heads = get("num_attention_heads")? as usize;

@@ -115,7 +115,14 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result
 /// `mask`: additive, broadcastable to `[b, 1, s, t]` (0 or -inf). Query head
 /// `h` reads KV head `h / rep`, as transformers' `repeat_kv` arranges; the
 /// query heads of a group are folded into rows instead of copying K and V.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (b, hq, s, d) = q.dims4()?;
     let (_, hkv, t, _) = k.dims4()?;
     if hkv == 0 || hq % hkv != 0 {

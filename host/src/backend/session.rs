@@ -169,10 +169,8 @@ impl<'a> GraphSession<'a> {
 
     /// Runs a model plugin's forward pass on named inputs and returns its output.
     pub fn run_model(&mut self, model: &abi::ModelBox, inputs: &[(&str, Tensor)]) -> Result<Tensor, OpError> {
-        let named: Vec<NamedTensor> = inputs
-            .iter()
-            .map(|(name, t)| NamedTensor { name: (*name).into(), id: self.insert(t.clone()) })
-            .collect();
+        let named: Vec<NamedTensor> =
+            inputs.iter().map(|(name, t)| NamedTensor { name: (*name).into(), id: self.insert(t.clone()) }).collect();
         let out = model.forward(self.as_graph_ref(), named.as_slice().into()).into_result();
         let id = out.map_err(|e| OpError::Plugin(e.into_string()))?;
         self.get(id).cloned()
@@ -286,10 +284,8 @@ impl<'a> GraphSession<'a> {
                 self.get(*x)?.broadcast_as(dims).map_err(candle)
             }
             Op::ToDType { x, dtype } => {
-                let dt = to_candle_dtype(*dtype).ok_or_else(|| OpError::Invalid {
-                    op: name,
-                    message: format!("unknown dtype code {}", dtype.0),
-                })?;
+                let dt = to_candle_dtype(*dtype)
+                    .ok_or_else(|| OpError::Invalid { op: name, message: format!("unknown dtype code {}", dtype.0) })?;
                 self.get(*x)?.to_dtype(dt).map_err(candle)
             }
             Op::Rope { x, inv_freq, interleaved, scale } => self.rope(*x, inv_freq, *interleaved, *scale),

@@ -40,7 +40,11 @@ pub struct GlobalArgs {
 impl GlobalArgs {
     /// The registry: built-ins, `OXTUNE_PLUGIN_PATH`, the user folder and `--plugin`.
     pub fn registry(&self) -> anyhow::Result<Registry> {
-        let mut sandbox = SandboxConfig { memory_limit: self.wasm_memory_mb << 20, fuel_per_sample: self.wasm_fuel, ..Default::default() };
+        let mut sandbox = SandboxConfig {
+            memory_limit: self.wasm_memory_mb << 20,
+            fuel_per_sample: self.wasm_fuel,
+            ..Default::default()
+        };
         for grant in &self.wasm_grants {
             sandbox.grant(grant).map_err(anyhow::Error::msg)?;
         }

@@ -54,7 +54,13 @@ pub fn run(global: &GlobalArgs, args: &PluginsArgs) -> anyhow::Result<()> {
         .components()
         .iter()
         .map(|c| {
-            [c.kind().as_str().to_owned(), c.name().to_owned(), c.origin().to_string(), c.version().to_owned(), c.api_version().to_owned()]
+            [
+                c.kind().as_str().to_owned(),
+                c.name().to_owned(),
+                c.origin().to_string(),
+                c.version().to_owned(),
+                c.api_version().to_owned(),
+            ]
         })
         .collect();
     let header = ["KIND", "NAME", "ORIGIN", "VERSION", "API"].map(str::to_owned);
