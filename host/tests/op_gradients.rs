@@ -35,6 +35,9 @@ fn rand_in(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Tensor {
     ((rand(shape, seed) + 1.0).unwrap() * ((hi - lo) / 2.0)).unwrap().affine(1.0, lo).unwrap()
 }
 
+/// Builds an op (or a few) from the input handles.
+type BuildFn = Box<dyn Fn(&mut GraphSession, &[TensorId]) -> TensorId>;
+
 /// One gradient check.
 struct Case {
     name: &'static str,
@@ -45,8 +48,7 @@ struct Case {
     /// Named weights (differentiated too).
     weights: Vec<(&'static str, Tensor)>,
     batch: BatchInfo,
-    /// Builds the op(s) from the input handles.
-    build: Box<dyn Fn(&mut GraphSession, &[TensorId]) -> TensorId>,
+    build: BuildFn,
 }
 
 impl Case {
@@ -453,4 +455,54 @@ fn handles_from_another_call_are_rejected() {
     assert!(err.contains("does not belong to this call"), "{err}");
     let missing = second.apply(&Op::Weight { name: "nope".into() }).unwrap_err().to_string();
     assert!(missing.contains("no weight `nope`"), "{missing}");
+}
+
+/// The composite ops compute what their names say (the gradient checks above
+/// only prove each backward matches its own forward).
+#[test]
+fn composite_ops_compute_their_formulas() {
+    let x = rand(&[2, 5], 90);
+    let w = rand(&[5], 91);
+    let b = rand(&[5], 92);
+    let rows = x.to_vec2::<f64>().unwrap();
+    let (wv, bv) = (w.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
+    let run = |build: fn(&mut GraphSession, &[TensorId]) -> TensorId, weights: Vec<(&'static str, Tensor)>| {
+        let case = Case::new("formula", vec![x.clone()], build).weights(weights);
+        case.forward(&case.inputs, &case.weights, None).to_vec2::<f64>().unwrap()
+    };
+    let close = |got: &[Vec<f64>], want: &dyn Fn(&[f64], usize) -> f64, what: &str| {
+        for (r, row) in rows.iter().enumerate() {
+            for c in 0..row.len() {
+                let (g, e) = (got[r][c], want(row, c));
+                assert!((g - e).abs() < 1e-12, "{what}[{r}][{c}]: {g} vs {e}");
+            }
+        }
+    };
+    let rms = run(|s, i| op(s, Op::RmsNorm { name: "n".into(), x: i[0], eps: 1e-6 }), vec![("n.weight", w.clone())]);
+    close(
+        &rms,
+        &|row, c| row[c] / (row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64 + 1e-6).sqrt() * wv[c],
+        "rms_norm",
+    );
+    let ln = run(
+        |s, i| op(s, Op::LayerNorm { name: "n".into(), x: i[0], eps: 1e-5 }),
+        vec![("n.weight", w.clone()), ("n.bias", b.clone())],
+    );
+    close(
+        &ln,
+        &|row, c| {
+            let mean = row.iter().sum::<f64>() / row.len() as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / row.len() as f64;
+            (row[c] - mean) / (var + 1e-5).sqrt() * wv[c] + bv[c]
+        },
+        "layer_norm",
+    );
+    let softmax = |row: &[f64], c: usize| row[c].exp() / row.iter().map(|v| v.exp()).sum::<f64>();
+    close(&run(|s, i| op(s, Op::Softmax { x: i[0], dim: -1 }), vec![]), &softmax, "softmax");
+    close(
+        &run(|s, i| op(s, Op::LogSoftmax { x: i[0], dim: -1 }), vec![]),
+        &|row, c| softmax(row, c).ln(),
+        "log_softmax",
+    );
+    close(&run(|s, i| op(s, Op::Sigmoid { x: i[0] }), vec![]), &|row, c| 1.0 / (1.0 + (-row[c]).exp()), "sigmoid");
 }

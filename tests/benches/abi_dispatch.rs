@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Result, Tensor};
-use oxtune::backend::batch::{build_mask, MaskSpec};
+use oxtune::backend::batch::{build_mask, MaskShape, MaskSpec};
 use oxtune::backend::{ops, BatchInfo, ForwardContext, GraphSession, WeightStore};
 use oxtune_registry::{Registry, SandboxConfig};
 
@@ -58,7 +58,8 @@ fn direct_forward(store: &WeightStore, x: &Tensor) -> Result<Tensor> {
     let positions = Tensor::arange(0u32, s as u32, x.device())?.unsqueeze(0)?.broadcast_as((b, s))?.contiguous()?;
     let (cos, sin) = ops::rope_tables(&positions, &inv_freq, 1.0, x.dtype())?;
     let spec = MaskSpec { causal: true, sliding_window: 0 };
-    let mask = build_mask(spec, b, s, s, 0, &BatchInfo::default(), x.dtype(), x.device())?;
+    let shape = MaskShape { batch: b, queries: s, keys: s, offset: 0 };
+    let mask = build_mask(spec, shape, &BatchInfo::default(), x.dtype(), x.device())?;
     let heads = |t: Tensor, n: usize| t.reshape((b, s, n, HEAD_DIM))?.transpose(1, 2);
     let mut x = x.clone();
     for l in 0..LAYERS {

@@ -65,20 +65,30 @@ fn rows_u32(t: &Tensor) -> Result<Vec<Vec<u32>>> {
     t.to_dtype(DType::U32)?.to_vec2::<u32>()
 }
 
-/// Builds the additive mask `[batch or 1, 1, seq, kv_len]` (0 or -inf) for
-/// `seq` new queries after `offset` cached tokens. A query that would see
-/// no key at all (a padding row) is allowed to see itself, so its softmax
-/// stays finite.
+/// The geometry of one attention call.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MaskShape {
+    /// Rows in the batch.
+    pub batch: usize,
+    /// New query positions.
+    pub queries: usize,
+    /// Key positions, cached ones included.
+    pub keys: usize,
+    /// Cached positions before the first query.
+    pub offset: usize,
+}
+
+/// Builds the additive mask `[batch or 1, 1, queries, keys]` (0 or -inf).
+/// A query that would see no key at all (a padding row) is allowed to see
+/// itself, so its softmax stays finite. `None` when nothing is masked.
 pub fn build_mask(
     spec: MaskSpec,
-    batch: usize,
-    seq: usize,
-    kv_len: usize,
-    offset: usize,
+    shape: MaskShape,
     info: &BatchInfo,
     dtype: DType,
     device: &Device,
 ) -> Result<Option<Tensor>> {
+    let MaskShape { batch, queries: seq, keys: kv_len, offset } = shape;
     let padding = info.attention_mask.as_ref().map(rows_u32).transpose()?;
     let segments = info.segment_ids.as_ref().map(rows_u32).transpose()?;
     if !spec.causal && spec.sliding_window == 0 && padding.is_none() && segments.is_none() {

@@ -13,7 +13,7 @@ use abi_stable::std_types::{RResult, RStr, RString, RVec};
 use candle_core::{DType, Device, Tensor};
 use oxtune_plugin_api::abi::{self, GraphHost, GraphHost_TO, GraphRef, NamedTensor, Op, OpCall, TensorId, TunerBox};
 
-use super::batch::{build_mask, BatchInfo, KvCache, MaskSpec};
+use super::batch::{build_mask, BatchInfo, KvCache, MaskShape, MaskSpec};
 use super::ops;
 use super::weights::WeightStore;
 
@@ -90,7 +90,7 @@ pub struct GraphSession<'a> {
     arena: Vec<Tensor>,
     tag: u32,
     offset: usize,
-    masks: HashMap<(MaskSpec, usize, usize, DType), Option<Tensor>>,
+    masks: HashMap<(MaskSpec, MaskShape, DType), Option<Tensor>>,
 }
 
 fn dim_index(op: &'static str, dim: i64, rank: usize) -> Result<usize, OpError> {
@@ -377,9 +377,10 @@ impl<'a> GraphSession<'a> {
             None => (k, v),
         };
         let t = k.dim(2).map_err(candle)?;
-        let key = (spec, s, t, q.dtype());
+        let shape = MaskShape { batch: b, queries: s, keys: t, offset: t - s };
+        let key = (spec, shape, q.dtype());
         if !self.masks.contains_key(&key) {
-            let mask = build_mask(spec, b, s, t, t - s, self.ctx.batch, q.dtype(), q.device()).map_err(candle)?;
+            let mask = build_mask(spec, shape, self.ctx.batch, q.dtype(), q.device()).map_err(candle)?;
             self.masks.insert(key, mask);
         }
         let mask = self.masks[&key].as_ref();
