@@ -8,8 +8,9 @@
 //!   storage): an older plugin never sends them, an older host answers them
 //!   with an "unsupported op" error;
 //! - new root-module functions and new trait methods go *after* the field
-//!   marked `last_prefix_field`, so an older plugin (which lacks them) still
-//!   loads in a newer host;
+//!   marked `last_prefix_field`, each with `#[sabi(missing_field(option))]`,
+//!   so an older plugin (which lacks them) still loads in a newer host and
+//!   the host reads `None` for them (`tests/tests/api_compat.rs` proves it);
 //! - nothing is ever removed, reordered or retyped: that is API 2.0.
 //!
 //! Plugin authors do not use these types directly: [`crate::graph`] and

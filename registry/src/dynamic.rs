@@ -6,17 +6,25 @@
 //! 2. it must export `OXTUNE_PLUGIN_API_VERSION`, and that version must be
 //!    servable: the same major as the host and a minor no newer than the
 //!    host's (a 1.0 plugin loads in a 1.3 host, not the reverse);
-//! 3. `abi_stable` must accept the layout of every type the root module
+//! 3. `abi_stable`'s layout checker must accept every type the root module
 //!    reaches. Its detailed report goes to the debug log, the user gets one
 //!    line.
 //!
-//! abi_stable's own version check is skipped on purpose: it requires the
-//! library to be at least as new as the host, which would refuse every
-//! older 1.x plugin. Step 2 replaces it.
+//! abi_stable assumes the loaded library is the *newer* side: its version
+//! check wants the library's minor at least the host's, and its layout
+//! check wants the library to have at least the host's prefix fields and
+//! enum variants. In oxtune the plugin is the older side (a 1.0 plugin in a
+//! 1.3 host), so the host skips abi_stable's version check (step 2 replaces
+//! it) and runs the layout check the other way round: the plugin's layout
+//! is the interface the host's must satisfy. The host may then know more
+//! ops and root-module functions than the plugin, never fewer, and every
+//! type both know must match exactly.
 
 use std::path::Path;
 
+use abi_stable::abi_stability::abi_checking::check_layout_compatibility;
 use abi_stable::library::{lib_header_from_path, LibraryError};
+use abi_stable::StableAbi;
 use oxtune_plugin_api::abi::{PluginModRef, API_VERSION_SYMBOL};
 use oxtune_plugin_api::API_VERSION;
 
@@ -81,15 +89,12 @@ pub fn load_library(path: &Path) -> Result<PluginModRef, RegistryError> {
         host: API_VERSION.to_owned(),
         advice,
     })?;
-    let layout_error = |e: LibraryError| match e {
-        LibraryError::AbiInstability(report) => {
-            tracing::debug!("abi_stable layout report for {}:\n{report}", path.display());
-            RegistryError::IncompatibleLayout {
-                path: path.to_owned(),
-                plugin: plugin_api.clone(),
-                host: API_VERSION.to_owned(),
-            }
-        }
+    let incompatible = || RegistryError::IncompatibleLayout {
+        path: path.to_owned(),
+        plugin: plugin_api.clone(),
+        host: API_VERSION.to_owned(),
+    };
+    let load_error = |e: LibraryError| match e {
         LibraryError::GetSymbolError { symbol, .. } => RegistryError::MissingSymbol {
             path: path.to_owned(),
             symbol: String::from_utf8_lossy(&symbol).trim_end_matches('\0').to_owned(),
@@ -99,8 +104,16 @@ pub fn load_library(path: &Path) -> Result<PluginModRef, RegistryError> {
             reason: other.to_string().lines().next().unwrap_or_default().to_owned(),
         },
     };
-    let header = lib_header_from_path(path).map_err(layout_error)?;
-    header.check_layout::<PluginModRef>().map_err(layout_error)
+    let header = lib_header_from_path(path).map_err(load_error)?;
+    let plugin_layout = header.layout().ok_or_else(incompatible)?;
+    check_layout_compatibility(plugin_layout, <PluginModRef as StableAbi>::LAYOUT).map_err(|report| {
+        tracing::debug!("abi_stable layout report for {}:\n{report}", path.display());
+        incompatible()
+    })?;
+    // SAFETY: the layout of the root module and everything it reaches was
+    // checked just above.
+    unsafe { header.unchecked_layout::<PluginModRef>() }
+        .map_err(|e| RegistryError::Plugin(format!("{}: its root module failed to initialise: {e}", path.display())))
 }
 
 /// Whether a file name looks like a dynamic library on this platform.

@@ -35,6 +35,11 @@ static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
 /// Runs `cargo build` with `args` and returns the artifact whose file name
 /// satisfies `pick`, copied to `target/oxtune-test-artifacts/<key>.<ext>`.
 fn build(key: &str, args: &[&str], manifest_dir: &Path, pick: impl Fn(&Path) -> bool) -> PathBuf {
+    build_in(key, args, manifest_dir, &[], pick)
+}
+
+/// [`build`] with extra arguments that are not part of the cache key.
+fn build_in(key: &str, args: &[&str], manifest_dir: &Path, extra: &[&str], pick: impl Fn(&Path) -> bool) -> PathBuf {
     let mut cache = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(path) = cache.get_or_insert_with(HashMap::new).get(key) {
         return path.clone();
@@ -45,6 +50,7 @@ fn build(key: &str, args: &[&str], manifest_dir: &Path, pick: impl Fn(&Path) -> 
         .arg("build")
         .args(profile)
         .args(args)
+        .args(extra)
         .arg("--message-format=json-render-diagnostics")
         .current_dir(manifest_dir)
         .output()
@@ -100,5 +106,80 @@ pub fn build_rust_wasm_reward() -> PathBuf {
     let dir = workspace_root().join("examples/wasm-reward-rust");
     build("repetition_wasm", &["--target", "wasm32-unknown-unknown"], &dir, |p| {
         p.extension().is_some_and(|e| e == "wasm")
+    })
+}
+
+/// A text replacement in one file of `plugin-api/src`.
+pub struct Patch {
+    /// The file, relative to `plugin-api/src`.
+    pub file: &'static str,
+    /// Text that must occur exactly once.
+    pub find: &'static str,
+    /// What replaces it.
+    pub replace: &'static str,
+}
+
+/// Builds a template of `tests/fixtures/api-variants` (`plugin` or `probe`)
+/// against a modified copy of `plugin-api/`: version `version`, with
+/// `patches` applied. Returns the cdylib (`plugin`) or binary (`probe`).
+///
+/// The copy lives in a scratch workspace with the main workspace's
+/// profiles and lock file, built into the main target folder, so only the
+/// copy and the template compile.
+pub fn build_against_api_variant(key: &str, version: &str, patches: &[Patch], template: &str) -> PathBuf {
+    let root = workspace_root();
+    let dir = target_dir().join("oxtune-api-variants").join(key);
+    // Cargo hashes path packages by their path relative to the workspace
+    // root: each copy needs a folder name of its own (not `plugin-api`), or
+    // copies and the real crate would overwrite each other's artifacts in
+    // the shared target folder.
+    let suffix: String = key.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let api_folder = format!("api-variant-{suffix}");
+    let api = dir.join(&api_folder);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(api.join("src")).expect("scratch workspace");
+    for entry in std::fs::read_dir(root.join("plugin-api/src")).expect("plugin-api sources") {
+        let path = entry.expect("entry").path();
+        let mut text = std::fs::read_to_string(&path).expect("source");
+        let name = path.file_name().and_then(|n| n.to_str()).expect("file name");
+        for patch in patches.iter().filter(|p| p.file == name) {
+            assert_eq!(text.matches(patch.find).count(), 1, "patch target not found once in {name}: {:?}", patch.find);
+            text = text.replace(patch.find, patch.replace);
+        }
+        std::fs::write(api.join("src").join(name), text).expect("write source");
+    }
+    let manifest = format!(
+        "[package]\nname = \"oxtune-plugin-api\"\nversion = \"{version}\"\nedition = \"2021\"\n\n[dependencies]\n\
+         abi_stable = \"0.11.3\"\ninventory = \"0.3\"\nserde = {{ version = \"1\", features = [\"derive\"] }}\nserde_json = \"1\"\n"
+    );
+    std::fs::write(api.join("Cargo.toml"), manifest).expect("manifest");
+    let member = dir.join(template);
+    let source = fixtures().join("api-variants").join(template);
+    std::fs::create_dir_all(member.join("src")).expect("member folder");
+    // A package name per variant: cargo copies every build of a package to one
+    // path in the target folder, so variants must not share a name.
+    let package = format!("oxtune-api-{template}-{suffix}");
+    let manifest = std::fs::read_to_string(source.join("Cargo.toml.in")).expect("member manifest");
+    let manifest = manifest.replace("@NAME@", &package).replace("@API@", &api_folder);
+    std::fs::write(member.join("Cargo.toml"), manifest).expect("member manifest");
+    for entry in std::fs::read_dir(source.join("src")).expect("template sources") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, member.join("src").join(path.file_name().expect("name"))).expect("copy source");
+    }
+    // Same profiles as the main workspace, so shared dependencies are reused.
+    let main_manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("workspace manifest");
+    let profiles = &main_manifest[main_manifest.find("[profile.").expect("profiles")..];
+    let workspace =
+        format!("[workspace]\nresolver = \"2\"\nmembers = [\"{api_folder}\", \"{template}\"]\n\n{profiles}");
+    std::fs::write(dir.join("Cargo.toml"), workspace).expect("workspace manifest");
+    std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).expect("lock file");
+    let target = target_dir();
+    let target = target.to_str().expect("utf-8 target folder");
+    build_in(key, &["-p", &package], &dir, &["--target-dir", target], |p| {
+        if template == "probe" {
+            p.file_stem().is_some_and(|s| *s == *package) && p.extension().is_none_or(|e| e == "exe")
+        } else {
+            is_cdylib(p)
+        }
     })
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use oxtune_tests::{build_cdylib, oxtune_bin, workspace_root};
+use oxtune_tests::{build_against_api_variant, build_cdylib, oxtune_bin, workspace_root};
 use serde_json::Value;
 
 /// Runs `oxtune` with a clean plugin environment (an empty home folder).
@@ -106,8 +106,8 @@ fn plugin_errors_are_short_messages() {
         &oxtune(&["plugins", "--plugin", rewards.to_str().unwrap()], &[]),
         &["two plugins provide the reward `format`", "built-in (oxtune-plugin-rewards)", rewards.to_str().unwrap()],
     );
-    let mismatched = build_cdylib("oxtune-fixture-mismatched-api", &["claims-api-2"]);
-    fails_with(&oxtune(&["plugins", "--plugin", mismatched.to_str().unwrap()], &[]), &["2.0.0", "oxtune-plugin-api"]);
+    let api2 = build_against_api_variant("plugin-2.0", "2.0.0", &[], "plugin");
+    fails_with(&oxtune(&["plugins", "--plugin", api2.to_str().unwrap()], &[]), &["2.0.0", "oxtune-plugin-api"]);
     fails_with(&oxtune(&["plugins", "--wasm-grant", "network"], &[]), &["unknown sandbox grant `network`"]);
 }
 

@@ -1,0 +1,110 @@
+//! ABI compatibility across plugin API versions, with plugins and hosts
+//! built against modified copies of `plugin-api/` (see
+//! `tests/fixtures/api-variants`):
+//!
+//! - a plugin built against API 1.0 loads and runs in a host of API 1.1
+//!   (1.0 plus an op and a root-module function): the evolution rule;
+//! - a plugin of another major version is refused by the version check;
+//! - a plugin whose types differ but claims the host's version is refused
+//!   by abi_stable's layout check — in one line naming the file and both
+//!   versions, not abi_stable's report.
+
+use oxtune_registry::{Registry, RegistryError, SandboxConfig};
+use oxtune_tests::{build_against_api_variant, build_cdylib, Patch};
+
+const API_1_1: &[Patch] = &[
+    Patch {
+        file: "abi.rs",
+        find: "    },\n}\n\n/// An [`Op`] as it crosses the boundary.",
+        replace: "    },\n    /// Added in 1.1.\n    Erf { x: TensorId },\n}\n\n/// An [`Op`] as it crosses the boundary.",
+    },
+    Patch {
+        file: "abi.rs",
+        find: "-> RResult<TunerBox, RString>,\n}",
+        replace: "-> RResult<TunerBox, RString>,\n    /// Added in 1.1.\n    #[sabi(missing_field(option))]\n    pub describe_reward: extern \"C\" fn(name: RStr<'_>) -> RResult<RString, RString>,\n}",
+    },
+    Patch {
+        file: "plugin.rs",
+        find: "        load_tuner: load_tuner::<P>,\n",
+        replace: "        load_tuner: load_tuner::<P>,\n        describe_reward: describe_reward,\n",
+    },
+    Patch {
+        file: "plugin.rs",
+        find: "/// A plugin linked into the host binary",
+        replace: "extern \"C\" fn describe_reward(_: RStr<'_>) -> RResult<RString, RString> {\n    RResult::RErr(RString::new())\n}\n\n/// A plugin linked into the host binary",
+    },
+];
+
+#[test]
+fn a_plugin_built_against_api_1_0_runs_in_a_1_1_host() {
+    let plugin = build_cdylib("oxtune-example-plugin", &["cdylib"]);
+    let probe = build_against_api_variant("probe-1.1", "1.1.0", API_1_1, "probe");
+    let out = std::process::Command::new(&probe).arg(&plugin).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the 1.1 host refused the 1.0 plugin:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("api {}", oxtune_plugin_api::API_VERSION)), "{stdout}");
+    assert!(stdout.contains("component model example-block"), "{stdout}");
+    assert!(stdout.contains("component dataset-adapter qa-pairs"), "{stdout}");
+    // The call crosses the boundary and the plugin's own error comes back.
+    assert!(stdout.contains("score keyword Err(") && stdout.contains("no string column `keyword`"), "{stdout}");
+    // The 1.1 function is simply absent from a 1.0 plugin.
+    assert!(stdout.contains("new-function absent"), "{stdout}");
+}
+
+fn load(path: &std::path::Path) -> Result<Registry, RegistryError> {
+    let mut registry = Registry::empty();
+    registry.load_path(path, &SandboxConfig::default())?;
+    Ok(registry)
+}
+
+fn short(message: &str) {
+    assert!(message.lines().count() <= 2 && message.len() < 400, "not a short message: {message}");
+}
+
+#[test]
+fn a_plugin_built_against_api_1_1_runs_in_this_host_only_if_it_is_1_1() {
+    // A plugin built against a newer minor may use ops this host lacks:
+    // refused at load, with advice.
+    let plugin = build_against_api_variant("plugin-1.1", "1.1.0", API_1_1, "plugin");
+    let host = oxtune_plugin_api::API_VERSION;
+    let result = load(&plugin);
+    if host.starts_with("1.0.") {
+        let message = result.unwrap_err().to_string();
+        short(&message);
+        assert!(message.contains("1.1.0") && message.contains(host) && message.contains("upgrade oxtune"), "{message}");
+    } else {
+        assert_eq!(result.unwrap().score("constant", &[Default::default()]).unwrap(), vec![0.5]);
+    }
+}
+
+#[test]
+fn a_plugin_of_another_major_version_is_refused_in_one_line() {
+    let plugin = build_against_api_variant("plugin-2.0", "2.0.0", &[], "plugin");
+    let err = load(&plugin).unwrap_err();
+    assert!(matches!(err, RegistryError::IncompatibleApi { .. }), "{err:?}");
+    let message = err.to_string();
+    short(&message);
+    assert!(message.contains(&plugin.display().to_string()), "{message}");
+    assert!(message.contains("2.0.0") && message.contains(oxtune_plugin_api::API_VERSION), "{message}");
+}
+
+#[test]
+fn a_plugin_with_a_changed_type_is_refused_in_one_line() {
+    let changed =
+        [Patch { file: "abi.rs", find: "pub struct TensorId(pub u64);", replace: "pub struct TensorId(pub u32);" }];
+    let plugin = build_against_api_variant("plugin-changed-type", oxtune_plugin_api::API_VERSION, &changed, "plugin");
+    let err = load(&plugin).unwrap_err();
+    assert!(matches!(err, RegistryError::IncompatibleLayout { .. }), "{err:?}");
+    let message = err.to_string();
+    short(&message);
+    assert!(message.contains(&plugin.display().to_string()), "{message}");
+    assert!(message.contains(oxtune_plugin_api::API_VERSION) && message.contains("types do not match"), "{message}");
+
+    // The unchanged template loads: the refusal is the changed type's doing.
+    let control = build_against_api_variant("plugin-unchanged", oxtune_plugin_api::API_VERSION, &[], "plugin");
+    assert_eq!(load(&control).unwrap().score("constant", &[Default::default()]).unwrap(), vec![0.5]);
+}
