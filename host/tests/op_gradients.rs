@@ -471,9 +471,9 @@ fn composite_ops_compute_their_formulas() {
         case.forward(&case.inputs, &case.weights, None).to_vec2::<f64>().unwrap()
     };
     let close = |got: &[Vec<f64>], want: &dyn Fn(&[f64], usize) -> f64, what: &str| {
-        for (r, row) in rows.iter().enumerate() {
-            for c in 0..row.len() {
-                let (g, e) = (got[r][c], want(row, c));
+        for (r, (row, got_row)) in rows.iter().zip(got).enumerate() {
+            for (c, &g) in got_row.iter().enumerate() {
+                let e = want(row, c);
                 assert!((g - e).abs() < 1e-12, "{what}[{r}][{c}]: {g} vs {e}");
             }
         }
