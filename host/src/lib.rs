@@ -5,3 +5,6 @@
 pub mod backend;
 pub mod builtin;
 pub mod cli;
+pub mod generate;
+pub mod loss;
+pub mod model;

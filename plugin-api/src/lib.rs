@@ -13,9 +13,11 @@
 
 pub mod abi;
 pub mod data;
+pub mod decoder;
 pub mod graph;
 pub mod nn;
 pub mod plugin;
+pub mod rope;
 
 #[doc(hidden)]
 pub use abi_stable;

@@ -244,3 +244,34 @@ fn two_plugins_with_one_name_are_an_error_naming_both() {
     assert!(message.contains(&path.display().to_string()), "{message}");
     assert!(message.contains("reward `format`"), "{message}");
 }
+
+#[test]
+fn models_are_found_by_architecture_then_model_type() {
+    let registry = load(&build_cdylib("oxtune-example-plugin", &["cdylib"])).unwrap();
+    let by_arch = registry.model_for(&["Other".into(), "ExampleBlockModel".into()], None).unwrap();
+    assert_eq!(by_arch.name(), "example-block");
+    let by_type = registry.model_for(&["UnknownForCausalLM".into()], Some("example-block")).unwrap();
+    assert_eq!(by_type.name(), "example-block");
+    let message = registry.model_for(&["UnknownForCausalLM".into()], Some("unknown")).unwrap_err().to_string();
+    one_line(&message);
+    assert!(message.contains("UnknownForCausalLM") && message.contains("`unknown`"), "{message}");
+}
+
+#[test]
+fn an_op_error_inside_a_plugin_forward_names_the_plugin_and_the_weight() {
+    let registry = load(&build_cdylib("oxtune-example-plugin", &["cdylib"])).unwrap();
+    let model = registry.load_model("example-block", BLOCK_CONFIG).unwrap();
+    let weights = WeightStore::new();
+    let batch = BatchInfo::default();
+    let mut session = GraphSession::new(ForwardContext { weights: &weights, batch: &batch, cache: None, tuner: None });
+    let x = Tensor::zeros((1, 3, 16), DType::F32, &Device::Cpu).unwrap();
+    let message = session.run_model(&model, &[("hidden_states", x)]).unwrap_err().to_string();
+    assert!(message.contains("oxtune-example-plugin") && message.contains("example-block"), "{message}");
+    assert!(message.contains("no weight `layers.0.attn_norm.weight`"), "{message}");
+    // A config the architecture cannot read is a clear error too.
+    let Err(err) = registry.load_model("example-block", r#"{"hidden_size": 16}"#) else {
+        panic!("a config without heads loaded")
+    };
+    let message = err.to_string();
+    assert!(message.contains("num_attention_heads") && message.contains("config.json"), "{message}");
+}

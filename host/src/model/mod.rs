@@ -1,0 +1,143 @@
+//! A model ready to run: its architecture plugin (resolved through the
+//! registry from `config.json`), its weights, and its forward pass on the
+//! host's op backend.
+
+pub mod checkpoint;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use oxtune_plugin_api::abi::ModelBox;
+use oxtune_registry::{Registry, RegistryError};
+
+use crate::backend::{BatchInfo, ForwardContext, GraphSession, KvCache, OpError, TunerBinding, WeightStore};
+use checkpoint::{load_weights, read_json, weight_files, CheckpointError, Trainable};
+
+/// An error loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The checkpoint could not be read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// No plugin serves the model, or the plugin refused its config.
+    #[error("{path}: {source}")]
+    Architecture {
+        /// The config file.
+        path: PathBuf,
+        /// The registry's error.
+        source: RegistryError,
+    },
+    /// The forward pass failed (the message names the plugin and the op).
+    #[error("forward pass of {model}: {source}")]
+    Forward {
+        /// The model folder.
+        model: PathBuf,
+        /// The op error.
+        source: OpError,
+    },
+}
+
+/// How to load a model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// The compute dtype weights are converted to.
+    pub dtype: DType,
+    /// Where tensors live.
+    pub device: Device,
+    /// Frozen or trainable parameters.
+    pub trainable: Trainable,
+    /// An explicit architecture (`--model-type`), overriding `config.json`.
+    pub model_type: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, trainable: Trainable::None, model_type: None }
+    }
+}
+
+/// A loaded model.
+pub struct LoadedModel {
+    dir: PathBuf,
+    architecture: String,
+    config: serde_json::Value,
+    instance: ModelBox,
+    weights: WeightStore,
+    device: Device,
+}
+
+fn string_list(value: Option<&serde_json::Value>) -> Vec<String> {
+    value
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+impl LoadedModel {
+    /// Loads the Hugging Face model folder `dir` with the architecture the
+    /// registry resolves for it.
+    pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+        let config_path = dir.join("config.json");
+        let config = read_json(&config_path)?;
+        let architecture_error = |source| ModelError::Architecture { path: config_path.clone(), source };
+        let architecture = match &options.model_type {
+            Some(name) => registry.get(oxtune_plugin_api::ComponentKind::Model, name).map_err(architecture_error)?,
+            None => {
+                let architectures = string_list(config.get("architectures"));
+                let model_type = config.get("model_type").and_then(|v| v.as_str());
+                registry.model_for(&architectures, model_type).map_err(architecture_error)?
+            }
+        }
+        .name()
+        .to_owned();
+        let instance = registry.load_model(&architecture, &config.to_string()).map_err(architecture_error)?;
+        let weights = load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable)?;
+        Ok(LoadedModel { dir: dir.to_owned(), architecture, config, instance, weights, device: options.device.clone() })
+    }
+
+    /// The architecture plugin's component name (`qwen3`).
+    pub fn architecture(&self) -> &str {
+        &self.architecture
+    }
+
+    /// The parsed `config.json`.
+    pub fn config(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    /// The parameters.
+    pub fn weights(&self) -> &WeightStore {
+        &self.weights
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits `[batch, seq, vocab]` for `input_ids` (`[batch, seq]`), after
+    /// the tokens already in `cache`, with `tuner` at the linear hook.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        cache: Option<&mut KvCache>,
+        tuner: Option<&TunerBinding>,
+    ) -> Result<Tensor, ModelError> {
+        let forward_error = |source| ModelError::Forward { model: self.dir.clone(), source };
+        let candle_error = |source| forward_error(OpError::Candle { op: "positions", source });
+        let (b, s) = input_ids.dims2().map_err(candle_error)?;
+        let positions = match &batch.position_ids {
+            Some(p) => p.clone(),
+            None => {
+                let start = cache.as_ref().map_or(0, |c| c.seq_len()) as u32;
+                Tensor::arange(start, start + s as u32, &self.device)
+                    .and_then(|t| t.unsqueeze(0)?.broadcast_as((b, s))?.contiguous())
+                    .map_err(candle_error)?
+            }
+        };
+        let ids = input_ids.to_dtype(DType::U32).map_err(candle_error)?;
+        let mut session = GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner });
+        session.run_model(&self.instance, &[("input_ids", ids), ("position_ids", positions)]).map_err(forward_error)
+    }
+}

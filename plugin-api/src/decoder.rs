@@ -1,0 +1,301 @@
+//! The decoder-only transformer that Llama, Mistral, Qwen2 and Qwen3 share,
+//! as a helper for architecture plugins.
+//!
+//! An architecture plugin reads its `config.json` into a [`DecoderConfig`]
+//! (choosing the family's options: q/k norms, which layers slide) and
+//! returns a [`Decoder`]. Weight names are those of transformers'
+//! `*ForCausalLM` checkpoints (`model.layers.N.self_attn.q_proj`, ...).
+//!
+//! Inputs: `input_ids` (`[batch, seq]`, integer) and, for length-dependent
+//! RoPE scaling, `position_ids`. Output: logits `[batch, seq, vocab]`.
+
+use serde_json::Value;
+
+use crate::graph::{attention, has_weight, AttentionSpec, Tensor};
+use crate::nn::{Embedding, Linear, RmsNorm};
+use crate::plugin::{Inputs, Model};
+use crate::rope::Rope;
+use crate::{Error, Result};
+
+/// The MLP's gate activation.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (SwiGLU).
+    Silu,
+    /// `gelu_pytorch_tanh` / `gelu_new`.
+    GeluTanh,
+    /// `gelu` (exact).
+    Gelu,
+}
+
+/// Everything a [`Decoder`] needs, read from `config.json`.
+#[derive(Clone, Debug)]
+pub struct DecoderConfig {
+    /// Vocabulary size (logit count).
+    pub vocab_size: usize,
+    /// Residual stream width.
+    pub hidden_size: usize,
+    /// Transformer blocks.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA when fewer than `num_heads`).
+    pub num_kv_heads: usize,
+    /// Features per head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary embedding.
+    pub rope: Rope,
+    /// `q_proj`/`k_proj`/`v_proj` have biases (checked against the weights).
+    pub attention_bias: bool,
+    /// The MLP projections have biases (checked against the weights).
+    pub mlp_bias: bool,
+    /// RMSNorm on each query and key head before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// The output projection reuses the token embedding.
+    pub tie_word_embeddings: bool,
+    /// Per layer: the sliding attention window, if that layer slides.
+    pub sliding_windows: Vec<Option<u32>>,
+    /// The MLP activation.
+    pub activation: Activation,
+}
+
+/// Reads config fields, naming the missing or malformed one.
+pub struct ConfigReader<'a> {
+    config: &'a Value,
+}
+
+impl<'a> ConfigReader<'a> {
+    /// A reader over a parsed `config.json`.
+    pub fn new(config: &'a Value) -> ConfigReader<'a> {
+        ConfigReader { config }
+    }
+
+    /// The raw value of `key`, if present and not null.
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
+        self.config.get(key).filter(|v| !v.is_null())
+    }
+
+    /// A required unsigned integer.
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        match self.get(key) {
+            None => Err(Error::new(format!("config.json: `{key}` is missing"))),
+            Some(v) => v
+                .as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| Error::new(format!("config.json: `{key}` must be a non-negative integer, not {v}"))),
+        }
+    }
+
+    /// An optional unsigned integer.
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        if self.get(key).is_some() {
+            self.usize(key)
+        } else {
+            Ok(default)
+        }
+    }
+
+    /// An optional number.
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| Error::new(format!("config.json: `{key}` must be a number, not {v}"))),
+        }
+    }
+
+    /// An optional boolean.
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => {
+                v.as_bool().ok_or_else(|| Error::new(format!("config.json: `{key}` must be true or false, not {v}")))
+            }
+        }
+    }
+}
+
+impl DecoderConfig {
+    /// The fields every Llama-family config has; family options
+    /// (`qk_norm`, sliding windows) start off and are set by the plugin.
+    pub fn from_hf_config(config: &Value) -> Result<DecoderConfig> {
+        let r = ConfigReader::new(config);
+        let hidden_size = r.usize("hidden_size")?;
+        let num_heads = r.usize("num_attention_heads")?;
+        if num_heads == 0 {
+            return Err(Error::new("config.json: `num_attention_heads` must be positive"));
+        }
+        let num_kv_heads = r.usize_or("num_key_value_heads", num_heads)?;
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(Error::new(format!(
+                "config.json: `num_attention_heads` ({num_heads}) must be a multiple of `num_key_value_heads` ({num_kv_heads})"
+            )));
+        }
+        let head_dim = r.usize_or("head_dim", hidden_size / num_heads)?;
+        let num_layers = r.usize("num_hidden_layers")?;
+        let activation = match r.get("hidden_act").and_then(Value::as_str).unwrap_or("silu") {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
+            "gelu" => Activation::Gelu,
+            other => return Err(Error::new(format!("config.json: `hidden_act` `{other}` is not supported"))),
+        };
+        Ok(DecoderConfig {
+            vocab_size: r.usize("vocab_size")?,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: r.f64_or("rms_norm_eps", 1e-6)?,
+            rope: Rope::from_config(config, head_dim)?,
+            attention_bias: r.bool_or("attention_bias", false)?,
+            mlp_bias: r.bool_or("mlp_bias", false)?,
+            qk_norm: false,
+            tie_word_embeddings: r.bool_or("tie_word_embeddings", false)?,
+            sliding_windows: vec![None; num_layers],
+            activation,
+        })
+    }
+
+    /// Qwen2-style sliding windows: with `use_sliding_window`, layers from
+    /// `max_window_layers` on slide by `sliding_window` (used when the
+    /// config has no `layer_types`).
+    pub fn read_qwen_sliding_window(&mut self, config: &Value) -> Result<()> {
+        if self.read_layer_types(config)? {
+            return Ok(());
+        }
+        let r = ConfigReader::new(config);
+        let window = r.usize_or("sliding_window", 0)? as u32;
+        if r.bool_or("use_sliding_window", false)? && window > 0 {
+            let from = r.usize_or("max_window_layers", self.num_layers)?;
+            for slot in self.sliding_windows.iter_mut().skip(from) {
+                *slot = Some(window);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sliding windows as transformers 5 states them: `layer_types`
+    /// (`sliding_attention` layers slide by `sliding_window`). Returns
+    /// whether the config had `layer_types`.
+    pub fn read_layer_types(&mut self, config: &Value) -> Result<bool> {
+        let r = ConfigReader::new(config);
+        let Some(types) = r.get("layer_types") else { return Ok(false) };
+        let types = types.as_array().ok_or_else(|| Error::new("config.json: `layer_types` must be a list"))?;
+        if types.len() != self.num_layers {
+            return Err(Error::new(format!(
+                "config.json: `layer_types` has {} entries for {} layers",
+                types.len(),
+                self.num_layers
+            )));
+        }
+        let window = r.usize_or("sliding_window", 0)? as u32;
+        for (slot, t) in self.sliding_windows.iter_mut().zip(types) {
+            *slot = match t.as_str() {
+                Some("full_attention") => None,
+                Some("sliding_attention") if window > 0 => Some(window),
+                Some("sliding_attention") => {
+                    return Err(Error::new("config.json: a `sliding_attention` layer needs `sliding_window`"))
+                }
+                _ => return Err(Error::new(format!("config.json: unknown layer type {t} in `layer_types`"))),
+            };
+        }
+        Ok(true)
+    }
+}
+
+/// A decoder-only transformer language model.
+pub struct Decoder {
+    cfg: DecoderConfig,
+}
+
+impl Decoder {
+    /// The model for `cfg`.
+    pub fn new(cfg: DecoderConfig) -> Decoder {
+        Decoder { cfg }
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, s) = (x.dim(0)? as i64, x.dim(1)? as i64);
+        x.reshape(&[b, s, heads as i64, self.cfg.head_dim as i64])
+    }
+
+    fn attention_block(&self, layer: usize, x: &Tensor, inv_freq: &[f32]) -> Result<Tensor> {
+        let c = &self.cfg;
+        let p = format!("model.layers.{layer}.self_attn");
+        if c.attention_bias && !has_weight(&format!("{p}.q_proj.bias"))? {
+            return Err(Error::new(format!(
+                "config.json sets `attention_bias` but the checkpoint has no `{p}.q_proj.bias`"
+            )));
+        }
+        let mut q = self.split_heads(&Linear::new(format!("{p}.q_proj")).forward(x)?, c.num_heads)?;
+        let mut k = self.split_heads(&Linear::new(format!("{p}.k_proj")).forward(x)?, c.num_kv_heads)?;
+        let v = self.split_heads(&Linear::new(format!("{p}.v_proj")).forward(x)?, c.num_kv_heads)?;
+        if c.qk_norm {
+            q = RmsNorm::new(format!("{p}.q_norm"), c.rms_norm_eps).forward(&q)?;
+            k = RmsNorm::new(format!("{p}.k_norm"), c.rms_norm_eps).forward(&k)?;
+        }
+        let q = q.transpose(1, 2)?.rope(inv_freq, false, c.rope.attention_scaling)?;
+        let k = k.transpose(1, 2)?.rope(inv_freq, false, c.rope.attention_scaling)?;
+        let v = v.transpose(1, 2)?;
+        let spec = AttentionSpec { sliding_window: c.sliding_windows[layer], ..AttentionSpec::default() };
+        let a = attention(layer as u32, &q, &k, &v, spec)?;
+        let (b, s) = (x.dim(0)? as i64, x.dim(1)? as i64);
+        let a = a.transpose(1, 2)?.reshape(&[b, s, (c.num_heads * c.head_dim) as i64])?;
+        Linear::new(format!("{p}.o_proj")).forward(&a)
+    }
+
+    fn mlp(&self, layer: usize, x: &Tensor) -> Result<Tensor> {
+        let p = format!("model.layers.{layer}.mlp");
+        if self.cfg.mlp_bias && !has_weight(&format!("{p}.gate_proj.bias"))? {
+            return Err(Error::new(format!(
+                "config.json sets `mlp_bias` but the checkpoint has no `{p}.gate_proj.bias`"
+            )));
+        }
+        let gate = Linear::new(format!("{p}.gate_proj")).forward(x)?;
+        let gate = match self.cfg.activation {
+            Activation::Silu => gate.silu()?,
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::Gelu => gate.gelu_erf()?,
+        };
+        let up = Linear::new(format!("{p}.up_proj")).forward(x)?;
+        Linear::new(format!("{p}.down_proj")).forward(&gate.mul(&up)?)
+    }
+
+    fn inv_freq(&self, inputs: &Inputs, ids: &Tensor) -> Result<Vec<f32>> {
+        if !self.cfg.rope.depends_on_length() {
+            return Ok(self.cfg.rope.inv_freq(0));
+        }
+        let max_position = match inputs.try_get("position_ids") {
+            Some(p) => p.to_vec_f32()?.into_iter().fold(0f32, f32::max) as usize,
+            None => ids.dim(1)?.saturating_sub(1),
+        };
+        Ok(self.cfg.rope.inv_freq(max_position))
+    }
+}
+
+impl Model for Decoder {
+    fn forward(&self, inputs: &Inputs) -> Result<Tensor> {
+        let c = &self.cfg;
+        let ids = inputs.get("input_ids")?;
+        let inv_freq = self.inv_freq(inputs, &ids)?;
+        let mut x = Embedding::new("model.embed_tokens").forward(&ids)?;
+        for layer in 0..c.num_layers {
+            let norm = format!("model.layers.{layer}.input_layernorm");
+            let h = RmsNorm::new(norm, c.rms_norm_eps).forward(&x)?;
+            x = x.add(&self.attention_block(layer, &h, &inv_freq)?)?;
+            let norm = format!("model.layers.{layer}.post_attention_layernorm");
+            let h = RmsNorm::new(norm, c.rms_norm_eps).forward(&x)?;
+            x = x.add(&self.mlp(layer, &h)?)?;
+        }
+        let x = RmsNorm::new("model.norm", c.rms_norm_eps).forward(&x)?;
+        let head = if c.tie_word_embeddings { "model.embed_tokens" } else { "lm_head" };
+        Linear::new(head).forward(&x)
+    }
+}
