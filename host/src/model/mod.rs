@@ -25,7 +25,7 @@ pub enum ModelError {
         /// The config file.
         path: PathBuf,
         /// The registry's error.
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     /// The forward pass failed (the message names the plugin and the op).
     #[error("forward pass of {model}: {source}")]
@@ -79,7 +79,8 @@ impl LoadedModel {
     pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
-        let architecture_error = |source| ModelError::Architecture { path: config_path.clone(), source };
+        let architecture_error =
+            |source| ModelError::Architecture { path: config_path.clone(), source: Box::new(source) };
         let architecture = match &options.model_type {
             Some(name) => registry.get(oxtune_plugin_api::ComponentKind::Model, name).map_err(architecture_error)?,
             None => {
