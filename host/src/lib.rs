@@ -8,3 +8,4 @@ pub mod cli;
 pub mod generate;
 pub mod loss;
 pub mod model;
+pub mod text;

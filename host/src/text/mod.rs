@@ -1,0 +1,8 @@
+//! Text in and out of a model: its tokenizer, its chat template and its
+//! generation defaults, as a Hugging Face model folder stores them.
+
+pub mod template;
+pub mod tokenizer;
+
+pub use template::{ChatRequest, ChatTemplate, TemplateError};
+pub use tokenizer::{TextAssets, TextError, TextTokenizer};

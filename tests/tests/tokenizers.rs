@@ -1,0 +1,61 @@
+//! Tokenizers and chat templates against the Python stack: every encoding
+//! and every chat rendering (text and ids) in the fixtures' `cases.json`,
+//! made with `tokenizers` and transformers' `apply_chat_template`.
+
+use oxtune::text::{ChatRequest, TextAssets};
+use oxtune_tests::fixtures;
+use serde_json::Value;
+
+#[test]
+fn encodings_and_chat_renderings_match_transformers() {
+    for name in ["qwen2.5", "smollm2"] {
+        let dir = fixtures().join("tokenizers").join(name);
+        let assets = TextAssets::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let cases: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+        let encodings = cases["encode"].as_array().unwrap();
+        assert!(encodings.len() >= 5, "{name}: too few cases");
+        for case in encodings {
+            let text = case["text"].as_str().unwrap();
+            let expected: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+            assert_eq!(assets.tokenizer.encode(text, true).unwrap(), expected, "{name}: encoding of {text:?}");
+            assert_eq!(assets.tokenizer.decode(&expected, false).unwrap(), text, "{name}: decoding of {text:?}");
+        }
+        for case in cases["chat"].as_array().unwrap() {
+            let messages = case["messages"].as_array().unwrap();
+            let request = ChatRequest {
+                messages,
+                add_generation_prompt: case["add_generation_prompt"].as_bool().unwrap(),
+                ..Default::default()
+            };
+            let rendered = assets.render_chat(&request).unwrap();
+            assert_eq!(rendered, case["rendered"].as_str().unwrap(), "{name}: rendering of {messages:?}");
+            let expected: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+            assert_eq!(assets.tokenizer.encode(&rendered, false).unwrap(), expected, "{name}: ids of the rendering");
+        }
+    }
+}
+
+#[test]
+fn the_qwen_template_renders_tools_as_transformers_does() {
+    let dir = fixtures().join("tokenizers/qwen2.5");
+    let assets = TextAssets::load(&dir).unwrap();
+    let tools = [serde_json::json!({"type": "function", "function": {"name": "get_weather",
+        "description": "Weather in a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})];
+    let messages = [serde_json::json!({"role": "user", "content": "Weather in Paris?"})];
+    let rendered = assets
+        .render_chat(&ChatRequest {
+            messages: &messages,
+            tools: Some(&tools),
+            add_generation_prompt: true,
+            ..Default::default()
+        })
+        .unwrap();
+    // json.dumps separators and key order, as Python writes them.
+    assert!(
+        rendered.contains(r#"<tools>
+{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+</tools>"#),
+        "{rendered}"
+    );
+    assert!(rendered.ends_with("<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"), "{rendered}");
+}
