@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use oxtune::backend::BatchInfo;
-use oxtune::generate::greedy;
+use oxtune::generate::{generate, greedy, SamplingParams};
 use oxtune::loss::causal_lm_loss;
 use oxtune::model::checkpoint::Trainable;
 use oxtune::model::{LoadOptions, LoadedModel};
@@ -105,5 +105,22 @@ fn cdylib_builds_of_the_architectures_give_bit_identical_logits() {
             t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
         };
         assert_eq!(bits(&a), bits(&b), "{name}");
+    }
+}
+
+#[test]
+fn a_batch_of_four_decodes_each_row_as_alone() {
+    let registry = Registry::with_builtins().unwrap();
+    for name in MODELS {
+        let r = reference(name);
+        let model = load(&registry, name, Trainable::None);
+        let rows: Vec<Vec<u32>> = ids(&r["input_ids"]).to_vec2().unwrap();
+        let prompts = vec![rows[0].clone(), rows[1][..7].to_vec(), rows[0][3..9].to_vec(), rows[1][..2].to_vec()];
+        let params = SamplingParams { max_new_tokens: 8, ..Default::default() };
+        let batched = generate(&model, None, &prompts, &params, |_, _| {}).unwrap();
+        for (prompt, together) in prompts.iter().zip(&batched) {
+            let alone = generate(&model, None, std::slice::from_ref(prompt), &params, |_, _| {}).unwrap();
+            assert_eq!(together.tokens, alone[0].tokens, "{name}: prompt {prompt:?}");
+        }
     }
 }
