@@ -306,20 +306,20 @@ mod tests {
     fn greedy_and_filters_pick_what_they_should() {
         let params = SamplingParams::default();
         let mut rng = Rng(1);
-        assert_eq!(choose(&mut vec![0.1, 2.0, 0.5], &[], &params, &mut rng), 1);
+        assert_eq!(choose(&mut [0.1, 2.0, 0.5], &[], &params, &mut rng), 1);
         // top-k 1 makes sampling greedy.
         let sampled = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
         for _ in 0..20 {
-            assert_eq!(choose(&mut vec![0.1, 2.0, 1.9], &[], &sampled, &mut rng), 1);
+            assert_eq!(choose(&mut [0.1, 2.0, 1.9], &[], &sampled, &mut rng), 1);
         }
         // min-p 0.5 drops the token at < half the top probability.
         let min_p = SamplingParams { temperature: 1.0, min_p: 0.5, ..Default::default() };
         for _ in 0..50 {
-            assert_ne!(choose(&mut vec![0.0, 0.0, -5.0], &[], &min_p, &mut rng), 2);
+            assert_ne!(choose(&mut [0.0, 0.0, -5.0], &[], &min_p, &mut rng), 2);
         }
         // A repetition penalty steers greedy decoding off a seen token.
         let penalised = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
-        assert_eq!(choose(&mut vec![1.0, 1.5, 0.0], &[1], &penalised, &mut rng), 0);
+        assert_eq!(choose(&mut [1.0, 1.5, 0.0], &[1], &penalised, &mut rng), 0);
     }
 
     #[test]
