@@ -162,7 +162,7 @@ struct RowText {
 }
 
 fn candle_error(source: candle_core::Error) -> ModelError {
-    ModelError::Forward { model: "generation".into(), source: OpError::Candle { op: "generate", source } }
+    ModelError::Forward { model: "generation".into(), cause: OpError::Candle { op: "generate", cause: source } }
 }
 
 /// Generates a continuation of each prompt (token ids). `on_text(row,
@@ -182,7 +182,7 @@ pub fn generate(
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(ModelError::Forward {
             model: "generation".into(),
-            source: OpError::Invalid { op: "generate", message: "an empty prompt".into() },
+            cause: OpError::Invalid { op: "generate", message: "an empty prompt".into() },
         });
     }
     let device = model.device().clone();
@@ -233,7 +233,7 @@ pub fn generate(
             if let Some(tok) = tokenizer {
                 let decoded = tok.decode(&outputs[r], true).map_err(|e| ModelError::Forward {
                     model: "generation".into(),
-                    source: OpError::Invalid { op: "decode", message: e.to_string() },
+                    cause: OpError::Invalid { op: "decode", message: e.to_string() },
                 })?;
                 let row = &mut texts[r];
                 row.text = decoded;

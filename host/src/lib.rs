@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod builtin;
 pub mod cli;
+pub mod data;
 pub mod generate;
 pub mod loss;
 pub mod model;

@@ -157,12 +157,12 @@ pub enum RegistryError {
     },
 
     /// Reading a plugin folder or file failed.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The path.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 

@@ -170,7 +170,7 @@ impl Registry {
             return Err(RegistryError::NotFound(path.to_owned()));
         }
         if path.is_dir() {
-            let io = |source| RegistryError::Io { path: path.to_owned(), source };
+            let io = |source| RegistryError::Io { path: path.to_owned(), cause: source };
             let mut files: Vec<PathBuf> =
                 std::fs::read_dir(path).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
             files.sort();

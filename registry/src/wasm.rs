@@ -141,7 +141,7 @@ fn advice_for(module: &str, name: &str) -> String {
 impl WasmReward {
     /// Compiles and checks the script at `path`; its name is the file stem.
     pub fn load(path: &Path, config: &SandboxConfig) -> Result<WasmReward, RegistryError> {
-        let bytes = std::fs::read(path).map_err(|source| RegistryError::Io { path: path.to_owned(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| RegistryError::Io { path: path.to_owned(), cause: source })?;
         let module = Module::new(engine(), &bytes).map_err(|e| RegistryError::InvalidWasm {
             path: path.to_owned(),
             reason: e.to_string().lines().next().unwrap_or_default().to_owned(),

@@ -123,5 +123,93 @@ fn only_working_subcommands_are_offered() {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, vec!["plugins", "help"], "{help}");
+    assert_eq!(commands, vec!["infer", "eval", "plugins", "help"], "{help}");
+}
+
+fn tiny(name: &str) -> String {
+    workspace_root().join("tests/fixtures/models").join(name).display().to_string()
+}
+
+fn scratch(name: &str, contents: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("oxtune-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+#[test]
+fn infer_answers_a_prompt_and_every_dataset_row() {
+    let model = tiny("tiny-qwen3");
+    let out = oxtune(&["infer", "--model", &model, "--prompt", "Hello", "--max-new-tokens", "4"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.stdout.is_empty());
+
+    let dataset = scratch(
+        "rows.jsonl",
+        "{\"query\": \"hi\", \"response\": \"hello\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\n{\"text\": \"raw\"}\n",
+    );
+    let rows = json_lines(&oxtune(
+        &[
+            "infer",
+            "--model",
+            &model,
+            "--dataset",
+            dataset.to_str().unwrap(),
+            "--max-new-tokens",
+            "3",
+            "--batch-size",
+            "2",
+        ],
+        &[],
+    ));
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.iter().map(|r| r["row"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(rows[0]["labels"], "hello");
+    assert!(rows.iter().all(|r| r["finish_reason"] == "length" || r["finish_reason"] == "stop"));
+
+    let bad = scratch("bad.jsonl", "{\"query\": \"hi\"}\n{\"q\": 1}\n");
+    fails_with(
+        &oxtune(&["infer", "--model", &model, "--dataset", bad.to_str().unwrap()], &[]),
+        &["bad.jsonl:2:", "messages"],
+    );
+    fails_with(
+        &oxtune(&["infer", "--model", "/nonexistent-model", "--prompt", "x"], &[]),
+        &["/nonexistent-model/config.json"],
+    );
+}
+
+#[test]
+fn eval_perplexity_matches_the_library_loss() {
+    let model = tiny("tiny-llama");
+    let ids: Vec<u32> = (10..30).collect();
+    let dataset = scratch(
+        "ppl.jsonl",
+        &format!("{}\n{}\n", serde_json::json!({"input_ids": ids}), serde_json::json!({"text": "hello world"})),
+    );
+    let rows = json_lines(&oxtune(
+        &["eval", "--task", "perplexity", "--model", &model, "--dataset", dataset.to_str().unwrap()],
+        &[],
+    ));
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["tokens"], 20);
+    let nll = rows[0]["nll"].as_f64().unwrap();
+    assert!((rows[0]["ppl"].as_f64().unwrap() - nll.exp()).abs() < 1e-9);
+    assert_eq!(rows[2]["overall"], true);
+
+    // The same number through the library: the causal-LM loss with no -100 labels.
+    let registry = oxtune_registry::Registry::with_builtins().unwrap();
+    let loaded =
+        oxtune::model::LoadedModel::load(&registry, std::path::Path::new(&model), &Default::default()).unwrap();
+    let input = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = loaded.forward(&input, &Default::default(), None, None).unwrap();
+    let labels = input.to_dtype(candle_core::DType::I64).unwrap();
+    let loss = oxtune::loss::causal_lm_loss(&logits, &labels).unwrap().to_scalar::<f32>().unwrap();
+    assert!((nll - loss as f64).abs() < 1e-4, "eval nll {nll} vs loss {loss}");
+
+    let short = scratch("short.jsonl", "{\"input_ids\": [1]}\n");
+    fails_with(
+        &oxtune(&["eval", "--task", "perplexity", "--model", &model, "--dataset", short.to_str().unwrap()], &[]),
+        &["short.jsonl:1:", "at least 2"],
+    );
 }

@@ -21,12 +21,12 @@ use super::weights::WeightStore;
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
     /// candle refused the computation (shape or dtype mismatch, ...).
-    #[error("{op}: {source}")]
+    #[error("{op}: {cause}")]
     Candle {
         /// The op that failed.
         op: &'static str,
         /// candle's error.
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
     /// The op's arguments are invalid.
     #[error("{op}: {message}")]
@@ -183,7 +183,7 @@ impl<'a> GraphSession<'a> {
 
     fn execute(&mut self, op: &Op) -> Result<Tensor, OpError> {
         let name = op_name(op);
-        let candle = |source| OpError::Candle { op: name, source };
+        let candle = |source| OpError::Candle { op: name, cause: source };
         match op {
             Op::Weight { name } => Ok(self.weight(name)?.clone()),
             Op::Embedding { name, ids } => {
@@ -309,11 +309,11 @@ impl<'a> GraphSession<'a> {
         let t = self.get(x)?;
         let d = dim_index(op, dim, t.rank())?;
         let out = f(t, d).and_then(|r| if keepdim { Ok(r) } else { r.squeeze(d) });
-        out.map_err(|source| OpError::Candle { op, source })
+        out.map_err(|source| OpError::Candle { op, cause: source })
     }
 
     fn linear(&mut self, name: &str, x: TensorId) -> Result<Tensor, OpError> {
-        let candle = |source| OpError::Candle { op: "linear", source };
+        let candle = |source| OpError::Candle { op: "linear", cause: source };
         let w = self.weight(&format!("{name}.weight"))?;
         let b = self.ctx.weights.get(&format!("{name}.bias"));
         let input = self.get(x)?;
@@ -346,11 +346,11 @@ impl<'a> GraphSession<'a> {
         let start = self.offset as u32;
         Tensor::arange(start, start + seq as u32, device)
             .and_then(|t| t.unsqueeze(0)?.broadcast_as((batch, seq))?.contiguous())
-            .map_err(|source| OpError::Candle { op: "rope", source })
+            .map_err(|source| OpError::Candle { op: "rope", cause: source })
     }
 
     fn rope(&self, x: TensorId, inv_freq: &[f32], interleaved: bool, scale: f32) -> Result<Tensor, OpError> {
-        let candle = |source| OpError::Candle { op: "rope", source };
+        let candle = |source| OpError::Candle { op: "rope", cause: source };
         let t = self.get(x)?;
         let (b, _, s, _) = t.dims4().map_err(candle)?;
         let pos = self.positions(b, s, t.device())?;
@@ -369,7 +369,7 @@ impl<'a> GraphSession<'a> {
         scale: f64,
         softcap: f32,
     ) -> Result<Tensor, OpError> {
-        let candle = |source| OpError::Candle { op: "attention", source };
+        let candle = |source| OpError::Candle { op: "attention", cause: source };
         let (q, k, v) = (self.get(q)?.clone(), self.get(k)?.clone(), self.get(v)?.clone());
         let (b, _, s, d) = q.dims4().map_err(candle)?;
         let (k, v) = match self.ctx.cache.as_deref_mut() {
@@ -498,7 +498,7 @@ impl GraphHost for GraphSession<'_> {
                 .and_then(|f| f.to_dtype(DType::F32))
                 .and_then(|f| f.to_vec1::<f32>())
                 .map(RVec::from)
-                .map_err(|source| OpError::Candle { op: "read_f32", source })
+                .map_err(|source| OpError::Candle { op: "read_f32", cause: source })
         }))
     }
 }

@@ -1,6 +1,9 @@
 //! The command line: global options shared by every subcommand, and the
 //! dispatch to each subcommand's module.
 
+mod eval;
+mod infer;
+mod model_args;
 mod plugins;
 
 use std::path::PathBuf;
@@ -56,6 +59,10 @@ impl GlobalArgs {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Answer a prompt, a conversation or a dataset with a model, or chat in a terminal.
+    Infer(Box<infer::InferArgs>),
+    /// Evaluate a model on a dataset (`--task perplexity`).
+    Eval(Box<eval::EvalArgs>),
     /// List every registered component: kind, name, origin, version, API version.
     Plugins(plugins::PluginsArgs),
 }
@@ -68,6 +75,8 @@ pub fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Infer(args) => infer::run(&cli.global, args),
+        Command::Eval(args) => eval::run(&cli.global, args),
         Command::Plugins(args) => plugins::run(&cli.global, args),
     };
     match result {

@@ -14,20 +14,20 @@ use crate::backend::WeightStore;
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A JSON file is malformed.
-    #[error("{path} is not valid JSON: {source}")]
+    #[error("{path} is not valid JSON: {cause}")]
     Json {
         /// The file.
         path: PathBuf,
         /// The parser's error (with line and column).
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     /// A JSON file lacks a field or has it in the wrong form.
     #[error("{path}: {message}")]
@@ -52,8 +52,9 @@ pub enum CheckpointError {
 
 /// Reads and parses a JSON file.
 pub fn read_json(path: &Path) -> Result<serde_json::Value, CheckpointError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io { path: path.to_owned(), source })?;
-    serde_json::from_str(&text).map_err(|source| CheckpointError::Json { path: path.to_owned(), source })
+    let text =
+        std::fs::read_to_string(path).map_err(|source| CheckpointError::Io { path: path.to_owned(), cause: source })?;
+    serde_json::from_str(&text).map_err(|source| CheckpointError::Json { path: path.to_owned(), cause: source })
 }
 
 /// The safetensors files of a model folder, in load order.

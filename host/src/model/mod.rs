@@ -20,20 +20,20 @@ pub enum ModelError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     /// No plugin serves the model, or the plugin refused its config.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Architecture {
         /// The config file.
         path: PathBuf,
         /// The registry's error.
-        source: Box<RegistryError>,
+        cause: Box<RegistryError>,
     },
     /// The forward pass failed (the message names the plugin and the op).
-    #[error("forward pass of {model}: {source}")]
+    #[error("forward pass of {model}: {cause}")]
     Forward {
         /// The model folder.
         model: PathBuf,
         /// The op error.
-        source: OpError,
+        cause: OpError,
     },
 }
 
@@ -80,7 +80,7 @@ impl LoadedModel {
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
         let architecture_error =
-            |source| ModelError::Architecture { path: config_path.clone(), source: Box::new(source) };
+            |source| ModelError::Architecture { path: config_path.clone(), cause: Box::new(source) };
         let architecture = match &options.model_type {
             Some(name) => registry.get(oxtune_plugin_api::ComponentKind::Model, name).map_err(architecture_error)?,
             None => {
@@ -125,8 +125,8 @@ impl LoadedModel {
         cache: Option<&mut KvCache>,
         tuner: Option<&TunerBinding>,
     ) -> Result<Tensor, ModelError> {
-        let forward_error = |source| ModelError::Forward { model: self.dir.clone(), source };
-        let candle_error = |source| forward_error(OpError::Candle { op: "positions", source });
+        let forward_error = |source| ModelError::Forward { model: self.dir.clone(), cause: source };
+        let candle_error = |source| forward_error(OpError::Candle { op: "positions", cause: source });
         let (b, s) = input_ids.dims2().map_err(candle_error)?;
         let positions = match &batch.position_ids {
             Some(p) => p.clone(),

@@ -114,7 +114,7 @@ impl TextAssets {
         let jinja_path = dir.join("chat_template.jinja");
         let template_source = if jinja_path.is_file() {
             let text = std::fs::read_to_string(&jinja_path)
-                .map_err(|source| CheckpointError::Io { path: jinja_path.clone(), source })?;
+                .map_err(|source| CheckpointError::Io { path: jinja_path.clone(), cause: source })?;
             Some((text, jinja_path))
         } else {
             match config.get("chat_template") {

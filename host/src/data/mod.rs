@@ -1,0 +1,92 @@
+//! Reading datasets: JSONL files and JSON-array files of records, with
+//! every error naming the file and the line (or record) at fault.
+
+use std::path::{Path, PathBuf};
+
+/// One record of a dataset file and where it came from.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// 1-based line in a JSONL file, or 1-based index in a JSON array.
+    pub line: usize,
+    /// The record.
+    pub value: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A malformed dataset file or record.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {cause}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        cause: std::io::Error,
+    },
+    /// A record is malformed.
+    #[error("{path}:{line}: {message}")]
+    Record {
+        /// The file.
+        path: PathBuf,
+        /// Its line (JSONL) or record number (JSON array).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Reads a `.jsonl` file (one object per line; blank lines skipped) or a
+/// `.json` file holding an array of objects.
+pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_owned(), cause: source })?;
+    let bad = |line: usize, message: String| DataError::Record { path: path.to_owned(), line, message };
+    let object = |line: usize, value: serde_json::Value| match value {
+        serde_json::Value::Object(map) => Ok(Record { line, value: map }),
+        other => Err(bad(line, format!("a record must be a JSON object, found {}", kind(&other)))),
+    };
+    if text.trim_start().starts_with('[') {
+        let values: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| bad(e.line(), e.to_string()))?;
+        return values.into_iter().enumerate().map(|(i, v)| object(i + 1, v)).collect();
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| object(i + 1, serde_json::from_str(l).map_err(|e| bad(i + 1, e.to_string()))?))
+        .collect()
+}
+
+fn kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        let dir = std::env::temp_dir().join(format!("oxtune-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.jsonl");
+        std::fs::write(&path, "{\"text\": \"a\"}\n\n{\"text\": \n[1]\n").unwrap();
+        let err = read_records(&path).unwrap_err().to_string();
+        assert!(err.contains("d.jsonl:3:"), "{err}");
+        std::fs::write(&path, "{\"text\": \"a\"}\n\n[1]\n").unwrap();
+        let err = read_records(&path).unwrap_err().to_string();
+        assert!(err.contains("d.jsonl:3: a record must be a JSON object, found an array"), "{err}");
+        std::fs::write(&path, "{\"text\": \"a\"}\n\n{\"text\": \"b\"}\n").unwrap();
+        let lines: Vec<usize> = read_records(&path).unwrap().iter().map(|r| r.line).collect();
+        assert_eq!(lines, vec![1, 3]);
+        let array = dir.join("d.json");
+        std::fs::write(&array, "[{\"text\": \"a\"}, 2]").unwrap();
+        assert!(read_records(&array).unwrap_err().to_string().contains("d.json:2:"));
+    }
+}
