@@ -194,7 +194,7 @@ fn answer_dataset(
     args: &InferArgs,
     text: &LoadedText,
     params: &SamplingParams,
-    dataset: &PathBuf,
+    dataset: &std::path::Path,
 ) -> anyhow::Result<()> {
     let records = read_records(dataset)?;
     let mut requests = Vec::with_capacity(records.len());
