@@ -6,6 +6,7 @@ pub mod backend;
 pub mod builtin;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod loss;
 pub mod model;

@@ -47,6 +47,9 @@ pub struct DecoderConfig {
     pub rms_norm_eps: f64,
     /// Rotary embedding.
     pub rope: Rope,
+    /// RoPE rotates adjacent feature pairs instead of the two halves (the
+    /// layout llama.cpp stores Llama's q/k projections in).
+    pub rope_interleaved: bool,
     /// `q_proj`/`k_proj`/`v_proj` have biases (checked against the weights).
     pub attention_bias: bool,
     /// The MLP projections have biases (checked against the weights).
@@ -149,6 +152,7 @@ impl DecoderConfig {
             head_dim,
             rms_norm_eps: r.f64_or("rms_norm_eps", 1e-6)?,
             rope: Rope::from_config(config, head_dim)?,
+            rope_interleaved: false,
             attention_bias: r.bool_or("attention_bias", false)?,
             mlp_bias: r.bool_or("mlp_bias", false)?,
             qk_norm: false,
@@ -241,8 +245,8 @@ impl Decoder {
             q = RmsNorm::new(format!("{p}.q_norm"), c.rms_norm_eps).forward(&q)?;
             k = RmsNorm::new(format!("{p}.k_norm"), c.rms_norm_eps).forward(&k)?;
         }
-        let q = q.transpose(1, 2)?.rope(inv_freq, false, c.rope.attention_scaling)?;
-        let k = k.transpose(1, 2)?.rope(inv_freq, false, c.rope.attention_scaling)?;
+        let q = q.transpose(1, 2)?.rope(inv_freq, c.rope_interleaved, c.rope.attention_scaling)?;
+        let k = k.transpose(1, 2)?.rope(inv_freq, c.rope_interleaved, c.rope.attention_scaling)?;
         let v = v.transpose(1, 2)?;
         let spec = AttentionSpec { sliding_window: c.sliding_windows[layer], ..AttentionSpec::default() };
         let a = attention(layer as u32, &q, &k, &v, spec)?;

@@ -91,12 +91,13 @@ pub enum RegistryError {
 
     /// No model architecture serves a checkpoint.
     #[error(
-        "no model plugin serves {what}; `oxtune plugins` lists the architectures available, \
-         and --plugin loads another"
+        "no model plugin serves {what}; registered: {available}. Load one with --plugin PATH (or --model-type NAME)"
     )]
     NoArchitecture {
         /// The architectures / model_type looked for.
         what: String,
+        /// The registered architectures, for the message.
+        available: String,
     },
 
     /// A plugin's function returned an error or panicked (the message names the plugin).

@@ -269,7 +269,15 @@ impl Registry {
         if let Some(mt) = model_type {
             what.push_str(&format!(" / model_type `{mt}`"));
         }
-        Err(RegistryError::NoArchitecture { what })
+        let available: Vec<String> = models()
+            .filter_map(|c| c.descriptor.as_ref().map(|d| (c, d)))
+            .map(|(c, d)| {
+                let archs: Vec<&str> = d.architectures.iter().map(|a| a.as_str()).collect();
+                format!("{} ({})", c.name, archs.join(", "))
+            })
+            .collect();
+        let available = if available.is_empty() { "none".to_owned() } else { available.join("; ") };
+        Err(RegistryError::NoArchitecture { what, available })
     }
 
     /// Scores samples with the reward `name` (native or wasm).

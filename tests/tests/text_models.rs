@@ -124,3 +124,99 @@ fn a_batch_of_four_decodes_each_row_as_alone() {
         }
     }
 }
+
+/// A copy of a tiny model folder with `edit` applied to its tensors and config.
+fn edited_copy(
+    name: &str,
+    tag: &str,
+    edit: impl Fn(&mut std::collections::HashMap<String, Tensor>, &mut serde_json::Value),
+) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("oxtune-{name}-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut tensors = candle_core::safetensors::load(model_dir(name).join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir(name).join("config.json")).unwrap()).unwrap();
+    edit(&mut tensors, &mut config);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn sharded_checkpoints_load_like_single_files() {
+    let dir = std::env::temp_dir().join(format!("oxtune-sharded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(model_dir("tiny-qwen2").join("config.json"), dir.join("config.json")).unwrap();
+    let tensors =
+        candle_core::safetensors::load(model_dir("tiny-qwen2").join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let subset: std::collections::HashMap<String, Tensor> =
+            part.iter().map(|n| ((*n).clone(), tensors[*n].to_dtype(DType::BF16).unwrap())).collect();
+        candle_core::safetensors::save(&subset, dir.join(shard)).unwrap();
+        for n in part {
+            map.insert((*n).clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let registry = Registry::with_builtins().unwrap();
+    let r = reference("tiny-qwen2");
+    let sharded = LoadedModel::load(&registry, &dir, &LoadOptions::default()).unwrap();
+    let logits = sharded.forward(&ids(&r["input_ids"]), &BatchInfo::default(), None, None).unwrap();
+    // Stored in bf16, computed in f32: close to transformers' f32 logits.
+    let diff = max_abs_diff(&logits, &r["logits"]);
+    assert!(diff < 0.05, "bf16 shards: logits differ by {diff}");
+    assert_eq!(sharded.weights().names().len(), tensors.len());
+}
+
+#[test]
+fn bad_checkpoints_name_the_field_tensor_or_architecture() {
+    let registry = Registry::with_builtins().unwrap();
+    let load_err =
+        |dir: &PathBuf| LoadedModel::load(&registry, dir, &LoadOptions::default()).err().unwrap().to_string();
+
+    let dir = edited_copy("tiny-llama", "no-hidden", |_, c| {
+        c.as_object_mut().unwrap().remove("hidden_size");
+    });
+    let message = load_err(&dir);
+    assert!(message.contains("config.json") && message.contains("`hidden_size` is missing"), "{message}");
+
+    let dir = edited_copy("tiny-llama", "unknown-arch", |_, c| {
+        c["architectures"] = serde_json::json!(["FooForCausalLM"]);
+        c["model_type"] = serde_json::json!("foo");
+    });
+    let message = load_err(&dir);
+    assert!(message.contains("FooForCausalLM") && message.contains("llama (LlamaForCausalLM)"), "{message}");
+    assert!(message.contains("--plugin"), "{message}");
+
+    let dir = edited_copy("tiny-llama", "bad-shape", |t, _| {
+        let w = t["model.layers.1.mlp.up_proj.weight"].narrow(1, 0, 32).unwrap();
+        t.insert("model.layers.1.mlp.up_proj.weight".into(), w);
+    });
+    let model = LoadedModel::load(&registry, &dir, &LoadOptions::default()).unwrap();
+    let message = model.forward(&Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap(), &BatchInfo::default(), None, None);
+    let message = message.err().unwrap().to_string();
+    assert!(
+        message.contains("`model.layers.1.mlp.up_proj.weight` is [128, 32]") && message.contains("64 features"),
+        "{message}"
+    );
+
+    let dir = edited_copy("tiny-llama", "missing-tensor", |t, _| {
+        t.remove("model.norm.weight");
+    });
+    let model = LoadedModel::load(&registry, &dir, &LoadOptions::default()).unwrap();
+    let message = model.forward(&Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap(), &BatchInfo::default(), None, None);
+    let message = message.err().unwrap().to_string();
+    assert!(message.contains("no weight `model.norm.weight`") && message.contains("oxtune-plugin-llama"), "{message}");
+
+    let dir = edited_copy("tiny-llama", "truncated", |_, _| {});
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let message = load_err(&dir);
+    assert!(message.contains("model.safetensors"), "{message}");
+}

@@ -319,6 +319,15 @@ impl<'a> GraphSession<'a> {
         let input = self.get(x)?;
         let dims = input.dims().to_vec();
         let in_features = *dims.last().ok_or(OpError::Invalid { op: "linear", message: "scalar input".into() })?;
+        let (out_features, weight_in) = w.dims2().map_err(candle)?;
+        if weight_in != in_features {
+            return Err(OpError::Invalid {
+                op: "linear",
+                message: format!(
+                    "`{name}.weight` is [{out_features}, {weight_in}] but its input has {in_features} features (input shape {dims:?})"
+                ),
+            });
+        }
         let rows = input.elem_count() / in_features.max(1);
         let x2 = input.reshape((rows, in_features)).map_err(candle)?;
         let mut y = x2.matmul(&w.t().map_err(candle)?).map_err(candle)?;

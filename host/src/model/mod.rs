@@ -3,6 +3,7 @@
 //! host's op backend.
 
 pub mod checkpoint;
+pub mod gguf;
 
 use std::path::{Path, PathBuf};
 
@@ -66,6 +67,11 @@ pub struct LoadedModel {
     device: Device,
 }
 
+/// Whether `path` names a GGUF file rather than a model folder.
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
 fn string_list(value: Option<&serde_json::Value>) -> Vec<String> {
     value
         .and_then(|v| v.as_array())
@@ -74,11 +80,15 @@ fn string_list(value: Option<&serde_json::Value>) -> Vec<String> {
 }
 
 impl LoadedModel {
-    /// Loads the Hugging Face model folder `dir` with the architecture the
-    /// registry resolves for it.
+    /// Loads a Hugging Face model folder, or a `.gguf` file, with the
+    /// architecture the registry resolves for it.
     pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
-        let config_path = dir.join("config.json");
-        let config = read_json(&config_path)?;
+        let gguf = if is_gguf(dir) { Some(gguf::GgufFile::open(dir)?) } else { None };
+        let config_path = if gguf.is_some() { dir.to_owned() } else { dir.join("config.json") };
+        let config = match &gguf {
+            Some(file) => file.hf_config()?,
+            None => read_json(&config_path)?,
+        };
         let architecture_error =
             |source| ModelError::Architecture { path: config_path.clone(), cause: Box::new(source) };
         let architecture = match &options.model_type {
@@ -92,7 +102,10 @@ impl LoadedModel {
         .name()
         .to_owned();
         let instance = registry.load_model(&architecture, &config.to_string()).map_err(architecture_error)?;
-        let weights = load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable)?;
+        let weights = match &gguf {
+            Some(file) => file.load_weights(options.dtype, &options.device, options.trainable)?,
+            None => load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable)?,
+        };
         Ok(LoadedModel { dir: dir.to_owned(), architecture, config, instance, weights, device: options.device.clone() })
     }
 

@@ -100,9 +100,44 @@ pub struct TextAssets {
 const SPECIAL_TOKENS: [&str; 4] = ["bos_token", "eos_token", "pad_token", "unk_token"];
 
 impl TextAssets {
+    /// Reads the text assets of a model folder or a `.gguf` file.
+    pub fn load(path: &Path) -> Result<TextAssets, TextError> {
+        if crate::model::is_gguf(path) {
+            TextAssets::from_gguf(&crate::model::gguf::GgufFile::open(path)?)
+        } else {
+            TextAssets::from_hf_dir(path)
+        }
+    }
+
+    /// The tokenizer, chat template and special tokens stored in a GGUF file.
+    pub fn from_gguf(file: &crate::model::gguf::GgufFile) -> Result<TextAssets, TextError> {
+        let json = file.tokenizer_json()?;
+        let inner: Tokenizer = serde_json::from_value(json).map_err(|e| TextError::Tokenizer {
+            path: file.path().to_owned(),
+            message: format!("the tokenizer rebuilt from its metadata does not load: {e}"),
+        })?;
+        let tokenizer = TextTokenizer::new(inner);
+        let mut special = serde_json::Map::new();
+        for (key, which) in
+            [("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"), ("unk_token", "unknown")]
+        {
+            let token = file.special_token_id(which).and_then(|id| tokenizer.inner.id_to_token(id));
+            special.insert(key.to_owned(), token.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null));
+        }
+        let template = file.chat_template().map(|t| ChatTemplate::new(t, file.path(), special.clone())).transpose()?;
+        let eos_token_ids = file.special_token_id("eos").into_iter().collect();
+        Ok(TextAssets {
+            tokenizer,
+            template,
+            dir: file.path().to_owned(),
+            eos_token_ids,
+            generation_config: serde_json::json!({}),
+        })
+    }
+
     /// Reads `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`
-    /// and `generation_config.json` from `dir`.
-    pub fn load(dir: &Path) -> Result<TextAssets, TextError> {
+    /// and `generation_config.json` from a model folder.
+    pub fn from_hf_dir(dir: &Path) -> Result<TextAssets, TextError> {
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         let config_path = dir.join("tokenizer_config.json");
         let config = if config_path.is_file() { read_json(&config_path)? } else { serde_json::json!({}) };

