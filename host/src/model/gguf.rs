@@ -93,7 +93,7 @@ impl GgufFile {
     fn strings(&self, key: &str) -> Result<Vec<String>, CheckpointError> {
         let bad = || corrupt(&self.path, format!("metadata `{key}` is missing or not a list of strings"));
         let values = self.get(key).and_then(|v| v.to_vec().ok()).ok_or_else(bad)?;
-        values.iter().map(|v| v.to_string().map(Clone::clone).map_err(|_| bad())).collect()
+        values.iter().map(|v| v.to_string().cloned().map_err(|_| bad())).collect()
     }
 
     /// `general.architecture` (`llama`, `qwen2`, ...).
