@@ -298,6 +298,12 @@ pub fn greedy(model: &LoadedModel, prompt: &Tensor, max_new_tokens: usize) -> Re
     Ok(out.into_iter().next().map(|g| g.tokens).unwrap_or_default())
 }
 
+/// The arg-max token of each row's last position (`logits`: `[batch, seq, vocab]`).
+pub fn last_argmax(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+    let last = logits.narrow(1, logits.dim(1)? - 1, 1)?;
+    last.argmax(candle_core::D::Minus1)?.flatten_all()?.to_vec1::<u32>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,7 +123,7 @@ fn only_working_subcommands_are_offered() {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, vec!["infer", "eval", "plugins", "help"], "{help}");
+    assert_eq!(commands, vec!["infer", "eval", "bench", "plugins", "help"], "{help}");
 }
 
 fn tiny(name: &str) -> String {

@@ -1,6 +1,7 @@
 //! The command line: global options shared by every subcommand, and the
 //! dispatch to each subcommand's module.
 
+mod bench;
 mod eval;
 mod infer;
 mod model_args;
@@ -63,6 +64,9 @@ pub enum Command {
     Infer(Box<infer::InferArgs>),
     /// Evaluate a model on a dataset (`--task perplexity`).
     Eval(Box<eval::EvalArgs>),
+    /// Measure performance (`bench infer`: prefill and decode throughput).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// List every registered component: kind, name, origin, version, API version.
     Plugins(plugins::PluginsArgs),
 }
@@ -77,6 +81,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Infer(args) => infer::run(&cli.global, args),
         Command::Eval(args) => eval::run(&cli.global, args),
+        Command::Bench(command) => bench::run(&cli.global, command),
         Command::Plugins(args) => plugins::run(&cli.global, args),
     };
     match result {
