@@ -330,7 +330,13 @@ impl<'a> GraphSession<'a> {
         }
         let rows = input.elem_count() / in_features.max(1);
         let x2 = input.reshape((rows, in_features)).map_err(candle)?;
-        let mut y = x2.matmul(&w.t().map_err(candle)?).map_err(candle)?;
+        // Decoding (a few rows, no gradient): a streaming kernel instead of gemm.
+        let fast = rows <= 8 && w.dtype() == DType::F32 && !input.track_op() && !w.track_op();
+        let mut y = if fast {
+            oxtune_kernels::matvec(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
+        } else {
+            x2.matmul(&w.t().map_err(candle)?).map_err(candle)?
+        };
         if let Some(b) = b {
             y = y.broadcast_add(b).map_err(candle)?;
         }

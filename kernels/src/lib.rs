@@ -1,0 +1,117 @@
+//! CPU kernels for hot paths where candle's generic implementation is far
+//! from the hardware's limit.
+//!
+//! - [`matvec`]: `x · Wᵀ` for a few rows of `x` (decoding). gemm's
+//!   blocking does not pay off for one row; this streams each row of `W`
+//!   once, split across threads, and runs near memory bandwidth. It has no
+//!   backward pass, so the host uses it only when no gradient is needed.
+//!
+//! The crate is compiled at full optimisation even in dev builds (see the
+//! workspace's `Cargo.toml`).
+
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Output features one task computes.
+const CHUNK: usize = 64;
+
+/// `x · Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`, both f32 (no gradient).
+pub fn matvec(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(w, &MatVec)
+}
+
+struct MatVec;
+
+/// Most rows of `x` one pass over a weight row serves.
+const MAX_ROWS: usize = 8;
+
+/// [`dot_rows`] compiled for AVX2 (8-wide lanes).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_avx2(wrow: &[f32], x: &[f32], inp: usize, out: &mut [f32]) {
+    dot_rows(wrow, x, inp, out)
+}
+
+/// [`dot_rows`] with the widest instructions this CPU has.
+fn dot_rows_best(wrow: &[f32], x: &[f32], inp: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: both features were just detected.
+        return unsafe { dot_rows_avx2(wrow, x, inp, out) };
+    }
+    dot_rows(wrow, x, inp, out)
+}
+
+/// `out[r] = wrow · x[r]` for every row of `x` (`rows × inp`), reading
+/// `wrow` once: each 8-wide slice of it meets every row while in registers.
+#[inline(always)]
+fn dot_rows(wrow: &[f32], x: &[f32], inp: usize, out: &mut [f32]) {
+    let rows = out.len();
+    let mut acc = [[0f32; 8]; MAX_ROWS];
+    let full = inp / 8 * 8;
+    for base in (0..full).step_by(8) {
+        let w: [f32; 8] = wrow[base..base + 8].try_into().expect("8 lanes");
+        for (r, a) in acc.iter_mut().enumerate().take(rows) {
+            let xr = &x[r * inp + base..r * inp + base + 8];
+            for k in 0..8 {
+                a[k] += w[k] * xr[k];
+            }
+        }
+    }
+    for (r, y) in out.iter_mut().enumerate() {
+        let tail: f32 = (full..inp).map(|i| wrow[i] * x[r * inp + i]).sum();
+        *y = acc[r].iter().sum::<f32>() + tail;
+    }
+}
+
+impl CustomOp2 for MatVec {
+    fn name(&self) -> &'static str {
+        "oxtune-matvec"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else { bail!("matvec: f32 inputs only") };
+        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            bail!("matvec: contiguous inputs only")
+        };
+        let (rows, inp) = l1.shape().dims2()?;
+        let (out, w_in) = l2.shape().dims2()?;
+        if inp != w_in {
+            bail!("matvec: x has {inp} features, W has {w_in}");
+        }
+        if rows > MAX_ROWS {
+            bail!("matvec: at most {MAX_ROWS} rows, got {rows}");
+        }
+        let (x, w) = (&x[xs..xe], &w[ws..we]);
+        // Computed transposed ([out, rows]) so each task owns a slice.
+        let mut yt = vec![0f32; out * rows];
+        yt.par_chunks_mut(CHUNK * rows).enumerate().for_each(|(c, chunk)| {
+            for (j, cell) in chunk.chunks_mut(rows).enumerate() {
+                let o = c * CHUNK + j;
+                dot_rows_best(&w[o * inp..(o + 1) * inp], x, inp, cell);
+            }
+        });
+        let y = if rows == 1 { yt } else { (0..rows * out).map(|i| yt[(i % out) * rows + i / out]).collect() };
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn matches_matmul() {
+        for rows in [1, 3, 8] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 77), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (130, 77), &Device::Cpu).unwrap();
+            let fast = super::matvec(&x, &w).unwrap();
+            let slow = x.matmul(&w.t().unwrap()).unwrap();
+            let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "{diff}");
+        }
+    }
+}
