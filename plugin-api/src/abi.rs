@@ -186,6 +186,9 @@ pub enum Op {
     /// `interleaved` pairs `(2i, 2i+1)` instead of the two halves (NeoX);
     /// cos and sin are multiplied by `scale` (YaRN's attention factor).
     Rope { x: TensorId, inv_freq: RVec<f32>, interleaved: bool, scale: f32 },
+    /// The same values with no gradient flowing back through them (PyTorch's
+    /// `detach`), for terms a method treats as constants (DoRA's weight norm).
+    Detach { x: TensorId },
     /// Scaled dot-product attention owned by the host.
     ///
     /// `q` is `[batch, q_heads, seq, head_dim]`, `k`/`v` are
@@ -271,6 +274,8 @@ pub enum ParamInit {
     Normal { std: f64 },
     /// Uniform on `[-bound, bound]`.
     Uniform { bound: f64 },
+    /// The L2 norm of each row of the adapted layer's base weight (DoRA's magnitude).
+    WeightRowNorm,
 }
 
 /// A trainable parameter a tuner adds to one adapted layer.
@@ -294,8 +299,12 @@ pub trait TunerInstance: Send + Sync {
 
     /// The adapted output of `layer` for input `x`, given the frozen base
     /// layer's output `base`.
-    #[sabi(last_prefix_field)]
     fn forward(&self, graph: GraphRef<'_>, layer: RStr<'_>, x: TensorId, base: TensorId) -> RResult<TensorId, RString>;
+
+    /// The weight `[out, in]` that computes the adapted layer alone (the
+    /// tuner merged into the base weight), for export and faster inference.
+    #[sabi(last_prefix_field)]
+    fn merge(&self, graph: GraphRef<'_>, layer: RStr<'_>) -> RResult<TensorId, RString>;
 }
 
 /// An owned tuner instance crossing the boundary.

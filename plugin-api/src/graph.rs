@@ -261,6 +261,11 @@ impl Tensor {
         apply(Op::BroadcastAs { x: self.0, shape: shape.iter().map(|&d| d as u64).collect() })
     }
 
+    /// The same values, with no gradient flowing back through them.
+    pub fn detach(&self) -> Result<Tensor> {
+        apply(Op::Detach { x: self.0 })
+    }
+
     /// Converts the element type.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         apply(Op::ToDType { x: self.0, dtype })

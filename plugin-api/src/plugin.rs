@@ -174,6 +174,8 @@ pub trait TunerLayers: Send + Sync + 'static {
     fn params(&self, layer: &str, in_features: usize, out_features: usize) -> Result<Vec<TunerParam>>;
     /// The adapted output of `layer` for input `x`, given the frozen output `base`.
     fn forward(&self, layer: &str, x: &Tensor, base: &Tensor) -> Result<Tensor>;
+    /// The merged weight `[out, in]` of `layer` (base weight and tuner in one matrix).
+    fn merge(&self, layer: &str) -> Result<Tensor>;
 }
 
 /// A trainable parameter a tuner adds.
@@ -403,6 +405,12 @@ impl<P: PluginSource> TunerInstance for TunerAdapter<P> {
         guard(P::NAME, &|| format!("tuner `{}` on layer `{layer}`", self.name), || {
             with_graph(&mut graph, || self.layers.forward(layer.as_str(), &Tensor::from_id(x), &Tensor::from_id(base)))
                 .map(|t| t.id())
+        })
+    }
+
+    fn merge(&self, mut graph: GraphRef<'_>, layer: RStr<'_>) -> RResult<TensorId, RString> {
+        guard(P::NAME, &|| format!("merging tuner `{}` into layer `{layer}`", self.name), || {
+            with_graph(&mut graph, || self.layers.merge(layer.as_str())).map(|t| t.id())
         })
     }
 }

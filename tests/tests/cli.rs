@@ -207,6 +207,36 @@ fn eval_perplexity_matches_the_library_loss() {
     let loss = oxtune::loss::causal_lm_loss(&logits, &labels).unwrap().to_scalar::<f32>().unwrap();
     assert!((nll - loss as f64).abs() < 1e-4, "eval nll {nll} vs loss {loss}");
 
+    // With a PEFT adapter the numbers change, and match the library with the adapter attached.
+    let qwen3 = tiny("tiny-qwen3");
+    let adapter = workspace_root().join("tests/fixtures/peft/tiny-qwen3-lora").display().to_string();
+    let base = json_lines(&oxtune(
+        &["eval", "--task", "perplexity", "--model", &qwen3, "--dataset", dataset.to_str().unwrap()],
+        &[],
+    ));
+    let adapted = json_lines(&oxtune(
+        &[
+            "eval",
+            "--task",
+            "perplexity",
+            "--model",
+            &qwen3,
+            "--adapter",
+            &adapter,
+            "--dataset",
+            dataset.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert_ne!(base[0]["nll"], adapted[0]["nll"]);
+    let mut with_adapter =
+        oxtune::model::LoadedModel::load(&registry, std::path::Path::new(&qwen3), &Default::default()).unwrap();
+    with_adapter
+        .attach_adapter(&registry, std::path::Path::new(&adapter), oxtune::model::checkpoint::Trainable::None)
+        .unwrap();
+    let nll = oxtune::eval::mean_nll(&with_adapter, &ids).unwrap();
+    assert!((adapted[0]["nll"].as_f64().unwrap() - nll).abs() < 1e-9);
+
     let short = scratch("short.jsonl", "{\"input_ids\": [1]}\n");
     fails_with(
         &oxtune(&["eval", "--task", "perplexity", "--model", &model, "--dataset", short.to_str().unwrap()], &[]),

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use oxtune::backend::{BatchInfo, ForwardContext, GraphSession, TunerBinding, WeightStore};
+use oxtune::backend::{BatchInfo, ForwardContext, GraphSession, TargetModules, TunerBinding, WeightStore};
 use oxtune_plugin_api::{ComponentKind, RewardSample};
 use oxtune_registry::{Origin, Registry, RegistryError, SandboxConfig};
 use oxtune_tests::build_cdylib;
@@ -156,8 +156,10 @@ fn a_model_plugin_gives_bit_identical_outputs_linked_in_and_loaded() {
 #[test]
 fn a_tuner_plugin_adapts_the_linear_hook_and_receives_gradients() {
     let registry = load(&build_cdylib("oxtune-example-plugin", &["cdylib"])).unwrap();
-    let tuner =
-        TunerBinding { instance: registry.load_tuner("scale", "{}").unwrap(), target_modules: vec!["o_proj".into()] };
+    let tuner = TunerBinding {
+        instance: registry.load_tuner("scale", "{}").unwrap(),
+        target_modules: TargetModules::Names(vec!["o_proj".into()]),
+    };
     let params = tuner.instance.params("layers.0.o_proj".into(), 16, 16).into_result().unwrap();
     assert_eq!(params.len(), 1);
     assert_eq!(params[0].name.as_str(), "layers.0.o_proj.scale_vector");

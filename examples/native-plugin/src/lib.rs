@@ -102,6 +102,12 @@ impl TunerLayers for ScaleLayers {
     fn forward(&self, layer: &str, _x: &Tensor, base: &Tensor) -> Result<Tensor> {
         base.mul(&weight(&format!("{layer}.scale_vector"))?)
     }
+
+    fn merge(&self, layer: &str) -> Result<Tensor> {
+        // Scaling output feature o scales row o of the weight.
+        let scale = weight(&format!("{layer}.scale_vector"))?;
+        weight(&format!("{layer}.weight"))?.mul(&scale.reshape(&[-1, 1])?)
+    }
 }
 
 /// The `example-block` architecture.

@@ -53,20 +53,40 @@ pub enum OpError {
     Plugin(String),
 }
 
+/// Which linear layers a tuner adapts, as PEFT's `target_modules` says.
+#[derive(Clone, Debug)]
+pub enum TargetModules {
+    /// Module names (`q_proj`) or full layer names: a layer matches when its
+    /// name is one, or ends with `.` and one.
+    Names(Vec<String>),
+    /// A regular expression the full layer name must match entirely.
+    Regex(regex::Regex),
+}
+
+impl TargetModules {
+    /// Whether `layer` (e.g. `model.layers.0.self_attn.q_proj`) is targeted.
+    pub fn matches(&self, layer: &str) -> bool {
+        match self {
+            TargetModules::Names(names) => {
+                names.iter().any(|m| layer == m || layer.strip_suffix(m.as_str()).is_some_and(|p| p.ends_with('.')))
+            }
+            TargetModules::Regex(re) => re.find(layer).is_some_and(|m| m.start() == 0 && m.end() == layer.len()),
+        }
+    }
+}
+
 /// A tuner attached to the `linear` hook of the layers it targets.
 pub struct TunerBinding {
     /// The tuner plugin's instance.
     pub instance: TunerBox,
-    /// Module names (`q_proj`) or full layer names it adapts.
-    pub target_modules: Vec<String>,
+    /// The layers it adapts.
+    pub target_modules: TargetModules,
 }
 
 impl TunerBinding {
-    /// Whether `layer` (e.g. `model.layers.0.self_attn.q_proj`) is adapted.
+    /// Whether `layer` is adapted.
     pub fn targets(&self, layer: &str) -> bool {
-        self.target_modules
-            .iter()
-            .any(|m| layer == m || layer.strip_suffix(m.as_str()).is_some_and(|p| p.ends_with('.')))
+        self.target_modules.matches(layer)
     }
 }
 
@@ -288,6 +308,7 @@ impl<'a> GraphSession<'a> {
                     .ok_or_else(|| OpError::Invalid { op: name, message: format!("unknown dtype code {}", dtype.0) })?;
                 self.get(*x)?.to_dtype(dt).map_err(candle)
             }
+            Op::Detach { x } => Ok(self.get(*x)?.detach()),
             Op::Rope { x, inv_freq, interleaved, scale } => self.rope(*x, inv_freq, *interleaved, *scale),
             Op::Attention { layer, q, k, v, causal, scale, sliding_window, softcap } => {
                 let spec = MaskSpec { causal: *causal, sliding_window: *sliding_window };
@@ -474,6 +495,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::IndexSelect { .. } => "index_select",
         Op::BroadcastAs { .. } => "broadcast_as",
         Op::ToDType { .. } => "to_dtype",
+        Op::Detach { .. } => "detach",
         Op::Rope { .. } => "rope",
         Op::Attention { .. } => "attention",
         _ => "unknown op",

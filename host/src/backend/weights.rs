@@ -55,6 +55,12 @@ impl WeightStore {
         self.vars.get(name)
     }
 
+    /// Keeps only the parameters whose name satisfies `keep`.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.tensors.retain(|name, _| keep(name));
+        self.vars.retain(|name, _| keep(name));
+    }
+
     /// All parameter names, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();

@@ -20,6 +20,9 @@ pub struct ModelArgs {
     /// Use this architecture plugin instead of the one config.json names.
     #[arg(long, value_name = "NAME")]
     pub model_type: Option<String>,
+    /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, value_name = "DTYPE", default_value = "f32")]
     pub dtype: String,
@@ -48,7 +51,12 @@ impl ModelArgs {
             model_type: self.model_type.clone(),
             ..Default::default()
         };
-        let model = LoadedModel::load(registry, &self.model, &options)?;
+        let mut model = LoadedModel::load(registry, &self.model, &options)?;
+        if let Some(adapter) = &self.adapter {
+            model
+                .attach_adapter(registry, adapter, Trainable::None)
+                .with_context(|| format!("applying the adapter {}", adapter.display()))?;
+        }
         let assets = TextAssets::load(&self.model)
             .with_context(|| format!("loading the tokenizer of {}", self.model.display()))?;
         Ok(LoadedText { model, assets })

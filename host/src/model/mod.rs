@@ -2,6 +2,7 @@
 //! registry from `config.json`), its weights, and its forward pass on the
 //! host's op backend.
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod gguf;
 
@@ -64,7 +65,9 @@ pub struct LoadedModel {
     config: serde_json::Value,
     instance: ModelBox,
     weights: WeightStore,
+    dtype: DType,
     device: Device,
+    adapter: Option<TunerBinding>,
 }
 
 /// Whether `path` names a GGUF file rather than a model folder.
@@ -106,7 +109,16 @@ impl LoadedModel {
             Some(file) => file.load_weights(options.dtype, &options.device, options.trainable)?,
             None => load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable)?,
         };
-        Ok(LoadedModel { dir: dir.to_owned(), architecture, config, instance, weights, device: options.device.clone() })
+        Ok(LoadedModel {
+            dir: dir.to_owned(),
+            architecture,
+            config,
+            instance,
+            weights,
+            dtype: options.dtype,
+            device: options.device.clone(),
+            adapter: None,
+        })
     }
 
     /// The architecture plugin's component name (`qwen3`).
@@ -130,7 +142,8 @@ impl LoadedModel {
     }
 
     /// Logits `[batch, seq, vocab]` for `input_ids` (`[batch, seq]`), after
-    /// the tokens already in `cache`, with `tuner` at the linear hook.
+    /// the tokens already in `cache`, with `tuner` (else the attached
+    /// adapter, if any) at the linear hook.
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -151,6 +164,7 @@ impl LoadedModel {
             }
         };
         let ids = input_ids.to_dtype(DType::U32).map_err(candle_error)?;
+        let tuner = tuner.or(self.adapter.as_ref());
         let mut session = GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner });
         session.run_model(&self.instance, &[("input_ids", ids), ("position_ids", positions)]).map_err(forward_error)
     }
