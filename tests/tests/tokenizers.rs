@@ -59,3 +59,45 @@ fn the_qwen_template_renders_tools_as_transformers_does() {
     );
     assert!(rendered.ends_with("<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"), "{rendered}");
 }
+
+#[test]
+fn loss_masks_cover_exactly_the_assistant_turns_and_their_end_token() {
+    let messages = [
+        serde_json::json!({"role": "system", "content": "You are terse."}),
+        serde_json::json!({"role": "user", "content": "2+2?"}),
+        serde_json::json!({"role": "assistant", "content": "4"}),
+        serde_json::json!({"role": "user", "content": "And 3+3?"}),
+        serde_json::json!({"role": "assistant", "content": "It is 6."}),
+    ];
+    for name in ["qwen2.5", "smollm2"] {
+        let assets = TextAssets::load(&fixtures().join("tokenizers").join(name)).unwrap();
+        let row = oxtune::text::encode_chat(&assets, &messages).unwrap();
+        assert_eq!(row.input_ids.len(), row.labels.len());
+        // The labelled tokens, in runs, are each assistant turn plus <|im_end|>.
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        let mut previous_labelled = false;
+        for (&id, &label) in row.input_ids.iter().zip(&row.labels) {
+            if label >= 0 {
+                assert_eq!(label, i64::from(id));
+                if !previous_labelled {
+                    runs.push(Vec::new());
+                }
+                runs.last_mut().unwrap().push(id);
+            }
+            previous_labelled = label >= 0;
+        }
+        let texts: Vec<String> = runs.iter().map(|r| assets.tokenizer.decode(r, false).unwrap()).collect();
+        assert_eq!(texts, vec!["4<|im_end|>", "It is 6.<|im_end|>"], "{name}");
+        // The ids are those of the plain rendering.
+        let rendered = assets.render_chat(&ChatRequest { messages: &messages, ..Default::default() }).unwrap();
+        assert_eq!(row.input_ids, assets.tokenizer.encode(&rendered, false).unwrap(), "{name}");
+
+        // `"loss": false` leaves a turn out.
+        let mut skipped = messages.to_vec();
+        skipped[2]["loss"] = serde_json::json!(false);
+        let row = oxtune::text::encode_chat(&assets, &skipped).unwrap();
+        let labelled: Vec<u32> =
+            row.input_ids.iter().zip(&row.labels).filter(|(_, l)| **l >= 0).map(|(id, _)| *id).collect();
+        assert_eq!(assets.tokenizer.decode(&labelled, false).unwrap(), "It is 6.<|im_end|>", "{name}");
+    }
+}

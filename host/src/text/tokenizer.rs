@@ -57,6 +57,16 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with each token's byte span in `text`.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<(u32, (usize, usize))>, TextError> {
+        let encoding = self.inner.encode(text, add_special_tokens).map_err(|e| TextError::Codec(e.to_string()))?;
+        Ok(encoding.get_ids().iter().copied().zip(encoding.get_offsets().iter().copied()).collect())
+    }
+
     /// Text of `ids`, optionally without special tokens.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TextError> {
         self.inner.decode(ids, skip_special_tokens).map_err(|e| TextError::Codec(e.to_string()))
@@ -95,6 +105,8 @@ pub struct TextAssets {
     pub eos_token_ids: Vec<u32>,
     /// `generation_config.json`, if present (default sampling settings).
     pub generation_config: serde_json::Value,
+    /// The EOS token's text (`<|im_end|>`), which ends a chat turn.
+    eos_token: Option<String>,
 }
 
 const SPECIAL_TOKENS: [&str; 4] = ["bos_token", "eos_token", "pad_token", "unk_token"];
@@ -132,6 +144,7 @@ impl TextAssets {
             dir: file.path().to_owned(),
             eos_token_ids,
             generation_config: serde_json::json!({}),
+            eos_token: special["eos_token"].as_str().map(str::to_owned),
         })
     }
 
@@ -177,7 +190,13 @@ impl TextAssets {
                 eos_token_ids.push(id);
             }
         }
-        Ok(TextAssets { tokenizer, template, dir: dir.to_owned(), eos_token_ids, generation_config })
+        let eos_token = special["eos_token"].as_str().map(str::to_owned);
+        Ok(TextAssets { tokenizer, template, dir: dir.to_owned(), eos_token_ids, generation_config, eos_token })
+    }
+
+    /// The text of the token that ends a chat turn (the EOS token), if known.
+    pub fn template_eos_token(&self) -> Option<String> {
+        self.eos_token.clone()
     }
 
     /// Renders a conversation with the model's chat template.
