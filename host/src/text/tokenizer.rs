@@ -32,6 +32,9 @@ pub enum TextError {
     NoTemplate(PathBuf),
 }
 
+/// A token id and the byte span of `[start, end)` of the text it covers.
+pub type TokenSpan = (u32, (usize, usize));
+
 /// A tokenizer (`tokenizers`' fast tokenizer).
 pub struct TextTokenizer {
     inner: Tokenizer,
