@@ -61,11 +61,7 @@ impl TextTokenizer {
     }
 
     /// Token ids of `text` with each token's byte span in `text`.
-    pub fn encode_with_offsets(
-        &self,
-        text: &str,
-        add_special_tokens: bool,
-    ) -> Result<Vec<(u32, (usize, usize))>, TextError> {
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenSpan>, TextError> {
         let encoding = self.inner.encode(text, add_special_tokens).map_err(|e| TextError::Codec(e.to_string()))?;
         Ok(encoding.get_ids().iter().copied().zip(encoding.get_offsets().iter().copied()).collect())
     }
