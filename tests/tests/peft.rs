@@ -96,3 +96,96 @@ fn adapters_for_missing_layers_and_unknown_types_are_named_errors() {
     let err = model.attach_adapter(&registry, &dir, Trainable::None).unwrap_err().to_string();
     assert!(err.contains("model.layers.9.mlp.up_proj") && err.contains("does not have"), "{err}");
 }
+
+fn tiny_qwen3(registry: &Registry) -> LoadedModel {
+    LoadedModel::load(registry, &fixtures().join("models/tiny-qwen3"), &LoadOptions::default()).unwrap()
+}
+
+#[test]
+fn an_adapter_saved_by_oxtune_reloads_identically_in_pefts_layout() {
+    let registry = Registry::with_builtins().unwrap();
+    let ids = Tensor::new(&[[3u32, 14, 15, 92, 65, 35]], &Device::Cpu).unwrap();
+    let base_logits = tiny_qwen3(&registry).forward(&ids, &BatchInfo::default(), None, None).unwrap();
+
+    let mut model = tiny_qwen3(&registry);
+    let config = serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]});
+    model.add_adapter(&registry, "lora", config, 7).unwrap();
+    // B starts at zero, so a new adapter leaves the model unchanged (up to
+    // rounding: trainable inputs take gemm instead of the decode kernel)...
+    let fresh = model.forward(&ids, &BatchInfo::default(), None, None).unwrap();
+    assert!(max_abs(&(&fresh - &base_logits).unwrap()) < 1e-5);
+    // ...until training moves B.
+    for name in model.weights().names() {
+        if name.ends_with("lora_B.weight") {
+            let var = model.weights().var(name).unwrap();
+            var.set(&Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    let trained = model.forward(&ids, &BatchInfo::default(), None, None).unwrap();
+    assert!(max_abs(&(&trained - &base_logits).unwrap()) > 1e-3);
+
+    let dir = std::env::temp_dir().join(format!("oxtune-saved-adapter-{}", std::process::id()));
+    model.save_adapter(&dir).unwrap();
+    // Reloaded for training (the same computation), the logits are identical.
+    let mut reloaded = tiny_qwen3(&registry);
+    reloaded.attach_adapter(&registry, &dir, Trainable::All).unwrap();
+    let again = reloaded.forward(&ids, &BatchInfo::default(), None, None).unwrap();
+    assert_eq!(max_abs(&(&again - &trained).unwrap()), 0.0, "reloaded logits differ");
+    let mut frozen = tiny_qwen3(&registry);
+    frozen.attach_adapter(&registry, &dir, Trainable::None).unwrap();
+    let inference = frozen.forward(&ids, &BatchInfo::default(), None, None).unwrap();
+    assert!(max_abs(&(&inference - &trained).unwrap()) < 1e-5);
+
+    // PEFT's layout: names, shapes, config keys.
+    let saved = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(saved.len(), 2 * 2 * 2, "A and B for q_proj and v_proj in 2 layers");
+    for (name, t) in &saved {
+        assert!(name.starts_with("base_model.model.model.layers."), "{name}");
+        if name.ends_with(".self_attn.q_proj.lora_A.weight") {
+            assert_eq!(t.dims(), &[4, 64]);
+        } else if name.ends_with(".self_attn.v_proj.lora_B.weight") {
+            assert_eq!(t.dims(), &[32, 4]);
+        }
+    }
+    let ours: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("peft/tiny-qwen3-lora/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let keys =
+        |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(keys(&ours), keys(&peft));
+    assert_eq!(ours["r"], 4);
+    assert_eq!(ours["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    assert!(std::fs::read_dir(dir.parent().unwrap()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".partial-")));
+}
+
+#[test]
+fn a_new_dora_adapter_starts_as_the_base_model_and_bad_targets_list_the_layers() {
+    let registry = Registry::with_builtins().unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+    let base_logits = tiny_qwen3(&registry).forward(&ids, &BatchInfo::default(), None, None).unwrap();
+    let mut model = tiny_qwen3(&registry);
+    model
+        .add_adapter(&registry, "dora", serde_json::json!({"r": 2, "target_modules": ["o_proj", "down_proj"]}), 1)
+        .unwrap();
+    let logits = model.forward(&ids, &BatchInfo::default(), None, None).unwrap();
+    assert!(max_abs(&(&logits - &base_logits).unwrap()) < 1e-5, "magnitudes start at the weights' row norms");
+
+    let mut model = tiny_qwen3(&registry);
+    let err = model
+        .add_adapter(&registry, "lora", serde_json::json!({"target_modules": ["qkv"]}), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("match no linear layer") && err.contains("q_proj") && err.contains("down_proj"), "{err}");
+    let err = model
+        .add_adapter(&registry, "loha", serde_json::json!({"target_modules": ["q_proj"]}), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tuner named `loha`"), "{err}");
+}

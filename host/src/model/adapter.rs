@@ -73,6 +73,7 @@ impl LoadedModel {
             }
         }
         self.adapter = Some(TunerBinding { instance, target_modules: targets });
+        self.adapter_config = Some((name.to_owned(), config));
         Ok(())
     }
 
@@ -80,6 +81,7 @@ impl LoadedModel {
     /// layer's weight becomes the tuner's merged weight) and detaches it.
     pub fn merge_adapter(&mut self) -> Result<(), ModelError> {
         let Some(adapter) = self.adapter.take() else { return Ok(()) };
+        self.adapter_config = None;
         let layers: Vec<String> = self
             .weights
             .names()
@@ -109,5 +111,176 @@ impl LoadedModel {
     /// The attached adapter, if any.
     pub fn adapter(&self) -> Option<&TunerBinding> {
         self.adapter.as_ref()
+    }
+}
+
+/// The `adapter_config.json` PEFT 0.21 writes for a LoRA adapter, with its
+/// defaults; [`LoadedModel::save_adapter`] fills in the run's values.
+fn peft_config_template() -> serde_json::Value {
+    serde_json::json!({
+        "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null, "auto_mapping": null,
+        "base_model_name_or_path": null, "bias": "none", "corda_config": null, "ensure_weight_tying": false,
+        "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false, "inference_mode": true,
+        "init_lora_weights": true, "kasa_config": null, "layer_replication": null, "layers_pattern": null,
+        "layers_to_transform": null, "loftq_config": {}, "lora_alpha": 8, "lora_bias": false, "lora_dropout": 0.0,
+        "lora_ga_config": null, "megatron_config": null, "megatron_core": "megatron.core", "modules_to_save": null,
+        "monteclora_config": null, "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16, "r": 8,
+        "rank_pattern": {}, "revision": null, "target_modules": [], "target_parameters": null, "task_type": "CAUSAL_LM",
+        "trainable_token_indices": null, "use_bdlora": null, "use_dora": false, "use_qalora": false,
+        "use_rslora": false, "velora_config": null
+    })
+}
+
+/// SplitMix64 for seeded parameter initialisation.
+struct InitRng(u64);
+
+impl InitRng {
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform().max(f64::MIN_POSITIVE), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+impl LoadedModel {
+    /// Adds a new adapter: the tuner `tuner` on the layers PEFT-style
+    /// `config` targets, its parameters trainable and initialised as the
+    /// tuner asks (seeded).
+    pub fn add_adapter(
+        &mut self,
+        registry: &Registry,
+        tuner: &str,
+        config: serde_json::Value,
+        seed: u64,
+    ) -> Result<(), ModelError> {
+        let origin = Path::new("adapter config");
+        let targets = target_modules(&config, origin)?;
+        let linear: Vec<String> = self
+            .weights
+            .names()
+            .iter()
+            .filter_map(|n| n.strip_suffix(".weight"))
+            .filter(|layer| self.weights.get(&format!("{layer}.weight")).is_some_and(|w| w.rank() == 2))
+            .filter(|layer| !layer.ends_with("embed_tokens") && !layer.contains(".lora_"))
+            .map(str::to_owned)
+            .collect();
+        let layers: Vec<&String> = linear.iter().filter(|l| targets.matches(l)).collect();
+        if layers.is_empty() {
+            let modules: std::collections::BTreeSet<&str> =
+                linear.iter().map(|l| l.rsplit('.').next().unwrap_or(l)).collect();
+            let modules: Vec<&str> = modules.into_iter().collect();
+            return Err(config_error(
+                origin,
+                format!("target modules {targets:?} match no linear layer; the model's are: {}", modules.join(", ")),
+            ));
+        }
+        let instance = registry
+            .load_tuner(tuner, &config.to_string())
+            .map_err(|e| ModelError::Architecture { path: origin.to_owned(), cause: Box::new(e) })?;
+        let mut rng = InitRng(seed);
+        let init_error = |e: candle_core::Error| ModelError::Forward {
+            model: self.dir.clone(),
+            cause: OpError::Candle { op: "adapter init", cause: e },
+        };
+        let mut created = Vec::new();
+        for layer in layers {
+            let base = &self.weights.get(&format!("{layer}.weight")).expect("listed above");
+            let (out_features, in_features) = base.dims2().map_err(init_error)?;
+            let specs =
+                instance.params(layer.as_str().into(), in_features as u64, out_features as u64).into_result().map_err(
+                    |e| ModelError::Forward { model: self.dir.clone(), cause: OpError::Plugin(e.into_string()) },
+                )?;
+            for spec in specs.iter() {
+                let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
+                let count: usize = shape.iter().product();
+                let values: Vec<f32> = match spec.init.as_enum() {
+                    Ok(oxtune_plugin_api::ParamInit::Zeros) => vec![0.0; count],
+                    Ok(oxtune_plugin_api::ParamInit::Ones) => vec![1.0; count],
+                    Ok(oxtune_plugin_api::ParamInit::Normal { std }) => {
+                        (0..count).map(|_| (rng.normal() * std) as f32).collect()
+                    }
+                    Ok(oxtune_plugin_api::ParamInit::Uniform { bound }) => {
+                        (0..count).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
+                    }
+                    Ok(oxtune_plugin_api::ParamInit::WeightRowNorm) => base
+                        .sqr()
+                        .and_then(|t| t.sum(1))
+                        .and_then(|t| t.sqrt())
+                        .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(init_error)?,
+                    _ => {
+                        return Err(ModelError::Forward {
+                            model: self.dir.clone(),
+                            cause: OpError::Plugin(format!(
+                                "tuner `{tuner}` asks for an initialisation of `{}` this host does not know",
+                                spec.name
+                            )),
+                        })
+                    }
+                };
+                let tensor = candle_core::Tensor::from_vec(values, shape, &self.device)
+                    .and_then(|t| t.to_dtype(self.dtype))
+                    .map_err(init_error)?;
+                created.push((spec.name.to_string(), Var::from_tensor(&tensor).map_err(init_error)?));
+            }
+        }
+        for (name, var) in created {
+            self.weights.insert_var(name, var);
+        }
+        self.adapter = Some(TunerBinding { instance, target_modules: targets });
+        self.adapter_config = Some((tuner.to_owned(), config));
+        Ok(())
+    }
+
+    /// Saves the attached adapter in PEFT's layout: `adapter_config.json`
+    /// and `adapter_model.safetensors` (names prefixed `base_model.model.`),
+    /// written into a temporary folder that replaces `dir` only when
+    /// complete, so a checkpoint is never half-written.
+    pub fn save_adapter(&self, dir: &Path) -> Result<(), ModelError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |cause| ModelError::Checkpoint(CheckpointError::Io { path, cause })
+        };
+        let Some((tuner, config)) = &self.adapter_config else {
+            return Err(config_error(dir, "no adapter is attached to save".into()));
+        };
+        let mut peft = peft_config_template();
+        for key in ["r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "init_lora_weights"] {
+            if let Some(v) = config.get(key) {
+                peft[key] = v.clone();
+            }
+        }
+        peft["use_dora"] = serde_json::json!(tuner == "dora");
+        peft["base_model_name_or_path"] = serde_json::json!(self.dir.display().to_string());
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> = self
+            .weights
+            .names()
+            .iter()
+            .filter(|n| n.contains(".lora_"))
+            .filter_map(|n| self.weights.get(n).map(|t| (format!("{PEFT_PREFIX}{n}"), t.detach())))
+            .collect();
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("adapter");
+        let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+        let config_text = serde_json::to_string_pretty(&peft).expect("JSON values serialise");
+        std::fs::write(staging.join("adapter_config.json"), config_text).map_err(io(&staging))?;
+        candle_core::safetensors::save(&tensors, staging.join("adapter_model.safetensors")).map_err(|e| {
+            ModelError::Checkpoint(CheckpointError::Safetensors { path: staging.clone(), message: e.to_string() })
+        })?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io(dir))?;
+        }
+        std::fs::rename(&staging, dir).map_err(io(dir))
     }
 }

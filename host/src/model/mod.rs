@@ -68,6 +68,8 @@ pub struct LoadedModel {
     dtype: DType,
     device: Device,
     adapter: Option<TunerBinding>,
+    /// The attached adapter's tuner name and PEFT-style configuration.
+    adapter_config: Option<(String, serde_json::Value)>,
 }
 
 /// Whether `path` names a GGUF file rather than a model folder.
@@ -118,6 +120,7 @@ impl LoadedModel {
             dtype: options.dtype,
             device: options.device.clone(),
             adapter: None,
+            adapter_config: None,
         })
     }
 
