@@ -11,3 +11,4 @@ pub mod generate;
 pub mod loss;
 pub mod model;
 pub mod text;
+pub mod train;

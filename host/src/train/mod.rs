@@ -1,0 +1,262 @@
+//! The training loop every trainer shares: seeded data order, padded
+//! batches, gradient accumulation, global-norm clipping, AdamW with a
+//! warm-up schedule, a metrics stream, and checkpoints written atomically.
+//!
+//! It trains the model's trainable parameters (an adapter's, or all for
+//! full fine-tuning) on encoded rows with the causal-LM loss.
+
+pub mod optim;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use serde_json::json;
+
+use crate::backend::BatchInfo;
+use crate::loss::{causal_lm_loss, IGNORE_INDEX};
+use crate::model::{LoadedModel, ModelError};
+use crate::text::EncodedRow;
+use optim::{global_norm, AdamW, AdamWConfig, Schedule};
+
+/// How to train.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Passes over the data (when `max_steps` is not set).
+    pub epochs: usize,
+    /// Optimizer steps to take, overriding `epochs`.
+    pub max_steps: Option<usize>,
+    /// Rows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_grad_norm: f64,
+    /// Share of the steps spent warming up.
+    pub warmup_ratio: f64,
+    /// The learning-rate schedule after warm-up.
+    pub schedule: Schedule,
+    /// AdamW's settings.
+    pub adamw: AdamWConfig,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Save a checkpoint every this many steps (and at the end).
+    pub save_steps: Option<usize>,
+    /// Where checkpoints and `metrics.jsonl` go.
+    pub output_dir: Option<PathBuf>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            learning_rate: 1e-4,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 1,
+            gradient_accumulation_steps: 1,
+            max_grad_norm: 1.0,
+            warmup_ratio: 0.0,
+            schedule: Schedule::Cosine,
+            adamw: AdamWConfig::default(),
+            seed: 42,
+            save_steps: None,
+            output_dir: None,
+        }
+    }
+}
+
+/// An error during training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The model failed (forward, adapter saving).
+    #[error(transparent)]
+    Model(#[from] Box<ModelError>),
+    /// A tensor computation failed.
+    #[error("training step {step}: {cause}")]
+    Compute {
+        /// The optimizer step.
+        step: usize,
+        /// candle's error.
+        cause: candle_core::Error,
+    },
+    /// The loss stopped being finite.
+    #[error("the loss is {loss} at step {step}; the last good checkpoint is {last_checkpoint}")]
+    NonFinite {
+        /// The loss value.
+        loss: f32,
+        /// The optimizer step.
+        step: usize,
+        /// The last checkpoint written, or "none".
+        last_checkpoint: String,
+    },
+    /// Nothing to train on.
+    #[error("{0}")]
+    Setup(String),
+    /// Writing metrics failed.
+    #[error("writing {path}: {cause}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        cause: std::io::Error,
+    },
+}
+
+/// What one optimizer step reported.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepMetrics {
+    /// The step (1-based).
+    pub step: usize,
+    /// Mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens (padding excluded) per second in this step.
+    pub tokens_per_s: f64,
+    /// Fractional epoch reached.
+    pub epoch: f64,
+}
+
+/// A seeded Fisher–Yates shuffle of `0..n`.
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut state = seed ^ 0xD1B5_4A32_D192_ED03;
+    for i in (1..n).rev() {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let j = ((state >> 33) % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// Right-pads rows into `input_ids`, `labels` and an attention mask.
+fn collate(rows: &[&EncodedRow], device: &candle_core::Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let width = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
+    let (mut ids, mut labels, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        let pad = width - r.input_ids.len();
+        ids.extend(r.input_ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        labels.extend(r.labels.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, pad)));
+        mask.extend(std::iter::repeat_n(1u32, r.input_ids.len()).chain(std::iter::repeat_n(0, pad)));
+    }
+    let shape = (rows.len(), width);
+    Ok((
+        Tensor::from_vec(ids, shape, device)?,
+        Tensor::from_vec(labels, shape, device)?,
+        Tensor::from_vec(mask, shape, device)?,
+    ))
+}
+
+/// Trains `model`'s trainable parameters on `rows`; returns each step's metrics.
+pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> Result<Vec<StepMetrics>, TrainError> {
+    let names: Vec<String> =
+        model.weights().names().iter().filter(|n| model.weights().var(n).is_some()).map(|n| n.to_string()).collect();
+    if names.is_empty() {
+        return Err(TrainError::Setup(
+            "the model has no trainable parameters (attach an adapter, or load them trainable)".into(),
+        ));
+    }
+    let rows: Vec<&EncodedRow> = rows.iter().filter(|r| r.labels.iter().any(|&l| l != IGNORE_INDEX)).collect();
+    if rows.is_empty() {
+        return Err(TrainError::Setup("no row has a token to train on".into()));
+    }
+    let vars: Vec<Var> = names.iter().map(|n| model.weights().var(n).expect("filtered above").clone()).collect();
+    let micro = config.batch_size.max(1);
+    let accum = config.gradient_accumulation_steps.max(1);
+    let steps_per_epoch = rows.len().div_ceil(micro * accum);
+    let total = config.max_steps.unwrap_or(steps_per_epoch * config.epochs.max(1));
+    let warmup = (config.warmup_ratio * total as f64).ceil() as usize;
+    let mut optimizer =
+        AdamW::new(vars.clone(), config.adamw.clone()).map_err(|cause| TrainError::Compute { step: 0, cause })?;
+    let mut metrics_file = match &config.output_dir {
+        Some(dir) => {
+            let io = |cause| TrainError::Io { path: dir.clone(), cause };
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let path = dir.join("metrics.jsonl");
+            Some((
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|cause| TrainError::Io { path: path.clone(), cause })?,
+                path,
+            ))
+        }
+        None => None,
+    };
+    let mut last_checkpoint = "none".to_owned();
+    let mut out = Vec::with_capacity(total);
+    let mut order: Vec<usize> = Vec::new();
+    let mut cursor = 0;
+    let mut epoch = 0u64;
+    for step in 1..=total {
+        let compute = |cause| TrainError::Compute { step, cause };
+        let started = Instant::now();
+        let mut summed: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        for _ in 0..accum {
+            if cursor + micro > order.len() {
+                order = shuffled(rows.len(), config.seed.wrapping_add(epoch));
+                epoch += 1;
+                cursor = 0;
+            }
+            let batch: Vec<&EncodedRow> =
+                order[cursor..(cursor + micro).min(order.len())].iter().map(|&i| rows[i]).collect();
+            cursor += micro;
+            tokens += batch.iter().map(|r| r.input_ids.len()).sum::<usize>();
+            let (ids, labels, mask) = collate(&batch, model.device()).map_err(compute)?;
+            let info = BatchInfo { attention_mask: Some(mask), ..Default::default() };
+            let logits = model.forward(&ids, &info, None, None).map_err(Box::new)?;
+            let loss = causal_lm_loss(&logits, &labels).map_err(compute)?;
+            let value = loss.to_scalar::<f32>().map_err(compute)?;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite { loss: value, step, last_checkpoint });
+            }
+            loss_sum += value as f64;
+            let grads = (loss / accum as f64).and_then(|l| l.backward()).map_err(compute)?;
+            for (slot, var) in summed.iter_mut().zip(&vars) {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + g).map_err(compute)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let grad_norm = global_norm(&summed).map_err(compute)?;
+        if config.max_grad_norm > 0.0 && grad_norm > config.max_grad_norm {
+            let factor = config.max_grad_norm / (grad_norm + 1e-6);
+            for g in summed.iter_mut().flatten() {
+                *g = (&*g * factor).map_err(compute)?;
+            }
+        }
+        let lr = config.schedule.lr(config.learning_rate, step - 1, warmup, total);
+        optimizer.step(&summed, lr).map_err(compute)?;
+        let m = StepMetrics {
+            step,
+            loss: loss_sum / accum as f64,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
+            epoch: (step * micro * accum) as f64 / rows.len() as f64,
+        };
+        if let Some((file, path)) = metrics_file.as_mut() {
+            writeln!(file, "{}", json!(m)).map_err(|cause| TrainError::Io { path: path.clone(), cause })?;
+        }
+        out.push(m);
+        let save_now = config.save_steps.is_some_and(|n| n > 0 && step % n == 0) || step == total;
+        if let (Some(dir), true) = (&config.output_dir, save_now) {
+            if model.adapter().is_some() {
+                let checkpoint = dir.join(format!("checkpoint-{step}"));
+                model.save_adapter(&checkpoint).map_err(Box::new)?;
+                last_checkpoint = checkpoint.display().to_string();
+            }
+        }
+    }
+    Ok(out)
+}
