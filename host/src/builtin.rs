@@ -3,6 +3,7 @@
 //! A plugin crate registers itself with `inventory` when it is linked; the
 //! `use` lines below make sure the linker keeps each one.
 
+use oxtune_plugin_datasets as _;
 use oxtune_plugin_llama as _;
 use oxtune_plugin_qwen2 as _;
 use oxtune_plugin_qwen3 as _;

@@ -98,6 +98,7 @@ impl Descriptor {
     }
 
     /// Dataset adapters: the columns whose presence selects this adapter.
+    /// Every entry must be present; `a|b` is satisfied by either.
     pub fn columns(mut self, names: &[&str]) -> Descriptor {
         self.columns = names.iter().map(|s| s.to_string()).collect();
         self

@@ -100,6 +100,22 @@ pub enum RegistryError {
         available: String,
     },
 
+    /// No dataset adapter recognises a record's columns.
+    #[error("no dataset adapter recognises a record with columns [{columns}]; rename columns or pick an adapter")]
+    NoAdapter {
+        /// The record's columns.
+        columns: String,
+    },
+
+    /// Two dataset adapters recognise a record equally well.
+    #[error("dataset adapters `{first}` and `{second}` both recognise the record; pick one")]
+    AmbiguousAdapter {
+        /// One adapter.
+        first: String,
+        /// The other.
+        second: String,
+    },
+
     /// A plugin's function returned an error or panicked (the message names the plugin).
     #[error("{0}")]
     Plugin(String),

@@ -280,6 +280,39 @@ impl Registry {
         Err(RegistryError::NoArchitecture { what, available })
     }
 
+    /// The dataset adapter whose declared columns a record with `keys` has
+    /// (every entry present; `a|b` means either). The adapter declaring
+    /// the most columns wins; a tie is an error naming both.
+    pub fn detect_adapter(&self, keys: &[&str]) -> Result<&Component, RegistryError> {
+        let mut best: Option<(&Component, usize)> = None;
+        let mut tie: Option<&Component> = None;
+        for c in self.components.iter().filter(|c| c.kind == ComponentKind::DatasetAdapter) {
+            let Some(d) = &c.descriptor else { continue };
+            if d.columns.is_empty() {
+                continue;
+            }
+            let matched = d.columns.iter().all(|entry| entry.as_str().split('|').any(|col| keys.contains(&col)));
+            if !matched {
+                continue;
+            }
+            match best {
+                Some((_, n)) if n > d.columns.len() => {}
+                Some((_, n)) if n == d.columns.len() => tie = Some(c),
+                _ => {
+                    best = Some((c, d.columns.len()));
+                    tie = None;
+                }
+            }
+        }
+        match (best, tie) {
+            (Some((a, _)), Some(b)) => {
+                Err(RegistryError::AmbiguousAdapter { first: a.name.clone(), second: b.name.clone() })
+            }
+            (Some((c, _)), None) => Ok(c),
+            (None, _) => Err(RegistryError::NoAdapter { columns: keys.join(", ") }),
+        }
+    }
+
     /// Scores samples with the reward `name` (native or wasm).
     pub fn score(&self, name: &str, samples: &[RewardSample]) -> Result<Vec<f64>, RegistryError> {
         let c = self.get(ComponentKind::Reward, name)?;

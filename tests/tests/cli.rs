@@ -123,7 +123,7 @@ fn only_working_subcommands_are_offered() {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, vec!["infer", "eval", "bench", "plugins", "help"], "{help}");
+    assert_eq!(commands, vec!["sft", "infer", "eval", "bench", "plugins", "help"], "{help}");
 }
 
 fn tiny(name: &str) -> String {
@@ -241,5 +241,78 @@ fn eval_perplexity_matches_the_library_loss() {
     fails_with(
         &oxtune(&["eval", "--task", "perplexity", "--model", &model, "--dataset", short.to_str().unwrap()], &[]),
         &["short.jsonl:1:", "at least 2"],
+    );
+}
+
+#[test]
+fn sft_trains_an_adapter_that_infer_and_eval_use() {
+    let model = tiny("tiny-qwen3");
+    let data = scratch(
+        "sft.jsonl",
+        concat!(
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n",
+            "{\"conversations\": [{\"from\": \"human\", \"value\": \"sky?\"}, {\"from\": \"gpt\", \"value\": \"blue\"}]}\n",
+            "{\"instruction\": \"Add\", \"input\": \"2 2\", \"output\": \"4\"}\n",
+            "{\"question\": \"fruit?\", \"answer\": \"apple\"}\n",
+        ),
+    );
+    let out = std::env::temp_dir().join(format!("oxtune-cli-sft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let args = [
+        "sft",
+        "--model",
+        &model,
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--learning-rate",
+        "0.02",
+        "--per-device-train-batch-size",
+        "2",
+        "--lora-rank",
+        "4",
+    ];
+    let run = oxtune(&args, &[]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(out.join("args.json")).unwrap()).unwrap();
+    assert_eq!(recorded["model_type"], "qwen3");
+    let checkpoint = out.join("checkpoint-6");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 7, "all-linear: the seven projections");
+    // The same output folder again is refused.
+    fails_with(&oxtune(&args, &[]), &["holds another run"]);
+    // The adapter is usable by infer.
+    let answer = oxtune(
+        &[
+            "infer",
+            "--model",
+            &model,
+            "--adapter",
+            checkpoint.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ],
+        &[],
+    );
+    assert!(answer.status.success(), "{}", String::from_utf8_lossy(&answer.stderr));
+    // A record no adapter recognises names its file and line.
+    let bad = scratch("sft-bad.jsonl", "{\"question\": \"q\", \"answer\": \"a\"}\n{\"foo\": 1}\n");
+    let out2 = std::env::temp_dir().join(format!("oxtune-cli-sft-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out2);
+    fails_with(
+        &oxtune(
+            &["sft", "--model", &model, "--dataset", bad.to_str().unwrap(), "--output-dir", out2.to_str().unwrap()],
+            &[],
+        ),
+        &["sft-bad.jsonl:2", "no dataset adapter recognises"],
     );
 }

@@ -6,6 +6,7 @@ mod eval;
 mod infer;
 mod model_args;
 mod plugins;
+mod sft;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,8 @@ impl GlobalArgs {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fine-tune an adapter (LoRA, DoRA, ...) on chat data.
+    Sft(Box<sft::SftArgs>),
     /// Answer a prompt, a conversation or a dataset with a model, or chat in a terminal.
     Infer(Box<infer::InferArgs>),
     /// Evaluate a model on a dataset (`--task perplexity`).
@@ -79,6 +82,7 @@ pub fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Sft(args) => sft::run(&cli.global, args),
         Command::Infer(args) => infer::run(&cli.global, args),
         Command::Eval(args) => eval::run(&cli.global, args),
         Command::Bench(command) => bench::run(&cli.global, command),

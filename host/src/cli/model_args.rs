@@ -37,8 +37,13 @@ pub struct LoadedText {
 }
 
 impl ModelArgs {
-    /// Loads the model and its text assets.
+    /// Loads the model (with `--adapter` applied) and its text assets.
     pub fn load(&self, registry: &Registry) -> anyhow::Result<LoadedText> {
+        self.load_with(registry, true)
+    }
+
+    /// Loads the model and its text assets, applying `--adapter` only if asked.
+    pub fn load_with(&self, registry: &Registry, apply_adapter: bool) -> anyhow::Result<LoadedText> {
         let dtype = match self.dtype.as_str() {
             "f32" | "float32" => DType::F32,
             "bf16" | "bfloat16" => DType::BF16,
@@ -52,7 +57,7 @@ impl ModelArgs {
             ..Default::default()
         };
         let mut model = LoadedModel::load(registry, &self.model, &options)?;
-        if let Some(adapter) = &self.adapter {
+        if let Some(adapter) = self.adapter.as_ref().filter(|_| apply_adapter) {
             model
                 .attach_adapter(registry, adapter, Trainable::None)
                 .with_context(|| format!("applying the adapter {}", adapter.display()))?;
