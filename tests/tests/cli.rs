@@ -274,6 +274,8 @@ fn sft_trains_an_adapter_that_infer_and_eval_use() {
         "2",
         "--lora-rank",
         "4",
+        "--save-steps",
+        "3",
     ];
     let run = oxtune(&args, &[]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
@@ -288,6 +290,24 @@ fn sft_trains_an_adapter_that_infer_and_eval_use() {
     assert_eq!(config["target_modules"].as_array().unwrap().len(), 7, "all-linear: the seven projections");
     // The same output folder again is refused.
     fails_with(&oxtune(&args, &[]), &["holds another run"]);
+    // Resuming needs the same tuner and model as the checkpoint; it continues
+    // in the same output folder from step 4.
+    let checkpoint_str = out.join("checkpoint-3").display().to_string();
+    let resume = |extra: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--resume-from", checkpoint_str.as_str()]);
+        all.extend(extra);
+        oxtune(&all, &[])
+    };
+    fails_with(&resume(&["--tuner", "dora"]), &["holds a `lora` adapter", "--tuner is `dora`"]);
+    let resumed = resume(&[]);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6, 4, 5, 6]);
     // The adapter is usable by infer.
     let answer = oxtune(
         &[

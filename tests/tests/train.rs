@@ -100,3 +100,52 @@ fn training_is_deterministic_for_a_seed() {
         .collect();
     assert_eq!(runs[0], runs[1]);
 }
+
+#[test]
+fn a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
+    let registry = Registry::with_builtins().unwrap();
+    let assets = TextAssets::load(&fixtures().join("models/tiny-qwen3")).unwrap();
+    let base = std::env::temp_dir().join(format!("oxtune-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let config = |out: &str| TrainConfig {
+        learning_rate: 1e-2,
+        max_steps: Some(6),
+        batch_size: 2,
+        warmup_ratio: 0.2,
+        save_steps: Some(3),
+        output_dir: Some(base.join(out)),
+        ..Default::default()
+    };
+    // Uninterrupted: 6 steps (2 rows per step over 3 rows: epochs straddle steps).
+    train(&lora_model(&registry, 5), &rows(&assets), &config("full")).unwrap();
+    // Interrupted after step 3, resumed from its checkpoint into another folder.
+    let mut resumed =
+        LoadedModel::load(&registry, &fixtures().join("models/tiny-qwen3"), &LoadOptions::default()).unwrap();
+    let checkpoint = base.join("full/checkpoint-3");
+    resumed.attach_adapter(&registry, &checkpoint, oxtune::model::checkpoint::Trainable::All).unwrap();
+    let metrics =
+        train(&resumed, &rows(&assets), &TrainConfig { resume_from: Some(checkpoint), ..config("resumed") }).unwrap();
+    assert_eq!(metrics.iter().map(|m| m.step).collect::<Vec<_>>(), vec![4, 5, 6]);
+    let load = |dir: &str| {
+        candle_core::safetensors::load(base.join(dir).join("adapter_model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (a, b) = (load("full/checkpoint-6"), load("resumed/checkpoint-6"));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let bits = |t: &candle_core::Tensor| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(bits(t), bits(&b[name]), "{name} differs after resuming");
+    }
+    // A checkpoint of another run shape is refused.
+    let mut other =
+        LoadedModel::load(&registry, &fixtures().join("models/tiny-qwen3"), &LoadOptions::default()).unwrap();
+    other
+        .attach_adapter(&registry, &base.join("full/checkpoint-3"), oxtune::model::checkpoint::Trainable::All)
+        .unwrap();
+    let wrong =
+        TrainConfig { max_steps: Some(9), resume_from: Some(base.join("full/checkpoint-3")), ..config("other") };
+    let err = train(&other, &rows(&assets), &wrong).unwrap_err().to_string();
+    assert!(err.contains("6 steps") && err.contains("9 steps"), "{err}");
+}

@@ -81,6 +81,10 @@ pub struct SftArgs {
     /// Save a checkpoint every this many steps (and at the end).
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Continue an interrupted run from one of its checkpoints (same model,
+    /// tuner, data and flags): weights, optimizer, schedule and data order.
+    #[arg(long, value_name = "DIR", conflicts_with = "adapter")]
+    pub resume_from: Option<PathBuf>,
 }
 
 /// The module names (`q_proj`, ...) of a model's linear layers, output layer excluded.
@@ -96,10 +100,18 @@ fn linear_modules(model: &crate::model::LoadedModel) -> BTreeSet<String> {
         .collect()
 }
 
+impl SftArgs {
+    /// The adapter the run continues: a checkpoint to resume, or `--adapter`.
+    fn adapter_source(&self) -> Option<PathBuf> {
+        self.resume_from.clone().or_else(|| self.model.adapter.clone())
+    }
+}
+
 /// Runs `oxtune sft`.
 pub fn run(global: &GlobalArgs, args: &SftArgs) -> anyhow::Result<()> {
     let out = &args.output_dir;
-    if out.join("args.json").exists() || out.join("metrics.jsonl").exists() {
+    let resuming = args.resume_from.is_some();
+    if !resuming && (out.join("args.json").exists() || out.join("metrics.jsonl").exists()) {
         bail!("{} holds another run (args.json / metrics.jsonl); choose another --output-dir", out.display());
     }
     let schedule = match args.lr_scheduler_type.as_str() {
@@ -112,9 +124,32 @@ pub fn run(global: &GlobalArgs, args: &SftArgs) -> anyhow::Result<()> {
     let adapter = args.model.adapter.clone();
     let text = args.model.load_with(&registry, false)?;
     let mut model = text.model;
-    match &adapter {
+    if let Some(checkpoint) = &args.resume_from {
+        let config_path = checkpoint.join("adapter_config.json");
+        let saved: Value = serde_json::from_str(
+            &std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", config_path.display()))?;
+        let saved_tuner = if saved["use_dora"] == json!(true) { "dora" } else { "lora" };
+        if saved_tuner != args.tuner {
+            bail!("{} holds a `{saved_tuner}` adapter; this run's --tuner is `{}`", checkpoint.display(), args.tuner);
+        }
+        let base = saved["base_model_name_or_path"].as_str().unwrap_or_default();
+        let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        if !same(std::path::Path::new(base), &args.model.model) {
+            bail!(
+                "{} was trained on {base}; this run's --model is {}",
+                checkpoint.display(),
+                args.model.model.display()
+            );
+        }
+    }
+    match args.adapter_source() {
         Some(dir) => model
-            .attach_adapter(&registry, dir, Trainable::All)
+            .attach_adapter(&registry, &dir, Trainable::All)
             .with_context(|| format!("continuing the adapter {}", dir.display()))?,
         None => {
             let targets: Vec<String> = if args.target_modules.iter().any(|t| t == "all-linear") {
@@ -173,6 +208,7 @@ pub fn run(global: &GlobalArgs, args: &SftArgs) -> anyhow::Result<()> {
         seed: args.seed,
         save_steps: args.save_steps,
         output_dir: Some(out.clone()),
+        resume_from: args.resume_from.clone(),
     };
     let metrics = train(&model, &rows, &config)?;
     if let (Some(first), Some(last)) = (metrics.first(), metrics.last()) {

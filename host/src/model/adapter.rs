@@ -245,6 +245,16 @@ impl LoadedModel {
     /// written into a temporary folder that replaces `dir` only when
     /// complete, so a checkpoint is never half-written.
     pub fn save_adapter(&self, dir: &Path) -> Result<(), ModelError> {
+        self.save_adapter_with(dir, |_| Ok(()))
+    }
+
+    /// [`LoadedModel::save_adapter`], with `extra` writing more files (a
+    /// trainer's state) into the staging folder before it is put in place.
+    pub fn save_adapter_with(
+        &self,
+        dir: &Path,
+        extra: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<(), ModelError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |cause| ModelError::Checkpoint(CheckpointError::Io { path, cause })
@@ -278,6 +288,7 @@ impl LoadedModel {
         candle_core::safetensors::save(&tensors, staging.join("adapter_model.safetensors")).map_err(|e| {
             ModelError::Checkpoint(CheckpointError::Safetensors { path: staging.clone(), message: e.to_string() })
         })?;
+        extra(&staging).map_err(io(&staging))?;
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(io(dir))?;
         }

@@ -47,6 +47,9 @@ pub struct TrainConfig {
     pub save_steps: Option<usize>,
     /// Where checkpoints and `metrics.jsonl` go.
     pub output_dir: Option<PathBuf>,
+    /// A checkpoint to continue from: its optimizer state and position in
+    /// the data (its adapter must already be attached, trainable).
+    pub resume_from: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -64,6 +67,7 @@ impl Default for TrainConfig {
             seed: 42,
             save_steps: None,
             output_dir: None,
+            resume_from: None,
         }
     }
 }
@@ -92,7 +96,7 @@ pub enum TrainError {
         /// The last checkpoint written, or "none".
         last_checkpoint: String,
     },
-    /// Nothing to train on.
+    /// Nothing to train on, or a checkpoint that cannot be resumed.
     #[error("{0}")]
     Setup(String),
     /// Writing metrics failed.
@@ -120,6 +124,43 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     /// Fractional epoch reached.
     pub epoch: f64,
+}
+
+/// Where a run is in its data and schedule: saved with each checkpoint
+/// (`trainer_state.json`) so a resumed run continues exactly.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// Epochs whose order has been drawn.
+    pub epoch: u64,
+    /// Next row of the current epoch's order.
+    pub cursor: usize,
+    /// The run's total steps (the schedule depends on it).
+    pub total_steps: usize,
+    /// Rows trained on (a resume must see the same data).
+    pub rows: usize,
+}
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+fn setup(message: String) -> TrainError {
+    TrainError::Setup(message)
+}
+
+/// Reads a checkpoint's position and optimizer state.
+fn read_checkpoint(
+    dir: &std::path::Path,
+) -> Result<(TrainerState, std::collections::HashMap<String, Tensor>), TrainError> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| setup(format!("{} is not a resumable checkpoint: {e}", state_path.display())))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| setup(format!("{}: {e}", state_path.display())))?;
+    let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)
+        .map_err(|e| setup(format!("{}: {e}", dir.join(OPTIMIZER_FILE).display())))?;
+    Ok((state, optimizer))
 }
 
 /// A seeded Fisher–Yates shuffle of `0..n`.
@@ -171,8 +212,9 @@ pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> 
     let steps_per_epoch = rows.len().div_ceil(micro * accum);
     let total = config.max_steps.unwrap_or(steps_per_epoch * config.epochs.max(1));
     let warmup = (config.warmup_ratio * total as f64).ceil() as usize;
+    let named: Vec<(String, Var)> = names.iter().cloned().zip(vars.iter().cloned()).collect();
     let mut optimizer =
-        AdamW::new(vars.clone(), config.adamw.clone()).map_err(|cause| TrainError::Compute { step: 0, cause })?;
+        AdamW::new(named, config.adamw.clone()).map_err(|cause| TrainError::Compute { step: 0, cause })?;
     let mut metrics_file = match &config.output_dir {
         Some(dir) => {
             let io = |cause| TrainError::Io { path: dir.clone(), cause };
@@ -194,7 +236,26 @@ pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> 
     let mut order: Vec<usize> = Vec::new();
     let mut cursor = 0;
     let mut epoch = 0u64;
-    for step in 1..=total {
+    let mut first_step = 1;
+    if let Some(dir) = &config.resume_from {
+        let (state, optimizer_state) = read_checkpoint(dir)?;
+        if state.total_steps != total || state.rows != rows.len() {
+            return Err(setup(format!(
+                "{} was a run of {} steps over {} rows; this one is {total} steps over {} rows",
+                dir.display(),
+                state.total_steps,
+                state.rows,
+                rows.len()
+            )));
+        }
+        optimizer.restore(state.step, &optimizer_state).map_err(|e| setup(format!("{}: {e}", dir.display())))?;
+        if state.epoch > 0 {
+            order = shuffled(rows.len(), config.seed.wrapping_add(state.epoch - 1));
+        }
+        (epoch, cursor, first_step) = (state.epoch, state.cursor, state.step + 1);
+        last_checkpoint = dir.display().to_string();
+    }
+    for step in first_step..=total {
         let compute = |cause| TrainError::Compute { step, cause };
         let started = Instant::now();
         let mut summed: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -253,7 +314,17 @@ pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> 
         if let (Some(dir), true) = (&config.output_dir, save_now) {
             if model.adapter().is_some() {
                 let checkpoint = dir.join(format!("checkpoint-{step}"));
-                model.save_adapter(&checkpoint).map_err(Box::new)?;
+                let state = TrainerState { step, epoch, cursor, total_steps: total, rows: rows.len() };
+                let optimizer_state: std::collections::HashMap<String, Tensor> =
+                    optimizer.state().into_iter().collect();
+                model
+                    .save_adapter_with(&checkpoint, |staging| {
+                        let state_text = serde_json::to_string_pretty(&state).expect("plain data serialises");
+                        std::fs::write(staging.join(STATE_FILE), state_text)?;
+                        candle_core::safetensors::save(&optimizer_state, staging.join(OPTIMIZER_FILE))
+                            .map_err(std::io::Error::other)
+                    })
+                    .map_err(Box::new)?;
                 last_checkpoint = checkpoint.display().to_string();
             }
         }

@@ -52,6 +52,7 @@ impl Default for AdamWConfig {
 
 /// One parameter's optimizer state.
 struct Slot {
+    name: String,
     var: Var,
     m: Tensor,
     v: Tensor,
@@ -66,14 +67,15 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// An optimizer for `vars` (the order is the state's order).
-    pub fn new(vars: Vec<Var>, config: AdamWConfig) -> Result<AdamW> {
+    /// An optimizer for the named parameters `vars` (gradients are passed
+    /// in this order).
+    pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<AdamW> {
         let slots = vars
             .into_iter()
-            .map(|var| {
+            .map(|(name, var)| {
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
                 let decay = var.rank() >= 2;
-                Ok(Slot { m: zeros.clone(), v: zeros, decay, var })
+                Ok(Slot { name, m: zeros.clone(), v: zeros, decay, var })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { config, slots, step: 0 })
@@ -82,6 +84,39 @@ impl AdamW {
     /// Steps taken so far.
     pub fn steps(&self) -> usize {
         self.step
+    }
+
+    /// The moments, named `m.<parameter>` / `v.<parameter>`, for a checkpoint.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .flat_map(|s| [(format!("m.{}", s.name), s.m.clone()), (format!("v.{}", s.name), s.v.clone())])
+            .collect()
+    }
+
+    /// Restores what [`AdamW::state`] saved after `step` steps.
+    pub fn restore(&mut self, step: usize, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        for slot in self.slots.iter_mut() {
+            let take = |key: String| {
+                state
+                    .get(&key)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks `{key}`")))
+            };
+            let (m, v) = (take(format!("m.{}", slot.name))?, take(format!("v.{}", slot.name))?);
+            if m.dims() != slot.m.dims() || v.dims() != slot.v.dims() {
+                candle_core::bail!(
+                    "optimizer state of `{}` has shape {:?}, the parameter {:?}",
+                    slot.name,
+                    m.dims(),
+                    slot.m.dims()
+                );
+            }
+            slot.m = m.to_dtype(DType::F32)?;
+            slot.v = v.to_dtype(DType::F32)?;
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// Applies one update with learning rate `lr` from `grads` (one per
@@ -134,7 +169,8 @@ mod tests {
     fn adamw_first_step_moves_each_weight_by_lr_against_its_gradient_sign() {
         // With bias correction, step 1's update is g / (|g| + eps) ≈ sign(g).
         let var = Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap()).unwrap();
-        let mut opt = AdamW::new(vec![var.clone()], AdamWConfig { weight_decay: 0.1, ..Default::default() }).unwrap();
+        let named = vec![("w".to_owned(), var.clone())];
+        let mut opt = AdamW::new(named, AdamWConfig { weight_decay: 0.1, ..Default::default() }).unwrap();
         let grad = Tensor::new(&[[0.3f32, -0.2], [0.0, 4.0]], &Device::Cpu).unwrap();
         opt.step(&[Some(grad)], 0.01).unwrap();
         let got = var.as_tensor().to_vec2::<f32>().unwrap();
