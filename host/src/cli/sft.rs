@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::model_args::ModelArgs;
 use super::GlobalArgs;
-use crate::data::read_records;
+use crate::data::read_records_lenient;
 use crate::model::checkpoint::Trainable;
 use crate::text::encode_chat;
 use crate::train::optim::{AdamWConfig, Schedule};
@@ -81,6 +81,10 @@ pub struct SftArgs {
     /// Save a checkpoint every this many steps (and at the end).
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Skip records that are malformed or that no adapter can read (counted
+    /// and reported) instead of stopping at the first one.
+    #[arg(long)]
+    pub skip_bad_records: bool,
     /// Continue an interrupted run from one of its checkpoints (same model,
     /// tuner, data and flags): weights, optimizer, schedule and data order.
     #[arg(long, value_name = "DIR", conflicts_with = "adapter")]
@@ -163,18 +167,33 @@ pub fn run(global: &GlobalArgs, args: &SftArgs) -> anyhow::Result<()> {
         }
     }
     let mut rows = Vec::new();
-    let mut truncated = 0usize;
+    let (mut truncated, mut skipped) = (0usize, Vec::<anyhow::Error>::new());
     for path in &args.dataset {
-        for record in read_records(path)? {
+        let (records, bad) = read_records_lenient(path)?;
+        if let (Some(first), false) = (bad.first(), args.skip_bad_records) {
+            bail!("{first} (--skip-bad-records skips such records)");
+        }
+        skipped.extend(bad.into_iter().map(anyhow::Error::from));
+        for record in records {
             let at = || format!("{}:{}", path.display(), record.line);
-            let keys: Vec<&str> = record.value.keys().map(String::as_str).collect();
-            let adapter = match &args.dataset_adapter {
-                Some(name) => name.clone(),
-                None => registry.detect_adapter(&keys).with_context(at)?.name().to_owned(),
+            let encode = || -> anyhow::Result<crate::text::EncodedRow> {
+                let keys: Vec<&str> = record.value.keys().map(String::as_str).collect();
+                let adapter = match &args.dataset_adapter {
+                    Some(name) => name.clone(),
+                    None => registry.detect_adapter(&keys)?.name().to_owned(),
+                };
+                let row = registry.adapt(&adapter, &Value::Object(record.value.clone()))?;
+                let messages = row["messages"].as_array().cloned().unwrap_or_default();
+                Ok(encode_chat(&text.assets, &messages)?)
             };
-            let row = registry.adapt(&adapter, &Value::Object(record.value.clone())).with_context(at)?;
-            let messages = row["messages"].as_array().cloned().unwrap_or_default();
-            let mut encoded = encode_chat(&text.assets, &messages).with_context(at)?;
+            let mut encoded = match encode().with_context(at) {
+                Ok(encoded) => encoded,
+                Err(e) if args.skip_bad_records => {
+                    skipped.push(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if encoded.input_ids.len() > args.max_length {
                 encoded.input_ids.truncate(args.max_length);
                 encoded.labels.truncate(args.max_length);
@@ -182,6 +201,9 @@ pub fn run(global: &GlobalArgs, args: &SftArgs) -> anyhow::Result<()> {
             }
             rows.push(encoded);
         }
+    }
+    if let Some(first) = skipped.first() {
+        eprintln!("skipped {} bad record(s); the first: {first:#}", skipped.len());
     }
     if truncated > 0 {
         eprintln!("{truncated} of {} rows were longer than --max-length {} and were cut", rows.len(), args.max_length);

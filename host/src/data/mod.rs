@@ -36,8 +36,19 @@ pub enum DataError {
 }
 
 /// Reads a `.jsonl` file (one object per line; blank lines skipped) or a
-/// `.json` file holding an array of objects.
+/// `.json` file holding an array of objects, stopping at the first bad record.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
+    let (records, mut bad) = read_records_lenient(path)?;
+    match bad.is_empty() {
+        true => Ok(records),
+        false => Err(bad.swap_remove(0)),
+    }
+}
+
+/// Like [`read_records`], but a malformed line is returned as an error
+/// beside the good records instead of stopping the read (an unreadable
+/// file or a malformed JSON array still fails as a whole).
+pub fn read_records_lenient(path: &Path) -> Result<(Vec<Record>, Vec<DataError>), DataError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_owned(), cause: source })?;
     let bad = |line: usize, message: String| DataError::Record { path: path.to_owned(), line, message };
@@ -45,15 +56,24 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
         serde_json::Value::Object(map) => Ok(Record { line, value: map }),
         other => Err(bad(line, format!("a record must be a JSON object, found {}", kind(&other)))),
     };
-    if text.trim_start().starts_with('[') {
+    let results: Vec<Result<Record, DataError>> = if text.trim_start().starts_with('[') {
         let values: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| bad(e.line(), e.to_string()))?;
-        return values.into_iter().enumerate().map(|(i, v)| object(i + 1, v)).collect();
+        values.into_iter().enumerate().map(|(i, v)| object(i + 1, v)).collect()
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| object(i + 1, serde_json::from_str(l).map_err(|e| bad(i + 1, e.to_string()))?))
+            .collect()
+    };
+    let (mut records, mut errors) = (Vec::new(), Vec::new());
+    for r in results {
+        match r {
+            Ok(record) => records.push(record),
+            Err(e) => errors.push(e),
+        }
     }
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| object(i + 1, serde_json::from_str(l).map_err(|e| bad(i + 1, e.to_string()))?))
-        .collect()
+    Ok((records, errors))
 }
 
 fn kind(value: &serde_json::Value) -> &'static str {
