@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::backend::{BatchInfo, KvCache, OpError};
 use crate::model::{LoadedModel, ModelError};
+use crate::rng::SplitMix64 as Rng;
 use crate::text::TextTokenizer;
 
 /// How tokens are chosen and when generation stops.
@@ -85,20 +86,6 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
-/// SplitMix64: a small, seedable generator for sampling.
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Picks the next token from one row's logits.
 fn choose(logits: &mut [f32], history: &[u32], params: &SamplingParams, rng: &mut Rng) -> u32 {
     if params.repetition_penalty != 1.0 {
@@ -144,7 +131,7 @@ fn choose(logits: &mut [f32], history: &[u32], params: &SamplingParams, rng: &mu
         keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
     }
     let kept_total: f64 = probs[..keep].iter().sum();
-    let mut r = rng.next_f64() * kept_total;
+    let mut r = rng.uniform() * kept_total;
     for (i, p) in probs[..keep].iter().enumerate() {
         r -= p;
         if r <= 0.0 {
@@ -199,7 +186,7 @@ pub fn generate(
 
     let mut cache = KvCache::new();
     let mut rngs: Vec<Rng> =
-        (0..rows as u64).map(|r| Rng(params.seed.wrapping_add(r.wrapping_mul(0x5851_F42D)))).collect();
+        (0..rows as u64).map(|r| Rng::new(params.seed.wrapping_add(r.wrapping_mul(0x5851_F42D)))).collect();
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); rows];
     let mut finished: Vec<Option<FinishReason>> = vec![None; rows];
@@ -311,7 +298,7 @@ mod tests {
     #[test]
     fn greedy_and_filters_pick_what_they_should() {
         let params = SamplingParams::default();
-        let mut rng = Rng(1);
+        let mut rng = Rng::new(1);
         assert_eq!(choose(&mut [0.1, 2.0, 0.5], &[], &params, &mut rng), 1);
         // top-k 1 makes sampling greedy.
         let sampled = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
@@ -332,11 +319,11 @@ mod tests {
     fn sampling_follows_the_distribution_and_the_seed() {
         let params = SamplingParams { temperature: 1.0, ..Default::default() };
         let logits = [0.0f32, (3.0f32).ln()]; // probabilities 1/4, 3/4
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         let ones = (0..4000).filter(|_| choose(&mut logits.to_vec(), &[], &params, &mut rng) == 1).count();
         assert!((2800..3200).contains(&ones), "{ones}");
         let draw = |seed| {
-            let mut rng = Rng(seed);
+            let mut rng = Rng::new(seed);
             (0..10).map(|_| choose(&mut logits.to_vec(), &[], &params, &mut rng)).collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));

@@ -10,5 +10,6 @@ pub mod eval;
 pub mod generate;
 pub mod loss;
 pub mod model;
+pub mod rng;
 pub mod text;
 pub mod train;

@@ -171,7 +171,7 @@ fn infer_answers_a_prompt_and_every_dataset_row() {
     let bad = scratch("bad.jsonl", "{\"query\": \"hi\"}\n{\"q\": 1}\n");
     fails_with(
         &oxtune(&["infer", "--model", &model, "--dataset", bad.to_str().unwrap()], &[]),
-        &["bad.jsonl:2:", "messages"],
+        &["bad.jsonl:2", "no dataset adapter recognises"],
     );
     fails_with(
         &oxtune(&["infer", "--model", "/nonexistent-model", "--prompt", "x"], &[]),

@@ -24,8 +24,8 @@ pub struct InferArgs {
     /// A conversation: a JSON list of {"role", "content"} messages, or a file holding one.
     #[arg(long, conflicts_with = "dataset")]
     pub messages: Option<String>,
-    /// A JSONL or JSON-array dataset: one answer per row (rows with `messages`,
-    /// `query`/`prompt`/`question`/`instruction`, or raw `text`).
+    /// A JSONL or JSON-array dataset: one answer per row (any format a dataset
+    /// adapter reads — messages, ShareGPT, Alpaca, query/response — or raw `text`).
     #[arg(long, value_name = "FILE")]
     pub dataset: Option<PathBuf>,
     /// Where dataset answers go (JSONL); stdout when absent.
@@ -90,39 +90,29 @@ fn parse_messages(arg: &str) -> anyhow::Result<Vec<Value>> {
     Ok(messages)
 }
 
-const QUERY_COLUMNS: [&str; 4] = ["query", "prompt", "question", "instruction"];
-const ANSWER_COLUMNS: [&str; 4] = ["response", "answer", "output", "solution"];
-
-/// The prompt of a dataset row and its reference answer, if it has one.
-fn prompt_of_row(row: &serde_json::Map<String, Value>) -> Result<(Prompt, Option<Value>), String> {
-    if let Some(messages) = row.get("messages") {
-        let mut messages = messages.as_array().cloned().ok_or("`messages` must be a list")?;
-        let label = match messages.last() {
-            Some(m) if m["role"] == "assistant" => messages.pop().map(|m| m["content"].clone()),
-            _ => None,
-        };
-        if messages.is_empty() {
-            return Err("`messages` has nothing before the assistant's answer".into());
-        }
-        return Ok((Prompt::Chat(messages), label));
-    }
-    if let Some(query) = QUERY_COLUMNS.iter().find_map(|c| row.get(*c).and_then(Value::as_str)) {
-        let mut content = query.to_owned();
-        if let Some(input) = row.get("input").and_then(Value::as_str).filter(|s| !s.is_empty()) {
-            content = format!("{content}\n{input}");
-        }
-        let mut messages = Vec::new();
-        if let Some(system) = row.get("system").and_then(Value::as_str) {
-            messages.push(json!({"role": "system", "content": system}));
-        }
-        messages.push(json!({"role": "user", "content": content}));
-        let label = ANSWER_COLUMNS.iter().find_map(|c| row.get(*c).cloned());
-        return Ok((Prompt::Chat(messages), label));
-    }
-    if let Some(text) = row.get("text").and_then(Value::as_str) {
+/// The prompt of a dataset row and its reference answer, if it has one: a
+/// raw `text` row is sent as is; any other row is read by the dataset
+/// adapter the registry detects for it, and a trailing assistant turn is
+/// the reference answer.
+fn prompt_of_row(
+    registry: &oxtune_registry::Registry,
+    row: &serde_json::Map<String, Value>,
+) -> anyhow::Result<(Prompt, Option<Value>)> {
+    if let (Some(text), false) = (row.get("text").and_then(Value::as_str), row.contains_key("messages")) {
         return Ok((Prompt::Raw(text.to_owned()), None));
     }
-    Err("the row has none of `messages`, `query`/`prompt`/`question`/`instruction`, `text`".into())
+    let keys: Vec<&str> = row.keys().map(String::as_str).collect();
+    let adapter = registry.detect_adapter(&keys)?;
+    let adapted = registry.adapt(adapter.name(), &Value::Object(row.clone()))?;
+    let mut messages = adapted["messages"].as_array().cloned().unwrap_or_default();
+    let label = match messages.last() {
+        Some(m) if m["role"] == "assistant" => messages.pop().map(|m| m["content"].clone()),
+        _ => None,
+    };
+    if messages.is_empty() {
+        bail!("the row has nothing before the assistant's answer");
+    }
+    Ok((Prompt::Chat(messages), label))
 }
 
 /// Runs `oxtune infer`.
@@ -131,7 +121,7 @@ pub fn run(global: &GlobalArgs, args: &InferArgs) -> anyhow::Result<()> {
     let text = args.model.load(&registry)?;
     let params = args.sampling.params(&text.assets);
     if let Some(dataset) = &args.dataset {
-        return answer_dataset(args, &text, &params, dataset);
+        return answer_dataset(args, &registry, &text, &params, dataset);
     }
     if let Some(prompt) = &args.prompt {
         let p = if args.raw {
@@ -192,6 +182,7 @@ fn chat(args: &InferArgs, text: &LoadedText, params: &SamplingParams) -> anyhow:
 
 fn answer_dataset(
     args: &InferArgs,
+    registry: &oxtune_registry::Registry,
     text: &LoadedText,
     params: &SamplingParams,
     dataset: &std::path::Path,
@@ -200,7 +191,7 @@ fn answer_dataset(
     let mut requests = Vec::with_capacity(records.len());
     for record in &records {
         let (prompt, label) =
-            prompt_of_row(&record.value).map_err(|e| anyhow::anyhow!("{}:{}: {e}", dataset.display(), record.line))?;
+            prompt_of_row(registry, &record.value).with_context(|| format!("{}:{}", dataset.display(), record.line))?;
         requests.push((args.encode(text, &prompt)?, label));
     }
     let mut out: Box<dyn Write> = match &args.output {

@@ -131,24 +131,6 @@ fn peft_config_template() -> serde_json::Value {
     })
 }
 
-/// SplitMix64 for seeded parameter initialisation.
-struct InitRng(u64);
-
-impl InitRng {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform().max(f64::MIN_POSITIVE), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-}
-
 impl LoadedModel {
     /// Adds a new adapter: the tuner `tuner` on the layers PEFT-style
     /// `config` targets, its parameters trainable and initialised as the
@@ -184,7 +166,7 @@ impl LoadedModel {
         let instance = registry
             .load_tuner(tuner, &config.to_string())
             .map_err(|e| ModelError::Architecture { path: origin.to_owned(), cause: Box::new(e) })?;
-        let mut rng = InitRng(seed);
+        let mut rng = crate::rng::SplitMix64::new(seed);
         let init_error = |e: candle_core::Error| ModelError::Forward {
             model: self.dir.clone(),
             cause: OpError::Candle { op: "adapter init", cause: e },

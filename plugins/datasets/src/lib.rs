@@ -7,7 +7,7 @@
 //! | `messages` | `messages` (system / user / assistant / tool turns, optional per-message `loss`) |
 //! | `sharegpt` | `conversations` with `from` (`human`/`gpt`/`system`/...) and `value` |
 //! | `alpaca` | `instruction`, optional `input`, `output` (optional `system`) |
-//! | `query-response` | `query`/`prompt`/`question`/`problem` and `response`/`answer`/`output`/`solution` |
+//! | `query-response` | `query`/`prompt`/`question`/`problem`, optionally `response`/`answer`/`output`/`solution` |
 
 use oxtune_plugin_api::serde_json::{json, Map, Value};
 use oxtune_plugin_api::{declare_plugin, DatasetAdapter, Descriptor, Error, Plugin, Result};
@@ -123,20 +123,22 @@ impl DatasetAdapter for QueryResponse {
     fn descriptor(&self) -> Descriptor {
         Descriptor::dataset_adapter("query-response", env!("CARGO_PKG_VERSION"))
             .description("{\"query\", \"response\"} and aliases (prompt/question/problem, answer/output/solution)")
-            .columns(&["query|prompt|question|problem", "response|answer|output|solution"])
+            .columns(&["query|prompt|question|problem"])
     }
 
     fn adapt(&self, record: &Map<String, Value>) -> Result<Value> {
         let query = QUERY.iter().find(|k| record.contains_key(**k)).ok_or_else(|| Error::new("no query column"))?;
-        let response =
-            RESPONSE.iter().find(|k| record.contains_key(**k)).ok_or_else(|| Error::new("no response column"))?;
+        // Without a response the row is a prompt (for inference and rollouts).
+        let response = RESPONSE.iter().find(|k| record.contains_key(**k));
         let mut messages = Vec::new();
         if let Some(system) = record.get("system").and_then(Value::as_str) {
             messages.push(json!({"role": "system", "content": system}));
         }
         messages.push(json!({"role": "user", "content": string(record, query)?}));
-        messages.push(json!({"role": "assistant", "content": string(record, response)?}));
-        Ok(row(record, messages, &[query, response, "system"]))
+        if let Some(response) = response {
+            messages.push(json!({"role": "assistant", "content": string(record, response)?}));
+        }
+        Ok(row(record, messages, &[query, response.copied().unwrap_or_default(), "system"]))
     }
 }
 
@@ -173,6 +175,8 @@ mod tests {
         let out = QueryResponse.adapt(&qr).unwrap();
         assert_eq!(out["messages"][1]["content"], "2");
         assert_eq!(out["level"], 1);
+        let prompt_only = QueryResponse.adapt(&record(json!({"prompt": "hi"}))).unwrap();
+        assert_eq!(prompt_only["messages"], json!([{"role": "user", "content": "hi"}]));
         assert!(Messages.adapt(&record(json!({"messages": [{"role": "bot", "content": "x"}]}))).is_err());
         assert!(QueryResponse
             .adapt(&record(json!({"query": 3, "response": "x"})))
