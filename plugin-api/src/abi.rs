@@ -24,7 +24,7 @@ use abi_stable::{
     nonexhaustive_enum::NonExhaustiveFor,
     package_version_strings, sabi_trait,
     sabi_types::{RMut, VersionStrings},
-    std_types::{RBox, RResult, RSlice, RStr, RString, RVec},
+    std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec},
     StableAbi,
 };
 
@@ -305,6 +305,27 @@ pub trait TunerInstance: Send + Sync {
     /// tuner merged into the base weight), for export and faster inference.
     #[sabi(last_prefix_field)]
     fn merge(&self, graph: GraphRef<'_>, layer: RStr<'_>) -> RResult<TensorId, RString>;
+
+    /// Whether the base parameter `name` (a Hugging Face name, any
+    /// parameter, not only linear weights) is trained in place: full
+    /// fine-tuning says yes to all, freeze to those its pattern matches.
+    /// A tuner that trains base parameters is saved as a whole model.
+    ///
+    /// Added after the 1.0 prefix: a plugin without it trains no base
+    /// parameter (this default runs in the host).
+    fn trains_base(&self, name: RStr<'_>) -> RResult<bool, RString> {
+        let _ = name;
+        RResult::ROk(false)
+    }
+
+    /// The `adapter_config.json` to save with the adapter (JSON text),
+    /// for tuners whose files follow a format such as PEFT's; `None`
+    /// saves the configuration the tuner was loaded with.
+    ///
+    /// Added after the 1.0 prefix: a plugin without it gets `None`.
+    fn saved_config(&self) -> RResult<ROption<RString>, RString> {
+        RResult::ROk(ROption::RNone)
+    }
 }
 
 /// An owned tuner instance crossing the boundary.

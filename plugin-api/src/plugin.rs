@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use abi_stable::nonexhaustive_enum::NonExhaustive;
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 
 use crate::abi::{
     ComponentDescriptor, ComponentKind, GraphRef, Modality, ModelBox, ModelInstance, ModelInstance_TO, NamedTensor,
@@ -177,6 +177,17 @@ pub trait TunerLayers: Send + Sync + 'static {
     fn forward(&self, layer: &str, x: &Tensor, base: &Tensor) -> Result<Tensor>;
     /// The merged weight `[out, in]` of `layer` (base weight and tuner in one matrix).
     fn merge(&self, layer: &str) -> Result<Tensor>;
+    /// Whether the base parameter `name` is trained in place (full
+    /// fine-tuning, freeze); such a tuner is saved as a whole model.
+    fn trains_base(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
+    /// The `adapter_config.json` to save (PEFT's keys for a PEFT tuner);
+    /// `None` saves the configuration the tuner was loaded with.
+    fn saved_config(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// A trainable parameter a tuner adds.
@@ -412,6 +423,18 @@ impl<P: PluginSource> TunerInstance for TunerAdapter<P> {
     fn merge(&self, mut graph: GraphRef<'_>, layer: RStr<'_>) -> RResult<TensorId, RString> {
         guard(P::NAME, &|| format!("merging tuner `{}` into layer `{layer}`", self.name), || {
             with_graph(&mut graph, || self.layers.merge(layer.as_str())).map(|t| t.id())
+        })
+    }
+
+    fn trains_base(&self, name: RStr<'_>) -> RResult<bool, RString> {
+        guard(P::NAME, &|| format!("tuner `{}` on parameter `{name}`", self.name), || {
+            Ok(self.layers.trains_base(name.as_str()))
+        })
+    }
+
+    fn saved_config(&self) -> RResult<ROption<RString>, RString> {
+        guard(P::NAME, &|| format!("tuner `{}` writing its config", self.name), || {
+            Ok(self.layers.saved_config().map(|c| RString::from(c.to_string())).into())
         })
     }
 }

@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use oxtune_plugin_api::ComponentKind;
-
 use crate::Origin;
 
 /// Everything that can go wrong finding, loading or calling a plugin.
@@ -81,12 +79,14 @@ pub enum RegistryError {
     },
 
     /// No component of this kind and name is registered.
-    #[error("no {kind} named `{name}` is registered; `oxtune plugins` lists what is available")]
+    #[error("no {kind} named `{name}` is registered (registered: {available}); --plugin PATH loads more")]
     UnknownComponent {
         /// The kind, as listed.
         kind: &'static str,
         /// The name asked for.
         name: String,
+        /// The registered names of that kind.
+        available: String,
     },
 
     /// No model architecture serves a checkpoint.
@@ -181,10 +181,4 @@ pub enum RegistryError {
         /// The cause.
         cause: std::io::Error,
     },
-}
-
-impl RegistryError {
-    pub(crate) fn unknown(kind: ComponentKind, name: &str) -> RegistryError {
-        RegistryError::UnknownComponent { kind: kind.as_str(), name: name.to_owned() }
-    }
 }

@@ -240,10 +240,18 @@ impl Registry {
 
     /// The component of `kind` called `name`.
     pub fn get(&self, kind: ComponentKind, name: &str) -> Result<&Component, RegistryError> {
-        self.components
-            .iter()
-            .find(|c| c.kind == kind && c.name == name)
-            .ok_or_else(|| RegistryError::unknown(kind, name))
+        self.components.iter().find(|c| c.kind == kind && c.name == name).ok_or_else(|| {
+            RegistryError::UnknownComponent {
+                kind: kind.as_str(),
+                name: name.to_owned(),
+                available: self.names(kind).join(", "),
+            }
+        })
+    }
+
+    /// The names of every registered component of `kind`, sorted.
+    pub fn names(&self, kind: ComponentKind) -> Vec<&str> {
+        self.components.iter().filter(|c| c.kind == kind).map(|c| c.name.as_str()).collect()
     }
 
     /// The model architecture serving a checkpoint: the first of
@@ -347,8 +355,9 @@ impl Registry {
             reason,
         };
         let row: serde_json::Value = serde_json::from_str(out.as_str()).map_err(|e| bad(e.to_string()))?;
-        if !row.get("messages").is_some_and(|m| m.is_array()) {
-            return Err(bad("a standard row needs a `messages` array".into()));
+        let has = |key: &str| row.get(key).is_some_and(|m| m.is_array());
+        if !has("messages") && !has("input_ids") {
+            return Err(bad("a standard row needs a `messages` array (or, pre-tokenized, `input_ids`)".into()));
         }
         Ok(row)
     }
@@ -372,7 +381,11 @@ impl Registry {
     fn native(&self, kind: ComponentKind, name: &str) -> Result<(PluginModRef, &str), RegistryError> {
         match &self.get(kind, name)?.provider {
             Provider::Native { module, plugin } => Ok((*module, plugin)),
-            Provider::Wasm(_) => Err(RegistryError::unknown(kind, name)),
+            Provider::Wasm(_) => Err(RegistryError::UnknownComponent {
+                kind: kind.as_str(),
+                name: name.to_owned(),
+                available: format!("`{name}` is a wasm script, which can only score"),
+            }),
         }
     }
 }

@@ -183,3 +183,59 @@ pub fn build_against_api_variant(key: &str, version: &str, patches: &[Patch], te
         }
     })
 }
+
+/// Running the `oxtune` binary from a test, with a clean plugin
+/// environment, and checking its failures.
+pub mod cli {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output};
+
+    /// Runs `oxtune` with `args` and an empty home folder (no user plugins,
+    /// no `OXTUNE_PLUGIN_PATH`), plus the variables in `env`.
+    pub fn oxtune(args: &[&str], env: &[(&str, &Path)]) -> Output {
+        let home = std::env::temp_dir().join(format!("oxtune-cli-home-{}", std::process::id()));
+        let mut cmd = Command::new(super::oxtune_bin());
+        cmd.args(args).env_remove("OXTUNE_PLUGIN_PATH").env("OXTUNE_HOME", &home);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("oxtune runs")
+    }
+
+    /// Asserts that `out` failed with a short message (at most two lines)
+    /// containing each of `needles`.
+    pub fn fails_with(out: &Output, needles: &[&str]) {
+        assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.lines().count() <= 2, "not a short message:\n{stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "`{n}` not in:\n{stderr}");
+        }
+    }
+
+    /// Asserts that `out` succeeded, showing its stderr otherwise.
+    pub fn succeeded(out: &Output) {
+        assert!(out.status.success(), "oxtune failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The path of the tiny fixture model `name` (`tiny-qwen3`).
+    pub fn tiny(name: &str) -> String {
+        super::fixtures().join("models").join(name).display().to_string()
+    }
+
+    /// Writes `contents` to `name` in this test process's scratch folder.
+    pub fn scratch(name: &str, contents: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("oxtune-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    /// A fresh (removed if present) output folder `name` for this test process.
+    pub fn fresh_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("oxtune-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+}

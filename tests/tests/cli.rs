@@ -2,22 +2,11 @@
 //! and wasm plugins found through `--plugin`, `OXTUNE_PLUGIN_PATH` and the
 //! user folder, and its error messages.
 
-use std::path::Path;
 use std::process::{Command, Output};
 
+use oxtune_tests::cli::{fails_with, oxtune, scratch, tiny};
 use oxtune_tests::{build_against_api_variant, build_cdylib, oxtune_bin, workspace_root};
 use serde_json::Value;
-
-/// Runs `oxtune` with a clean plugin environment (an empty home folder).
-fn oxtune(args: &[&str], env: &[(&str, &Path)]) -> Output {
-    let home = std::env::temp_dir().join(format!("oxtune-cli-home-{}", std::process::id()));
-    let mut cmd = Command::new(oxtune_bin());
-    cmd.args(args).env_remove("OXTUNE_PLUGIN_PATH").env("OXTUNE_HOME", &home);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("oxtune runs")
-}
 
 fn json_lines(out: &Output) -> Vec<Value> {
     assert!(out.status.success(), "oxtune failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -86,15 +75,6 @@ fn plugins_lists_dynamic_and_wasm_plugins_from_every_source() {
     assert_eq!(find(&json_lines(&home), "reward", "sentence_end")["origin"], "wasm");
 }
 
-fn fails_with(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.lines().count() <= 2, "not a short message:\n{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "`{n}` not in:\n{stderr}");
-    }
-}
-
 #[test]
 fn plugin_errors_are_short_messages() {
     fails_with(
@@ -123,19 +103,7 @@ fn only_working_subcommands_are_offered() {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, vec!["sft", "infer", "eval", "bench", "plugins", "help"], "{help}");
-}
-
-fn tiny(name: &str) -> String {
-    workspace_root().join("tests/fixtures/models").join(name).display().to_string()
-}
-
-fn scratch(name: &str, contents: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("oxtune-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, contents).unwrap();
-    path
+    assert_eq!(commands, vec!["sft", "pt", "infer", "eval", "bench", "plugins", "help"], "{help}");
 }
 
 #[test]
@@ -288,8 +256,19 @@ fn sft_trains_an_adapter_that_infer_and_eval_use() {
         serde_json::from_str(&std::fs::read_to_string(checkpoint.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["r"], 4);
     assert_eq!(config["target_modules"].as_array().unwrap().len(), 7, "all-linear: the seven projections");
-    // The same output folder again is refused.
-    fails_with(&oxtune(&args, &[]), &["holds another run"]);
+    // The same output folder with other arguments is refused.
+    let mut other = args.to_vec();
+    other.extend(["--lora-alpha", "8"]);
+    fails_with(&oxtune(&other, &[]), &["holds another run", "differs in: tuner_config"]);
+    // The same command again finds the run complete: it resumes from the
+    // last checkpoint and takes no step.
+    let again = oxtune(&args, &[]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("checkpoint-6"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     // Resuming needs the same tuner and model as the checkpoint; it continues
     // in the same output folder from step 4.
     let checkpoint_str = out.join("checkpoint-3").display().to_string();
@@ -299,7 +278,7 @@ fn sft_trains_an_adapter_that_infer_and_eval_use() {
         all.extend(extra);
         oxtune(&all, &[])
     };
-    fails_with(&resume(&["--tuner", "dora"]), &["holds a `lora` adapter", "--tuner is `dora`"]);
+    fails_with(&resume(&["--tuner", "dora"]), &["checkpoint-3 was saved by another run", "\"tuner\":\"dora\""]);
     let resumed = resume(&[]);
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -307,7 +286,18 @@ fn sft_trains_an_adapter_that_infer_and_eval_use() {
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap())
         .collect();
-    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6, 4, 5, 6]);
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6], "the resumed steps replace the ones after the checkpoint");
+    // Interrupted after checkpoint-3 (checkpoint-6 lost): the same command
+    // resumes from the latest checkpoint on its own.
+    std::fs::remove_dir_all(&checkpoint).unwrap();
+    let auto = oxtune(&args, &[]);
+    assert!(auto.status.success(), "{}", String::from_utf8_lossy(&auto.stderr));
+    assert!(
+        String::from_utf8_lossy(&auto.stderr).contains("resuming from"),
+        "{}",
+        String::from_utf8_lossy(&auto.stderr)
+    );
+    assert!(checkpoint.join("adapter_model.safetensors").is_file());
     // The adapter is usable by infer.
     let answer = oxtune(
         &[

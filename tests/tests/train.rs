@@ -45,7 +45,7 @@ fn lora_sft_lowers_the_loss_and_checkpoints_in_peft_layout() {
         output_dir: Some(out.clone()),
         ..Default::default()
     };
-    let metrics = train(&model, &rows(&assets), &config).unwrap();
+    let metrics = train(&model, &rows(&assets), &[], &config).unwrap();
     assert_eq!(metrics.len(), 30);
     let (first, last) = (metrics[0].loss, metrics.last().unwrap().loss);
     let losses: Vec<f64> = metrics.iter().map(|m| m.loss).collect();
@@ -95,7 +95,7 @@ fn training_is_deterministic_for_a_seed() {
     let runs: Vec<Vec<f64>> = (0..2)
         .map(|_| {
             let model = lora_model(&registry, 3);
-            train(&model, &rows(&assets), &config).unwrap().iter().map(|m| m.loss).collect()
+            train(&model, &rows(&assets), &[], &config).unwrap().iter().map(|m| m.loss).collect()
         })
         .collect();
     assert_eq!(runs[0], runs[1]);
@@ -117,14 +117,15 @@ fn a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
         ..Default::default()
     };
     // Uninterrupted: 6 steps (2 rows per step over 3 rows: epochs straddle steps).
-    train(&lora_model(&registry, 5), &rows(&assets), &config("full")).unwrap();
+    train(&lora_model(&registry, 5), &rows(&assets), &[], &config("full")).unwrap();
     // Interrupted after step 3, resumed from its checkpoint into another folder.
     let mut resumed =
         LoadedModel::load(&registry, &fixtures().join("models/tiny-qwen3"), &LoadOptions::default()).unwrap();
     let checkpoint = base.join("full/checkpoint-3");
     resumed.attach_adapter(&registry, &checkpoint, oxtune::model::checkpoint::Trainable::All).unwrap();
     let metrics =
-        train(&resumed, &rows(&assets), &TrainConfig { resume_from: Some(checkpoint), ..config("resumed") }).unwrap();
+        train(&resumed, &rows(&assets), &[], &TrainConfig { resume_from: Some(checkpoint), ..config("resumed") })
+            .unwrap();
     assert_eq!(metrics.iter().map(|m| m.step).collect::<Vec<_>>(), vec![4, 5, 6]);
     let load = |dir: &str| {
         candle_core::safetensors::load(base.join(dir).join("adapter_model.safetensors"), &candle_core::Device::Cpu)
@@ -146,6 +147,6 @@ fn a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
         .unwrap();
     let wrong =
         TrainConfig { max_steps: Some(9), resume_from: Some(base.join("full/checkpoint-3")), ..config("other") };
-    let err = train(&other, &rows(&assets), &wrong).unwrap_err().to_string();
+    let err = train(&other, &rows(&assets), &[], &wrong).unwrap_err().to_string();
     assert!(err.contains("6 steps") && err.contains("9 steps"), "{err}");
 }

@@ -40,6 +40,19 @@ impl WeightStore {
         self.vars.insert(name, var);
     }
 
+    /// Turns the frozen parameter `name` into a trainable one (a no-op if
+    /// it already is, or is absent).
+    pub fn make_trainable(&mut self, name: &str) -> candle_core::Result<()> {
+        if self.vars.contains_key(name) {
+            return Ok(());
+        }
+        if let Some(tensor) = self.tensors.get(name) {
+            let var = Var::from_tensor(tensor)?;
+            self.insert_var(name.to_owned(), var);
+        }
+        Ok(())
+    }
+
     /// The parameter `name`, if present.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.tensors.get(name)

@@ -2,11 +2,14 @@
 //! dispatch to each subcommand's module.
 
 mod bench;
+mod config_file;
 mod eval;
 mod infer;
 mod model_args;
 mod plugins;
 mod sft;
+mod train_args;
+mod train_data;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,8 +64,10 @@ impl GlobalArgs {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Fine-tune an adapter (LoRA, DoRA, ...) on chat data.
+    /// Fine-tune on conversations (loss on the assistant turns) with a tuner: LoRA, DoRA, full, freeze, ...
     Sft(Box<sft::SftArgs>),
+    /// Pretrain or continue pretraining on plain text (loss on every token, no template).
+    Pt(Box<sft::SftArgs>),
     /// Answer a prompt, a conversation or a dataset with a model, or chat in a terminal.
     Infer(Box<infer::InferArgs>),
     /// Evaluate a model on a dataset (`--task perplexity`).
@@ -80,9 +85,17 @@ pub fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("OXTUNE_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let argv = match config_file::expand(std::env::args_os().collect(), &["sft", "pt"]) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let result = match &cli.command {
-        Command::Sft(args) => sft::run(&cli.global, args),
+        Command::Sft(args) => sft::run(&cli.global, args, train_data::Objective::AssistantTurns),
+        Command::Pt(args) => sft::run(&cli.global, args, train_data::Objective::AllTokens),
         Command::Infer(args) => infer::run(&cli.global, args),
         Command::Eval(args) => eval::run(&cli.global, args),
         Command::Bench(command) => bench::run(&cli.global, command),

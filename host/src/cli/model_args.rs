@@ -12,7 +12,7 @@ use crate::model::{LoadOptions, LoadedModel};
 use crate::text::TextAssets;
 
 /// Which model to load, and how.
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct ModelArgs {
     /// The model: a Hugging Face folder (config.json, safetensors, tokenizer.json).
     #[arg(long, value_name = "DIR")]

@@ -1,6 +1,8 @@
 //! Reading datasets: JSONL files and JSON-array files of records, with
 //! every error naming the file and the line (or record) at fault.
 
+pub mod sources;
+
 use std::path::{Path, PathBuf};
 
 /// One record of a dataset file and where it came from.

@@ -17,14 +17,13 @@ fn config_error(path: &Path, message: String) -> ModelError {
     ModelError::Checkpoint(CheckpointError::Field { path: path.to_owned(), message })
 }
 
-/// The tuner plugin serving a PEFT config (`peft_type`, `use_dora`).
-fn tuner_name(config: &serde_json::Value, path: &Path) -> Result<&'static str, ModelError> {
+/// The tuner plugin serving an `adapter_config.json`: PEFT's `LORA`
+/// (`lora`, or `dora` with `use_dora`), otherwise the tuner named by
+/// `peft_type` in lower case (`IA3` → `ia3`).
+fn tuner_name(config: &serde_json::Value) -> String {
     match config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA") {
-        "LORA" if config.get("use_dora").and_then(|v| v.as_bool()).unwrap_or(false) => Ok("dora"),
-        "LORA" => Ok("lora"),
-        other => {
-            Err(config_error(path, format!("peft_type `{other}` is not supported (LORA, with or without DoRA, is)")))
-        }
+        "LORA" if config.get("use_dora").and_then(|v| v.as_bool()).unwrap_or(false) => "dora".to_owned(),
+        other => other.to_ascii_lowercase(),
     }
 }
 
@@ -48,22 +47,24 @@ impl LoadedModel {
     pub fn attach_adapter(&mut self, registry: &Registry, dir: &Path, trainable: Trainable) -> Result<(), ModelError> {
         let config_path = dir.join("adapter_config.json");
         let config = read_json(&config_path)?;
-        let name = tuner_name(&config, &config_path)?;
+        let name = tuner_name(&config);
         let targets = target_modules(&config, &config_path)?;
-        let instance = registry
-            .load_tuner(name, &config.to_string())
-            .map_err(|e| ModelError::Architecture { path: config_path.clone(), cause: Box::new(e) })?;
+        let instance = registry.load_tuner(&name, &config.to_string()).map_err(|e| {
+            let peft_type = config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
+            config_error(&config_path, format!("peft_type `{peft_type}` needs the tuner `{name}`: {e}"))
+        })?;
         let file = dir.join("adapter_model.safetensors");
         let bad = |message: String| CheckpointError::Safetensors { path: file.clone(), message };
         let tensors = candle_core::safetensors::load(&file, &self.device).map_err(|e| bad(e.to_string()))?;
         let mut names: Vec<String> = tensors.keys().cloned().collect();
         names.sort();
+        let mut adapter_params = Vec::with_capacity(names.len());
         for saved in names {
             let name = saved.strip_prefix(PEFT_PREFIX).unwrap_or(&saved).to_owned();
-            let module = name.rsplit_once(".lora_").map(|(m, _)| m).unwrap_or(&name);
-            if !self.weights.contains(&format!("{module}.weight")) {
-                return Err(bad(format!("`{saved}` adapts `{module}`, which the model does not have")).into());
+            if self.adapted_layer(&name).is_none() {
+                return Err(bad(format!("`{saved}` adapts a layer the model does not have")).into());
             }
+            adapter_params.push(name.clone());
             let tensor = tensors[&saved].to_dtype(self.dtype).map_err(|e| bad(e.to_string()))?;
             match trainable {
                 Trainable::None => self.weights.insert(name, tensor),
@@ -73,8 +74,25 @@ impl LoadedModel {
             }
         }
         self.adapter = Some(TunerBinding { instance, target_modules: targets });
-        self.adapter_config = Some((name.to_owned(), config));
+        self.adapter_config = Some((name, config));
+        self.adapter_params = adapter_params;
         Ok(())
+    }
+
+    /// The layer an adapter parameter belongs to: the shortest dotted
+    /// prefix of `param` that names one of the model's weights
+    /// (`….q_proj.lora_A.weight` → `….q_proj`; the parameter itself,
+    /// nested deeper, is never the answer).
+    fn adapted_layer(&self, param: &str) -> Option<String> {
+        let mut end = 0;
+        while let Some(dot) = param[end..].find('.') {
+            let head = &param[..end + dot];
+            if self.weights.contains(&format!("{head}.weight")) && format!("{head}.weight") != param {
+                return Some(head.to_owned());
+            }
+            end += dot + 1;
+        }
+        None
     }
 
     /// Merges the attached adapter into the base weights (each adapted
@@ -82,13 +100,8 @@ impl LoadedModel {
     pub fn merge_adapter(&mut self) -> Result<(), ModelError> {
         let Some(adapter) = self.adapter.take() else { return Ok(()) };
         self.adapter_config = None;
-        let layers: Vec<String> = self
-            .weights
-            .names()
-            .iter()
-            .filter_map(|n| n.strip_suffix(".lora_A.weight").map(str::to_owned))
-            .filter(|layer| adapter.targets(layer))
-            .collect();
+        let layers: std::collections::BTreeSet<String> =
+            self.adapter_params.iter().filter_map(|p| self.adapted_layer(p)).filter(|l| adapter.targets(l)).collect();
         let forward_error = |cause| ModelError::Forward { model: self.dir.clone(), cause };
         let mut merged = Vec::with_capacity(layers.len());
         {
@@ -104,7 +117,8 @@ impl LoadedModel {
         for (layer, weight) in merged {
             self.weights.insert(format!("{layer}.weight"), weight);
         }
-        self.weights.retain(|name| !name.contains(".lora_"));
+        let params: std::collections::HashSet<String> = std::mem::take(&mut self.adapter_params).into_iter().collect();
+        self.weights.retain(|name| !params.contains(name));
         Ok(())
     }
 
@@ -112,23 +126,6 @@ impl LoadedModel {
     pub fn adapter(&self) -> Option<&TunerBinding> {
         self.adapter.as_ref()
     }
-}
-
-/// The `adapter_config.json` PEFT 0.21 writes for a LoRA adapter, with its
-/// defaults; [`LoadedModel::save_adapter`] fills in the run's values.
-fn peft_config_template() -> serde_json::Value {
-    serde_json::json!({
-        "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null, "auto_mapping": null,
-        "base_model_name_or_path": null, "bias": "none", "corda_config": null, "ensure_weight_tying": false,
-        "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false, "inference_mode": true,
-        "init_lora_weights": true, "kasa_config": null, "layer_replication": null, "layers_pattern": null,
-        "layers_to_transform": null, "loftq_config": {}, "lora_alpha": 8, "lora_bias": false, "lora_dropout": 0.0,
-        "lora_ga_config": null, "megatron_config": null, "megatron_core": "megatron.core", "modules_to_save": null,
-        "monteclora_config": null, "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16, "r": 8,
-        "rank_pattern": {}, "revision": null, "target_modules": [], "target_parameters": null, "task_type": "CAUSAL_LM",
-        "trainable_token_indices": null, "use_bdlora": null, "use_dora": false, "use_qalora": false,
-        "use_rslora": false, "velora_config": null
-    })
 }
 
 impl LoadedModel {
@@ -153,19 +150,34 @@ impl LoadedModel {
             .filter(|layer| !layer.ends_with("embed_tokens") && !layer.contains(".lora_"))
             .map(str::to_owned)
             .collect();
+        let instance = registry
+            .load_tuner(tuner, &config.to_string())
+            .map_err(|e| ModelError::Architecture { path: origin.to_owned(), cause: Box::new(e) })?;
+        let plugin_error = |e: abi_stable::std_types::RString| ModelError::Forward {
+            model: self.dir.clone(),
+            cause: OpError::Plugin(e.into_string()),
+        };
+        let mut trained_base = Vec::new();
+        for name in self.weights.names() {
+            if instance.trains_base(name.into()).into_result().map_err(plugin_error)? {
+                trained_base.push(name.to_owned());
+            }
+        }
         let layers: Vec<&String> = linear.iter().filter(|l| targets.matches(l)).collect();
-        if layers.is_empty() {
+        let asks_for_layers = !matches!(&targets, TargetModules::Names(names) if names.is_empty());
+        if layers.is_empty() && (asks_for_layers || trained_base.is_empty()) {
             let modules: std::collections::BTreeSet<&str> =
                 linear.iter().map(|l| l.rsplit('.').next().unwrap_or(l)).collect();
             let modules: Vec<&str> = modules.into_iter().collect();
             return Err(config_error(
                 origin,
-                format!("target modules {targets:?} match no linear layer; the model's are: {}", modules.join(", ")),
+                format!(
+                    "tuner `{tuner}`: target modules {targets:?} match no linear layer and it trains no base \
+                     parameter; the model's linear layers are: {}",
+                    modules.join(", ")
+                ),
             ));
         }
-        let instance = registry
-            .load_tuner(tuner, &config.to_string())
-            .map_err(|e| ModelError::Architecture { path: origin.to_owned(), cause: Box::new(e) })?;
         let mut rng = crate::rng::SplitMix64::new(seed);
         let init_error = |e: candle_core::Error| ModelError::Forward {
             model: self.dir.clone(),
@@ -214,18 +226,24 @@ impl LoadedModel {
                 created.push((spec.name.to_string(), Var::from_tensor(&tensor).map_err(init_error)?));
             }
         }
+        self.adapter_params = created.iter().map(|(name, _)| name.clone()).collect();
         for (name, var) in created {
             self.weights.insert_var(name, var);
         }
+        for name in &trained_base {
+            self.weights.make_trainable(name).map_err(init_error)?;
+        }
+        self.trains_base = !trained_base.is_empty();
         self.adapter = Some(TunerBinding { instance, target_modules: targets });
         self.adapter_config = Some((tuner.to_owned(), config));
         Ok(())
     }
 
-    /// Saves the attached adapter in PEFT's layout: `adapter_config.json`
-    /// and `adapter_model.safetensors` (names prefixed `base_model.model.`),
-    /// written into a temporary folder that replaces `dir` only when
-    /// complete, so a checkpoint is never half-written.
+    /// Saves the attached adapter in its tuner's layout — PEFT's for LoRA
+    /// and DoRA: `adapter_config.json` and `adapter_model.safetensors`
+    /// (names prefixed `base_model.model.`) — written into a temporary
+    /// folder that replaces `dir` only when complete, so a checkpoint is
+    /// never half-written.
     pub fn save_adapter(&self, dir: &Path) -> Result<(), ModelError> {
         self.save_adapter_with(dir, |_| Ok(()))
     }
@@ -237,43 +255,39 @@ impl LoadedModel {
         dir: &Path,
         extra: impl FnOnce(&Path) -> std::io::Result<()>,
     ) -> Result<(), ModelError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |cause| ModelError::Checkpoint(CheckpointError::Io { path, cause })
-        };
-        let Some((tuner, config)) = &self.adapter_config else {
+        let (Some((tuner, config)), Some(binding)) = (&self.adapter_config, &self.adapter) else {
             return Err(config_error(dir, "no adapter is attached to save".into()));
         };
-        let mut peft = peft_config_template();
-        for key in ["r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "init_lora_weights"] {
-            if let Some(v) = config.get(key) {
-                peft[key] = v.clone();
+        let mut run_config = config.clone();
+        run_config["base_model_name_or_path"] = serde_json::json!(self.dir.display().to_string());
+        let saved = binding
+            .instance
+            .saved_config()
+            .into_result()
+            .map_err(|e| ModelError::Forward { model: self.dir.clone(), cause: OpError::Plugin(e.into_string()) })?;
+        let saved: serde_json::Value = match saved.into_option() {
+            Some(text) => serde_json::from_str(&text).map_err(|e| {
+                config_error(dir, format!("tuner `{tuner}` wrote an adapter config that is not JSON: {e}"))
+            })?,
+            None => {
+                let mut plain = run_config.clone();
+                if plain.get("peft_type").is_none() {
+                    plain["peft_type"] = serde_json::json!(tuner.to_ascii_uppercase());
+                }
+                plain
             }
-        }
-        peft["use_dora"] = serde_json::json!(tuner == "dora");
-        peft["base_model_name_or_path"] = serde_json::json!(self.dir.display().to_string());
+        };
         let tensors: std::collections::HashMap<String, candle_core::Tensor> = self
-            .weights
-            .names()
+            .adapter_params
             .iter()
-            .filter(|n| n.contains(".lora_"))
             .filter_map(|n| self.weights.get(n).map(|t| (format!("{PEFT_PREFIX}{n}"), t.detach())))
             .collect();
-        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("adapter");
-        let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-        let config_text = serde_json::to_string_pretty(&peft).expect("JSON values serialise");
-        std::fs::write(staging.join("adapter_config.json"), config_text).map_err(io(&staging))?;
-        candle_core::safetensors::save(&tensors, staging.join("adapter_model.safetensors")).map_err(|e| {
-            ModelError::Checkpoint(CheckpointError::Safetensors { path: staging.clone(), message: e.to_string() })
-        })?;
-        extra(&staging).map_err(io(&staging))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(io(dir))?;
-        }
-        std::fs::rename(&staging, dir).map_err(io(dir))
+        super::staging::write_atomically(dir, |staging| {
+            let config_text = serde_json::to_string_pretty(&saved).expect("JSON values serialise");
+            std::fs::write(staging.join("adapter_config.json"), config_text)?;
+            candle_core::safetensors::save(&tensors, staging.join("adapter_model.safetensors"))
+                .map_err(std::io::Error::other)?;
+            extra(staging)
+        })
     }
 }

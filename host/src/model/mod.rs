@@ -4,7 +4,9 @@
 
 pub mod adapter;
 pub mod checkpoint;
+pub mod export;
 pub mod gguf;
+pub mod staging;
 
 use std::path::{Path, PathBuf};
 
@@ -70,6 +72,10 @@ pub struct LoadedModel {
     adapter: Option<TunerBinding>,
     /// The attached adapter's tuner name and PEFT-style configuration.
     adapter_config: Option<(String, serde_json::Value)>,
+    /// The names of the attached adapter's own parameters.
+    adapter_params: Vec<String>,
+    /// Whether the attached tuner trains base parameters in place.
+    trains_base: bool,
 }
 
 /// Whether `path` names a GGUF file rather than a model folder.
@@ -121,6 +127,8 @@ impl LoadedModel {
             device: options.device.clone(),
             adapter: None,
             adapter_config: None,
+            adapter_params: Vec::new(),
+            trains_base: false,
         })
     }
 

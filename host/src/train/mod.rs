@@ -2,9 +2,12 @@
 //! batches, gradient accumulation, global-norm clipping, AdamW with a
 //! warm-up schedule, a metrics stream, and checkpoints written atomically.
 //!
-//! It trains the model's trainable parameters (an adapter's, or all for
-//! full fine-tuning) on encoded rows with the causal-LM loss.
+//! It trains the model's trainable parameters (an adapter's, or base
+//! parameters for full fine-tuning and freeze) on encoded rows with the
+//! causal-LM loss, evaluates held-out rows every few steps, and keeps the
+//! newest checkpoints.
 
+pub mod checkpoints;
 pub mod optim;
 
 use std::io::Write;
@@ -50,6 +53,17 @@ pub struct TrainConfig {
     /// A checkpoint to continue from: its optimizer state and position in
     /// the data (its adapter must already be attached, trainable).
     pub resume_from: Option<PathBuf>,
+    /// Evaluate the held-out rows every this many steps (and at the end).
+    pub eval_steps: Option<usize>,
+    /// Keep only the newest this many checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// What a resumed run must match (model, tuner...), saved with each
+    /// checkpoint and compared on resume.
+    pub identity: serde_json::Value,
+    /// Largest weight shard of a whole-model checkpoint, in bytes.
+    pub max_shard_bytes: usize,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
 }
 
 impl Default for TrainConfig {
@@ -68,6 +82,11 @@ impl Default for TrainConfig {
             save_steps: None,
             output_dir: None,
             resume_from: None,
+            eval_steps: None,
+            save_total_limit: None,
+            identity: serde_json::Value::Null,
+            max_shard_bytes: crate::model::export::DEFAULT_MAX_SHARD_BYTES,
+            progress: false,
         }
     }
 }
@@ -86,11 +105,13 @@ pub enum TrainError {
         /// candle's error.
         cause: candle_core::Error,
     },
-    /// The loss stopped being finite.
-    #[error("the loss is {loss} at step {step}; the last good checkpoint is {last_checkpoint}")]
+    /// The loss or the gradient stopped being finite.
+    #[error("the {what} is {value} at step {step}; the run stopped; the last good checkpoint is {last_checkpoint}")]
     NonFinite {
-        /// The loss value.
-        loss: f32,
+        /// What went bad: "loss" or "gradient norm".
+        what: &'static str,
+        /// Its value.
+        value: f64,
         /// The optimizer step.
         step: usize,
         /// The last checkpoint written, or "none".
@@ -124,6 +145,12 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     /// Fractional epoch reached.
     pub epoch: f64,
+    /// Peak resident memory of the process so far, in MiB (Linux).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<f64>,
+    /// Mean loss over the held-out rows, on evaluation steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
 }
 
 /// Where a run is in its data and schedule: saved with each checkpoint
@@ -140,6 +167,9 @@ pub struct TrainerState {
     pub total_steps: usize,
     /// Rows trained on (a resume must see the same data).
     pub rows: usize,
+    /// The run's identity (model, tuner...): a resume must match it.
+    #[serde(default)]
+    pub identity: serde_json::Value,
 }
 
 const STATE_FILE: &str = "trainer_state.json";
@@ -161,6 +191,50 @@ fn read_checkpoint(
     let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)
         .map_err(|e| setup(format!("{}: {e}", dir.join(OPTIMIZER_FILE).display())))?;
     Ok((state, optimizer))
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Keeps the lines of `metrics.jsonl` up to `step`: a resumed run rewrites
+/// the steps after its checkpoint.
+fn truncate_metrics(path: &std::path::Path, step: usize) -> std::io::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(path, kept)
+}
+
+/// Mean causal-LM loss of `model` over `rows`, in batches of `batch_size`
+/// (no parameter is updated).
+fn evaluate(model: &LoadedModel, rows: &[EncodedRow], batch_size: usize) -> Result<f64, TrainError> {
+    let compute = |cause| TrainError::Compute { step: 0, cause };
+    let (mut weighted, mut tokens) = (0.0f64, 0usize);
+    let rows: Vec<&EncodedRow> = rows.iter().filter(|r| r.labels.iter().any(|&l| l != IGNORE_INDEX)).collect();
+    for batch in rows.chunks(batch_size.max(1)) {
+        let (ids, labels, mask) = collate(batch, model.device()).map_err(compute)?;
+        let info = BatchInfo { attention_mask: Some(mask), ..Default::default() };
+        let logits = model.forward(&ids, &info, None, None).map_err(Box::new)?;
+        let loss = causal_lm_loss(&logits, &labels).and_then(|l| l.to_scalar::<f32>()).map_err(compute)?;
+        let counted: usize =
+            batch.iter().map(|r| r.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum();
+        weighted += loss as f64 * counted as f64;
+        tokens += counted;
+    }
+    Ok(if tokens == 0 { f64::NAN } else { weighted / tokens as f64 })
 }
 
 /// A seeded Fisher–Yates shuffle of `0..n`.
@@ -193,8 +267,63 @@ fn collate(rows: &[&EncodedRow], device: &candle_core::Device) -> candle_core::R
     ))
 }
 
-/// Trains `model`'s trainable parameters on `rows`; returns each step's metrics.
-pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> Result<Vec<StepMetrics>, TrainError> {
+/// Writes checkpoint `step`: the adapter in its tuner's layout, or the
+/// whole model when the tuner trains base parameters; with the trainer's
+/// position and the optimizer's moments beside it.
+fn save_checkpoint(
+    model: &LoadedModel,
+    dir: &std::path::Path,
+    state: &TrainerState,
+    optimizer: &AdamW,
+    max_shard_bytes: usize,
+) -> Result<(), TrainError> {
+    let optimizer_state: std::collections::HashMap<String, Tensor> = optimizer.state().into_iter().collect();
+    let extra = |staging: &std::path::Path| {
+        let state_text = serde_json::to_string_pretty(state).expect("plain data serialises");
+        std::fs::write(staging.join(STATE_FILE), state_text)?;
+        candle_core::safetensors::save(&optimizer_state, staging.join(OPTIMIZER_FILE)).map_err(std::io::Error::other)
+    };
+    let saved = if model.trains_base() {
+        model.save_pretrained_with(dir, max_shard_bytes, extra)
+    } else {
+        model.save_adapter_with(dir, extra)
+    };
+    saved.map_err(|e| TrainError::Model(Box::new(e)))
+}
+
+/// Opens `metrics.jsonl` in `dir` for appending (after dropping the lines
+/// past `resumed_step`, which a resumed run writes again).
+fn open_metrics(dir: &std::path::Path, resumed_step: usize) -> Result<(std::fs::File, PathBuf), TrainError> {
+    let path = dir.join("metrics.jsonl");
+    let io = |cause| TrainError::Io { path: path.clone(), cause };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    truncate_metrics(&path, resumed_step).map_err(io)?;
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
+    Ok((file, path))
+}
+
+/// A progress bar on stderr, when it is a terminal and one is asked for.
+fn progress_bar(show: bool, total: usize, done: usize) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !show || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let style = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed} < {eta}] {msg}")
+        .expect("the template is valid");
+    bar.set_style(style);
+    bar.set_position(done as u64);
+    Some(bar)
+}
+
+/// Trains `model`'s trainable parameters on `rows`, evaluating on
+/// `eval_rows` every `eval_steps`; returns each step's metrics.
+pub fn train(
+    model: &LoadedModel,
+    rows: &[EncodedRow],
+    eval_rows: &[EncodedRow],
+    config: &TrainConfig,
+) -> Result<Vec<StepMetrics>, TrainError> {
     let names: Vec<String> =
         model.weights().names().iter().filter(|n| model.weights().var(n).is_some()).map(|n| n.to_string()).collect();
     if names.is_empty() {
@@ -215,22 +344,6 @@ pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> 
     let named: Vec<(String, Var)> = names.iter().cloned().zip(vars.iter().cloned()).collect();
     let mut optimizer =
         AdamW::new(named, config.adamw.clone()).map_err(|cause| TrainError::Compute { step: 0, cause })?;
-    let mut metrics_file = match &config.output_dir {
-        Some(dir) => {
-            let io = |cause| TrainError::Io { path: dir.clone(), cause };
-            std::fs::create_dir_all(dir).map_err(io)?;
-            let path = dir.join("metrics.jsonl");
-            Some((
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|cause| TrainError::Io { path: path.clone(), cause })?,
-                path,
-            ))
-        }
-        None => None,
-    };
     let mut last_checkpoint = "none".to_owned();
     let mut out = Vec::with_capacity(total);
     let mut order: Vec<usize> = Vec::new();
@@ -239,6 +352,14 @@ pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> 
     let mut first_step = 1;
     if let Some(dir) = &config.resume_from {
         let (state, optimizer_state) = read_checkpoint(dir)?;
+        if state.identity != config.identity {
+            return Err(setup(format!(
+                "{} belongs to another run ({}); this run is {}",
+                dir.display(),
+                state.identity,
+                config.identity
+            )));
+        }
         if state.total_steps != total || state.rows != rows.len() {
             return Err(setup(format!(
                 "{} was a run of {} steps over {} rows; this one is {total} steps over {} rows",
@@ -255,6 +376,11 @@ pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> 
         (epoch, cursor, first_step) = (state.epoch, state.cursor, state.step + 1);
         last_checkpoint = dir.display().to_string();
     }
+    let mut metrics_file = match &config.output_dir {
+        Some(dir) => Some(open_metrics(dir, first_step - 1)?),
+        None => None,
+    };
+    let bar = progress_bar(config.progress, total, first_step - 1);
     for step in first_step..=total {
         let compute = |cause| TrainError::Compute { step, cause };
         let started = Instant::now();
@@ -276,7 +402,7 @@ pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> 
             let loss = causal_lm_loss(&logits, &labels).map_err(compute)?;
             let value = loss.to_scalar::<f32>().map_err(compute)?;
             if !value.is_finite() {
-                return Err(TrainError::NonFinite { loss: value, step, last_checkpoint });
+                return Err(TrainError::NonFinite { what: "loss", value: value as f64, step, last_checkpoint });
             }
             loss_sum += value as f64;
             let grads = (loss / accum as f64).and_then(|l| l.backward()).map_err(compute)?;
@@ -290,6 +416,9 @@ pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> 
             }
         }
         let grad_norm = global_norm(&summed).map_err(compute)?;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite { what: "gradient norm", value: grad_norm, step, last_checkpoint });
+        }
         if config.max_grad_norm > 0.0 && grad_norm > config.max_grad_norm {
             let factor = config.max_grad_norm / (grad_norm + 1e-6);
             for g in summed.iter_mut().flatten() {
@@ -298,6 +427,9 @@ pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> 
         }
         let lr = config.schedule.lr(config.learning_rate, step - 1, warmup, total);
         optimizer.step(&summed, lr).map_err(compute)?;
+        let evaluate_now =
+            !eval_rows.is_empty() && (config.eval_steps.is_some_and(|n| n > 0 && step % n == 0) || step == total);
+        let eval_loss = if evaluate_now { Some(evaluate(model, eval_rows, micro)?) } else { None };
         let m = StepMetrics {
             step,
             loss: loss_sum / accum as f64,
@@ -305,29 +437,39 @@ pub fn train(model: &LoadedModel, rows: &[EncodedRow], config: &TrainConfig) -> 
             grad_norm,
             tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
             epoch: (step * micro * accum) as f64 / rows.len() as f64,
+            memory_mib: peak_memory_mib(),
+            eval_loss,
         };
         if let Some((file, path)) = metrics_file.as_mut() {
             writeln!(file, "{}", json!(m)).map_err(|cause| TrainError::Io { path: path.clone(), cause })?;
         }
+        if let Some(bar) = &bar {
+            let eval = m.eval_loss.map(|l| format!(" eval {l:.4}")).unwrap_or_default();
+            bar.set_message(format!("loss {:.4}{eval} lr {:.2e} {:.0} tok/s", m.loss, m.lr, m.tokens_per_s));
+            bar.set_position(step as u64);
+        }
         out.push(m);
         let save_now = config.save_steps.is_some_and(|n| n > 0 && step % n == 0) || step == total;
         if let (Some(dir), true) = (&config.output_dir, save_now) {
-            if model.adapter().is_some() {
-                let checkpoint = dir.join(format!("checkpoint-{step}"));
-                let state = TrainerState { step, epoch, cursor, total_steps: total, rows: rows.len() };
-                let optimizer_state: std::collections::HashMap<String, Tensor> =
-                    optimizer.state().into_iter().collect();
-                model
-                    .save_adapter_with(&checkpoint, |staging| {
-                        let state_text = serde_json::to_string_pretty(&state).expect("plain data serialises");
-                        std::fs::write(staging.join(STATE_FILE), state_text)?;
-                        candle_core::safetensors::save(&optimizer_state, staging.join(OPTIMIZER_FILE))
-                            .map_err(std::io::Error::other)
-                    })
-                    .map_err(Box::new)?;
-                last_checkpoint = checkpoint.display().to_string();
+            let checkpoint = dir.join(format!("checkpoint-{step}"));
+            let state = TrainerState {
+                step,
+                epoch,
+                cursor,
+                total_steps: total,
+                rows: rows.len(),
+                identity: config.identity.clone(),
+            };
+            save_checkpoint(model, &checkpoint, &state, &optimizer, config.max_shard_bytes)?;
+            last_checkpoint = checkpoint.display().to_string();
+            if let Some(keep) = config.save_total_limit {
+                checkpoints::prune(dir, keep, config.resume_from.as_deref())
+                    .map_err(|cause| TrainError::Io { path: dir.clone(), cause })?;
             }
         }
+    }
+    if let Some(bar) = bar {
+        bar.finish();
     }
     Ok(out)
 }

@@ -8,6 +8,8 @@
 //! | `sharegpt` | `conversations` with `from` (`human`/`gpt`/`system`/...) and `value` |
 //! | `alpaca` | `instruction`, optional `input`, `output` (optional `system`) |
 //! | `query-response` | `query`/`prompt`/`question`/`problem`, optionally `response`/`answer`/`output`/`solution` |
+//! | `image-text-answer` | `image` (a path or a list), `text`, optional `answer` |
+//! | `pre-tokenized` | `input_ids`, optional `labels` (passed through for the host to check) |
 
 use oxtune_plugin_api::serde_json::{json, Map, Value};
 use oxtune_plugin_api::{declare_plugin, DatasetAdapter, Descriptor, Error, Plugin, Result};
@@ -142,12 +144,75 @@ impl DatasetAdapter for QueryResponse {
     }
 }
 
+/// The `{"image", "text", "answer"}` form of vision datasets.
+pub struct ImageTextAnswer;
+
+impl DatasetAdapter for ImageTextAnswer {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor::dataset_adapter("image-text-answer", env!("CARGO_PKG_VERSION"))
+            .description("{\"image\", \"text\", \"answer\"}: one question about one or more images")
+            .columns(&["image|images", "text"])
+    }
+
+    fn adapt(&self, record: &Map<String, Value>) -> Result<Value> {
+        let key = if record.contains_key("image") { "image" } else { "images" };
+        let images: Vec<Value> = match record.get(key) {
+            Some(Value::String(path)) => vec![json!(path)],
+            Some(Value::Array(paths)) if paths.iter().all(Value::is_string) => paths.clone(),
+            _ => return Err(Error::new(format!("`{key}` must be a path or a list of paths"))),
+        };
+        let text = string(record, "text")?;
+        // Images attached with no tag go before the text, as ms-swift places them.
+        let tags = if text.contains("<image>") { String::new() } else { "<image>".repeat(images.len()) };
+        let mut messages = vec![json!({"role": "user", "content": format!("{tags}{text}")})];
+        if record.contains_key("answer") {
+            messages.push(json!({"role": "assistant", "content": string(record, "answer")?}));
+        }
+        let mut out = row(record, messages, &[key, "text", "answer"]);
+        out["images"] = Value::Array(images);
+        Ok(out)
+    }
+}
+
+/// Rows already tokenized: `input_ids` and optional `labels` (-100 masks a position).
+pub struct PreTokenized;
+
+impl DatasetAdapter for PreTokenized {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor::dataset_adapter("pre-tokenized", env!("CARGO_PKG_VERSION"))
+            .description("{\"input_ids\": [...], \"labels\": [...]}: token ids used as they are")
+            .columns(&["input_ids"])
+    }
+
+    fn adapt(&self, record: &Map<String, Value>) -> Result<Value> {
+        let ids = |key: &str| -> Result<Option<usize>> {
+            match record.get(key) {
+                None => Ok(None),
+                Some(Value::Array(items)) if items.iter().all(|v| v.is_i64()) => Ok(Some(items.len())),
+                Some(_) => Err(Error::new(format!("`{key}` must be a list of integers"))),
+            }
+        };
+        let length = ids("input_ids")?.unwrap_or(0);
+        if length == 0 {
+            return Err(Error::new("`input_ids` is empty"));
+        }
+        if let Some(labels) = ids("labels")? {
+            if labels != length {
+                return Err(Error::new(format!("`labels` has {labels} entries, `input_ids` {length}")));
+            }
+        }
+        Ok(Value::Object(record.clone()))
+    }
+}
+
 fn plugin() -> Plugin {
     Plugin::new("oxtune-plugin-datasets", env!("CARGO_PKG_VERSION"))
         .dataset_adapter(Messages)
         .dataset_adapter(ShareGpt)
         .dataset_adapter(Alpaca)
         .dataset_adapter(QueryResponse)
+        .dataset_adapter(ImageTextAnswer)
+        .dataset_adapter(PreTokenized)
 }
 
 declare_plugin!(plugin);
@@ -178,6 +243,12 @@ mod tests {
         let prompt_only = QueryResponse.adapt(&record(json!({"prompt": "hi"}))).unwrap();
         assert_eq!(prompt_only["messages"], json!([{"role": "user", "content": "hi"}]));
         assert!(Messages.adapt(&record(json!({"messages": [{"role": "bot", "content": "x"}]}))).is_err());
+        let image =
+            ImageTextAnswer.adapt(&record(json!({"image": "cat.png", "text": "What?", "answer": "A cat"}))).unwrap();
+        assert_eq!(image["messages"][0]["content"], "<image>What?");
+        assert_eq!(image["images"], json!(["cat.png"]));
+        assert!(PreTokenized.adapt(&record(json!({"input_ids": [1, 2], "labels": [1]}))).is_err());
+        assert!(PreTokenized.adapt(&record(json!({"input_ids": ["a"]}))).is_err());
         assert!(QueryResponse
             .adapt(&record(json!({"query": 3, "response": "x"})))
             .unwrap_err()

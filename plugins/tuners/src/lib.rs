@@ -1,5 +1,7 @@
-//! LoRA and DoRA as PEFT defines them, applied at the host's `linear` hook,
-//! so every architecture plugin gets them with no code of its own.
+//! oxtune's built-in tuners: LoRA and DoRA as PEFT defines them, applied
+//! at the host's `linear` hook so every architecture plugin gets them with
+//! no code of its own, and full fine-tuning and freeze, which train base
+//! parameters in place.
 //!
 //! Both read PEFT's `adapter_config.json` keys (`r`, `lora_alpha`,
 //! `use_rslora`, `init_lora_weights`) and use PEFT's parameter names
@@ -9,6 +11,9 @@
 //!
 //! - LoRA: `y = base + s · x Aᵀ Bᵀ`, with `s = alpha / r` (`alpha / √r`
 //!   with rsLoRA).
+//! - full: every base parameter is trained; saved as a whole model.
+//! - freeze: only the parameters matched by `trainable_parameters`
+//!   (regexes), or all but those matched by `freeze_parameters`, are trained.
 //! - DoRA: with `V = W + s·BA` and `n = ‖V‖` per output row (both treated
 //!   as constants in the backward pass, as PEFT does),
 //!   `y = base + (m/n − 1)·(base − b) + (m/n)·s·x Aᵀ Bᵀ`.
@@ -24,6 +29,8 @@ struct LoraConfig {
     rank: usize,
     scale: f64,
     gaussian_init: bool,
+    /// The run's configuration, saved in PEFT's format.
+    peft: Value,
 }
 
 impl LoraConfig {
@@ -36,7 +43,39 @@ impl LoraConfig {
         let rs = config.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
         let scale = if rs { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
         let gaussian_init = config.get("init_lora_weights").and_then(Value::as_str) == Some("gaussian");
-        Ok(LoraConfig { rank, scale, gaussian_init })
+        Ok(LoraConfig { rank, scale, gaussian_init, peft: config.clone() })
+    }
+
+    /// The `adapter_config.json` PEFT 0.21 writes, with its defaults and
+    /// the run's values.
+    fn saved_config(&self, dora: bool) -> Value {
+        let mut saved = oxtune_plugin_api::serde_json::json!({
+            "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null, "auto_mapping": null,
+            "base_model_name_or_path": null, "bias": "none", "corda_config": null, "ensure_weight_tying": false,
+            "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false, "inference_mode": true,
+            "init_lora_weights": true, "kasa_config": null, "layer_replication": null, "layers_pattern": null,
+            "layers_to_transform": null, "loftq_config": {}, "lora_alpha": 8, "lora_bias": false,
+            "lora_dropout": 0.0, "lora_ga_config": null, "megatron_config": null, "megatron_core": "megatron.core",
+            "modules_to_save": null, "monteclora_config": null, "peft_type": "LORA", "peft_version": "0.21.2",
+            "qalora_group_size": 16, "r": 8, "rank_pattern": {}, "revision": null, "target_modules": [],
+            "target_parameters": null, "task_type": "CAUSAL_LM", "trainable_token_indices": null,
+            "use_bdlora": null, "use_dora": false, "use_qalora": false, "use_rslora": false, "velora_config": null
+        });
+        for key in [
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "use_rslora",
+            "target_modules",
+            "init_lora_weights",
+            "base_model_name_or_path",
+        ] {
+            if let Some(v) = self.peft.get(key) {
+                saved[key] = v.clone();
+            }
+        }
+        saved["use_dora"] = Value::Bool(dora);
+        saved
     }
 
     fn params(&self, layer: &str, in_features: usize, out_features: usize) -> Vec<TunerParam> {
@@ -98,6 +137,10 @@ impl TunerLayers for LoraLayers {
     fn merge(&self, layer: &str) -> Result<Tensor> {
         self.0.merged(layer)
     }
+
+    fn saved_config(&self) -> Option<Value> {
+        Some(self.0.saved_config(false))
+    }
 }
 
 /// The `dora` tuner.
@@ -149,10 +192,88 @@ impl TunerLayers for DoraLayers {
         let magnitude = weight(&format!("{layer}.lora_magnitude_vector"))?.reshape(&[-1, 1])?;
         merged.mul(&magnitude.div(&norm)?)
     }
+
+    fn saved_config(&self) -> Option<Value> {
+        Some(self.0.saved_config(true))
+    }
+}
+
+/// The `full` tuner: every base parameter is trained in place.
+pub struct Full;
+
+impl Tuner for Full {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor::tuner("full", env!("CARGO_PKG_VERSION")).description("full fine-tuning: every parameter trained")
+    }
+
+    fn load(&self, _config: &Value) -> Result<Box<dyn TunerLayers>> {
+        Ok(Box::new(InPlace(Box::new(|_| true))))
+    }
+}
+
+/// The `freeze` tuner: base parameters trained in place, chosen by pattern.
+pub struct Freeze;
+
+/// Reads a list of regexes (or one) from `config[key]`.
+fn patterns(config: &Value, key: &str) -> Result<Vec<regex::Regex>> {
+    let texts: Vec<&str> = match config.get(key) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().ok_or_else(|| Error::new(format!("freeze: `{key}` must hold strings, found {v}"))))
+            .collect::<Result<_>>()?,
+        Some(other) => return Err(Error::new(format!("freeze: `{key}` must be a regex or a list, found {other}"))),
+    };
+    texts
+        .into_iter()
+        .map(|t| regex::Regex::new(t).map_err(|e| Error::new(format!("freeze: `{key}` pattern `{t}`: {e}"))))
+        .collect()
+}
+
+impl Tuner for Freeze {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor::tuner("freeze", env!("CARGO_PKG_VERSION"))
+            .description("train only the parameters `trainable_parameters` matches (or all but `freeze_parameters`)")
+    }
+
+    fn load(&self, config: &Value) -> Result<Box<dyn TunerLayers>> {
+        let trainable = patterns(config, "trainable_parameters")?;
+        let frozen = patterns(config, "freeze_parameters")?;
+        if trainable.is_empty() && frozen.is_empty() {
+            return Err(Error::new("freeze: give `trainable_parameters` or `freeze_parameters` (regexes)"));
+        }
+        Ok(Box::new(InPlace(Box::new(move |name: &str| {
+            trainable.iter().any(|r| r.is_match(name))
+                || (!frozen.is_empty() && !frozen.iter().any(|r| r.is_match(name)))
+        }))))
+    }
+}
+
+/// A tuner that adds nothing at the hook and trains the base parameters
+/// its predicate selects.
+struct InPlace(Box<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl TunerLayers for InPlace {
+    fn params(&self, _layer: &str, _in_features: usize, _out_features: usize) -> Result<Vec<TunerParam>> {
+        Ok(Vec::new())
+    }
+
+    fn forward(&self, _layer: &str, _x: &Tensor, base: &Tensor) -> Result<Tensor> {
+        Ok(*base)
+    }
+
+    fn merge(&self, layer: &str) -> Result<Tensor> {
+        weight(&format!("{layer}.weight"))
+    }
+
+    fn trains_base(&self, name: &str) -> bool {
+        (self.0)(name)
+    }
 }
 
 fn plugin() -> Plugin {
-    Plugin::new("oxtune-plugin-tuners", env!("CARGO_PKG_VERSION")).tuner(Lora).tuner(Dora)
+    Plugin::new("oxtune-plugin-tuners", env!("CARGO_PKG_VERSION")).tuner(Lora).tuner(Dora).tuner(Full).tuner(Freeze)
 }
 
 declare_plugin!(plugin);

@@ -1,0 +1,281 @@
+//! `oxtune sft` and `oxtune pt` end to end on the tiny fixture models:
+//! every tuner (LoRA, full, freeze), every dataset form and selection flag,
+//! held-out evaluation, checkpoint rotation, config files, and the errors a
+//! user meets with bad input.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use oxtune_tests::cli::{fails_with, fresh_dir, oxtune, scratch, succeeded, tiny};
+use serde_json::Value;
+
+const CHATS: &str = concat!(
+    "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n",
+    "{\"conversations\": [{\"from\": \"human\", \"value\": \"sky?\"}, {\"from\": \"gpt\", \"value\": \"blue\"}]}\n",
+    "{\"instruction\": \"Add\", \"input\": \"2 2\", \"output\": \"4\"}\n",
+    "{\"question\": \"fruit?\", \"answer\": \"apple\"}\n",
+);
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn sft(model: &str, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args =
+        vec!["sft", "--model", model, "--dataset", data.to_str().unwrap(), "--output-dir", out.to_str().unwrap()];
+    args.extend(extra);
+    oxtune(&args, &[])
+}
+
+#[test]
+fn full_fine_tuning_saves_a_model_folder_that_loads_anywhere() {
+    let model = tiny("tiny-qwen3");
+    let data = scratch("full.jsonl", CHATS);
+    let out = fresh_dir("sft-full");
+    let run = sft(
+        &model,
+        &data,
+        &out,
+        &["--tuner", "full", "--max-steps", "2", "--learning-rate", "1e-3", "--split-ratio", "0.25"],
+    );
+    succeeded(&run);
+    let checkpoint = out.join("checkpoint-2");
+    for file in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "trainer_state.json"] {
+        assert!(checkpoint.join(file).is_file(), "{file} missing");
+    }
+    let base = tensors(&Path::new(&model).join("model.safetensors"));
+    let trained = tensors(&checkpoint.join("model.safetensors"));
+    assert_eq!(base.len(), trained.len(), "every parameter is saved, nothing else");
+    let changed = base.iter().filter(|(name, t)| !same(t, &trained[*name])).count();
+    assert!(
+        changed * 10 >= base.len() * 9,
+        "full fine-tuning updates (nearly) every parameter: {changed}/{}",
+        base.len()
+    );
+    let lines = metrics(&out);
+    assert!(lines.last().unwrap()["eval_loss"].as_f64().unwrap().is_finite(), "the held-out loss is logged at the end");
+    assert!(lines[0]["memory_mib"].as_f64().unwrap() > 0.0);
+    // The checkpoint is a model folder: infer and eval load it directly.
+    let answer =
+        oxtune(&["infer", "--model", checkpoint.to_str().unwrap(), "--prompt", "hi", "--max-new-tokens", "2"], &[]);
+    succeeded(&answer);
+}
+
+#[test]
+fn freeze_trains_only_the_matched_parameters() {
+    let model = tiny("tiny-qwen3");
+    let data = scratch("freeze.jsonl", CHATS);
+    let out = fresh_dir("sft-freeze");
+    let pattern = r"layers\.0\.mlp\.";
+    let run = sft(
+        &model,
+        &data,
+        &out,
+        &["--tuner", "freeze", "--trainable-parameters", pattern, "--max-steps", "2", "--learning-rate", "1e-2"],
+    );
+    succeeded(&run);
+    let base = tensors(&Path::new(&model).join("model.safetensors"));
+    let trained = tensors(&out.join("checkpoint-2/model.safetensors"));
+    let matcher = regex_lite(pattern);
+    for (name, tensor) in &base {
+        assert_eq!(same(tensor, &trained[name]), !matcher(name), "{name}");
+    }
+    fails_with(
+        &sft(
+            &model,
+            &data,
+            &fresh_dir("sft-freeze-none"),
+            &["--tuner", "freeze", "--trainable-parameters", "nothing_matches"],
+        ),
+        &["trains no base parameter"],
+    );
+}
+
+/// The test's pattern `layers\.0\.mlp\.` as a plain substring check.
+fn regex_lite(pattern: &str) -> impl Fn(&str) -> bool {
+    let literal = pattern.replace('\\', "");
+    move |name: &str| name.contains(&literal)
+}
+
+#[test]
+fn bad_tuner_settings_are_clear_errors() {
+    let model = tiny("tiny-qwen3");
+    let data = scratch("bad-tuner.jsonl", CHATS);
+    fails_with(
+        &sft(&model, &data, &fresh_dir("sft-bad-targets"), &["--target-modules", "qkv_proj"]),
+        &["match no linear layer", "q_proj", "down_proj"],
+    );
+    fails_with(
+        &sft(&model, &data, &fresh_dir("sft-bad-tuner"), &["--tuner", "adalora"]),
+        &["adalora", "lora", "dora", "full", "freeze"],
+    );
+}
+
+#[test]
+fn pretraining_labels_every_token_of_plain_text() {
+    let model = tiny("tiny-qwen3");
+    let text = scratch("pt.jsonl", "{\"text\": \"the cat sat on the mat\"}\n{\"text\": \"a dog ran in the park\"}\n");
+    let out = fresh_dir("pt");
+    succeeded(&oxtune(
+        &[
+            "pt",
+            "--model",
+            &model,
+            "--dataset",
+            text.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "2",
+        ],
+        &[],
+    ));
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(out.join("args.json")).unwrap()).unwrap();
+    assert_eq!(recorded["command"], "pt");
+    assert_eq!(metrics(&out).len(), 2);
+    // sft cannot read plain text: no adapter recognises a lone `text` column.
+    fails_with(&sft(&model, &text, &fresh_dir("pt-as-sft"), &[]), &["pt.jsonl:1", "no dataset adapter"]);
+}
+
+#[test]
+fn sampling_renaming_and_checkpoint_rotation() {
+    let model = tiny("tiny-qwen3");
+    let data = scratch("renamed.jsonl", "{\"q\": \"one?\", \"a\": \"1\"}\n{\"q\": \"two?\", \"a\": \"2\"}\n");
+    let out = fresh_dir("sft-sampled");
+    let sampled = format!("{}#5", data.display());
+    let run = oxtune(
+        &[
+            "sft",
+            "--model",
+            &model,
+            "--dataset",
+            &sampled,
+            "--columns",
+            "q=query,a=response",
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--save-steps",
+            "1",
+            "--save-total-limit",
+            "2",
+        ],
+        &[],
+    );
+    succeeded(&run);
+    assert_eq!(metrics(&out).len(), 5, "five sampled rows, batch 1, one epoch");
+    let mut kept: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-4", "checkpoint-5"]);
+}
+
+#[test]
+fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
+    let model = tiny("tiny-qwen3");
+    let data = scratch("config-data.jsonl", CHATS);
+    let out = fresh_dir("sft-config");
+    let config = scratch(
+        "run.toml",
+        &format!(
+            "model = {model:?}\ndataset = [{:?}]\noutput_dir = {:?}\nmax_steps = 5\nlora_rank = 2\nuse_rslora = true\n",
+            data.display().to_string(),
+            out.display().to_string()
+        ),
+    );
+    succeeded(&oxtune(&["sft", "--config", config.to_str().unwrap(), "--max-steps", "2"], &[]));
+    assert_eq!(metrics(&out).len(), 2, "--max-steps on the command line wins");
+    let adapter: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint-2/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((adapter["r"].as_u64(), adapter["use_rslora"].as_bool()), (Some(2), Some(true)));
+    let yaml = scratch("bad.yaml", "max_steps: [2\n");
+    fails_with(&oxtune(&["sft", "--config", yaml.to_str().unwrap()], &[]), &["bad.yaml is not valid YAML"]);
+}
+
+#[test]
+fn dataset_forms_and_bad_rows() {
+    let model = tiny("tiny-qwen3");
+    let tokens = scratch("tokens.jsonl", "{\"input_ids\": [1, 2, 3, 4], \"labels\": [-100, -100, 3, 4]}\n");
+    succeeded(&sft(&model, &tokens, &fresh_dir("sft-tokens"), &["--max-steps", "1"]));
+    let out_of_vocab = scratch("tokens-bad.jsonl", "{\"input_ids\": [1, 99999999]}\n");
+    fails_with(
+        &sft(&model, &out_of_vocab, &fresh_dir("sft-tokens-bad"), &[]),
+        &["tokens-bad.jsonl:1", "outside the vocabulary"],
+    );
+    let image = scratch("image.jsonl", "{\"image\": \"cat.png\", \"text\": \"What is it?\", \"answer\": \"a cat\"}\n");
+    fails_with(&sft(&model, &image, &fresh_dir("sft-image"), &[]), &["image.jsonl:1", "reads text only"]);
+    // A malformed line stops the run with its place; --skip-bad-records counts it and goes on.
+    let mixed = scratch("mixed.jsonl", &format!("{CHATS}{{\"messages\": 3}}\nnot json\n"));
+    fails_with(&sft(&model, &mixed, &fresh_dir("sft-mixed"), &[]), &["mixed.jsonl:6"]);
+    let skipped = sft(&model, &mixed, &fresh_dir("sft-mixed-skip"), &["--skip-bad-records", "--max-steps", "1"]);
+    succeeded(&skipped);
+    assert!(
+        String::from_utf8_lossy(&skipped.stderr).contains("skipped 2 bad record(s)"),
+        "{}",
+        String::from_utf8_lossy(&skipped.stderr)
+    );
+    // Rows over --max-length are dropped (and counted) by default.
+    fails_with(
+        &sft(&model, &mixed, &fresh_dir("sft-short"), &["--skip-bad-records", "--max-length", "4"]),
+        &["no training row is left"],
+    );
+    let cut = sft(
+        &model,
+        &data_of(CHATS),
+        &fresh_dir("sft-cut"),
+        &["--max-length", "12", "--truncation-strategy", "left", "--max-steps", "1"],
+    );
+    succeeded(&cut);
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("were cut on the left"));
+}
+
+fn data_of(contents: &str) -> std::path::PathBuf {
+    scratch("plain-chats.jsonl", contents)
+}
+
+#[test]
+fn a_diverging_run_stops_naming_the_step_and_the_last_checkpoint() {
+    let model = tiny("tiny-qwen3");
+    let data = scratch("diverge.jsonl", CHATS);
+    let out = fresh_dir("sft-diverge");
+    let run = sft(
+        &model,
+        &data,
+        &out,
+        &[
+            "--tuner",
+            "full",
+            "--learning-rate",
+            "1e30",
+            "--max-grad-norm",
+            "0",
+            "--save-steps",
+            "1",
+            "--max-steps",
+            "6",
+            "--lr-scheduler-type",
+            "constant",
+        ],
+    );
+    fails_with(&run, &["at step", "the run stopped", "checkpoint-"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let step: usize = stderr.split("at step ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
+    assert!(step >= 2, "{stderr}");
+    assert!(stderr.contains(&format!("checkpoint-{}", step - 1)), "{stderr}");
+    assert!(out.join(format!("checkpoint-{}", step - 1)).is_dir());
+}
