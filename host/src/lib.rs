@@ -9,6 +9,7 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod loss;
+pub mod memory;
 pub mod model;
 pub mod rng;
 pub mod text;

@@ -193,9 +193,14 @@ pub mod cli {
     /// Runs `oxtune` with `args` and an empty home folder (no user plugins,
     /// no `OXTUNE_PLUGIN_PATH`), plus the variables in `env`.
     pub fn oxtune(args: &[&str], env: &[(&str, &Path)]) -> Output {
+        oxtune_in(&std::env::current_dir().expect("a working folder"), args, env)
+    }
+
+    /// [`oxtune`], run in the folder `cwd` (for relative paths in arguments).
+    pub fn oxtune_in(cwd: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
         let home = std::env::temp_dir().join(format!("oxtune-cli-home-{}", std::process::id()));
         let mut cmd = Command::new(super::oxtune_bin());
-        cmd.args(args).env_remove("OXTUNE_PLUGIN_PATH").env("OXTUNE_HOME", &home);
+        cmd.current_dir(cwd).args(args).env_remove("OXTUNE_PLUGIN_PATH").env("OXTUNE_HOME", &home);
         for (k, v) in env {
             cmd.env(k, v);
         }

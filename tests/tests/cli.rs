@@ -47,7 +47,7 @@ fn plugins_lists_dynamic_and_wasm_plugins_from_every_source() {
     assert_eq!(model["source"], cdylib.display().to_string());
     assert_eq!(model["architectures"], serde_json::json!(["ExampleBlockModel"]));
     assert_eq!(model["api_version"], oxtune_plugin_api::API_VERSION);
-    assert_eq!(find(&rows, "tuner", "scale")["origin"], "dynamic");
+    assert_eq!(find(&rows, "tuner", "ia3")["origin"], "dynamic");
     assert_eq!(find(&rows, "dataset-adapter", "qa-pairs")["origin"], "dynamic");
     assert_eq!(find(&rows, "reward", "sentence_end")["origin"], "wasm");
     assert_eq!(find(&rows, "reward", "format")["origin"], "built-in");

@@ -41,7 +41,7 @@ fn example_plugin_loads_from_a_path_and_its_components_work() {
         names,
         vec![
             (ComponentKind::Model, "example-block"),
-            (ComponentKind::Tuner, "scale"),
+            (ComponentKind::Tuner, "ia3"),
             (ComponentKind::Reward, "keyword"),
             (ComponentKind::DatasetAdapter, "qa-pairs"),
         ]
@@ -157,12 +157,13 @@ fn a_model_plugin_gives_bit_identical_outputs_linked_in_and_loaded() {
 fn a_tuner_plugin_adapts_the_linear_hook_and_receives_gradients() {
     let registry = load(&build_cdylib("oxtune-example-plugin", &["cdylib"])).unwrap();
     let tuner = TunerBinding {
-        instance: registry.load_tuner("scale", "{}").unwrap(),
+        instance: registry.load_tuner("ia3", r#"{"target_modules": ["o_proj"], "feedforward_modules": []}"#).unwrap(),
         target_modules: TargetModules::Names(vec!["o_proj".into()]),
     };
     let params = tuner.instance.params("layers.0.o_proj".into(), 16, 16).into_result().unwrap();
     assert_eq!(params.len(), 1);
-    assert_eq!(params[0].name.as_str(), "layers.0.o_proj.scale_vector");
+    assert_eq!(params[0].name.as_str(), "layers.0.o_proj.ia3_l");
+    assert_eq!(params[0].shape.as_slice(), &[16, 1], "PEFT's shape for a scaled output");
     assert!(
         tuner.targets("layers.1.o_proj") && !tuner.targets("layers.1.q_proj") && !tuner.targets("layers.1.xo_proj")
     );
@@ -172,8 +173,8 @@ fn a_tuner_plugin_adapts_the_linear_hook_and_receives_gradients() {
     let base = run_block(&registry, &weights, &x, None);
     let mut vars = Vec::new();
     for layer in 0..2 {
-        let var = Var::ones(16, DType::F32, &Device::Cpu).unwrap();
-        weights.insert_var(format!("layers.{layer}.o_proj.scale_vector"), var.clone());
+        let var = Var::ones((16, 1), DType::F32, &Device::Cpu).unwrap();
+        weights.insert_var(format!("layers.{layer}.o_proj.ia3_l"), var.clone());
         vars.push(var);
     }
     // Initialised to ones, the tuner leaves the model unchanged...
@@ -187,7 +188,7 @@ fn a_tuner_plugin_adapts_the_linear_hook_and_receives_gradients() {
         assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
     }
     // Scaling o_proj by 2 changes the output.
-    vars[0].set(&Tensor::full(2f32, 16, &Device::Cpu).unwrap()).unwrap();
+    vars[0].set(&Tensor::full(2f32, (16, 1), &Device::Cpu).unwrap()).unwrap();
     let scaled = run_block(&registry, &weights, &x, Some(&tuner));
     let diff = (&scaled - &base).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff > 1e-3);

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use oxtune_tests::cli::{fails_with, fresh_dir, oxtune, scratch, succeeded, tiny};
+use oxtune_tests::cli::{fails_with, fresh_dir, oxtune, oxtune_in, scratch, succeeded, tiny};
 use serde_json::Value;
 
 const CHATS: &str = concat!(
@@ -278,4 +278,97 @@ fn a_diverging_run_stops_naming_the_step_and_the_last_checkpoint() {
     assert!(step >= 2, "{stderr}");
     assert!(stderr.contains(&format!("checkpoint-{}", step - 1)), "{stderr}");
     assert!(out.join(format!("checkpoint-{}", step - 1)).is_dir());
+}
+
+#[test]
+fn a_tuner_from_a_dynamic_plugin_trains_saves_in_peft_layout_and_merges() {
+    use oxtune::backend::BatchInfo;
+    use oxtune::model::checkpoint::Trainable;
+    use oxtune::model::{LoadOptions, LoadedModel};
+
+    let plugin = oxtune_tests::build_cdylib("oxtune-example-plugin", &["cdylib"]);
+    let plugin = plugin.to_str().unwrap();
+    let model = tiny("tiny-qwen3");
+    let data = scratch("ia3.jsonl", CHATS);
+    let out = fresh_dir("sft-ia3");
+    let extra = ["--plugin", plugin, "--tuner", "ia3", "--target-modules", "k_proj,v_proj,down_proj"];
+    let mut args = extra.to_vec();
+    args.extend(["--max-steps", "3", "--learning-rate", "0.05"]);
+    succeeded(&sft(&model, &data, &out, &args));
+    let checkpoint = out.join("checkpoint-3");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "IA3");
+    assert_eq!(config["feedforward_modules"], serde_json::json!(["down_proj"]));
+    let saved = tensors(&checkpoint.join("adapter_model.safetensors"));
+    assert_eq!(saved.len(), 2 * 3, "two layers, three modules");
+    let k = &saved["base_model.model.model.layers.0.self_attn.k_proj.ia3_l"];
+    let down = &saved["base_model.model.model.layers.0.mlp.down_proj.ia3_l"];
+    assert_eq!((k.dims(), down.dims()), (&[32usize, 1][..], &[1usize, 128][..]), "PEFT's shapes: [out, 1] and [1, in]");
+    let ones = Tensor::ones(32, candle_core::DType::F32, &Device::Cpu).unwrap().reshape((32, 1)).unwrap();
+    assert!(!same(k, &ones), "training moved the scales off their initial ones");
+
+    // Reloaded through the plugin, the adapter's forward equals its merged weights'.
+    let mut registry = oxtune_registry::Registry::with_builtins().unwrap();
+    registry.load_path(Path::new(plugin), &Default::default()).unwrap();
+    let mut loaded = LoadedModel::load(&registry, Path::new(&model), &LoadOptions::default()).unwrap();
+    let ids = Tensor::new(&[[3u32, 17, 99, 5, 250, 8]], &Device::Cpu).unwrap();
+    let plain = loaded.forward(&ids, &BatchInfo::default(), None, None).unwrap();
+    loaded.attach_adapter(&registry, &checkpoint, Trainable::None).unwrap();
+    let adapted = loaded.forward(&ids, &BatchInfo::default(), None, None).unwrap();
+    loaded.merge_adapter().unwrap();
+    let merged = loaded.forward(&ids, &BatchInfo::default(), None, None).unwrap();
+    let max_diff =
+        |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(max_diff(&adapted, &plain) > 1e-3, "the adapter changes the logits");
+    assert!(max_diff(&adapted, &merged) < 1e-4, "merged: {}", max_diff(&adapted, &merged));
+    // infer applies it from the command line too.
+    let answer = oxtune(
+        &[
+            "infer",
+            "--plugin",
+            plugin,
+            "--model",
+            &model,
+            "--adapter",
+            checkpoint.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ],
+        &[],
+    );
+    succeeded(&answer);
+}
+
+#[test]
+fn the_quick_start_config_trains_the_shipped_model() {
+    // The README's first command, cut to 40 steps: the shipped model and
+    // data load, the loss falls, and the before/after answers print.
+    let root = oxtune_tests::workspace_root();
+    let out = fresh_dir("quickstart");
+    let run = oxtune_in(
+        &root,
+        &[
+            "sft",
+            "--config",
+            "examples/quickstart/sft.toml",
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "40",
+            "--eval-steps",
+            "20",
+        ],
+        &[],
+    );
+    succeeded(&run);
+    let lines = metrics(&out);
+    let eval: Vec<f64> = lines.iter().filter_map(|m| m["eval_loss"].as_f64()).collect();
+    assert_eq!(eval.len(), 2);
+    let first = lines[0]["loss"].as_f64().unwrap();
+    assert!(eval[1] < eval[0] && eval[1] < first - 1.0, "the held-out loss falls from {first}: {eval:?}");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(stdout.matches("after:").count(), 3, "{stdout}");
 }

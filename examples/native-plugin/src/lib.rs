@@ -13,8 +13,11 @@
 //!   `keyword` column (case-insensitive), else 0.0;
 //! - dataset adapter `qa-pairs`: `{"q": ..., "a": ...}` records become a
 //!   user/assistant conversation;
-//! - tuner `scale`: an IA3-style learned per-output-feature scale on the
-//!   targeted linear layers (`{layer}.scale_vector`, initialised to ones);
+//! - tuner `ia3`: PEFT's IA³ — a learned vector rescales each targeted
+//!   layer's output (`{layer}.ia3_l`, shape `[out, 1]`), or for the
+//!   `feedforward_modules` its input (`[1, in]`); initialised to ones and
+//!   saved as PEFT saves it (`peft_type: IA3`), so the adapters move
+//!   between PEFT and oxtune;
 //! - model `example-block`: a stack of pre-norm transformer blocks (GQA
 //!   attention with RoPE, SwiGLU MLP) over `hidden_states` input; the ABI
 //!   dispatch benchmark runs it.
@@ -78,35 +81,86 @@ impl DatasetAdapter for QaPairs {
     }
 }
 
-/// An IA3-style tuner: `base ⊙ s` with a learned vector `s` per layer.
-pub struct ScaleTuner;
+/// PEFT's IA³ tuner.
+pub struct Ia3Tuner;
 
-struct ScaleLayers;
+/// A configured IA³: which modules scale their input, and the config to save.
+struct Ia3Layers {
+    /// Module names (`down_proj`) whose input, not output, is scaled.
+    feedforward: Vec<String>,
+    /// The run's configuration (PEFT keys).
+    config: Value,
+}
 
-impl Tuner for ScaleTuner {
+impl Tuner for Ia3Tuner {
     fn descriptor(&self) -> Descriptor {
-        Descriptor::tuner("scale", env!("CARGO_PKG_VERSION"))
-            .description("learned per-feature scaling of targeted linear outputs (IA3-style)")
+        Descriptor::tuner("ia3", env!("CARGO_PKG_VERSION"))
+            .description("IA³ (PEFT-compatible): learned rescaling of targeted layers' outputs, or feed-forward inputs")
     }
 
-    fn load(&self, _config: &Value) -> Result<Box<dyn TunerLayers>> {
-        Ok(Box::new(ScaleLayers))
+    fn load(&self, config: &Value) -> Result<Box<dyn TunerLayers>> {
+        let feedforward = match config.get("feedforward_modules") {
+            None | Some(Value::Null) => vec!["down_proj".to_owned()],
+            Some(Value::Array(names)) => names
+                .iter()
+                .map(|n| {
+                    n.as_str().map(str::to_owned).ok_or_else(|| Error::new("`feedforward_modules` must hold names"))
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => {
+                return Err(Error::new(format!("`feedforward_modules` must be a list of names, not {other}")))
+            }
+        };
+        Ok(Box::new(Ia3Layers { feedforward, config: config.clone() }))
     }
 }
 
-impl TunerLayers for ScaleLayers {
-    fn params(&self, layer: &str, _in_features: usize, out_features: usize) -> Result<Vec<TunerParam>> {
-        Ok(vec![TunerParam { name: format!("{layer}.scale_vector"), shape: vec![out_features], init: ParamInit::Ones }])
+impl Ia3Layers {
+    /// Whether `layer` (a full name) is one of the feed-forward modules.
+    fn is_feedforward(&self, layer: &str) -> bool {
+        let module = layer.rsplit('.').next().unwrap_or(layer);
+        self.feedforward.iter().any(|f| f == module)
+    }
+}
+
+impl TunerLayers for Ia3Layers {
+    fn params(&self, layer: &str, in_features: usize, out_features: usize) -> Result<Vec<TunerParam>> {
+        let shape = if self.is_feedforward(layer) { vec![1, in_features] } else { vec![out_features, 1] };
+        Ok(vec![TunerParam { name: format!("{layer}.ia3_l"), shape, init: ParamInit::Ones }])
     }
 
-    fn forward(&self, layer: &str, _x: &Tensor, base: &Tensor) -> Result<Tensor> {
-        base.mul(&weight(&format!("{layer}.scale_vector"))?)
+    fn forward(&self, layer: &str, x: &Tensor, base: &Tensor) -> Result<Tensor> {
+        let scale = weight(&format!("{layer}.ia3_l"))?.reshape(&[-1])?;
+        if !self.is_feedforward(layer) {
+            return base.mul(&scale);
+        }
+        // base(x ⊙ l) = (x ⊙ l) Wᵀ + b: the layer again, on the scaled input.
+        let mut out = x.mul(&scale)?.matmul(&weight(&format!("{layer}.weight"))?.transpose(0, 1)?)?;
+        let bias = format!("{layer}.bias");
+        if oxtune_plugin_api::has_weight(&bias)? {
+            out = out.add(&weight(&bias)?)?;
+        }
+        Ok(out)
     }
 
     fn merge(&self, layer: &str) -> Result<Tensor> {
-        // Scaling output feature o scales row o of the weight.
-        let scale = weight(&format!("{layer}.scale_vector"))?;
-        weight(&format!("{layer}.weight"))?.mul(&scale.reshape(&[-1, 1])?)
+        // diag(l) W for outputs, W diag(l) for inputs: `[out, 1]` or `[1, in]` broadcasts either way.
+        weight(&format!("{layer}.weight"))?.mul(&weight(&format!("{layer}.ia3_l"))?)
+    }
+
+    fn saved_config(&self) -> Option<Value> {
+        let mut saved = json!({
+            "auto_mapping": null, "base_model_name_or_path": null, "exclude_modules": null, "fan_in_fan_out": false,
+            "feedforward_modules": self.feedforward, "inference_mode": true, "init_ia3_weights": true,
+            "modules_to_save": null, "peft_type": "IA3", "peft_version": "0.21.2", "revision": null,
+            "target_modules": [], "task_type": "CAUSAL_LM"
+        });
+        for key in ["target_modules", "base_model_name_or_path"] {
+            if let Some(v) = self.config.get(key) {
+                saved[key] = v.clone();
+            }
+        }
+        Some(saved)
     }
 }
 
@@ -194,7 +248,7 @@ fn plugin() -> Plugin {
     Plugin::new("oxtune-example-plugin", env!("CARGO_PKG_VERSION"))
         .reward(KeywordReward)
         .dataset_adapter(QaPairs)
-        .tuner(ScaleTuner)
+        .tuner(Ia3Tuner)
         .model(ExampleBlockArch)
 }
 

@@ -1,6 +1,10 @@
-//! `oxtune bench infer`: how fast a model prefills and decodes on this
-//! machine, against the memory-bandwidth bound of decoding (every step
-//! reads every weight once), measured in the same run.
+//! `oxtune bench`: how fast this machine runs a model, each figure printed
+//! beside a bound measured in the same run.
+//!
+//! - `bench infer`: prefill and decode, against the memory-bandwidth bound
+//!   of decoding (every step reads every weight once).
+//! - `bench train`: tokens/s of adapter (LoRA) SFT steps, with the FLOP/s
+//!   they achieve against the machine's measured f32 matmul peak.
 
 use std::time::Instant;
 
@@ -17,6 +21,33 @@ use crate::model::LoadedModel;
 pub enum BenchCommand {
     /// Prefill and decode throughput of a model at several batch sizes.
     Infer(InferBenchArgs),
+    /// Training-step throughput (tokens/s, FLOP/s vs the matmul peak) of LoRA SFT.
+    Train(TrainBenchArgs),
+}
+
+/// Arguments of `oxtune bench train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The tuner to train.
+    #[arg(long, default_value = "lora")]
+    pub tuner: String,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// Modules to adapt (comma-separated names, or `all-linear`).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    pub target_modules: Vec<String>,
+    /// Rows per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Timed steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
 }
 
 /// Arguments of `oxtune bench infer`.
@@ -51,11 +82,19 @@ fn copy_bandwidth() -> f64 {
     2.0 * n as f64 / best
 }
 
-/// Peak resident memory of this process in bytes (Linux), if known.
-fn peak_memory() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+/// The best f32 matmul rate (FLOP/s) of candle on this machine: square
+/// products of the size that dominates a training step, a few tries each.
+fn matmul_peak(device: &candle_core::Device) -> anyhow::Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        std::hint::black_box(a.matmul(&b)?);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * n * n) as f64 / best)
 }
 
 /// Bytes one decode step reads: every weight, except an untied token
@@ -72,9 +111,101 @@ fn bytes_per_step(model: &LoadedModel) -> u64 {
         .sum()
 }
 
-/// Runs `oxtune bench infer`.
+/// Runs `oxtune bench`.
 pub fn run(global: &GlobalArgs, command: &BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Infer(args) = command;
+    match command {
+        BenchCommand::Infer(args) => infer(global, args),
+        BenchCommand::Train(args) => train(global, args),
+    }
+}
+
+/// Matmul FLOPs of one adapter-training step over `tokens` tokens in rows of
+/// `seq_len`: the frozen linear layers run forward and pass gradients back
+/// (2 + 2 FLOPs per weight per token; no weight gradient), attention scores
+/// and mixing run forward and twice backward. The adapter's own matmuls are
+/// left out (a rank-8 adapter adds under 2%).
+fn adapter_step_flops(model: &LoadedModel, tokens: usize, seq_len: usize) -> f64 {
+    let store = model.weights();
+    let config = model.config();
+    let matrix_weights: usize = store
+        .names()
+        .into_iter()
+        .filter(|n| n.ends_with(".weight") && !n.contains("embed_tokens"))
+        .filter_map(|n| store.get(n))
+        .filter(|t| t.rank() == 2)
+        .map(|t| t.elem_count())
+        .sum();
+    // A tied output layer reuses the embedding matrix.
+    let output_layer = if store.contains("lm_head.weight") {
+        0
+    } else {
+        store.get("model.embed_tokens.weight").map_or(0, |t| t.elem_count())
+    };
+    let get = |k: &str| config.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as f64;
+    let head_dim = config
+        .get("head_dim")
+        .and_then(|v| v.as_u64())
+        .map(|d| d as f64)
+        .unwrap_or_else(|| get("hidden_size") / get("num_attention_heads").max(1.0));
+    let attention_width = get("num_attention_heads") * head_dim;
+    let attention = 3.0 * 4.0 * get("num_hidden_layers") * tokens as f64 * seq_len as f64 * attention_width;
+    4.0 * (matrix_weights + output_layer) as f64 * tokens as f64 + attention
+}
+
+/// Runs `oxtune bench train`.
+fn train(global: &GlobalArgs, args: &TrainBenchArgs) -> anyhow::Result<()> {
+    let registry = global.registry()?;
+    let mut text = args.model.load(&registry)?;
+    let peak = matmul_peak(text.model.device())?;
+    let linear = super::sft::linear_modules(&text.model);
+    let targets: Vec<String> =
+        if args.target_modules.iter().any(|t| t == "all-linear") { linear } else { args.target_modules.clone() };
+    let config = json!({"r": args.lora_rank, "lora_alpha": 2 * args.lora_rank, "target_modules": targets});
+    text.model.add_adapter(&registry, &args.tuner, config, 0)?;
+    let vocab = text.assets.tokenizer.vocab_size() as u32;
+    let rows: Vec<crate::text::EncodedRow> = (0..args.batch_size * (args.steps + 1))
+        .map(|r| {
+            let ids: Vec<u32> =
+                (0..args.seq_len).map(|i| ((r * args.seq_len + i) as u32 * 7919 + 13) % vocab.max(1)).collect();
+            let labels = ids.iter().map(|&t| t as i64).collect();
+            crate::text::EncodedRow { input_ids: ids, labels }
+        })
+        .collect();
+    let config = crate::train::TrainConfig {
+        batch_size: args.batch_size,
+        max_steps: Some(args.steps + 1),
+        learning_rate: 1e-4,
+        ..Default::default()
+    };
+    let metrics = crate::train::train(&text.model, &rows, &[], &config)?;
+    let timed = &metrics[1..];
+    let tokens_per_s = timed.iter().map(|m| m.tokens_per_s).sum::<f64>() / timed.len().max(1) as f64;
+    let tokens = args.batch_size * args.seq_len;
+    let flops = adapter_step_flops(&text.model, tokens, args.seq_len);
+    let achieved = flops * tokens_per_s / tokens as f64;
+    println!(
+        "{}",
+        json!({
+            "tuner": args.tuner,
+            "lora_rank": args.lora_rank,
+            "target_modules": args.target_modules,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "timed_steps": timed.len(),
+            "seconds_per_step": tokens as f64 / tokens_per_s,
+            "tokens_per_s": tokens_per_s,
+            "flops_per_step": flops,
+            "achieved_gflop_per_s": achieved / 1e9,
+            "matmul_peak_gflop_per_s": peak / 1e9,
+            "fraction_of_peak": achieved / peak,
+            "peak_memory_mb": crate::memory::peak_resident_bytes().map(|b| b as f64 / 1e6),
+        })
+    );
+    Ok(())
+}
+
+/// Runs `oxtune bench infer`.
+fn infer(global: &GlobalArgs, args: &InferBenchArgs) -> anyhow::Result<()> {
     let registry = global.registry()?;
     let text = args.model.load(&registry)?;
     let model = &text.model;
@@ -110,7 +241,7 @@ pub fn run(global: &GlobalArgs, command: &BenchCommand) -> anyhow::Result<()> {
                 "copy_bandwidth_gb_per_s": bandwidth / 1e9,
                 "decode_bandwidth_bound_tokens_per_s": bound_tps,
                 "decode_vs_bound": decode_tps / bound_tps,
-                "peak_memory_mb": peak_memory().map(|b| b as f64 / 1e6),
+                "peak_memory_mb": crate::memory::peak_resident_bytes().map(|b| b as f64 / 1e6),
             })
         );
     }

@@ -40,7 +40,7 @@ pub struct SftArgs {
 }
 
 /// The module names (`q_proj`, ...) of a model's linear layers, output layer excluded.
-fn linear_modules(model: &crate::model::LoadedModel) -> Vec<String> {
+pub(super) fn linear_modules(model: &crate::model::LoadedModel) -> Vec<String> {
     let names: BTreeSet<String> = model
         .weights()
         .names()

@@ -193,14 +193,6 @@ fn read_checkpoint(
     Ok((state, optimizer))
 }
 
-/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
-fn peak_memory_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// Keeps the lines of `metrics.jsonl` up to `step`: a resumed run rewrites
 /// the steps after its checkpoint.
 fn truncate_metrics(path: &std::path::Path, step: usize) -> std::io::Result<()> {
@@ -437,7 +429,7 @@ pub fn train(
             grad_norm,
             tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
             epoch: (step * micro * accum) as f64 / rows.len() as f64,
-            memory_mib: peak_memory_mib(),
+            memory_mib: crate::memory::peak_resident_bytes().map(|b| b as f64 / (1u64 << 20) as f64),
             eval_loss,
         };
         if let Some((file, path)) = metrics_file.as_mut() {
