@@ -6,9 +6,16 @@
 //!   once, split across threads, and runs near memory bandwidth. It has no
 //!   backward pass, so the host uses it only when no gradient is needed.
 //!
+//! - [`frozen_linear`]: `x · Wᵀ` for a frozen `W` inside a graph that needs
+//!   gradients (adapter training). candle's matmul backward computes the
+//!   gradient of both operands, so every frozen weight would get a
+//!   weight-sized gradient (a third of a step's FLOPs, and its memory)
+//!   that is thrown away; this op's backward gives `x` its gradient only.
+//!
 //! The crate is compiled at full optimisation even in dev builds (see the
 //! workspace's `Cargo.toml`).
 
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -21,6 +28,34 @@ pub fn matvec(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 struct MatVec;
+
+/// `x · Wᵀ` for `x` `[rows, in]` and a frozen `W` `[out, in]` (same float
+/// dtype), differentiable in `x` only.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.apply_op2(w, FrozenLinear)
+}
+
+struct FrozenLinear;
+
+impl CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, inp) = xl.shape().dims2()?;
+        let (out, w_in) = wl.shape().dims2()?;
+        if inp != w_in {
+            bail!("frozen-linear: input has {inp} features, the weight {w_in}");
+        }
+        let y = x.matmul(w, (1, rows, out, inp), xl, &wl.transpose(0, 1)?)?;
+        Ok((y, Shape::from((rows, out))))
+    }
+
+    fn bwd(&self, _x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), None))
+    }
+}
 
 /// Most rows of `x` one pass over a weight row serves.
 const MAX_ROWS: usize = 8;

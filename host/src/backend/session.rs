@@ -355,6 +355,9 @@ impl<'a> GraphSession<'a> {
         let fast = rows <= 8 && w.dtype() == DType::F32 && !input.track_op() && !w.track_op();
         let mut y = if fast {
             oxtune_kernels::matvec(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
+        } else if input.track_op() && !w.track_op() {
+            // Training through a frozen weight: no gradient for the weight.
+            oxtune_kernels::frozen_linear(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
         } else {
             x2.matmul(&w.t().map_err(candle)?).map_err(candle)?
         };
