@@ -197,7 +197,7 @@ pub fn generate(
         let batch = BatchInfo {
             position_ids: Some(position_ids.clone()),
             attention_mask: Some(attention_mask),
-            segment_ids: None,
+            ..Default::default()
         };
         let logits = model.forward(&input, &batch, Some(&mut cache), None)?;
         let last = logits

@@ -208,6 +208,11 @@ pub enum Op {
         sliding_window: u32,
         softcap: f32,
     },
+    /// Dropout: while training, each element is zeroed with probability `p`
+    /// and the rest scaled by `1 / (1 - p)`; at inference and evaluation the
+    /// identity. The host draws the mask from the run's seed, so a training
+    /// run (and a resumed one) is reproducible.
+    Dropout { x: TensorId, p: f64 },
 }
 
 /// An [`Op`] as it crosses the boundary.

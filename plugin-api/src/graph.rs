@@ -266,6 +266,11 @@ impl Tensor {
         apply(Op::Detach { x: self.0 })
     }
 
+    /// Dropout with probability `p` while training, the identity otherwise (see [`Op::Dropout`]).
+    pub fn dropout(&self, p: f64) -> Result<Tensor> {
+        apply(Op::Dropout { x: self.0, p })
+    }
+
     /// Converts the element type.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         apply(Op::ToDType { x: self.0, dtype })

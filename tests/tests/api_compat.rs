@@ -15,8 +15,8 @@ use oxtune_tests::{build_against_api_variant, build_cdylib, Patch};
 const API_1_1: &[Patch] = &[
     Patch {
         file: "abi.rs",
-        find: "    },\n}\n\n/// An [`Op`] as it crosses the boundary.",
-        replace: "    },\n    /// Added in 1.1.\n    Erf { x: TensorId },\n}\n\n/// An [`Op`] as it crosses the boundary.",
+        find: "\n}\n\n/// An [`Op`] as it crosses the boundary.",
+        replace: "\n    /// Added in 1.1.\n    Erf { x: TensorId },\n}\n\n/// An [`Op`] as it crosses the boundary.",
     },
     Patch {
         file: "abi.rs",
@@ -107,4 +107,47 @@ fn a_plugin_with_a_changed_type_is_refused_in_one_line() {
     // The unchanged template loads: the refusal is the changed type's doing.
     let control = build_against_api_variant("plugin-unchanged", oxtune_plugin_api::API_VERSION, &[], "plugin");
     assert_eq!(load(&control).unwrap().score("constant", &[Default::default()]).unwrap(), vec![0.5]);
+}
+
+/// The 1.0 tuner vtable: `merge` was its last method; `trains_base` and
+/// `saved_config` came after the prefix. This variant comments them out.
+const TUNER_VTABLE_1_0: &[Patch] = &[
+    Patch {
+        file: "abi.rs",
+        find: "    /// Whether the base parameter `name` (a Hugging Face name, any\n",
+        replace: "    /* not in this variant\n",
+    },
+    Patch {
+        file: "abi.rs",
+        find: "        RResult::ROk(ROption::RNone)\n    }\n}",
+        replace: "        RResult::ROk(ROption::RNone)\n    }*/\n}",
+    },
+    Patch {
+        file: "plugin.rs",
+        find: "    fn trains_base(&self, name: RStr<'_>) -> RResult<bool, RString> {\n",
+        replace: "    /* not in this variant\n    fn trains_base(&self, name: RStr<'_>) -> RResult<bool, RString> {\n",
+    },
+    Patch {
+        file: "plugin.rs",
+        find: "RString::from(c.to_string())).into())\n        })\n    }\n",
+        replace: "RString::from(c.to_string())).into())\n        })\n    }*/\n",
+    },
+];
+
+#[test]
+fn tuner_methods_added_after_the_prefix_default_for_older_plugins() {
+    let query = |registry: &Registry| {
+        let tuner = registry.load_tuner("everything", "{}").unwrap();
+        let trains = tuner.trains_base("model.norm.weight".into()).into_result().unwrap();
+        let saved = tuner.saved_config().into_result().unwrap().into_option().map(|s| s.to_string());
+        (trains, saved)
+    };
+    // Built against this API, the plugin's own answers come through...
+    let current = build_against_api_variant("plugin-tuner-current", oxtune_plugin_api::API_VERSION, &[], "plugin");
+    assert_eq!(query(&load(&current).unwrap()), (true, Some(r#"{"peft_type":"EVERYTHING"}"#.to_owned())));
+    // ...built against the 1.0 vtable (same plugin code), it loads, and the
+    // host's defaults stand in for the methods it lacks.
+    let older =
+        build_against_api_variant("plugin-tuner-1.0", oxtune_plugin_api::API_VERSION, TUNER_VTABLE_1_0, "plugin");
+    assert_eq!(query(&load(&older).unwrap()), (false, None));
 }

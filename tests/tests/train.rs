@@ -15,7 +15,7 @@ fn rows(assets: &TextAssets) -> Vec<EncodedRow> {
         .iter()
         .map(|(q, a)| {
             let messages = [json!({"role": "user", "content": q}), json!({"role": "assistant", "content": a})];
-            encode_chat(assets, &messages).unwrap()
+            encode_chat(assets, &messages, None).unwrap()
         })
         .collect()
 }
@@ -23,7 +23,9 @@ fn rows(assets: &TextAssets) -> Vec<EncodedRow> {
 fn lora_model(registry: &Registry, seed: u64) -> LoadedModel {
     let dir = fixtures().join("models/tiny-qwen3");
     let mut model = LoadedModel::load(registry, &dir, &LoadOptions::default()).unwrap();
-    let config = json!({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]});
+    // With dropout: the resume test below then proves the masks reproduce.
+    let config = json!({"r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
+                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]});
     model.add_adapter(registry, "lora", config, seed).unwrap();
     model
 }
@@ -149,4 +151,26 @@ fn a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
         TrainConfig { max_steps: Some(9), resume_from: Some(base.join("full/checkpoint-3")), ..config("other") };
     let err = train(&other, &rows(&assets), &[], &wrong).unwrap_err().to_string();
     assert!(err.contains("6 steps") && err.contains("9 steps"), "{err}");
+}
+
+#[test]
+fn lora_dropout_acts_while_training_only() {
+    use candle_core::{Device, Tensor};
+    use oxtune::backend::BatchInfo;
+    let registry = Registry::with_builtins().unwrap();
+    let model = lora_model(&registry, 3);
+    // B starts at zero, so the adapter (and its dropout) would add nothing:
+    // give it a value first.
+    let b = model.weights().var("model.layers.0.self_attn.q_proj.lora_B.weight").unwrap();
+    b.set(&Tensor::ones(b.shape(), b.dtype(), &Device::Cpu).unwrap()).unwrap();
+    let ids = Tensor::new(&[[5u32, 9, 14, 2, 77]], &Device::Cpu).unwrap();
+    let run = |seed: Option<u64>| {
+        let info = BatchInfo { dropout_seed: seed, ..Default::default() };
+        model.forward(&ids, &info, None, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let inference = run(None);
+    assert_eq!(inference, run(None), "no dropout at inference");
+    assert_ne!(inference, run(Some(1)), "dropout while training");
+    assert_eq!(run(Some(1)), run(Some(1)), "the masks follow the seed");
+    assert_ne!(run(Some(1)), run(Some(2)));
 }

@@ -15,6 +15,10 @@ pub struct BatchInfo {
     /// `[batch, seq]` packing segment of each token: a token attends only
     /// within its segment. Not used together with a KV cache.
     pub segment_ids: Option<Tensor>,
+    /// Set while training: dropout is active, its masks drawn from this
+    /// seed (the trainer derives one per micro-batch, so runs reproduce).
+    /// `None` (inference, evaluation): dropout is the identity.
+    pub dropout_seed: Option<u64>,
 }
 
 /// Keys and values of past tokens, per layer, for incremental decoding.

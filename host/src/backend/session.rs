@@ -111,6 +111,8 @@ pub struct GraphSession<'a> {
     tag: u32,
     offset: usize,
     masks: HashMap<(MaskSpec, MaskShape, DType), Option<Tensor>>,
+    /// Dropout ops run so far: each draws its own mask.
+    dropouts: u64,
 }
 
 fn dim_index(op: &'static str, dim: i64, rank: usize) -> Result<usize, OpError> {
@@ -159,6 +161,7 @@ impl<'a> GraphSession<'a> {
             tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
             offset,
             masks: HashMap::new(),
+            dropouts: 0,
         }
     }
 
@@ -309,6 +312,7 @@ impl<'a> GraphSession<'a> {
                 self.get(*x)?.to_dtype(dt).map_err(candle)
             }
             Op::Detach { x } => Ok(self.get(*x)?.detach()),
+            Op::Dropout { x, p } => self.dropout(*x, *p),
             Op::Rope { x, inv_freq, interleaved, scale } => self.rope(*x, inv_freq, *interleaved, *scale),
             Op::Attention { layer, q, k, v, causal, scale, sliding_window, softcap } => {
                 let spec = MaskSpec { causal: *causal, sliding_window: *sliding_window };
@@ -376,6 +380,21 @@ impl<'a> GraphSession<'a> {
             }
             _ => Ok(base),
         }
+    }
+
+    fn dropout(&mut self, x: TensorId, p: f64) -> Result<Tensor, OpError> {
+        let t = self.get(x)?.clone();
+        if !(0.0..1.0).contains(&p) {
+            return Err(OpError::Invalid { op: "dropout", message: format!("p = {p} is not in [0, 1)") });
+        }
+        let Some(seed) = self.ctx.batch.dropout_seed.filter(|_| p > 0.0) else { return Ok(t) };
+        self.dropouts += 1;
+        let mut rng = crate::rng::SplitMix64::new(seed ^ self.dropouts.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..t.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
+        let candle = |source| OpError::Candle { op: "dropout", cause: source };
+        let mask = Tensor::from_vec(mask, t.shape(), t.device()).and_then(|m| m.to_dtype(t.dtype())).map_err(candle)?;
+        t.mul(&mask).map_err(candle)
     }
 
     fn positions(&self, batch: usize, seq: usize, device: &Device) -> Result<Tensor, OpError> {
@@ -499,6 +518,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::BroadcastAs { .. } => "broadcast_as",
         Op::ToDType { .. } => "to_dtype",
         Op::Detach { .. } => "detach",
+        Op::Dropout { .. } => "dropout",
         Op::Rope { .. } => "rope",
         Op::Attention { .. } => "attention",
         _ => "unknown op",

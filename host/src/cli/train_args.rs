@@ -57,6 +57,9 @@ pub struct TunerArgs {
     /// LoRA alpha (the update is scaled by alpha / rank).
     #[arg(long, default_value_t = 32.0)]
     pub lora_alpha: f64,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`).
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
     /// Scale by alpha / √rank (rsLoRA).
     #[arg(long)]
     pub use_rslora: bool,
@@ -155,7 +158,8 @@ impl TunerArgs {
             "full" => json!({"target_modules": []}),
             "freeze" => json!({"target_modules": [], "trainable_parameters": self.trainable_parameters,
                                "freeze_parameters": self.freeze_parameters}),
-            _ => json!({"r": self.lora_rank, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora,
+            _ => json!({"r": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                        "use_rslora": self.use_rslora,
                         "init_lora_weights": init, "target_modules": targets}),
         }
     }

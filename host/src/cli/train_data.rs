@@ -95,7 +95,17 @@ impl Encoder<'_> {
         }
         let messages = row["messages"].as_array().cloned().unwrap_or_default();
         match objective {
-            Objective::AssistantTurns => Ok(encode_chat(assets, &messages)?),
+            Objective::AssistantTurns => {
+                // ms-swift rows often carry `tools` as a JSON string.
+                let tools: Option<Vec<Value>> = match row.get("tools") {
+                    Some(Value::Array(tools)) => Some(tools.clone()),
+                    Some(Value::String(text)) => {
+                        Some(serde_json::from_str(text).context("`tools` is a string but not a JSON list")?)
+                    }
+                    _ => None,
+                };
+                Ok(encode_chat(assets, &messages, tools.as_deref())?)
+            }
             Objective::AllTokens => {
                 let joined: Vec<&str> = messages.iter().filter_map(|m| m["content"].as_str()).collect();
                 plain_text(assets, &joined.join("\n"))

@@ -22,12 +22,22 @@ pub struct EncodedRow {
     pub labels: Vec<i64>,
 }
 
-fn render(assets: &TextAssets, messages: &[Value], add_generation_prompt: bool) -> Result<String, TextError> {
-    assets.render_chat(&ChatRequest { messages, add_generation_prompt, ..Default::default() })
+fn render(
+    assets: &TextAssets,
+    messages: &[Value],
+    tools: Option<&[Value]>,
+    add_generation_prompt: bool,
+) -> Result<String, TextError> {
+    assets.render_chat(&ChatRequest { messages, tools, add_generation_prompt, ..Default::default() })
 }
 
 /// The byte spans of the rendered text that belong to trained assistant turns.
-fn assistant_spans(assets: &TextAssets, messages: &[Value], full: &str) -> Result<Vec<(usize, usize)>, TextError> {
+fn assistant_spans(
+    assets: &TextAssets,
+    messages: &[Value],
+    tools: Option<&[Value]>,
+    full: &str,
+) -> Result<Vec<(usize, usize)>, TextError> {
     let end_of_turn = assets.template_eos_token();
     let mut spans = Vec::new();
     for (i, message) in messages.iter().enumerate() {
@@ -37,8 +47,8 @@ fn assistant_spans(assets: &TextAssets, messages: &[Value], full: &str) -> Resul
         if message.get("loss").and_then(Value::as_bool) == Some(false) {
             continue;
         }
-        let before = render(assets, &messages[..i], true)?;
-        let through = render(assets, &messages[..=i], false)?;
+        let before = render(assets, &messages[..i], tools, true)?;
+        let through = render(assets, &messages[..=i], tools, false)?;
         if !through.starts_with(&before) || !full.starts_with(&through) {
             return Err(TextError::Codec(format!(
                 "the chat template does not render turn {i} as an extension of the turns before it, \
@@ -56,10 +66,11 @@ fn assistant_spans(assets: &TextAssets, messages: &[Value], full: &str) -> Resul
     Ok(spans)
 }
 
-/// Encodes a conversation for training on its assistant turns.
-pub fn encode_chat(assets: &TextAssets, messages: &[Value]) -> Result<EncodedRow, TextError> {
-    let full = render(assets, messages, false)?;
-    let spans = assistant_spans(assets, messages, &full)?;
+/// Encodes a conversation (with the tool definitions its template shows,
+/// if any) for training on its assistant turns.
+pub fn encode_chat(assets: &TextAssets, messages: &[Value], tools: Option<&[Value]>) -> Result<EncodedRow, TextError> {
+    let full = render(assets, messages, tools, false)?;
+    let spans = assistant_spans(assets, messages, tools, &full)?;
     let encoding = assets.tokenizer.encode_with_offsets(&full, false)?;
     let labels = encoding
         .iter()

@@ -378,7 +378,7 @@ pub fn train(
         let started = Instant::now();
         let mut summed: Vec<Option<Tensor>> = vec![None; vars.len()];
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
-        for _ in 0..accum {
+        for micro_index in 0..accum {
             if cursor + micro > order.len() {
                 order = shuffled(rows.len(), config.seed.wrapping_add(epoch));
                 epoch += 1;
@@ -389,7 +389,10 @@ pub fn train(
             cursor += micro;
             tokens += batch.iter().map(|r| r.input_ids.len()).sum::<usize>();
             let (ids, labels, mask) = collate(&batch, model.device()).map_err(compute)?;
-            let info = BatchInfo { attention_mask: Some(mask), ..Default::default() };
+            // Dropout masks depend on the seed, the step and the micro-batch
+            // only, so a resumed run draws the same ones.
+            let dropout_seed = config.seed ^ ((step as u64) << 20) ^ micro_index as u64;
+            let info = BatchInfo { attention_mask: Some(mask), dropout_seed: Some(dropout_seed), ..Default::default() };
             let logits = model.forward(&ids, &info, None, None).map_err(Box::new)?;
             let loss = causal_lm_loss(&logits, &labels).map_err(compute)?;
             let value = loss.to_scalar::<f32>().map_err(compute)?;

@@ -9,7 +9,7 @@
 //! `{layer}.lora_magnitude_vector`), so adapters move between PEFT and
 //! oxtune unchanged.
 //!
-//! - LoRA: `y = base + s · x Aᵀ Bᵀ`, with `s = alpha / r` (`alpha / √r`
+//! - LoRA: `y = base + s · dropout(x) Aᵀ Bᵀ`, with `s = alpha / r` (`alpha / √r`
 //!   with rsLoRA).
 //! - full: every base parameter is trained; saved as a whole model.
 //! - freeze: only the parameters matched by `trainable_parameters`
@@ -29,6 +29,8 @@ struct LoraConfig {
     rank: usize,
     scale: f64,
     gaussian_init: bool,
+    /// PEFT's `lora_dropout`, applied to the adapter's input while training.
+    dropout: f64,
     /// The run's configuration, saved in PEFT's format.
     peft: Value,
 }
@@ -43,7 +45,11 @@ impl LoraConfig {
         let rs = config.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
         let scale = if rs { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
         let gaussian_init = config.get("init_lora_weights").and_then(Value::as_str) == Some("gaussian");
-        Ok(LoraConfig { rank, scale, gaussian_init, peft: config.clone() })
+        let dropout = config.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(Error::new(format!("adapter config: `lora_dropout` {dropout} is not in [0, 1)")));
+        }
+        Ok(LoraConfig { rank, scale, gaussian_init, dropout, peft: config.clone() })
     }
 
     /// The `adapter_config.json` PEFT 0.21 writes, with its defaults and
@@ -95,10 +101,11 @@ impl LoraConfig {
         ]
     }
 
-    /// `s · x Aᵀ Bᵀ`
+    /// `s · dropout(x) Aᵀ Bᵀ`
     fn delta(&self, layer: &str, x: &Tensor) -> Result<Tensor> {
         let a = weight(&format!("{layer}.lora_A.weight"))?;
         let b = weight(&format!("{layer}.lora_B.weight"))?;
+        let x = if self.dropout > 0.0 { x.dropout(self.dropout)? } else { *x };
         x.matmul(&a.transpose(0, 1)?)?.matmul(&b.transpose(0, 1)?)?.scale(self.scale)
     }
 
