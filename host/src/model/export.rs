@@ -141,3 +141,32 @@ impl LoadedModel {
         self.trains_base
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::checkpoint::{load_weights, weight_files, Trainable};
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn weights_over_the_shard_size_are_split_with_an_index_that_loads_back() {
+        let dir = std::env::temp_dir().join(format!("oxtune-shards-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tensors: BTreeMap<String, Tensor> =
+            (0..5).map(|i| (format!("w{i}"), Tensor::full(i as f32, (10, 10), &Device::Cpu).unwrap())).collect();
+        // 400 bytes each, 1000 per shard: two per shard, three shards.
+        write_weights(&dir, &tensors, 1000).unwrap();
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+        assert_eq!(index["metadata"]["total_size"], 2000);
+        assert_eq!(index["weight_map"]["w4"], "model-00003-of-00003.safetensors");
+        let files = weight_files(&dir).unwrap();
+        assert_eq!(files.len(), 3);
+        let store = load_weights(&files, DType::F32, &Device::Cpu, Trainable::None).unwrap();
+        for (name, tensor) in &tensors {
+            let back = store.get(name).unwrap();
+            assert_eq!(back.to_vec2::<f32>().unwrap(), tensor.to_vec2::<f32>().unwrap(), "{name}");
+        }
+    }
+}
