@@ -2,6 +2,7 @@
 //! [`backend`]), finds plugins through `oxtune-registry`, and drives them
 //! from the command line ([`cli`]).
 
+pub mod align;
 pub mod backend;
 pub mod builtin;
 pub mod cli;

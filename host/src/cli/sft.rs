@@ -17,7 +17,7 @@ use super::GlobalArgs;
 use crate::generate::{generate, SamplingParams};
 use crate::model::checkpoint::Trainable;
 use crate::text::ChatRequest;
-use crate::train::{checkpoints, train};
+use crate::train::{checkpoints, train, TrainConfig};
 
 /// Arguments of `oxtune sft` and `oxtune pt`.
 #[derive(Debug, clap::Args)]
@@ -55,7 +55,7 @@ pub(super) fn linear_modules(model: &crate::model::LoadedModel) -> Vec<String> {
 
 /// What a run is, as `args.json` records it: a later run on the same
 /// output folder resumes only if this is the same.
-fn recorded_args(args: &SftArgs, objective: Objective, tuner_config: &Value, model_type: &str) -> Value {
+fn recorded_args(args: &SftArgs, tuner_config: &Value, model_type: &str) -> Value {
     let sources = |s: &[crate::data::sources::DatasetSource]| -> Vec<String> {
         s.iter()
             .map(|d| match d.sample {
@@ -66,7 +66,6 @@ fn recorded_args(args: &SftArgs, objective: Objective, tuner_config: &Value, mod
     };
     let t = &args.train;
     json!({
-        "command": if objective == Objective::AllTokens { "pt" } else { "sft" },
         "model": args.model.model, "model_type": model_type, "adapter": args.model.adapter, "dtype": args.model.dtype,
         "tuner": args.tuner.name, "tuner_config": tuner_config,
         "dataset": sources(&args.data.dataset), "val_dataset": sources(&args.data.val_dataset),
@@ -127,7 +126,7 @@ fn checkpoint_identity(dir: &Path) -> anyhow::Result<Value> {
 }
 
 /// Greedy answers to `prompts` (templated for `sft`), for before/after samples.
-fn sample_answers(text: &LoadedText, prompts: &[String], objective: Objective) -> anyhow::Result<Vec<String>> {
+pub(super) fn sample_answers(text: &LoadedText, prompts: &[String], objective: Objective) -> anyhow::Result<Vec<String>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
@@ -150,12 +149,33 @@ fn sample_answers(text: &LoadedText, prompts: &[String], objective: Objective) -
     Ok(out.into_iter().map(|g| g.text.trim().to_owned()).collect())
 }
 
-/// Runs `oxtune sft` (`objective` = assistant turns) or `oxtune pt` (all tokens).
-pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow::Result<()> {
+/// A training run between loading and training: the model (a resumed
+/// whole-model checkpoint's weights, if any) with its text assets, and
+/// what the run records and resumes from.
+pub(super) struct RunSetup {
+    /// Built-ins and plugins.
+    pub registry: oxtune_registry::Registry,
+    /// The model to train and its tokenizer/template.
+    pub text: LoadedText,
+    /// The tuner's configuration.
+    tuner_config: Value,
+    /// `args.json`.
+    recorded: Value,
+    /// The checkpoint the run continues, if any.
+    resume: Option<PathBuf>,
+    /// What checkpoints record and a resume must match.
+    identity: Value,
+}
+
+/// Loads the model and settles where the run starts: `command` and
+/// `knobs` (the objective's own settings) join `args.json`.
+pub(super) fn set_up(global: &GlobalArgs, args: &SftArgs, command: &str, knobs: Value) -> anyhow::Result<RunSetup> {
     let registry = global.registry()?;
     let mut text = args.model.load_with(&registry, false)?;
     let tuner_config = args.tuner.config(&linear_modules(&text.model));
-    let recorded = recorded_args(args, objective, &tuner_config, text.model.architecture());
+    let mut recorded = recorded_args(args, &tuner_config, text.model.architecture());
+    recorded["command"] = json!(command);
+    recorded["objective"] = knobs;
     let resume = resume_point(args, &recorded)?;
     let identity = identity(args);
     if let Some(dir) = &resume {
@@ -170,42 +190,39 @@ pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow:
             text.model = from_checkpoint.load_with(&registry, false)?.model;
         }
     }
-    let encoder = Encoder {
-        registry: &registry,
-        assets: &text.assets,
-        model_config: text.model.config(),
-        args: &args.data,
-        objective,
-    };
-    let data = encoder.prepare_data(args.train.seed)?;
-    data.report(&args.data);
-    let before = sample_answers(&text, &args.sample_prompt, objective)?;
-    let adapter_dir = resume.clone().filter(|d| d.join("adapter_config.json").is_file()).or(args.model.adapter.clone());
-    match adapter_dir {
-        Some(dir) => text
-            .model
-            .attach_adapter(&registry, &dir, Trainable::All)
-            .with_context(|| format!("continuing the adapter {}", dir.display()))?,
-        None => text
-            .model
-            .add_adapter(&registry, &args.tuner.name, tuner_config, args.train.seed)
-            .with_context(|| format!("--tuner {}", args.tuner.name))?,
+    Ok(RunSetup { registry, text, tuner_config, recorded, resume, identity })
+}
+
+impl RunSetup {
+    /// Attaches the tuner (the resumed or given adapter, or a new one),
+    /// writes `args.json`, and returns the loop's configuration.
+    pub(super) fn start(&mut self, args: &SftArgs) -> anyhow::Result<TrainConfig> {
+        let resumed_adapter = self.resume.clone().filter(|d| d.join("adapter_config.json").is_file());
+        match resumed_adapter.or(args.model.adapter.clone()) {
+            Some(dir) => self
+                .text
+                .model
+                .attach_adapter(&self.registry, &dir, Trainable::All)
+                .with_context(|| format!("continuing the adapter {}", dir.display()))?,
+            None => self
+                .text
+                .model
+                .add_adapter(&self.registry, &args.tuner.name, self.tuner_config.clone(), args.train.seed)
+                .with_context(|| format!("--tuner {}", args.tuner.name))?,
+        }
+        let out = &args.output_dir;
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        std::fs::write(out.join("args.json"), serde_json::to_string_pretty(&self.recorded)?)?;
+        let mut config = args.train.train_config()?;
+        config.output_dir = Some(out.clone());
+        config.resume_from = self.resume.clone();
+        config.identity = self.identity.clone();
+        Ok(config)
     }
-    let out = &args.output_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(out.join("args.json"), serde_json::to_string_pretty(&recorded)?)?;
-    let mut config = args.train.train_config()?;
-    config.output_dir = Some(out.clone());
-    config.resume_from = resume;
-    config.identity = identity;
-    eprintln!(
-        "training {} row(s) ({} held out) with {} on {}",
-        data.train.len(),
-        data.eval.len(),
-        args.tuner.name,
-        args.model.model.display()
-    );
-    let metrics = train(&text.model, &data.train, &data.eval, &config)?;
+}
+
+/// Prints the first and last step of a finished run.
+pub(super) fn report(metrics: &[crate::train::StepMetrics], out: &Path) {
     if let (Some(first), Some(last)) = (metrics.first(), metrics.last()) {
         eprintln!(
             "steps {}..{}: loss {:.4} -> {:.4}; saved {}",
@@ -216,7 +233,34 @@ pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow:
             out.join(format!("checkpoint-{}", last.step)).display()
         );
     }
-    let after = sample_answers(&text, &args.sample_prompt, objective)?;
+}
+
+/// Runs `oxtune sft` (`objective` = assistant turns) or `oxtune pt` (all tokens).
+pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow::Result<()> {
+    let command = if objective == Objective::AllTokens { "pt" } else { "sft" };
+    let mut setup = set_up(global, args, command, json!({}))?;
+    let text = &setup.text;
+    let encoder = Encoder {
+        registry: &setup.registry,
+        assets: &text.assets,
+        model_config: text.model.config(),
+        args: &args.data,
+        objective,
+    };
+    let data = encoder.prepare_data(args.train.seed)?;
+    data.report(&args.data);
+    let before = sample_answers(text, &args.sample_prompt, objective)?;
+    let config = setup.start(args)?;
+    eprintln!(
+        "training {} row(s) ({} held out) with {} on {}",
+        data.train.len(),
+        data.eval.len(),
+        args.tuner.name,
+        args.model.model.display()
+    );
+    let metrics = train(&setup.text.model, &data.train, &data.eval, &config)?;
+    report(&metrics, &args.output_dir);
+    let after = sample_answers(&setup.text, &args.sample_prompt, objective)?;
     for ((prompt, before), after) in args.sample_prompt.iter().zip(&before).zip(&after) {
         println!("prompt: {prompt}\n  before: {before}\n  after:  {after}");
     }

@@ -162,6 +162,23 @@ impl LoadedModel {
         cache: Option<&mut KvCache>,
         tuner: Option<&TunerBinding>,
     ) -> Result<Tensor, ModelError> {
+        self.run(input_ids, batch, cache, tuner.or(self.adapter.as_ref()))
+    }
+
+    /// Logits of the base model alone, the attached adapter switched off:
+    /// the reference model of preference training, with no second copy of
+    /// the weights.
+    pub fn forward_without_adapter(&self, input_ids: &Tensor, batch: &BatchInfo) -> Result<Tensor, ModelError> {
+        self.run(input_ids, batch, None, None)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        cache: Option<&mut KvCache>,
+        tuner: Option<&TunerBinding>,
+    ) -> Result<Tensor, ModelError> {
         let forward_error = |source| ModelError::Forward { model: self.dir.clone(), cause: source };
         let candle_error = |source| forward_error(OpError::Candle { op: "positions", cause: source });
         let (b, s) = input_ids.dims2().map_err(candle_error)?;
@@ -175,7 +192,6 @@ impl LoadedModel {
             }
         };
         let ids = input_ids.to_dtype(DType::U32).map_err(candle_error)?;
-        let tuner = tuner.or(self.adapter.as_ref());
         let mut session = GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner });
         session.run_model(&self.instance, &[("input_ids", ids), ("position_ids", positions)]).map_err(forward_error)
     }

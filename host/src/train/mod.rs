@@ -8,7 +8,10 @@
 //! newest checkpoints.
 
 pub mod checkpoints;
+pub mod objective;
 pub mod optim;
+
+pub use objective::{Objective, ObjectiveLoss, SftObjective};
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,8 +20,7 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use serde_json::json;
 
-use crate::backend::BatchInfo;
-use crate::loss::{causal_lm_loss, IGNORE_INDEX};
+
 use crate::model::{LoadedModel, ModelError};
 use crate::text::EncodedRow;
 use optim::{global_norm, AdamW, AdamWConfig, Schedule};
@@ -151,6 +153,10 @@ pub struct StepMetrics {
     /// Mean loss over the held-out rows, on evaluation steps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// What the objective logs besides the loss (`rewards/chosen`, ...),
+    /// averaged over the step's micro-batches.
+    #[serde(flatten)]
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 /// Where a run is in its data and schedule: saved with each checkpoint
@@ -210,23 +216,22 @@ fn truncate_metrics(path: &std::path::Path, step: usize) -> std::io::Result<()> 
     std::fs::write(path, kept)
 }
 
-/// Mean causal-LM loss of `model` over `rows`, in batches of `batch_size`
-/// (no parameter is updated).
-fn evaluate(model: &LoadedModel, rows: &[EncodedRow], batch_size: usize) -> Result<f64, TrainError> {
-    let compute = |cause| TrainError::Compute { step: 0, cause };
-    let (mut weighted, mut tokens) = (0.0f64, 0usize);
-    let rows: Vec<&EncodedRow> = rows.iter().filter(|r| r.labels.iter().any(|&l| l != IGNORE_INDEX)).collect();
-    for batch in rows.chunks(batch_size.max(1)) {
-        let (ids, labels, mask) = collate(batch, model.device()).map_err(compute)?;
-        let info = BatchInfo { attention_mask: Some(mask), ..Default::default() };
-        let logits = model.forward(&ids, &info, None, None).map_err(Box::new)?;
-        let loss = causal_lm_loss(&logits, &labels).and_then(|l| l.to_scalar::<f32>()).map_err(compute)?;
-        let counted: usize =
-            batch.iter().map(|r| r.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum();
-        weighted += loss as f64 * counted as f64;
-        tokens += counted;
+/// Mean loss of `objective` over `items`, in batches of `batch_size`,
+/// weighted as the objective weighs its batches (no parameter is updated).
+fn evaluate<O: Objective>(
+    model: &LoadedModel,
+    objective: &O,
+    items: &[&O::Item],
+    batch_size: usize,
+) -> Result<f64, TrainError> {
+    let (mut weighted, mut total) = (0.0f64, 0.0f64);
+    for batch in items.chunks(batch_size.max(1)) {
+        let out = objective.loss(model, batch, None, 0)?;
+        let value = out.loss.to_scalar::<f32>().map_err(|cause| TrainError::Compute { step: 0, cause })?;
+        weighted += value as f64 * out.weight;
+        total += out.weight;
     }
-    Ok(if tokens == 0 { f64::NAN } else { weighted / tokens as f64 })
+    Ok(if total == 0.0 { f64::NAN } else { weighted / total })
 }
 
 /// A seeded Fisher–Yates shuffle of `0..n`.
@@ -239,24 +244,6 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
         order.swap(i, j);
     }
     order
-}
-
-/// Right-pads rows into `input_ids`, `labels` and an attention mask.
-fn collate(rows: &[&EncodedRow], device: &candle_core::Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let width = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
-    let (mut ids, mut labels, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-    for r in rows {
-        let pad = width - r.input_ids.len();
-        ids.extend(r.input_ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
-        labels.extend(r.labels.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, pad)));
-        mask.extend(std::iter::repeat_n(1u32, r.input_ids.len()).chain(std::iter::repeat_n(0, pad)));
-    }
-    let shape = (rows.len(), width);
-    Ok((
-        Tensor::from_vec(ids, shape, device)?,
-        Tensor::from_vec(labels, shape, device)?,
-        Tensor::from_vec(mask, shape, device)?,
-    ))
 }
 
 /// Writes checkpoint `step`: the adapter in its tuner's layout, or the
@@ -308,12 +295,26 @@ fn progress_bar(show: bool, total: usize, done: usize) -> Option<indicatif::Prog
     Some(bar)
 }
 
-/// Trains `model`'s trainable parameters on `rows`, evaluating on
-/// `eval_rows` every `eval_steps`; returns each step's metrics.
+/// Trains `model`'s trainable parameters on `rows` with the causal-LM loss
+/// (SFT and pretraining), evaluating on `eval_rows` every `eval_steps`;
+/// returns each step's metrics.
 pub fn train(
     model: &LoadedModel,
     rows: &[EncodedRow],
     eval_rows: &[EncodedRow],
+    config: &TrainConfig,
+) -> Result<Vec<StepMetrics>, TrainError> {
+    train_with(model, &SftObjective, rows, eval_rows, config)
+}
+
+/// Trains `model`'s trainable parameters on `items` with `objective`'s
+/// loss (SFT, a preference loss, ...), evaluating on `eval_items` every
+/// `eval_steps`; returns each step's metrics.
+pub fn train_with<O: Objective>(
+    model: &LoadedModel,
+    objective: &O,
+    items: &[O::Item],
+    eval_items: &[O::Item],
     config: &TrainConfig,
 ) -> Result<Vec<StepMetrics>, TrainError> {
     let names: Vec<String> =
@@ -323,10 +324,11 @@ pub fn train(
             "the model has no trainable parameters (attach an adapter, or load them trainable)".into(),
         ));
     }
-    let rows: Vec<&EncodedRow> = rows.iter().filter(|r| r.labels.iter().any(|&l| l != IGNORE_INDEX)).collect();
+    let rows: Vec<&O::Item> = items.iter().filter(|r| objective.trainable(r)).collect();
     if rows.is_empty() {
         return Err(TrainError::Setup("no row has a token to train on".into()));
     }
+    let eval_rows: Vec<&O::Item> = eval_items.iter().filter(|r| objective.trainable(r)).collect();
     let vars: Vec<Var> = names.iter().map(|n| model.weights().var(n).expect("filtered above").clone()).collect();
     let micro = config.batch_size.max(1);
     let accum = config.gradient_accumulation_steps.max(1);
@@ -378,23 +380,25 @@ pub fn train(
         let started = Instant::now();
         let mut summed: Vec<Option<Tensor>> = vec![None; vars.len()];
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        let mut extra = std::collections::BTreeMap::new();
         for micro_index in 0..accum {
             if cursor + micro > order.len() {
                 order = shuffled(rows.len(), config.seed.wrapping_add(epoch));
                 epoch += 1;
                 cursor = 0;
             }
-            let batch: Vec<&EncodedRow> =
+            let batch: Vec<&O::Item> =
                 order[cursor..(cursor + micro).min(order.len())].iter().map(|&i| rows[i]).collect();
             cursor += micro;
-            tokens += batch.iter().map(|r| r.input_ids.len()).sum::<usize>();
-            let (ids, labels, mask) = collate(&batch, model.device()).map_err(compute)?;
             // Dropout masks depend on the seed, the step and the micro-batch
             // only, so a resumed run draws the same ones.
             let dropout_seed = config.seed ^ ((step as u64) << 20) ^ micro_index as u64;
-            let info = BatchInfo { attention_mask: Some(mask), dropout_seed: Some(dropout_seed), ..Default::default() };
-            let logits = model.forward(&ids, &info, None, None).map_err(Box::new)?;
-            let loss = causal_lm_loss(&logits, &labels).map_err(compute)?;
+            let out = objective.loss(model, &batch, Some(dropout_seed), step)?;
+            tokens += out.tokens;
+            for (key, value) in out.logged {
+                *extra.entry(key).or_insert(0.0) += value / accum as f64;
+            }
+            let loss = out.loss;
             let value = loss.to_scalar::<f32>().map_err(compute)?;
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { what: "loss", value: value as f64, step, last_checkpoint });
@@ -424,7 +428,7 @@ pub fn train(
         optimizer.step(&summed, lr).map_err(compute)?;
         let evaluate_now =
             !eval_rows.is_empty() && (config.eval_steps.is_some_and(|n| n > 0 && step % n == 0) || step == total);
-        let eval_loss = if evaluate_now { Some(evaluate(model, eval_rows, micro)?) } else { None };
+        let eval_loss = if evaluate_now { Some(evaluate(model, objective, &eval_rows, micro)?) } else { None };
         let m = StepMetrics {
             step,
             loss: loss_sum / accum as f64,
@@ -434,6 +438,7 @@ pub fn train(
             epoch: (step * micro * accum) as f64 / rows.len() as f64,
             memory_mib: crate::memory::peak_resident_bytes().map(|b| b as f64 / (1u64 << 20) as f64),
             eval_loss,
+            extra,
         };
         if let Some((file, path)) = metrics_file.as_mut() {
             writeln!(file, "{}", json!(m)).map_err(|cause| TrainError::Io { path: path.clone(), cause })?;
