@@ -343,6 +343,27 @@ impl Registry {
         }
     }
 
+    /// Scores samples with the reward `name`, one result per sample: a wasm
+    /// script fails sample by sample (a trap, a timeout), a native plugin
+    /// for the whole batch (its error is repeated for every sample).
+    pub fn score_each(&self, name: &str, samples: &[RewardSample]) -> Vec<Result<f64, RegistryError>> {
+        let every = |e: RegistryError| {
+            let message = e.to_string();
+            samples.iter().map(|_| Err(RegistryError::Plugin(message.clone()))).collect()
+        };
+        let component = match self.get(ComponentKind::Reward, name) {
+            Ok(c) => c,
+            Err(e) => return every(e),
+        };
+        match &component.provider {
+            Provider::Wasm(reward) => reward.score_each(samples),
+            Provider::Native { .. } => match self.score(name, samples) {
+                Ok(scores) => scores.into_iter().map(Ok).collect(),
+                Err(e) => every(e),
+            },
+        }
+    }
+
     /// Converts one raw record with the dataset adapter `name`.
     pub fn adapt(&self, name: &str, record: &serde_json::Value) -> Result<serde_json::Value, RegistryError> {
         let (module, plugin) = self.native(ComponentKind::DatasetAdapter, name)?;

@@ -11,6 +11,14 @@ use crate::loss::IGNORE_INDEX;
 /// the summed log-probability of the labelled tokens `[b]` (f32,
 /// differentiable) and how many there are `[b]`.
 pub fn completion_logps(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (picked, mask) = token_logps(logits, labels)?;
+    Ok(((picked * &mask)?.sum(1)?, mask.sum(1)?))
+}
+
+/// Per position of `logits` `[b, s, v]`: the log-probability of the next
+/// label `[b, s − 1]` (0 where unlabelled) and the mask of labelled
+/// positions `[b, s − 1]` (1.0 / 0.0).
+pub fn token_logps(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
     let (b, s, v) = logits.dims3()?;
     if s < 2 {
         candle_core::bail!("completion log-probabilities need at least two positions, got {s}");
@@ -32,5 +40,5 @@ pub fn completion_logps(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Ten
     let mask = Tensor::from_vec(mask, (b, s - 1), device)?;
     let log_probs = ops::log_softmax(&logits, 2)?;
     let picked = log_probs.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
-    Ok(((picked * &mask)?.sum(1)?, mask.sum(1)?))
+    Ok(((picked * &mask)?, mask))
 }

@@ -95,7 +95,8 @@ pub fn pair_loss(method: &PairLoss, x: &PairInputs<'_>) -> Result<(Tensor, BTree
     };
     let (losses, chosen_rewards, rejected_rewards) = match *method {
         PairLoss::Dpo { beta, label_smoothing, variant, .. } => {
-            let (c0, r0) = x.reference.ok_or_else(|| candle_core::Error::Msg("DPO needs the reference model".into()))?;
+            let (c0, r0) =
+                x.reference.ok_or_else(|| candle_core::Error::Msg("DPO needs the reference model".into()))?;
             let h = ((x.chosen - x.rejected)? - (c0 - r0)?)?;
             let losses = match variant {
                 DpoVariant::Sigmoid => smoothed(&(&h * beta)?, label_smoothing)?,
@@ -129,7 +130,8 @@ pub fn pair_loss(method: &PairLoss, x: &PairInputs<'_>) -> Result<(Tensor, BTree
     if nll_weight != 0.0 {
         loss = (loss + (x.chosen_nll * nll_weight)?)?;
     }
-    let mean = |t: &Tensor| -> Result<f64> { Ok(t.detach().mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?) };
+    let mean =
+        |t: &Tensor| -> Result<f64> { t.detach().mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>() };
     let margins = (&chosen_rewards - &rejected_rewards)?;
     let accuracies = margins.gt(0.0)?.to_dtype(candle_core::DType::F32)?;
     let logged = BTreeMap::from([
@@ -299,14 +301,19 @@ mod tests {
         let desirable = 1.0 * (1.0 - sigma(0.5 * (1.0 - z)));
         let undesirable = 2.0 * (1.0 - sigma(0.5 * (z - (-0.5))));
         let expected = (desirable + undesirable) / 2.0;
-        let (loss, logged) =
-            kto_loss(&method, &t(&[-5.0, -7.0]), &t(&[-6.0, -6.5]), &[true, false], &t(&[-8.0, -9.0]), &t(&[-8.5, -9.1]))
-                .unwrap();
+        let (loss, logged) = kto_loss(
+            &method,
+            &t(&[-5.0, -7.0]),
+            &t(&[-6.0, -6.5]),
+            &[true, false],
+            &t(&[-8.0, -9.0]),
+            &t(&[-8.5, -9.1]),
+        )
+        .unwrap();
         assert!((scalar(&loss) - expected).abs() < 1e-12, "{} vs {expected}", scalar(&loss));
         assert!((logged["kl"] - z).abs() < 1e-12);
         // A KL estimate below zero is clamped to 0.
-        let (_, logged) =
-            kto_loss(&method, &t(&[-5.0]), &t(&[-6.0]), &[true], &t(&[-9.0]), &t(&[-8.0])).unwrap();
+        let (_, logged) = kto_loss(&method, &t(&[-5.0]), &t(&[-6.0]), &[true], &t(&[-9.0]), &t(&[-8.0])).unwrap();
         assert_eq!(logged["kl"], 0.0);
     }
 }

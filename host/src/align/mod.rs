@@ -7,6 +7,7 @@
 //! - [`losses`]: each method's loss, as TRL defines it.
 //! - [`objective`]: the objectives the training loop runs.
 
+pub mod grpo;
 pub mod logps;
 pub mod losses;
 pub mod objective;

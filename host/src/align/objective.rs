@@ -92,7 +92,8 @@ impl Objective for PairObjective<'_> {
         } else {
             None
         };
-        let split = |t: &Tensor| -> candle_core::Result<(Tensor, Tensor)> { Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?)) };
+        let split =
+            |t: &Tensor| -> candle_core::Result<(Tensor, Tensor)> { Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?)) };
         let (chosen, rejected) = split(&policy).map_err(compute)?;
         let reference = reference.as_ref().map(split).transpose().map_err(compute)?;
         let inputs = PairInputs {
@@ -148,7 +149,8 @@ impl Objective for KtoObjective<'_> {
         let rows: Vec<&EncodedRow> = batch.iter().map(|c| &c.row).chain(mismatched.iter()).collect();
         let (policy, _) = logps(model, None, &rows, dropout_seed, step)?;
         let (reference, _) = logps(model, Some(&self.reference), &rows, None, step)?;
-        let split = |t: &Tensor| -> candle_core::Result<(Tensor, Tensor)> { Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?)) };
+        let split =
+            |t: &Tensor| -> candle_core::Result<(Tensor, Tensor)> { Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?)) };
         let (policy, kl_policy) = split(&policy).map_err(compute)?;
         let (reference, kl_reference) = split(&reference).map_err(compute)?;
         let desirable: Vec<bool> = batch.iter().map(|c| c.desirable).collect();

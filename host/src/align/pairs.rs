@@ -49,9 +49,10 @@ fn prompt_messages(record: &Map<String, Value>) -> anyhow::Result<Vec<Value>> {
     if let Some(Value::Array(messages)) = record.get("prompt") {
         return Ok(messages.clone());
     }
-    let key = PROMPT_COLUMNS.iter().find(|k| record.contains_key(**k)).with_context(|| {
-        format!("no prompt: the row needs `messages` or one of {}", PROMPT_COLUMNS.join(", "))
-    })?;
+    let key = PROMPT_COLUMNS
+        .iter()
+        .find(|k| record.contains_key(**k))
+        .with_context(|| format!("no prompt: the row needs `messages` or one of {}", PROMPT_COLUMNS.join(", ")))?;
     let mut prompt = text(record, key)?.to_owned();
     if *key == "instruction" {
         if let Some(input) = record.get("input").and_then(Value::as_str).filter(|s| !s.is_empty()) {
@@ -114,9 +115,9 @@ fn preference_conversations(record: &Map<String, Value>) -> anyhow::Result<(Vec<
             let rejected = rejected.as_array().context("`rejected_messages` must be a list of messages")?;
             return Ok((messages.clone(), rejected.clone()));
         }
-        let rejected = record
-            .get("rejected_response")
-            .context("a `messages` row needs `rejected_response` (or `rejected_messages`): the rejected side is missing")?;
+        let rejected = record.get("rejected_response").context(
+            "a `messages` row needs `rejected_response` (or `rejected_messages`): the rejected side is missing",
+        )?;
         let prompt = &messages[..messages.len().saturating_sub(1)];
         return Ok((messages.clone(), conversation(prompt, rejected, "rejected_response")?));
     }
@@ -124,7 +125,9 @@ fn preference_conversations(record: &Map<String, Value>) -> anyhow::Result<(Vec<
         (Some(c), Some(r)) => (c, r),
         (Some(_), None) => bail!("the row has `chosen` but no `rejected`"),
         (None, Some(_)) => bail!("the row has `rejected` but no `chosen`"),
-        (None, None) => bail!("not a preference row: it needs `messages` + `rejected_response`, or `chosen` + `rejected`"),
+        (None, None) => {
+            bail!("not a preference row: it needs `messages` + `rejected_response`, or `chosen` + `rejected`")
+        }
     };
     // TRL's conversational form carries the prompt inside each side.
     let prompt = if chosen.is_array() && PROMPT_COLUMNS.iter().all(|k| !record.contains_key(*k)) {

@@ -4,9 +4,11 @@
 mod bench;
 mod config_file;
 mod eval;
+mod grpo;
 mod infer;
 mod model_args;
 mod plugins;
+mod rlhf;
 mod sft;
 mod train_args;
 mod train_data;
@@ -68,6 +70,8 @@ pub enum Command {
     Sft(Box<sft::SftArgs>),
     /// Pretrain or continue pretraining on plain text (loss on every token, no template).
     Pt(Box<sft::SftArgs>),
+    /// Align with preferences (DPO, KTO, CPO, SimPO, ORPO) or rewards (GRPO).
+    Rlhf(Box<rlhf::RlhfArgs>),
     /// Answer a prompt, a conversation or a dataset with a model, or chat in a terminal.
     Infer(Box<infer::InferArgs>),
     /// Evaluate a model on a dataset (`--task perplexity`).
@@ -85,7 +89,7 @@ pub fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("OXTUNE_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let argv = match config_file::expand(std::env::args_os().collect(), &["sft", "pt"]) {
+    let argv = match config_file::expand(std::env::args_os().collect(), &["sft", "pt", "rlhf"]) {
         Ok(argv) => argv,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -96,6 +100,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Sft(args) => sft::run(&cli.global, args, train_data::Objective::AssistantTurns),
         Command::Pt(args) => sft::run(&cli.global, args, train_data::Objective::AllTokens),
+        Command::Rlhf(args) => rlhf::run(&cli.global, args),
         Command::Infer(args) => infer::run(&cli.global, args),
         Command::Eval(args) => eval::run(&cli.global, args),
         Command::Bench(command) => bench::run(&cli.global, command),

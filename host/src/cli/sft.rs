@@ -126,7 +126,11 @@ fn checkpoint_identity(dir: &Path) -> anyhow::Result<Value> {
 }
 
 /// Greedy answers to `prompts` (templated for `sft`), for before/after samples.
-pub(super) fn sample_answers(text: &LoadedText, prompts: &[String], objective: Objective) -> anyhow::Result<Vec<String>> {
+pub(super) fn sample_answers(
+    text: &LoadedText,
+    prompts: &[String],
+    objective: Objective,
+) -> anyhow::Result<Vec<String>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
     }

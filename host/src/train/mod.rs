@@ -20,7 +20,6 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use serde_json::json;
 
-
 use crate::model::{LoadedModel, ModelError};
 use crate::text::EncodedRow;
 use optim::{global_norm, AdamW, AdamWConfig, Schedule};
@@ -145,6 +144,8 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     /// Tokens (padding excluded) per second in this step.
     pub tokens_per_s: f64,
+    /// Wall-clock seconds of this step (rollouts included, for GRPO).
+    pub seconds: f64,
     /// Fractional epoch reached.
     pub epoch: f64,
     /// Peak resident memory of the process so far, in MiB (Linux).
@@ -435,6 +436,7 @@ pub fn train_with<O: Objective>(
             lr,
             grad_norm,
             tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
+            seconds: started.elapsed().as_secs_f64(),
             epoch: (step * micro * accum) as f64 / rows.len() as f64,
             memory_mib: crate::memory::peak_resident_bytes().map(|b| b as f64 / (1u64 << 20) as f64),
             eval_loss,

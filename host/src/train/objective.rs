@@ -86,7 +86,8 @@ impl Objective for SftObjective {
         let info = BatchInfo { attention_mask: Some(mask), dropout_seed, ..Default::default() };
         let logits = model.forward(&ids, &info, None, None).map_err(Box::new)?;
         let loss = causal_lm_loss(&logits, &labels).map_err(compute)?;
-        let trained: usize = batch.iter().map(|r| r.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum();
+        let trained: usize =
+            batch.iter().map(|r| r.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum();
         Ok(ObjectiveLoss {
             loss,
             tokens: batch.iter().map(|r| r.input_ids.len()).sum(),

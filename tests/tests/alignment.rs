@@ -1,0 +1,272 @@
+//! `oxtune rlhf` end to end on tiny-qwen3 (DPO, KTO, CPO, SimPO, ORPO,
+//! GRPO), the GRPO objective's reward plumbing (built-in, native and wasm
+//! rewards; failures), and the errors bad input gets before training.
+
+use std::path::Path;
+
+use oxtune::align::grpo::{GrpoConfig, GrpoLossType, GrpoObjective, GrpoPrompt, RewardOnError, ScaleRewards};
+use oxtune::align::objective::Reference;
+use oxtune::model::{LoadOptions, LoadedModel};
+use oxtune::text::TextAssets;
+use oxtune::train::Objective;
+use oxtune_plugin_api::RewardSample;
+use oxtune_registry::{Registry, SandboxConfig};
+use oxtune_tests::cli::{fails_with, fresh_dir, oxtune, scratch, succeeded, tiny};
+use oxtune_tests::{build_cdylib, build_rust_wasm_reward, fixtures};
+use serde_json::{json, Value};
+
+const PAIRS: &str = concat!(
+    "{\"messages\": [{\"role\": \"user\", \"content\": \"Sky colour?\"}, {\"role\": \"assistant\", \"content\": \"Blue.\"}], \"rejected_response\": \"Green.\"}\n",
+    "{\"prompt\": \"Two plus two?\", \"chosen\": \"Four.\", \"rejected\": \"Five.\"}\n",
+    "{\"instruction\": \"Name a fruit.\", \"input\": \"\", \"chosen\": \"Apple.\", \"rejected\": \"Chair.\"}\n",
+    "{\"chosen\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello!\"}], \"rejected\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Go away.\"}]}\n",
+);
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn rlhf(algo: &str, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let model = tiny("tiny-qwen3");
+    let mut args = vec![
+        "rlhf",
+        "--algo",
+        algo,
+        "--model",
+        &model,
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--lora-rank",
+        "4",
+    ];
+    args.extend(extra);
+    oxtune(&args, &[])
+}
+
+#[test]
+fn dpo_starts_at_ln_2_with_the_adapter_at_its_initialisation() {
+    let data = scratch("pairs.jsonl", PAIRS);
+    let out = fresh_dir("dpo");
+    succeeded(&rlhf(
+        "dpo",
+        &data,
+        &out,
+        &["--max-steps", "3", "--per-device-train-batch-size", "2", "--learning-rate", "5e-3", "--beta", "0.5"],
+    ));
+    let m = metrics(&out);
+    // B = 0: the policy is the reference, every margin is 0.
+    assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{}", m[0]);
+    assert_eq!(m[0]["rewards/accuracies"], 0.0);
+    assert_eq!(m[0]["rewards/margins"], 0.0);
+    for key in ["rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"] {
+        assert!(m[2][key].as_f64().is_some(), "{key} logged");
+    }
+    assert!(m[2]["rewards/margins"].as_f64().unwrap() > 0.0, "training separates chosen from rejected: {}", m[2]);
+    assert!(out.join("checkpoint-3/adapter_model.safetensors").is_file());
+}
+
+#[test]
+fn every_preference_method_trains() {
+    let data = scratch("pairs-all.jsonl", PAIRS);
+    for (algo, extra) in [
+        ("dpo", vec!["--loss-type", "ipo"]),
+        ("dpo", vec!["--loss-type", "hinge", "--rpo-alpha", "1"]),
+        ("cpo", vec![]),
+        ("simpo", vec!["--simpo-gamma", "0.5"]),
+        ("orpo", vec!["--orpo-lambda", "0.2"]),
+    ] {
+        let out = fresh_dir(&format!("pref-{algo}-{}", extra.len()));
+        let mut args = vec!["--max-steps", "2", "--per-device-train-batch-size", "2"];
+        args.extend(extra.iter().copied());
+        succeeded(&rlhf(algo, &data, &out, &args));
+        let m = metrics(&out);
+        assert_eq!(m.len(), 2, "{algo}");
+        assert!(m.iter().all(|s| s["loss"].as_f64().unwrap().is_finite()), "{algo}");
+    }
+    let kto = scratch(
+        "kto.jsonl",
+        concat!(
+            "{\"prompt\": \"Sky colour?\", \"completion\": \"Blue.\", \"label\": true}\n",
+            "{\"prompt\": \"Sky colour?\", \"completion\": \"Green.\", \"label\": false}\n",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello!\"}], \"label\": true}\n",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Go away.\"}], \"label\": false}\n",
+        ),
+    );
+    let out = fresh_dir("kto");
+    succeeded(&rlhf("kto", &kto, &out, &["--max-steps", "2", "--per-device-train-batch-size", "4"]));
+    let m = metrics(&out);
+    assert!(m[0]["kl"].as_f64().is_some() && m[0]["rewards/chosen"].as_f64().is_some());
+    // At initialisation policy = reference: each loss term is 1 − σ(0) = 0.5.
+    assert!((m[0]["loss"].as_f64().unwrap() - 0.5).abs() < 1e-6, "{}", m[0]);
+    fails_with(&rlhf("kto", &kto, &fresh_dir("kto-1"), &["--max-steps", "1"]), &["at least 2"]);
+}
+
+#[test]
+fn bad_preference_rows_and_reward_settings_fail_before_training() {
+    let missing = scratch("missing.jsonl", "{\"prompt\": \"Q\", \"chosen\": \"A\"}\n");
+    fails_with(&rlhf("dpo", &missing, &fresh_dir("dpo-missing"), &[]), &["missing.jsonl:1", "no `rejected`"]);
+    let empty = scratch("empty.jsonl", "{\"prompt\": \"Q\", \"chosen\": \"A\", \"rejected\": \" \"}\n");
+    fails_with(&rlhf("dpo", &empty, &fresh_dir("dpo-empty"), &[]), &["empty.jsonl:1", "rejected completion is empty"]);
+    let prompts = scratch("prompts.jsonl", "{\"prompt\": \"Say hi\"}\n");
+    fails_with(
+        &rlhf("grpo", &prompts, &fresh_dir("grpo-unknown"), &["--reward-funcs", "accuracy,exactness"]),
+        &["exactness", "accuracy", "format", "length", "repetition"],
+    );
+    fails_with(
+        &rlhf(
+            "grpo",
+            &prompts,
+            &fresh_dir("grpo-weights"),
+            &["--reward-funcs", "format,length", "--reward-weights", "1"],
+        ),
+        &["--reward-weights has 1 value(s) for 2 reward function(s)"],
+    );
+    fails_with(&rlhf("grpo", &prompts, &fresh_dir("grpo-none"), &[]), &["at least one --reward-funcs"]);
+}
+
+#[test]
+fn grpo_rolls_out_scores_and_updates() {
+    let prompts = scratch(
+        "grpo.jsonl",
+        "{\"problem\": \"One plus one?\", \"solution\": \"2\"}\n{\"problem\": \"Two plus two?\", \"solution\": \"4\"}\n",
+    );
+    let out = fresh_dir("grpo");
+    let run = rlhf(
+        "grpo",
+        &prompts,
+        &out,
+        &[
+            "--reward-funcs",
+            "accuracy,repetition",
+            "--reward-weights",
+            "1,0.5",
+            "--num-generations",
+            "4",
+            "--max-completion-length",
+            "6",
+            "--max-steps",
+            "2",
+            "--per-device-train-batch-size",
+            "2",
+        ],
+    );
+    succeeded(&run);
+    let m = metrics(&out);
+    assert_eq!(m.len(), 2);
+    for key in [
+        "reward",
+        "reward_std",
+        "rewards/accuracy/mean",
+        "rewards/repetition/std",
+        "completions/mean_length",
+        "clip_ratio",
+        "kl",
+        "rollout_s",
+        "rollout_tokens_per_s",
+        "seconds",
+    ] {
+        assert!(m[1][key].as_f64().is_some(), "{key} missing from {}", m[1]);
+    }
+    assert!(m[1]["completions/mean_length"].as_f64().unwrap() <= 6.0);
+}
+
+/// A GRPO objective over tiny-qwen3 with `registry`'s reward `funcs`.
+fn objective<'a>(
+    registry: &'a Registry,
+    assets: &'a TextAssets,
+    funcs: &[&str],
+    beta: f64,
+    on_error: RewardOnError,
+) -> Result<GrpoObjective<'a>, String> {
+    let config = GrpoConfig {
+        num_generations: 2,
+        max_completion_length: 3,
+        temperature: 1.0,
+        top_p: 1.0,
+        epsilon: 0.2,
+        epsilon_high: 0.2,
+        beta,
+        loss_type: GrpoLossType::Grpo,
+        scale_rewards: ScaleRewards::Group,
+        num_iterations: 1,
+        reward_funcs: funcs.iter().map(|s| s.to_string()).collect(),
+        reward_weights: vec![1.0; funcs.len()],
+        on_error,
+        seed: 1,
+    };
+    GrpoObjective::new(config, registry, &assets.tokenizer, assets.eos_token_ids.clone(), Reference::AdapterOff)
+}
+
+fn lora_model(registry: &Registry) -> LoadedModel {
+    let mut model =
+        LoadedModel::load(registry, &fixtures().join("models/tiny-qwen3"), &LoadOptions::default()).unwrap();
+    model.add_adapter(registry, "lora", json!({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}), 0).unwrap();
+    model
+}
+
+#[test]
+fn with_beta_zero_no_reference_pass_runs() {
+    let registry = Registry::with_builtins().unwrap();
+    let assets = TextAssets::load(&fixtures().join("models/tiny-qwen3")).unwrap();
+    let model = lora_model(&registry);
+    let prompt = GrpoPrompt { ids: vec![5, 9, 14], text: "abc".into(), columns: Default::default() };
+    for (beta, passes) in [(0.0, 0), (0.04, 1)] {
+        let objective = objective(&registry, &assets, &["repetition"], beta, RewardOnError::Fail).unwrap();
+        let out = objective.loss(&model, &[&prompt], Some(1), 1).unwrap();
+        assert!(out.loss.to_scalar::<f32>().unwrap().is_finite());
+        assert_eq!(objective.reference_passes(), passes, "beta {beta}");
+    }
+}
+
+fn samples(completions: &[&str]) -> Vec<RewardSample> {
+    completions
+        .iter()
+        .map(|c| RewardSample { prompt: "p".into(), completion: c.to_string(), columns: Default::default() })
+        .collect()
+}
+
+#[test]
+fn native_wasm_and_builtin_rewards_score_alike_through_grpo() {
+    let assets = TextAssets::load(&fixtures().join("models/tiny-qwen3")).unwrap();
+    let batch = samples(&["a b c a b c a b c", "all different words here", "x y z x y z"]);
+    let builtin = Registry::with_builtins().unwrap();
+    let mut native = Registry::empty();
+    native.load_path(&build_cdylib("oxtune-plugin-rewards", &["cdylib"]), &SandboxConfig::default()).unwrap();
+    let mut wasm = Registry::empty();
+    wasm.load_path(&build_rust_wasm_reward(), &SandboxConfig::default()).unwrap();
+    let score = |registry: &Registry, name: &str| {
+        objective(registry, &assets, &[name], 0.0, RewardOnError::Fail).unwrap().rewards(&batch).unwrap().0
+    };
+    let expected = score(&builtin, "repetition");
+    assert!(expected[0] < 0.0 && expected[1] == 0.0);
+    assert_eq!(score(&native, "repetition"), expected);
+    assert_eq!(score(&wasm, "repetition_wasm"), expected);
+}
+
+#[test]
+fn failing_reward_scripts_fail_the_sample_or_score_zero() {
+    let assets = TextAssets::load(&fixtures().join("models/tiny-qwen3")).unwrap();
+    let sandbox = SandboxConfig { fuel_per_sample: 5_000_000, memory_limit: 4 << 20, ..Default::default() };
+    let mut registry = Registry::empty();
+    for script in ["infinite_loop.wat", "memory_hog.wat", "traps.wat"] {
+        registry.load_path(&fixtures().join("wasm").join(script), &sandbox).unwrap();
+    }
+    registry.load_path(&build_cdylib("oxtune-fixture-misbehaving", &[]), &sandbox).unwrap();
+    let batch = samples(&["one", "two"]);
+    for name in ["infinite_loop", "memory_hog", "traps", "short"] {
+        let strict = objective(&registry, &assets, &[name], 0.0, RewardOnError::Fail).unwrap();
+        let err = strict.rewards(&batch).unwrap_err().to_string();
+        assert!(err.contains(name) && err.contains("sample 0"), "{name}: {err}");
+        assert!(err.lines().count() <= 2 && err.len() < 600, "{name}: not a short message: {err}");
+        let lenient = objective(&registry, &assets, &[name], 0.0, RewardOnError::Zero).unwrap();
+        let (scores, logged) = lenient.rewards(&batch).unwrap();
+        assert_eq!(scores, vec![0.0, 0.0], "{name}");
+        assert_eq!(logged[&format!("rewards/{name}/failed")], 2.0, "{name}");
+    }
+}
