@@ -18,5 +18,6 @@ for file in config.json model.safetensors tokenizer.json tokenizer_config.json g
     cp "$work/pt/checkpoint-1200/$file" "$dest/model/"
 done
 cp "$work/sft.jsonl" "$dest/sft.jsonl"
+cp "$work/grpo.jsonl" "$dest/grpo.jsonl"
 cp "$work/pt/metrics.jsonl" "$dest/pretrain-metrics.jsonl"
-echo "wrote $dest/model, $dest/sft.jsonl and $dest/pretrain-metrics.jsonl"
+echo "wrote $dest/model, $dest/sft.jsonl, $dest/grpo.jsonl and $dest/pretrain-metrics.jsonl"

@@ -140,6 +140,20 @@ fn chat_rows(seed: u64) -> Vec<serde_json::Value> {
     rows
 }
 
+/// Arithmetic prompts with their answers (a word), for the GRPO example:
+/// the accuracy reward compares a completion's last word with `solution`.
+fn grpo_prompts() -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    for a in 0..=10 {
+        for b in 0..=10 {
+            rows.push(
+                json!({"query": format!("What is {} plus {}?", NUMBERS[a], NUMBERS[b]), "solution": NUMBERS[a + b]}),
+            );
+        }
+    }
+    rows
+}
+
 fn train_tokenizer(corpus_file: &Path, out: &Path) -> tokenizers::Result<usize> {
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(640)
@@ -209,6 +223,8 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     std::fs::write(out.join("pretrain.jsonl"), pretrain)?;
     let sft: String = chat_rows(3).iter().map(|r| format!("{r}\n")).collect();
     std::fs::write(out.join("sft.jsonl"), sft)?;
+    let grpo: String = grpo_prompts().iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(out.join("grpo.jsonl"), grpo)?;
     let vocab = train_tokenizer(&corpus_file, &model)?;
     let tokenizer = tokenizers::Tokenizer::from_file(model.join("tokenizer.json"))?;
     let id = |t: &str| tokenizer.token_to_id(t).expect("special tokens are in the vocabulary");

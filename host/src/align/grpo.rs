@@ -489,6 +489,24 @@ mod tests {
     }
 
     #[test]
+    fn a_gradient_step_makes_rewarded_completions_likelier() {
+        // A one-token policy over two tokens; completion 0 chose token 0
+        // (advantage +1), completion 1 token 1 (advantage −1).
+        let theta = candle_core::Var::new(&[0.3f32, 0.1], &Device::Cpu).unwrap();
+        let step = |theta: &candle_core::Var| {
+            let logp = crate::backend::ops::log_softmax(theta.as_tensor(), 0).unwrap().unsqueeze(1).unwrap();
+            let old = logp.detach();
+            let mask = one_token(&[1.0, 1.0]);
+            let adv = Tensor::new(&[1f32, -1.0], &Device::Cpu).unwrap();
+            let (loss, _, _) = policy_loss(&config(GrpoLossType::Grpo), &logp, &old, None, &mask, &adv).unwrap();
+            let grads = loss.backward().unwrap();
+            let g = grads.get(theta.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            assert!(g[0] < 0.0 && g[1] > 0.0, "descent raises token 0: {g:?}");
+        };
+        step(&theta);
+    }
+
+    #[test]
     fn k3_kl_is_zero_at_the_reference_and_positive_away() {
         let mut c = config(GrpoLossType::Bnpo);
         c.beta = 0.5;

@@ -5,6 +5,8 @@
 //!   of decoding (every step reads every weight once).
 //! - `bench train`: tokens/s of adapter (LoRA) SFT steps, with the FLOP/s
 //!   they achieve against the machine's measured f32 matmul peak.
+//! - `bench grpo`: a GRPO step's split between rollout (batched generation
+//!   of G completions per prompt) and update, and the rollout tokens/s.
 
 use std::time::Instant;
 
@@ -23,6 +25,27 @@ pub enum BenchCommand {
     Infer(InferBenchArgs),
     /// Training-step throughput (tokens/s, FLOP/s vs the matmul peak) of LoRA SFT.
     Train(TrainBenchArgs),
+    /// GRPO step time: rollout vs update, and rollout tokens/s.
+    Grpo(GrpoBenchArgs),
+}
+
+/// Arguments of `oxtune bench grpo`.
+#[derive(Debug, clap::Args)]
+pub struct GrpoBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Completions per prompt (G).
+    #[arg(long, default_value_t = 8)]
+    pub num_generations: usize,
+    /// Prompts per step.
+    #[arg(long, default_value_t = 2)]
+    pub prompts: usize,
+    /// Tokens generated per completion (at most).
+    #[arg(long, default_value_t = 32)]
+    pub max_completion_length: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
 }
 
 /// Arguments of `oxtune bench train`.
@@ -116,7 +139,74 @@ pub fn run(global: &GlobalArgs, command: &BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Infer(args) => infer(global, args),
         BenchCommand::Train(args) => train(global, args),
+        BenchCommand::Grpo(args) => grpo(global, args),
     }
+}
+
+/// Runs `oxtune bench grpo`: LoRA r8 on q/v, the `length` reward, β = 0.04.
+fn grpo(global: &GlobalArgs, args: &GrpoBenchArgs) -> anyhow::Result<()> {
+    use crate::align::grpo::{GrpoConfig, GrpoLossType, GrpoObjective, RewardOnError, ScaleRewards};
+    let registry = global.registry()?;
+    let mut text = args.model.load(&registry)?;
+    let config = json!({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]});
+    text.model.add_adapter(&registry, "lora", config, 0)?;
+    let prompts: Vec<crate::align::grpo::GrpoPrompt> = (0..args.prompts * args.steps)
+        .map(|i| {
+            let record = json!({"prompt": format!("Write one sentence about the number {i}.")});
+            super::grpo::encode_prompt(&registry, &text.assets, None, record.as_object().expect("an object"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let config = GrpoConfig {
+        num_generations: args.num_generations,
+        max_completion_length: args.max_completion_length,
+        temperature: 1.0,
+        top_p: 1.0,
+        epsilon: 0.2,
+        epsilon_high: 0.2,
+        beta: 0.04,
+        loss_type: GrpoLossType::Grpo,
+        scale_rewards: ScaleRewards::Group,
+        num_iterations: 1,
+        reward_funcs: vec!["length".into()],
+        reward_weights: vec![1.0],
+        on_error: RewardOnError::Fail,
+        seed: 0,
+    };
+    let eos = text.assets.eos_token_ids.clone();
+    let objective = GrpoObjective::new(
+        config,
+        &registry,
+        &text.assets.tokenizer,
+        eos,
+        crate::align::objective::Reference::AdapterOff,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let train_config = crate::train::TrainConfig {
+        batch_size: args.prompts,
+        max_steps: Some(args.steps),
+        learning_rate: 1e-5,
+        ..Default::default()
+    };
+    let metrics = crate::train::train_with(&text.model, &objective, &prompts, &[], &train_config)?;
+    for m in &metrics {
+        let rollout = m.extra.get("rollout_s").copied().unwrap_or(0.0);
+        println!(
+            "{}",
+            json!({
+                "step": m.step,
+                "prompts": args.prompts,
+                "num_generations": args.num_generations,
+                "completions/mean_length": m.extra.get("completions/mean_length"),
+                "step_s": m.seconds,
+                "rollout_s": rollout,
+                "update_s": m.seconds - rollout,
+                "rollout_share": rollout / m.seconds,
+                "rollout_tokens_per_s": m.extra.get("rollout_tokens_per_s"),
+                "peak_memory_mb": crate::memory::peak_resident_bytes().map(|b| b as f64 / 1e6),
+            })
+        );
+    }
+    Ok(())
 }
 
 /// Matmul FLOPs of one adapter-training step over `tokens` tokens in rows of

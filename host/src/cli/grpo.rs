@@ -104,7 +104,7 @@ pub fn grpo_config(args: &RlhfArgs) -> anyhow::Result<GrpoConfig> {
 /// A GRPO prompt from one record: its conversation (through the dataset
 /// adapters, a trailing assistant turn dropped) templated with the
 /// generation prompt; every raw column reaches the reward functions.
-pub fn encode_prompt(
+pub(super) fn encode_prompt(
     registry: &Registry,
     assets: &TextAssets,
     adapter: Option<&str>,

@@ -8,7 +8,8 @@
 //!   "Demystifying Long Chain-of-Thought Reasoning in LLMs");
 //! - `accuracy`: 1.0 when the completion's final answer equals the row's
 //!   `solution` (or `answer`) column: a `\boxed{…}` expression, else the
-//!   `<answer>` block, else the last number, else a choice letter;
+//!   `<answer>` block, else the last number, else a choice letter, else
+//!   the last word;
 //!   numbers compare by value, text ignoring case, spaces and `$`;
 //! - `length`: with a `target_length` column (words), `−|n − target| /
 //!   target`; otherwise DAPO's soft overlong penalty over words: 0 up to
@@ -126,7 +127,8 @@ impl AccuracyReward {
         self.answer_tag.captures_iter(text).last().and_then(|c| c.get(1)).map(|m| m.as_str().trim())
     }
 
-    /// The completion's final answer: marked, else the last number, else a choice letter.
+    /// The completion's final answer: marked, else the last number, else a
+    /// choice letter, else the last word.
     fn extract<'a>(&self, completion: &'a str) -> Option<&'a str> {
         if let Some(marked) = self.marked(completion) {
             return Some(marked);
@@ -134,7 +136,10 @@ impl AccuracyReward {
         if let Some(m) = self.number.find_iter(completion).last() {
             return Some(m.as_str());
         }
-        self.choice.captures_iter(completion).last().and_then(|c| c.get(1)).map(|m| m.as_str())
+        if let Some(letter) = self.choice.captures_iter(completion).last().and_then(|c| c.get(1)) {
+            return Some(letter.as_str());
+        }
+        completion.split_whitespace().last().map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
     }
 
     /// Whether `answer` matches `solution` (itself possibly boxed or tagged).
@@ -266,9 +271,11 @@ mod tests {
                 with("I pick (B).", json!({"solution": "B"})),
                 with("The answer is 5", json!({"solution": "The answer is \\boxed{6}"})),
                 with("three quarters: 3/4", json!({"answer": 0.75})),
+                with("Two plus five is seven.", json!({"solution": "seven"})),
+                with("Two plus five is eight.", json!({"solution": "seven"})),
             ])
             .unwrap();
-        assert_eq!(scores, vec![1.0, 1.0, 1.0, 1.0, 0.0, 1.0]);
+        assert_eq!(scores, vec![1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]);
         let err = r.score(&[sample("4")]).unwrap_err().to_string();
         assert!(err.contains("no `solution`"), "{err}");
     }
