@@ -12,9 +12,10 @@
 //! them alike. Two components of one kind with one name are an error that
 //! names both sources.
 
+mod component;
 pub mod dynamic;
 mod error;
-pub mod wasm;
+mod wasm;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -22,6 +22,9 @@
 //! WASI's `environ_get` / `environ_sizes_get` with the variable `NAME`.
 //! There is no file system or network: a module importing anything else is
 //! refused at load, naming the import.
+//!
+//! A `.wasm` file may also be a component of the typed WIT world
+//! `oxtune:reward` (`registry/wit/reward.wit`); it gets the same sandbox.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -76,7 +79,7 @@ impl SandboxConfig {
     }
 }
 
-fn engine() -> &'static Engine {
+pub(crate) fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         let mut config = Config::new();
@@ -86,7 +89,7 @@ fn engine() -> &'static Engine {
 }
 
 /// Per-instance state: the memory cap and whether it was hit.
-struct SandboxState {
+pub(crate) struct SandboxState {
     memory_limit: usize,
     denied_growth: Option<usize>,
     env: Vec<(String, String)>,
@@ -110,9 +113,16 @@ impl ResourceLimiter for SandboxState {
 pub struct WasmReward {
     name: String,
     path: PathBuf,
-    module: Module,
-    linker: Linker<SandboxState>,
+    script: Script,
     config: SandboxConfig,
+}
+
+/// The two kinds of reward script.
+enum Script {
+    /// A core module with the `oxtune_alloc` / `oxtune_reward` ABI.
+    Core { module: Module, linker: Linker<SandboxState> },
+    /// A component of the `oxtune:reward` WIT world.
+    Component(crate::component::ComponentScript),
 }
 
 impl std::fmt::Debug for WasmReward {
@@ -142,14 +152,18 @@ impl WasmReward {
     /// Compiles and checks the script at `path`; its name is the file stem.
     pub fn load(path: &Path, config: &SandboxConfig) -> Result<WasmReward, RegistryError> {
         let bytes = std::fs::read(path).map_err(|source| RegistryError::Io { path: path.to_owned(), cause: source })?;
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("reward").to_owned();
+        if crate::component::is_component(&bytes) {
+            let script = Script::Component(crate::component::ComponentScript::load(path, engine(), &bytes)?);
+            return Ok(WasmReward { name, path: path.to_owned(), script, config: config.clone() });
+        }
         let module = Module::new(engine(), &bytes).map_err(|e| RegistryError::InvalidWasm {
             path: path.to_owned(),
             reason: e.to_string().lines().next().unwrap_or_default().to_owned(),
         })?;
         let linker = Self::linker(path, &module, config)?;
         Self::check_exports(path, &module)?;
-        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("reward").to_owned();
-        Ok(WasmReward { name, path: path.to_owned(), module, linker, config: config.clone() })
+        Ok(WasmReward { name, path: path.to_owned(), script: Script::Core { module, linker }, config: config.clone() })
     }
 
     /// The script's name (its file stem).
@@ -250,12 +264,24 @@ impl WasmReward {
         let mut store = Store::new(engine(), state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
         store.set_fuel(self.config.fuel_per_sample).map_err(|e| fail(e.to_string()))?;
-        let result = self.run(&mut store, sample);
-        result.map_err(|e| fail(self.explain(&store, e)))
+        let result = match &self.script {
+            Script::Core { module, linker } => Self::run(module, linker, &mut store, sample),
+            Script::Component(component) => component.run(&mut store, sample),
+        };
+        let score = result.map_err(|e| fail(self.explain(&store, e)))?;
+        if !score.is_finite() {
+            return Err(fail(format!("it returned a non-finite score ({score})")));
+        }
+        Ok(score)
     }
 
-    fn run(&self, store: &mut Store<SandboxState>, sample: &RewardSample) -> wasmtime::Result<f64> {
-        let instance = self.linker.instantiate(&mut *store, &self.module)?;
+    fn run(
+        module: &Module,
+        linker: &Linker<SandboxState>,
+        store: &mut Store<SandboxState>,
+        sample: &RewardSample,
+    ) -> wasmtime::Result<f64> {
+        let instance = linker.instantiate(&mut *store, module)?;
         let memory =
             instance.get_memory(&mut *store, "memory").ok_or_else(|| wasmtime::Error::msg("no exported memory"))?;
         let alloc = instance.get_typed_func::<i32, i32>(&mut *store, "oxtune_alloc")?;
@@ -271,11 +297,7 @@ impl WasmReward {
             args[2 * k] = ptr;
             args[2 * k + 1] = len;
         }
-        let score = reward.call(&mut *store, args.into())?;
-        if !score.is_finite() {
-            return Err(wasmtime::Error::msg(format!("returned a non-finite score ({score})")));
-        }
-        Ok(score)
+        reward.call(&mut *store, args.into())
     }
 
     fn explain(&self, store: &Store<SandboxState>, e: wasmtime::Error) -> String {

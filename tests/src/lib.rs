@@ -109,6 +109,13 @@ pub fn build_rust_wasm_reward() -> PathBuf {
     })
 }
 
+/// Builds the reward component example (`oxtune:reward` WIT world) for
+/// `wasm32-wasip2` (`rustup target add wasm32-wasip2`).
+pub fn build_wasm_reward_component() -> PathBuf {
+    let dir = workspace_root().join("examples/wasm-reward-component");
+    build("keyword_component", &["--target", "wasm32-wasip2"], &dir, |p| p.extension().is_some_and(|e| e == "wasm"))
+}
+
 /// A text replacement in one file of `plugin-api/src`.
 pub struct Patch {
     /// The file, relative to `plugin-api/src`.

@@ -12,7 +12,7 @@ use oxtune::train::Objective;
 use oxtune_plugin_api::RewardSample;
 use oxtune_registry::{Registry, SandboxConfig};
 use oxtune_tests::cli::{fails_with, fresh_dir, oxtune, scratch, succeeded, tiny};
-use oxtune_tests::{build_cdylib, build_rust_wasm_reward, fixtures};
+use oxtune_tests::{build_cdylib, build_rust_wasm_reward, build_wasm_reward_component, fixtures};
 use serde_json::{json, Value};
 
 const PAIRS: &str = concat!(
@@ -269,4 +269,35 @@ fn failing_reward_scripts_fail_the_sample_or_score_zero() {
         assert_eq!(scores, vec![0.0, 0.0], "{name}");
         assert_eq!(logged[&format!("rewards/{name}/failed")], 2.0, "{name}");
     }
+}
+
+#[test]
+fn a_wit_component_reward_scores_like_the_native_plugin() {
+    let assets = TextAssets::load(&fixtures().join("models/tiny-qwen3")).unwrap();
+    let batch: Vec<RewardSample> = [("The sky is Blue.", "blue"), ("Grass is green.", "red"), ("BLUE!", "blue")]
+        .iter()
+        .map(|(completion, keyword)| RewardSample {
+            prompt: "p".into(),
+            completion: completion.to_string(),
+            columns: json!({"keyword": keyword}).as_object().unwrap().clone(),
+        })
+        .collect();
+    let mut native = Registry::empty();
+    native.load_path(&build_cdylib("oxtune-example-plugin", &["cdylib"]), &SandboxConfig::default()).unwrap();
+    let mut component = Registry::empty();
+    component.load_path(&build_wasm_reward_component(), &SandboxConfig::default()).unwrap();
+    let score = |registry: &Registry, name: &str| {
+        objective(registry, &assets, &[name], 0.0, RewardOnError::Fail).unwrap().rewards(&batch).unwrap().0
+    };
+    let expected = score(&native, "keyword");
+    assert_eq!(expected, vec![1.0, 0.0, 1.0]);
+    assert_eq!(score(&component, "keyword_component"), expected);
+    // The script's own error comes back for the sample, named.
+    let no_keyword = [RewardSample { prompt: "p".into(), completion: "c".into(), columns: Default::default() }];
+    let err = objective(&component, &assets, &["keyword_component"], 0.0, RewardOnError::Fail)
+        .unwrap()
+        .rewards(&no_keyword)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("keyword_component") && err.contains("no string column `keyword`"), "{err}");
 }
