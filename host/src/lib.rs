@@ -1,6 +1,8 @@
 //! `oxtune`: the host. It owns the tensors (the candle op backend in
 //! [`backend`]), finds plugins through `oxtune-registry`, and drives them
-//! from the command line ([`cli`]).
+//! from the command line ([`cli`]): models ([`model`], [`text`],
+//! [`generate`]), the shared training loop ([`train`]) with SFT and
+//! pretraining, and alignment ([`align`]: preference losses and GRPO).
 
 pub mod align;
 pub mod backend;

@@ -79,6 +79,7 @@ impl SandboxConfig {
     }
 }
 
+/// The one fuel-metered engine every reward script (module or component) runs on.
 pub(crate) fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {

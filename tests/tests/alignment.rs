@@ -53,12 +53,17 @@ fn rlhf(algo: &str, data: &Path, out: &Path, extra: &[&str]) -> std::process::Ou
 fn dpo_starts_at_ln_2_with_the_adapter_at_its_initialisation() {
     let data = scratch("pairs.jsonl", PAIRS);
     let out = fresh_dir("dpo");
-    succeeded(&rlhf(
+    let run = rlhf(
         "dpo",
         &data,
         &out,
-        &["--max-steps", "3", "--per-device-train-batch-size", "2", "--learning-rate", "5e-3", "--beta", "0.5"],
-    ));
+        &["--max-steps", "3", "--per-device-train-batch-size", "2", "--learning-rate", "5e-3", "--beta", "0.5"]
+            .into_iter()
+            .chain(["--sample-prompt", "Sky colour?"])
+            .collect::<Vec<_>>(),
+    );
+    succeeded(&run);
+    assert!(String::from_utf8_lossy(&run.stdout).contains("after:"), "--sample-prompt answers before and after");
     let m = metrics(&out);
     // B = 0: the policy is the reference, every margin is 0.
     assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{}", m[0]);

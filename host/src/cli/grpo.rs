@@ -6,7 +6,8 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use super::rlhf::RlhfArgs;
-use super::sft::{report, set_up};
+use super::sft::{print_samples, report, sample_answers, set_up};
+use super::train_data::Objective;
 use super::GlobalArgs;
 use crate::align::grpo::{GrpoConfig, GrpoLossType, GrpoObjective, GrpoPrompt, RewardOnError, ScaleRewards};
 use crate::align::objective::Reference;
@@ -140,6 +141,7 @@ pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
     let run = &args.run;
     let config = grpo_config(args)?;
     let mut setup = set_up(global, run, "rlhf", args.knobs())?;
+    let before = sample_answers(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;
     // Reward names and weights are checked before anything else runs.
     let registry = &setup.registry;
     let frozen = if config.beta != 0.0
@@ -183,5 +185,7 @@ pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
     eprintln!("grpo: {} prompt(s), {} completions each", prompts.len(), args.grpo.num_generations);
     let metrics = train_with(&setup.text.model, &objective, &prompts, &[], &train_config)?;
     report(&metrics, &run.output_dir);
+    let after = sample_answers(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;
+    print_samples(&run.sample_prompt, &before, &after);
     Ok(())
 }

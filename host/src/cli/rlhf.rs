@@ -6,7 +6,8 @@
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use super::sft::{report, set_up, SftArgs};
+use super::sft::{print_samples, report, sample_answers, set_up, SftArgs};
+use super::train_data::Objective;
 use super::GlobalArgs;
 use crate::align::losses::{DpoVariant, KtoLoss, PairLoss};
 use crate::align::objective::{KtoObjective, PairObjective, Reference};
@@ -156,6 +157,7 @@ pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
     let method = if args.algo == "kto" { None } else { Some(args.pair_loss()?) };
     let run = &args.run;
     let mut setup = set_up(global, run, "rlhf", args.knobs())?;
+    let before = sample_answers(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;
     let assets: &TextAssets = &setup.text.assets;
     // A frozen copy serves as the reference when the adapter cannot be
     // switched off: full fine-tuning, or an adapter being continued.
@@ -193,5 +195,7 @@ pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
         }
     };
     report(&metrics, &run.output_dir);
+    let after = sample_answers(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;
+    print_samples(&run.sample_prompt, &before, &after);
     Ok(())
 }

@@ -265,8 +265,13 @@ pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow:
     let metrics = train(&setup.text.model, &data.train, &data.eval, &config)?;
     report(&metrics, &args.output_dir);
     let after = sample_answers(&setup.text, &args.sample_prompt, objective)?;
-    for ((prompt, before), after) in args.sample_prompt.iter().zip(&before).zip(&after) {
+    print_samples(&args.sample_prompt, &before, &after);
+    Ok(())
+}
+
+/// Prints each `--sample-prompt` with its answers before and after training.
+pub(super) fn print_samples(prompts: &[String], before: &[String], after: &[String]) {
+    for ((prompt, before), after) in prompts.iter().zip(before).zip(after) {
         println!("prompt: {prompt}\n  before: {before}\n  after:  {after}");
     }
-    Ok(())
 }
