@@ -12,12 +12,25 @@ pub const IGNORE_INDEX: i64 = -100;
 /// positions labelled [`IGNORE_INDEX`] are left out of the mean. Computed
 /// in f32 whatever the logits' dtype.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (picked, mask) = next_token_logps(logits, labels)?;
+    let count = mask.sum_all()?.to_scalar::<f32>()?;
+    if count == 0.0 {
+        candle_core::bail!("every label is {IGNORE_INDEX}: nothing to train on");
+    }
+    picked.sum_all()?.neg()? / count as f64
+}
+
+/// Per position of `logits` `[b, s, v]` (position `t` predicting
+/// `labels[:, t + 1]`): the log-probability of that label `[b, s − 1]`
+/// (f32, differentiable; 0 where the label is [`IGNORE_INDEX`]) and the
+/// mask of labelled positions `[b, s − 1]` (1.0 / 0.0).
+pub fn next_token_logps(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
     let (b, s, v) = logits.dims3()?;
     if s < 2 {
-        candle_core::bail!("a causal-LM loss needs at least two positions, got {s}");
+        candle_core::bail!("next-token log-probabilities need at least two positions, got {s}");
     }
-    let logits = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
-    let labels = labels.narrow(1, 1, s - 1)?.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+    let logits = logits.narrow(1, 0, s - 1)?.to_dtype(DType::F32)?;
+    let labels = labels.narrow(1, 1, s - 1)?.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
     let mut targets = Vec::with_capacity(labels.len());
     let mut mask = Vec::with_capacity(labels.len());
     for &label in &labels {
@@ -28,14 +41,10 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         targets.push(if keep { label as u32 } else { 0 });
         mask.push(if keep { 1f32 } else { 0.0 });
     }
-    let count = mask.iter().filter(|&&m| m > 0.0).count();
-    if count == 0 {
-        candle_core::bail!("every label is {IGNORE_INDEX}: nothing to train on");
-    }
     let device = logits.device();
-    let targets = Tensor::from_vec(targets, (b * (s - 1), 1), device)?;
-    let mask = Tensor::from_vec(mask, b * (s - 1), device)?;
-    let log_probs = ops::log_softmax(&logits.to_dtype(DType::F32)?, 1)?;
-    let picked = log_probs.gather(&targets, D::Minus1)?.squeeze(1)?;
-    (picked * mask)?.sum_all()?.neg()? / count as f64
+    let targets = Tensor::from_vec(targets, (b, s - 1, 1), device)?;
+    let mask = Tensor::from_vec(mask, (b, s - 1), device)?;
+    let log_probs = ops::log_softmax(&logits, 2)?;
+    let picked = log_probs.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
+    Ok(((picked * &mask)?, mask))
 }

@@ -244,6 +244,15 @@ pub mod cli {
         path
     }
 
+    /// The lines of a run's `metrics.jsonl` in `out`, parsed.
+    pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .expect("the run wrote metrics.jsonl")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+            .collect()
+    }
+
     /// A fresh (removed if present) output folder `name` for this test process.
     pub fn fresh_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("oxtune-{name}-{}", std::process::id()));

@@ -11,9 +11,9 @@ use oxtune::text::TextAssets;
 use oxtune::train::Objective;
 use oxtune_plugin_api::RewardSample;
 use oxtune_registry::{Registry, SandboxConfig};
-use oxtune_tests::cli::{fails_with, fresh_dir, oxtune, scratch, succeeded, tiny};
+use oxtune_tests::cli::{fails_with, fresh_dir, metrics, oxtune, scratch, succeeded, tiny};
 use oxtune_tests::{build_cdylib, build_rust_wasm_reward, build_wasm_reward_component, fixtures};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const PAIRS: &str = concat!(
     "{\"messages\": [{\"role\": \"user\", \"content\": \"Sky colour?\"}, {\"role\": \"assistant\", \"content\": \"Blue.\"}], \"rejected_response\": \"Green.\"}\n",
@@ -21,14 +21,6 @@ const PAIRS: &str = concat!(
     "{\"instruction\": \"Name a fruit.\", \"input\": \"\", \"chosen\": \"Apple.\", \"rejected\": \"Chair.\"}\n",
     "{\"chosen\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello!\"}], \"rejected\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Go away.\"}]}\n",
 );
-
-fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 fn rlhf(algo: &str, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let model = tiny("tiny-qwen3");

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use oxtune_tests::cli::{fails_with, fresh_dir, oxtune, oxtune_in, scratch, succeeded, tiny};
+use oxtune_tests::cli::{fails_with, fresh_dir, metrics, oxtune, oxtune_in, scratch, succeeded, tiny};
 use serde_json::Value;
 
 const CHATS: &str = concat!(
@@ -16,14 +16,6 @@ const CHATS: &str = concat!(
     "{\"instruction\": \"Add\", \"input\": \"2 2\", \"output\": \"4\"}\n",
     "{\"question\": \"fruit?\", \"answer\": \"apple\"}\n",
 );
-
-fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 fn tensors(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()

@@ -18,11 +18,11 @@ use candle_core::{DType, Tensor};
 use oxtune_plugin_api::RewardSample;
 use oxtune_registry::Registry;
 
-use super::logps::token_logps;
 use super::objective::Reference;
 use super::pairs::join;
 use crate::backend::BatchInfo;
 use crate::generate::{generate, SamplingParams};
+use crate::loss::next_token_logps;
 use crate::model::LoadedModel;
 use crate::text::{EncodedRow, TextTokenizer};
 use crate::train::objective::collate;
@@ -368,7 +368,7 @@ impl Objective for GrpoObjective<'_> {
         let (ids, labels, mask) = collate(&rows, model.device()).map_err(compute)?;
         let info = BatchInfo { attention_mask: Some(mask.clone()), dropout_seed, ..Default::default() };
         let logits = model.forward(&ids, &info, None, None).map_err(Box::new)?;
-        let (logp, token_mask) = token_logps(&logits, &labels).map_err(compute)?;
+        let (logp, token_mask) = next_token_logps(&logits, &labels).map_err(compute)?;
         // The policy that generated the batch: this one on its first use
         // (ratio 1, gradient intact), remembered for later iterations.
         let old = match &rollout.old_logps {
@@ -389,7 +389,7 @@ impl Objective for GrpoObjective<'_> {
                 Reference::Model(frozen) => frozen.forward(&ids, &plain, None, None),
             }
             .map_err(Box::new)?;
-            Some(token_logps(&logits, &labels).map_err(compute)?.0.detach())
+            Some(next_token_logps(&logits, &labels).map_err(compute)?.0.detach())
         } else {
             None
         };

@@ -3,7 +3,8 @@
 //!
 //! - [`pairs`]: preference rows of ms-swift's and TRL's forms, encoded with
 //!   the chat template, labels on the completion only.
-//! - [`logps`]: completion log-probabilities from one forward pass.
+//! - [`logps`]: completion log-probabilities from one forward pass (per
+//!   token: [`crate::loss::next_token_logps`]).
 //! - [`losses`]: each method's loss, as TRL defines it.
 //! - [`objective`]: the objectives the training loop runs.
 
