@@ -12,6 +12,7 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod loss;
+pub mod media;
 pub mod memory;
 pub mod model;
 pub mod rng;

@@ -213,6 +213,11 @@ pub enum Op {
     /// identity. The host draws the mask from the run's seed, so a training
     /// run (and a resumed one) is reproducible.
     Dropout { x: TensorId, p: f64 },
+    /// A tensor of `shape` holding `values` (row-major), converted to
+    /// `dtype`: index lists, position tables and masks a plugin computes
+    /// itself (vision window orders, M-RoPE positions). Not differentiable.
+    /// Added in 1.1.
+    Constant { values: RVec<f32>, shape: RVec<u64>, dtype: DType },
 }
 
 /// An [`Op`] as it crosses the boundary.
@@ -253,6 +258,43 @@ pub struct NamedTensor {
     pub id: TensorId,
 }
 
+/// One image or video of a dataset row or a request, as the host found it.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct MediaItem {
+    /// `image` or `video`.
+    pub kind: RString,
+    /// An image: its file. A video: its frame files in order, or one folder of frames.
+    pub sources: RVec<RString>,
+}
+
+/// A media item turned into model inputs by the model plugin: the pixel
+/// rows and grid the forward pass reads, and the placeholder tokens that
+/// stand for it in the token sequence.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct PreparedMedia {
+    /// The forward input its pixel rows are concatenated into (`pixel_values`).
+    pub pixels_input: RString,
+    /// `[rows, features]` pixel rows, row-major.
+    pub pixels: RVec<f32>,
+    /// Features per pixel row.
+    pub features: u64,
+    /// The forward input its grid row is stacked into (`image_grid_thw`).
+    pub grid_input: RString,
+    /// Its grid (`[t, h, w]` in patches for Qwen-VL).
+    pub grid: RVec<u64>,
+    /// The token id the chat template renders once per item and the host
+    /// repeats `positions.len() / axes` times.
+    pub placeholder_token: u32,
+    /// Position axes (3 for M-RoPE).
+    pub axes: u32,
+    /// `[axes, tokens]`: each placeholder token's position on each axis,
+    /// relative to the item's first token. Text after the item continues
+    /// one past the largest position of the item.
+    pub positions: RVec<u32>,
+}
+
 /// A model architecture instantiated from a `config.json`.
 #[sabi_trait]
 pub trait ModelInstance: Send + Sync {
@@ -260,6 +302,31 @@ pub trait ModelInstance: Send + Sync {
     /// (or, for models that are not language models, their output).
     #[sabi(last_prefix_field)]
     fn forward(&self, graph: GraphRef<'_>, inputs: RSlice<'_, NamedTensor>) -> RResult<TensorId, RString>;
+
+    /// How the model reads media, as a JSON object — `position_axes` (how
+    /// many position rows `position_ids` has), and per media kind the text
+    /// that stands for one item in a prompt (`image_placeholder`, ...) —
+    /// or `None` for a text-only model.
+    ///
+    /// Added in 1.1: a 1.0 plugin is text-only (this default runs in the host).
+    fn media_spec(&self) -> RResult<ROption<RString>, RString> {
+        RResult::ROk(ROption::RNone)
+    }
+
+    /// Decodes and preprocesses `items` (in row order) into model inputs.
+    /// `options_json` is the model folder's `preprocessor_config.json`
+    /// with the run's overrides (`min_pixels`, `max_pixels`, `fps`, ...)
+    /// merged in.
+    ///
+    /// Added in 1.1: a 1.0 plugin reads no media.
+    fn prepare_media(
+        &self,
+        items: RSlice<'_, MediaItem>,
+        options_json: RStr<'_>,
+    ) -> RResult<RVec<PreparedMedia>, RString> {
+        let _ = (items, options_json);
+        RResult::RErr(RString::from("this model reads text only"))
+    }
 }
 
 /// An owned model instance crossing the boundary.

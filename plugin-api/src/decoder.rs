@@ -15,6 +15,7 @@ use crate::graph::{attention, has_weight, AttentionSpec, Tensor};
 use crate::nn::{Embedding, Linear, RmsNorm};
 use crate::plugin::{Inputs, Model};
 use crate::rope::Rope;
+use crate::vision::layers::apply_rotary;
 use crate::{Error, Result};
 
 /// The MLP's gate activation.
@@ -62,6 +63,20 @@ pub struct DecoderConfig {
     pub sliding_windows: Vec<Option<u32>>,
     /// The MLP activation.
     pub activation: Activation,
+    /// Where the decoder's weights live: `model` (`model.layers.0...`), or
+    /// `model.language_model` inside a vision-language checkpoint.
+    pub prefix: String,
+    /// The output projection's weight prefix (`lm_head`).
+    pub lm_head: String,
+}
+
+/// How a decoder rotates queries and keys.
+pub enum Rotary {
+    /// The host's `rope` op with these frequencies and the batch's positions.
+    Host(Vec<f32>),
+    /// Precomputed cos and sin tables `[batch, 1, seq, head_dim / 2]`
+    /// (multi-axis RoPE, computed by the plugin from its positions).
+    Tables(Tensor, Tensor),
 }
 
 /// Reads config fields, naming the missing or malformed one.
@@ -159,6 +174,8 @@ impl DecoderConfig {
             tie_word_embeddings: r.bool_or("tie_word_embeddings", false)?,
             sliding_windows: vec![None; num_layers],
             activation,
+            prefix: "model".to_owned(),
+            lm_head: "lm_head".to_owned(),
         })
     }
 
@@ -230,9 +247,9 @@ impl Decoder {
         x.reshape(&[b, s, heads as i64, self.cfg.head_dim as i64])
     }
 
-    fn attention_block(&self, layer: usize, x: &Tensor, inv_freq: &[f32]) -> Result<Tensor> {
+    fn attention_block(&self, layer: usize, x: &Tensor, rotary: &Rotary) -> Result<Tensor> {
         let c = &self.cfg;
-        let p = format!("model.layers.{layer}.self_attn");
+        let p = format!("{}.layers.{layer}.self_attn", c.prefix);
         if c.attention_bias && !has_weight(&format!("{p}.q_proj.bias"))? {
             return Err(Error::new(format!(
                 "config.json sets `attention_bias` but the checkpoint has no `{p}.q_proj.bias`"
@@ -245,8 +262,14 @@ impl Decoder {
             q = RmsNorm::new(format!("{p}.q_norm"), c.rms_norm_eps).forward(&q)?;
             k = RmsNorm::new(format!("{p}.k_norm"), c.rms_norm_eps).forward(&k)?;
         }
-        let q = q.transpose(1, 2)?.rope(inv_freq, c.rope_interleaved, c.rope.attention_scaling)?;
-        let k = k.transpose(1, 2)?.rope(inv_freq, c.rope_interleaved, c.rope.attention_scaling)?;
+        let (q, k) = (q.transpose(1, 2)?, k.transpose(1, 2)?);
+        let (q, k) = match rotary {
+            Rotary::Host(inv_freq) => (
+                q.rope(inv_freq, c.rope_interleaved, c.rope.attention_scaling)?,
+                k.rope(inv_freq, c.rope_interleaved, c.rope.attention_scaling)?,
+            ),
+            Rotary::Tables(cos, sin) => (apply_rotary(&q, cos, sin)?, apply_rotary(&k, cos, sin)?),
+        };
         let v = v.transpose(1, 2)?;
         let spec = AttentionSpec { sliding_window: c.sliding_windows[layer], ..AttentionSpec::default() };
         let a = attention(layer as u32, &q, &k, &v, spec)?;
@@ -256,7 +279,7 @@ impl Decoder {
     }
 
     fn mlp(&self, layer: usize, x: &Tensor) -> Result<Tensor> {
-        let p = format!("model.layers.{layer}.mlp");
+        let p = format!("{}.layers.{layer}.mlp", self.cfg.prefix);
         if self.cfg.mlp_bias && !has_weight(&format!("{p}.gate_proj.bias"))? {
             return Err(Error::new(format!(
                 "config.json sets `mlp_bias` but the checkpoint has no `{p}.gate_proj.bias`"
@@ -282,24 +305,40 @@ impl Decoder {
         };
         Ok(self.cfg.rope.inv_freq(max_position))
     }
+
+    /// The token embeddings `[batch, seq, hidden]` of `ids`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Embedding::new(format!("{}.embed_tokens", self.cfg.prefix)).forward(ids)
+    }
+
+    /// Logits from input embeddings `x`: every layer, with `after_layer`
+    /// given each layer's output to change (DeepStack adds vision features
+    /// there), then the final norm and the output projection.
+    pub fn forward_embeddings(
+        &self,
+        mut x: Tensor,
+        rotary: &Rotary,
+        mut after_layer: impl FnMut(usize, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        for layer in 0..c.num_layers {
+            let norm = format!("{}.layers.{layer}.input_layernorm", c.prefix);
+            let h = RmsNorm::new(norm, c.rms_norm_eps).forward(&x)?;
+            x = x.add(&self.attention_block(layer, &h, rotary)?)?;
+            let norm = format!("{}.layers.{layer}.post_attention_layernorm", c.prefix);
+            let h = RmsNorm::new(norm, c.rms_norm_eps).forward(&x)?;
+            x = after_layer(layer, x.add(&self.mlp(layer, &h)?)?)?;
+        }
+        let x = RmsNorm::new(format!("{}.norm", c.prefix), c.rms_norm_eps).forward(&x)?;
+        let head = if c.tie_word_embeddings { format!("{}.embed_tokens", c.prefix) } else { c.lm_head.clone() };
+        Linear::new(head).forward(&x)
+    }
 }
 
 impl Model for Decoder {
     fn forward(&self, inputs: &Inputs) -> Result<Tensor> {
-        let c = &self.cfg;
         let ids = inputs.get("input_ids")?;
-        let inv_freq = self.inv_freq(inputs, &ids)?;
-        let mut x = Embedding::new("model.embed_tokens").forward(&ids)?;
-        for layer in 0..c.num_layers {
-            let norm = format!("model.layers.{layer}.input_layernorm");
-            let h = RmsNorm::new(norm, c.rms_norm_eps).forward(&x)?;
-            x = x.add(&self.attention_block(layer, &h, &inv_freq)?)?;
-            let norm = format!("model.layers.{layer}.post_attention_layernorm");
-            let h = RmsNorm::new(norm, c.rms_norm_eps).forward(&x)?;
-            x = x.add(&self.mlp(layer, &h)?)?;
-        }
-        let x = RmsNorm::new("model.norm", c.rms_norm_eps).forward(&x)?;
-        let head = if c.tie_word_embeddings { "model.embed_tokens" } else { "lm_head" };
-        Linear::new(head).forward(&x)
+        let rotary = Rotary::Host(self.inv_freq(inputs, &ids)?);
+        self.forward_embeddings(self.embed(&ids)?, &rotary, |_, x| Ok(x))
     }
 }

@@ -282,6 +282,17 @@ impl Tensor {
     }
 }
 
+/// A tensor of `shape` holding `values` (row-major) as `dtype` (see
+/// [`Op::Constant`]): index lists, position tables and masks the plugin
+/// computes itself. Integer dtypes hold the values exactly up to 2^24.
+pub fn constant(values: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let count: usize = shape.iter().product();
+    if count != values.len() {
+        return Err(Error::new(format!("constant: {} values for shape {shape:?}", values.len())));
+    }
+    apply(Op::Constant { values: values.into(), shape: shape.iter().map(|&d| d as u64).collect(), dtype })
+}
+
 /// A named parameter of the run's weights, e.g. `model.norm.weight`.
 pub fn weight(name: &str) -> Result<Tensor> {
     apply(Op::Weight { name: RString::from(name) })

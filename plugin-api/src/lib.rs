@@ -18,6 +18,7 @@ pub mod graph;
 pub mod nn;
 pub mod plugin;
 pub mod rope;
+pub mod vision;
 
 #[doc(hidden)]
 pub use abi_stable;
@@ -26,7 +27,7 @@ pub use inventory;
 
 pub use abi::{ComponentKind, DType, Modality, ParamInit};
 pub use data::RewardSample;
-pub use graph::{attention, has_weight, weight, AttentionSpec, Tensor};
+pub use graph::{attention, constant, has_weight, weight, AttentionSpec, Tensor};
 pub use plugin::{
     DatasetAdapter, Descriptor, Inputs, Model, ModelArchitecture, Plugin, RewardFunction, Tuner, TunerLayers,
     TunerParam,

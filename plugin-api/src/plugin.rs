@@ -17,11 +17,12 @@ use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 
 use crate::abi::{
-    ComponentDescriptor, ComponentKind, GraphRef, Modality, ModelBox, ModelInstance, ModelInstance_TO, NamedTensor,
+    self, ComponentDescriptor, MediaItem, ComponentKind, GraphRef, Modality, ModelBox, ModelInstance, ModelInstance_TO, NamedTensor,
     ParamInit, ParamSpec, PluginInfo, PluginMod, PluginModRef, TensorId, TunerBox, TunerInstance, TunerInstance_TO,
 };
 use crate::data::RewardSample;
 use crate::graph::{with_graph, Tensor};
+use crate::vision::{MediaRequest, PreparedMedia};
 use crate::{Error, Result, API_VERSION};
 
 /// The description of one component, as an author writes it.
@@ -138,6 +139,20 @@ pub trait ModelArchitecture: Send + Sync + 'static {
 pub trait Model: Send + Sync + 'static {
     /// Computes the output (logits for a language model) from named inputs.
     fn forward(&self, inputs: &Inputs) -> Result<Tensor>;
+
+    /// How the model reads media (`position_axes`, `image_placeholder`,
+    /// `video_placeholder`); `None` for a text-only model.
+    fn media_spec(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Preprocesses media items into model inputs (see
+    /// [`crate::vision`]); `options` is the model's
+    /// `preprocessor_config.json` with the run's overrides.
+    fn prepare_media(&self, items: &[MediaRequest], options: &serde_json::Value) -> Result<Vec<PreparedMedia>> {
+        let _ = (items, options);
+        Err(Error::new("this model reads text only"))
+    }
 }
 
 /// The named inputs of one forward pass.
@@ -370,6 +385,24 @@ impl<P: PluginSource> ModelInstance for ModelAdapter<P> {
             let inputs =
                 Inputs { tensors: inputs.iter().map(|n| (n.name.to_string(), Tensor::from_id(n.id))).collect() };
             with_graph(&mut graph, || self.model.forward(&inputs)).map(|t| t.id())
+        })
+    }
+
+    fn media_spec(&self) -> RResult<ROption<RString>, RString> {
+        guard(P::NAME, &|| format!("the media settings of model `{}`", self.name), || {
+            Ok(self.model.media_spec().map(|v| RString::from(v.to_string())).into())
+        })
+    }
+
+    fn prepare_media(
+        &self,
+        items: RSlice<'_, MediaItem>,
+        options_json: RStr<'_>,
+    ) -> RResult<RVec<abi::PreparedMedia>, RString> {
+        guard(P::NAME, &|| format!("model `{}` preparing media", self.name), || {
+            let items = items.iter().map(MediaRequest::from_abi).collect::<Result<Vec<_>>>()?;
+            let options: serde_json::Value = serde_json::from_str(options_json.as_str())?;
+            Ok(self.model.prepare_media(&items, &options)?.iter().map(PreparedMedia::to_abi).collect())
         })
     }
 }

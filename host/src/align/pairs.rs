@@ -176,5 +176,5 @@ pub fn split_prompt(row: &EncodedRow) -> (&[u32], &[u32]) {
 pub fn join(prompt: &[u32], completion: &[u32]) -> EncodedRow {
     let input_ids: Vec<u32> = prompt.iter().chain(completion).copied().collect();
     let labels = std::iter::repeat_n(IGNORE_INDEX, prompt.len()).chain(completion.iter().map(|&t| t as i64)).collect();
-    EncodedRow { input_ids, labels }
+    EncodedRow { input_ids, labels, media: None }
 }

@@ -19,6 +19,10 @@ pub struct BatchInfo {
     /// seed (the trainer derives one per micro-batch, so runs reproduce).
     /// `None` (inference, evaluation): dropout is the identity.
     pub dropout_seed: Option<u64>,
+    /// Media inputs of the batch by forward-input name (`pixel_values`,
+    /// `image_grid_thw`, ...), passed to the model beside `input_ids`;
+    /// empty for text. Only the first step of a generation carries them.
+    pub media: Vec<(String, Tensor)>,
 }
 
 /// Keys and values of past tokens, per layer, for incremental decoding.

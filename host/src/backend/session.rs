@@ -313,6 +313,19 @@ impl<'a> GraphSession<'a> {
             }
             Op::Detach { x } => Ok(self.get(*x)?.detach()),
             Op::Dropout { x, p } => self.dropout(*x, *p),
+            Op::Constant { values, shape, dtype } => {
+                let dt = to_candle_dtype(*dtype)
+                    .ok_or_else(|| OpError::Invalid { op: name, message: format!("unknown dtype code {}", dtype.0) })?;
+                let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                if dims.iter().product::<usize>() != values.len() {
+                    return Err(OpError::Invalid {
+                        op: name,
+                        message: format!("{} values for shape {dims:?}", values.len()),
+                    });
+                }
+                let device = self.ctx.weights.device();
+                Tensor::from_slice(values.as_slice(), dims, &device).and_then(|t| t.to_dtype(dt)).map_err(candle)
+            }
             Op::Rope { x, inv_freq, interleaved, scale } => self.rope(*x, inv_freq, *interleaved, *scale),
             Op::Attention { layer, q, k, v, causal, scale, sliding_window, softcap } => {
                 let spec = MaskSpec { causal: *causal, sliding_window: *sliding_window };
@@ -519,6 +532,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::ToDType { .. } => "to_dtype",
         Op::Detach { .. } => "detach",
         Op::Dropout { .. } => "dropout",
+        Op::Constant { .. } => "constant",
         Op::Rope { .. } => "rope",
         Op::Attention { .. } => "attention",
         _ => "unknown op",

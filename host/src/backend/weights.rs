@@ -74,6 +74,11 @@ impl WeightStore {
         self.vars.retain(|name, _| keep(name));
     }
 
+    /// The device the parameters live on (the CPU for an empty store).
+    pub fn device(&self) -> Device {
+        self.tensors.values().next().map_or(Device::Cpu, |t| t.device().clone())
+    }
+
     /// All parameter names, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();

@@ -258,7 +258,7 @@ fn train(global: &GlobalArgs, args: &TrainBenchArgs) -> anyhow::Result<()> {
             let ids: Vec<u32> =
                 (0..args.seq_len).map(|i| ((r * args.seq_len + i) as u32 * 7919 + 13) % vocab.max(1)).collect();
             let labels = ids.iter().map(|&t| t as i64).collect();
-            crate::text::EncodedRow { input_ids: ids, labels }
+            crate::text::EncodedRow { input_ids: ids, labels, media: None }
         })
         .collect();
     let config = crate::train::TrainConfig {

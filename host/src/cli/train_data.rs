@@ -122,7 +122,7 @@ fn plain_text(assets: &TextAssets, text: &str) -> anyhow::Result<EncodedRow> {
         ids.push(eos);
     }
     let labels = ids.iter().map(|&t| t as i64).collect();
-    Ok(EncodedRow { input_ids: ids, labels })
+    Ok(EncodedRow { input_ids: ids, labels, media: None })
 }
 
 /// A pre-tokenized row, checked against the vocabulary.
@@ -147,7 +147,7 @@ fn pre_tokenized(ids: &Value, labels: Option<&Value>, vocab: usize) -> anyhow::R
     if let Some(bad) = labels.iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= vocab)) {
         bail!("label {bad} is outside the vocabulary of {vocab} tokens");
     }
-    Ok(EncodedRow { input_ids, labels })
+    Ok(EncodedRow { input_ids, labels, media: None })
 }
 
 impl Encoder<'_> {

@@ -140,7 +140,8 @@ impl LoadedModel {
         seed: u64,
     ) -> Result<(), ModelError> {
         let origin = Path::new("adapter config");
-        let targets = target_modules(&config, origin)?;
+        let mut config = config;
+        let mut targets = target_modules(&config, origin)?;
         let linear: Vec<String> = self
             .weights
             .names()
@@ -148,8 +149,20 @@ impl LoadedModel {
             .filter_map(|n| n.strip_suffix(".weight"))
             .filter(|layer| self.weights.get(&format!("{layer}.weight")).is_some_and(|w| w.rank() == 2))
             .filter(|layer| !layer.ends_with("embed_tokens") && !layer.contains(".lora_"))
+            .filter(|layer| !self.is_frozen_part(layer))
             .map(str::to_owned)
             .collect();
+        if !self.frozen_prefixes.is_empty() && matches!(targets, TargetModules::Names(_)) {
+            // Module names would also match the frozen parts (a vision
+            // tower has `gate_proj` too): name the adapted layers exactly,
+            // as a regex PEFT reads the same way.
+            let chosen: Vec<String> =
+                linear.iter().filter(|l| targets.matches(l)).map(|l| regex::escape(l)).collect();
+            if !chosen.is_empty() {
+                config["target_modules"] = serde_json::Value::String(format!("(?:{})", chosen.join("|")));
+                targets = target_modules(&config, origin)?;
+            }
+        }
         let instance = registry
             .load_tuner(tuner, &config.to_string())
             .map_err(|e| ModelError::Architecture { path: origin.to_owned(), cause: Box::new(e) })?;
@@ -159,7 +172,7 @@ impl LoadedModel {
         };
         let mut trained_base = Vec::new();
         for name in self.weights.names() {
-            if instance.trains_base(name.into()).into_result().map_err(plugin_error)? {
+            if !self.is_frozen_part(name) && instance.trains_base(name.into()).into_result().map_err(plugin_error)? {
                 trained_base.push(name.to_owned());
             }
         }

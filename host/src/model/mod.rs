@@ -11,10 +11,12 @@ pub mod staging;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use oxtune_plugin_api::abi::ModelBox;
+use abi_stable::std_types::RString;
+use oxtune_plugin_api::abi::{MediaItem, ModelBox};
 use oxtune_registry::{Registry, RegistryError};
 
 use crate::backend::{BatchInfo, ForwardContext, GraphSession, KvCache, OpError, TunerBinding, WeightStore};
+use crate::media::{MediaInput, MediaRef, MediaSpec};
 use checkpoint::{load_weights, read_json, weight_files, CheckpointError, Trainable};
 
 /// An error loading or running a model.
@@ -76,6 +78,10 @@ pub struct LoadedModel {
     adapter_params: Vec<String>,
     /// Whether the attached tuner trains base parameters in place.
     trains_base: bool,
+    /// How the model reads media (`None`: text only).
+    media_spec: Option<MediaSpec>,
+    /// Parameter-name prefixes a new adapter must leave alone (`--freeze-vit`, ...).
+    frozen_prefixes: Vec<String>,
 }
 
 /// Whether `path` names a GGUF file rather than a model folder.
@@ -113,6 +119,12 @@ impl LoadedModel {
         .name()
         .to_owned();
         let instance = registry.load_model(&architecture, &config.to_string()).map_err(architecture_error)?;
+        let media_spec = match instance.media_spec().into_result() {
+            Ok(spec) => spec.into_option().map(|json| serde_json::from_str(json.as_str())).transpose(),
+            Err(e) => return Err(architecture_error(RegistryError::Plugin(e.into_string()))),
+        }
+        .map_err(|e| architecture_error(RegistryError::Plugin(format!("media settings are not JSON: {e}"))))?
+        .map(|v: serde_json::Value| MediaSpec::from_json(&v));
         let weights = match &gguf {
             Some(file) => file.load_weights(options.dtype, &options.device, options.trainable)?,
             None => load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable)?,
@@ -129,7 +141,76 @@ impl LoadedModel {
             adapter_config: None,
             adapter_params: Vec::new(),
             trains_base: false,
+            media_spec,
+            frozen_prefixes: Vec::new(),
         })
+    }
+
+    /// How the model reads images and videos; `None` for a text-only model.
+    pub fn media_spec(&self) -> Option<&MediaSpec> {
+        self.media_spec.as_ref()
+    }
+
+    /// Rows of `position_ids` the model wants (1, or 3 for M-RoPE).
+    pub fn position_axes(&self) -> usize {
+        self.media_spec.as_ref().map_or(1, |s| s.position_axes)
+    }
+
+    /// Has the model plugin preprocess `items`, with the model folder's
+    /// `preprocessor_config.json` and `overrides` (`min_pixels`, ...) on top.
+    pub fn prepare_media(
+        &self,
+        items: &[MediaRef],
+        overrides: &serde_json::Value,
+    ) -> Result<Vec<MediaInput>, ModelError> {
+        let mut options = match self.dir.join("preprocessor_config.json") {
+            path if path.is_file() => read_json(&path)?,
+            _ => serde_json::json!({}),
+        };
+        if let (Some(options), Some(overrides)) = (options.as_object_mut(), overrides.as_object()) {
+            options.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let abi_items: Vec<MediaItem> = items
+            .iter()
+            .map(|m| MediaItem {
+                kind: m.kind.as_str().into(),
+                sources: m.sources.iter().map(|p| RString::from(p.display().to_string())).collect(),
+            })
+            .collect();
+        let prepared = self.instance.prepare_media(abi_items.as_slice().into(), options.to_string().as_str().into());
+        let prepared = prepared.into_result().map_err(|e| ModelError::Forward {
+            model: self.dir.clone(),
+            cause: OpError::Plugin(e.into_string()),
+        })?;
+        Ok(prepared
+            .iter()
+            .map(|p| {
+                let axes = p.axes.max(1) as usize;
+                let per_axis = p.positions.len() / axes;
+                MediaInput {
+                    pixels_input: p.pixels_input.to_string(),
+                    pixels: p.pixels.to_vec(),
+                    features: p.features as usize,
+                    grid_input: p.grid_input.to_string(),
+                    grid: p.grid.to_vec(),
+                    placeholder_token: p.placeholder_token,
+                    positions: p.positions.chunks(per_axis.max(1)).map(<[u32]>::to_vec).collect(),
+                }
+            })
+            .collect())
+    }
+
+    /// Keeps parameters under these name prefixes out of any adapter added
+    /// later: neither adapted nor trained in place (`--freeze-vit`, ...).
+    pub fn freeze_prefixes(&mut self, prefixes: Vec<String>) {
+        self.frozen_prefixes = prefixes;
+    }
+
+    /// Whether `name` lies under a prefix kept frozen by [`Self::freeze_prefixes`].
+    pub fn is_frozen_part(&self, name: &str) -> bool {
+        self.frozen_prefixes
+            .iter()
+            .any(|p| name == p || name.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('.')))
     }
 
     /// The architecture plugin's component name (`qwen3`).
@@ -193,6 +274,8 @@ impl LoadedModel {
         };
         let ids = input_ids.to_dtype(DType::U32).map_err(candle_error)?;
         let mut session = GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner });
-        session.run_model(&self.instance, &[("input_ids", ids), ("position_ids", positions)]).map_err(forward_error)
+        let mut inputs: Vec<(&str, Tensor)> = vec![("input_ids", ids), ("position_ids", positions)];
+        inputs.extend(batch.media.iter().map(|(name, t)| (name.as_str(), t.clone())));
+        session.run_model(&self.instance, &inputs).map_err(forward_error)
     }
 }

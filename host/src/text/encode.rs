@@ -20,6 +20,9 @@ pub struct EncodedRow {
     pub input_ids: Vec<u32>,
     /// Per token: its own id where trained on, [`IGNORE_INDEX`] elsewhere.
     pub labels: Vec<i64>,
+    /// The row's images and videos, preprocessed, and its positions (for
+    /// vision-language models); `None` for text.
+    pub media: Option<crate::media::RowMedia>,
 }
 
 fn render(
@@ -83,5 +86,5 @@ pub fn encode_chat(assets: &TextAssets, messages: &[Value], tools: Option<&[Valu
             }
         })
         .collect();
-    Ok(EncodedRow { input_ids: encoding.iter().map(|(id, _)| *id).collect(), labels })
+    Ok(EncodedRow { input_ids: encoding.iter().map(|(id, _)| *id).collect(), labels, media: None })
 }

@@ -1,0 +1,421 @@
+//! Images and videos in rows and requests.
+//!
+//! A row names its media as ms-swift does (`<image>` / `<video>` tags in
+//! message text with `images` / `videos` lists beside `messages`), as
+//! content parts (`{"type": "image", "image": PATH}`), or as media with no
+//! tag at all (then they go before the first user message). The host finds
+//! them ([`collect`]), replaces each tag with the model's placeholder text
+//! (from the model plugin's media settings), renders the chat template,
+//! and asks the model plugin to preprocess the files. The plugin says which
+//! token stands for each item and where its vision tokens sit on each
+//! position axis; the host repeats the placeholder token once per vision
+//! token ([`expand`]) and numbers the row's positions: text tokens advance
+//! by one on every axis, and text after a media item continues one past
+//! its largest position (M-RoPE). Nothing here is model-specific.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::loss::IGNORE_INDEX;
+use crate::text::EncodedRow;
+
+/// How a model reads media, from its plugin (`ModelInstance::media_spec`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MediaSpec {
+    /// Rows of `position_ids` (3 for M-RoPE).
+    pub position_axes: usize,
+    /// The text one image becomes in a prompt.
+    pub image_placeholder: Option<String>,
+    /// The text one video becomes in a prompt.
+    pub video_placeholder: Option<String>,
+    /// Parameter-name prefixes of the model's parts (`vit`, `aligner`,
+    /// `llm`), for the `--freeze-*` flags.
+    pub parts: BTreeMap<String, Vec<String>>,
+}
+
+impl MediaSpec {
+    /// Reads the plugin's JSON.
+    pub fn from_json(v: &Value) -> MediaSpec {
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        let parts = v
+            .get("parts")
+            .and_then(Value::as_object)
+            .map(|o| {
+                o.iter()
+                    .map(|(k, list)| {
+                        let prefixes = list.as_array().map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned));
+                        (k.clone(), prefixes.map(Iterator::collect).unwrap_or_default())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        MediaSpec {
+            position_axes: v.get("position_axes").and_then(Value::as_u64).unwrap_or(1).max(1) as usize,
+            image_placeholder: text("image_placeholder"),
+            video_placeholder: text("video_placeholder"),
+            parts,
+        }
+    }
+
+    /// Whether parameter `name` belongs to part `part`.
+    pub fn in_part(&self, part: &str, name: &str) -> bool {
+        self.parts.get(part).is_some_and(|prefixes| {
+            prefixes.iter().any(|p| name == p || name.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('.')))
+        })
+    }
+}
+
+/// Image or video.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum MediaKind {
+    /// A still image.
+    Image,
+    /// Frames.
+    Video,
+}
+
+impl MediaKind {
+    /// The name in rows and in the plugin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaKind::Image => "image",
+            MediaKind::Video => "video",
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            MediaKind::Image => "<image>",
+            MediaKind::Video => "<video>",
+        }
+    }
+}
+
+/// One media item a row refers to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MediaRef {
+    /// Image or video.
+    pub kind: MediaKind,
+    /// The image file; a video's frame files or frame folder.
+    pub sources: Vec<PathBuf>,
+}
+
+/// A media item preprocessed by the model plugin.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MediaInput {
+    /// The forward input its pixel rows join.
+    pub pixels_input: String,
+    /// `[rows, features]` row-major.
+    pub pixels: Vec<f32>,
+    /// Features per pixel row.
+    pub features: usize,
+    /// The forward input its grid joins.
+    pub grid_input: String,
+    /// Its grid.
+    pub grid: Vec<u64>,
+    /// The token repeated once per vision token.
+    pub placeholder_token: u32,
+    /// `[axes][tokens]` positions relative to the item's first token.
+    pub positions: Vec<Vec<u32>>,
+}
+
+/// The media of one encoded row: the prepared items in token order and
+/// the row's positions on every axis.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowMedia {
+    /// Items in the order their placeholders appear.
+    pub items: Vec<MediaInput>,
+    /// `[axes][tokens]` position of every token of the row.
+    pub positions: Vec<Vec<u32>>,
+}
+
+fn resolve(path: &str, base: Option<&Path>) -> PathBuf {
+    let p = PathBuf::from(path);
+    match base {
+        Some(dir) if p.is_relative() && !p.exists() => dir.join(p),
+        _ => p,
+    }
+}
+
+fn source_list(value: &Value, what: &str, base: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
+    match value {
+        Value::String(s) => Ok(vec![resolve(s, base)]),
+        Value::Object(o) => match o.get("path").or_else(|| o.get("url")).and_then(Value::as_str) {
+            Some(s) => Ok(vec![resolve(s.strip_prefix("file://").unwrap_or(s), base)]),
+            None => bail!("{what} must be a file path (or {{\"path\": ...}}), not {value}"),
+        },
+        Value::Array(frames) => {
+            frames.iter().map(|f| source_list(f, what, base).map(|mut v| v.remove(0))).collect()
+        }
+        _ => bail!("{what} must be a file path, not {value}"),
+    }
+}
+
+/// The media of a row (`images` / `videos` beside `messages`, or content
+/// parts) with every message's content turned into text carrying one tag
+/// per item, and the items in tag order per kind. Relative paths that do
+/// not exist from the working folder are read from `base` (the dataset's
+/// folder). Tags and items must agree in number; media with no tag at all
+/// go before the first user message.
+pub fn collect(row: &Value, base: Option<&Path>) -> anyhow::Result<(Vec<Value>, Vec<MediaRef>)> {
+    let mut messages = row.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut found: Vec<MediaRef> = Vec::new();
+    let mut from_parts = false;
+    for (i, message) in messages.iter_mut().enumerate() {
+        let Some(Value::Array(parts)) = message.get("content") else { continue };
+        let mut text = String::new();
+        for part in parts {
+            let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+            let image = part.get("image").or_else(|| part.get("image_url").map(|u| u.get("url").unwrap_or(u)));
+            if kind == "image" || kind == "image_url" || image.is_some() {
+                let source = image.context(format!("message {i}: an image part has no `image`"))?;
+                found.push(MediaRef { kind: MediaKind::Image, sources: source_list(source, "an image", base)? });
+                text.push_str("<image>");
+            } else if kind == "video" || part.get("video").is_some() {
+                let source = part.get("video").context(format!("message {i}: a video part has no `video`"))?;
+                found.push(MediaRef { kind: MediaKind::Video, sources: source_list(source, "a video", base)? });
+                text.push_str("<video>");
+            } else if let Some(t) = part.get("text").and_then(Value::as_str) {
+                text.push_str(t);
+            }
+            from_parts = true;
+        }
+        message["content"] = Value::String(text);
+    }
+    for (key, kind) in [("images", MediaKind::Image), ("videos", MediaKind::Video)] {
+        let listed = match row.get(key) {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items.clone(),
+            Some(single) => vec![single.clone()],
+        };
+        if listed.is_empty() {
+            continue;
+        }
+        if from_parts {
+            bail!("the row has media both in message parts and in `{key}`");
+        }
+        for item in &listed {
+            let what = format!("an entry of `{key}`");
+            found.push(MediaRef { kind, sources: source_list(item, &what, base)? });
+        }
+        let tags: usize =
+            messages.iter().filter_map(|m| m["content"].as_str()).map(|c| c.matches(kind.tag()).count()).sum();
+        if tags == 0 {
+            let first_user = messages.iter_mut().find(|m| m["role"] == "user");
+            let message = first_user.context(format!("the row has {key} but no user message to put them in"))?;
+            let content = message["content"].as_str().unwrap_or_default().to_owned();
+            message["content"] = Value::String(format!("{}{content}", kind.tag().repeat(listed.len())));
+        } else if tags != listed.len() {
+            bail!(
+                "the row has {tags} {} tag(s) but {} {}(s) in `{key}`",
+                kind.tag(),
+                listed.len(),
+                kind.as_str()
+            );
+        }
+    }
+    for kind in [MediaKind::Image, MediaKind::Video] {
+        let tags: usize =
+            messages.iter().filter_map(|m| m["content"].as_str()).map(|c| c.matches(kind.tag()).count()).sum();
+        let items = found.iter().filter(|m| m.kind == kind).count();
+        if tags != items {
+            bail!("the row has {tags} {} tag(s) but {items} {}(s)", kind.tag(), kind.as_str());
+        }
+    }
+    for item in &found {
+        for source in &item.sources {
+            if !source.exists() {
+                bail!("{} {} does not exist", item.kind.as_str(), source.display());
+            }
+        }
+    }
+    Ok((messages, found))
+}
+
+/// `messages` with every tag replaced by the model's placeholder text.
+pub fn replace_tags(messages: &[Value], spec: &MediaSpec) -> anyhow::Result<Vec<Value>> {
+    let mut out = messages.to_vec();
+    for message in &mut out {
+        let Some(content) = message["content"].as_str() else { continue };
+        let mut text = content.to_owned();
+        for (kind, placeholder) in
+            [(MediaKind::Image, &spec.image_placeholder), (MediaKind::Video, &spec.video_placeholder)]
+        {
+            if text.contains(kind.tag()) {
+                let placeholder =
+                    placeholder.as_deref().with_context(|| format!("this model does not read {}s", kind.as_str()))?;
+                text = text.replace(kind.tag(), placeholder);
+            }
+        }
+        message["content"] = Value::String(text);
+    }
+    Ok(out)
+}
+
+/// Positions `0..len` on every axis (a row without media).
+pub fn text_positions(len: usize, axes: usize) -> Vec<Vec<u32>> {
+    vec![(0..len as u32).collect(); axes]
+}
+
+/// Repeats each item's placeholder token once per vision token (labelled
+/// -100) and numbers the row's positions. Items are matched to placeholder
+/// occurrences in order, per token.
+pub fn expand(row: EncodedRow, items: Vec<MediaInput>, axes: usize) -> anyhow::Result<EncodedRow> {
+    let mut queues: BTreeMap<u32, std::collections::VecDeque<&MediaInput>> = BTreeMap::new();
+    for item in &items {
+        queues.entry(item.placeholder_token).or_default().push_back(item);
+    }
+    let (mut ids, mut labels) = (Vec::new(), Vec::new());
+    let mut positions = vec![Vec::new(); axes];
+    let mut ordered = Vec::with_capacity(items.len());
+    let mut next = 0u32;
+    for (&id, &label) in row.input_ids.iter().zip(&row.labels) {
+        match queues.get_mut(&id).and_then(|q| q.pop_front()) {
+            Some(item) => {
+                let count = item.positions.first().map_or(0, Vec::len);
+                if item.positions.len() != axes || item.positions.iter().any(|p| p.len() != count) {
+                    bail!("the model plugin gave positions on {} axes for a {axes}-axis model", item.positions.len());
+                }
+                let mut largest = next;
+                for (axis, rel) in item.positions.iter().enumerate() {
+                    for &r in rel {
+                        positions[axis].push(next + r);
+                        largest = largest.max(next + r);
+                    }
+                }
+                ids.extend(std::iter::repeat_n(id, count));
+                labels.extend(std::iter::repeat_n(IGNORE_INDEX, count));
+                ordered.push(item.clone());
+                next = largest + 1;
+            }
+            None => {
+                if queues.contains_key(&id) {
+                    bail!("the prompt has more media placeholders than the row has media");
+                }
+                ids.push(id);
+                labels.push(label);
+                positions.iter_mut().for_each(|p| p.push(next));
+                next += 1;
+            }
+        }
+    }
+    if let Some(left) = queues.values().map(|q| q.len()).find(|&n| n > 0) {
+        bail!("{left} media item(s) have no placeholder in the rendered prompt (does the chat template drop them?)");
+    }
+    Ok(EncodedRow { input_ids: ids, labels, media: Some(RowMedia { items: ordered, positions }) })
+}
+
+/// The `position_ids` (`[axes, batch, width]`, or `None` when the model has
+/// one axis and no row has media) and the media inputs of a batch of rows
+/// padded to `width` (on the left when `left_pad`). Pixel rows of the same
+/// input are concatenated in row order; grids are stacked.
+pub fn batch_inputs(
+    rows: &[(usize, Option<&RowMedia>)],
+    width: usize,
+    left_pad: bool,
+    axes: usize,
+    device: &Device,
+) -> candle_core::Result<(Option<Tensor>, Vec<(String, Tensor)>)> {
+    if axes <= 1 && rows.iter().all(|(_, m)| m.is_none()) {
+        return Ok((None, Vec::new()));
+    }
+    let mut positions = vec![0u32; axes * rows.len() * width];
+    for (b, (len, media)) in rows.iter().enumerate() {
+        let own = match media {
+            Some(m) => m.positions.clone(),
+            None => text_positions(*len, axes),
+        };
+        let pad = if left_pad { width - len } else { 0 };
+        for (axis, p) in own.iter().enumerate().take(axes) {
+            let start = (axis * rows.len() + b) * width + pad;
+            positions[start..start + p.len()].copy_from_slice(p);
+        }
+    }
+    let positions = Tensor::from_vec(positions, (axes, rows.len(), width), device)?;
+    let mut pixels: BTreeMap<String, (Vec<f32>, usize)> = BTreeMap::new();
+    let mut grids: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for item in rows.iter().filter_map(|(_, m)| *m).flat_map(|m| &m.items) {
+        let entry = pixels.entry(item.pixels_input.clone()).or_insert((Vec::new(), item.features));
+        if entry.1 != item.features {
+            candle_core::bail!("media items of `{}` differ in features per row", item.pixels_input);
+        }
+        entry.0.extend_from_slice(&item.pixels);
+        grids.entry(item.grid_input.clone()).or_default().extend(item.grid.iter().map(|&g| g as u32));
+    }
+    let mut inputs = Vec::new();
+    for (name, (values, features)) in pixels {
+        let rows = values.len() / features.max(1);
+        inputs.push((name, Tensor::from_vec(values, (rows, features), device)?));
+    }
+    for (name, values) in grids {
+        let n = values.len() / 3;
+        inputs.push((name, Tensor::from_vec(values, (n, 3), device)?.to_dtype(DType::U32)?));
+    }
+    Ok((Some(positions), inputs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn item(token: u32, h: u32, w: u32) -> MediaInput {
+        let (mut t_, mut h_, mut w_) = (Vec::new(), Vec::new(), Vec::new());
+        for y in 0..h {
+            for x in 0..w {
+                t_.push(0);
+                h_.push(y);
+                w_.push(x);
+            }
+        }
+        MediaInput {
+            pixels_input: "pixel_values".into(),
+            pixels: vec![0.0; (h * w * 4 * 2) as usize],
+            features: 2,
+            grid_input: "image_grid_thw".into(),
+            grid: vec![1, 2 * h as u64, 2 * w as u64],
+            placeholder_token: token,
+            positions: vec![t_, h_, w_],
+        }
+    }
+
+    #[test]
+    fn placeholders_expand_and_positions_continue_past_each_item() {
+        let row = EncodedRow { input_ids: vec![5, 6, 9, 7, 9, 8], labels: vec![-100, -100, -100, -100, -100, 8], media: None };
+        let out = expand(row, vec![item(9, 2, 3), item(9, 1, 2)], 3).unwrap();
+        assert_eq!(out.input_ids, vec![5, 6, 9, 9, 9, 9, 9, 9, 7, 9, 9, 8]);
+        assert_eq!(out.labels.iter().filter(|&&l| l == 8).count(), 1);
+        let p = &out.media.as_ref().unwrap().positions;
+        assert_eq!(p[0], vec![0, 1, 2, 2, 2, 2, 2, 2, 4, 5, 5, 6]);
+        assert_eq!(p[1], vec![0, 1, 2, 2, 2, 3, 3, 3, 4, 5, 5, 6]);
+        assert_eq!(p[2], vec![0, 1, 2, 3, 4, 2, 3, 4, 4, 5, 6, 6]);
+        let row = EncodedRow { input_ids: vec![9, 9], labels: vec![-100; 2], media: None };
+        assert!(expand(row, vec![item(9, 1, 1)], 3).unwrap_err().to_string().contains("more media placeholders"));
+        let row = EncodedRow { input_ids: vec![1], labels: vec![-100], media: None };
+        assert!(expand(row, vec![item(9, 1, 1)], 3).unwrap_err().to_string().contains("no placeholder"));
+    }
+
+    #[test]
+    fn tags_and_media_must_agree() {
+        let dir = std::env::temp_dir().join(format!("oxtune-media-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.png"), b"x").unwrap();
+        let base = Some(dir.as_path());
+        let untagged = json!({"messages": [{"role": "user", "content": "Hi"}], "images": ["a.png", "a.png"]});
+        let (messages, media) = collect(&untagged, base).unwrap();
+        assert_eq!(messages[0]["content"], "<image><image>Hi");
+        assert_eq!(media.len(), 2);
+        let mismatched = json!({"messages": [{"role": "user", "content": "<image> and <image>"}], "images": ["a.png"]});
+        let err = collect(&mismatched, base).unwrap_err().to_string();
+        assert!(err.contains("2 <image> tag(s) but 1 image(s)"), "{err}");
+        let parts = json!({"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "What?"}]}]});
+        let (messages, media) = collect(&parts, base).unwrap();
+        assert_eq!((messages[0]["content"].as_str().unwrap(), media[0].kind), ("<image>What?", MediaKind::Image));
+        let missing = json!({"messages": [{"role": "user", "content": "<image>"}], "images": ["nope.png"]});
+        assert!(collect(&missing, base).unwrap_err().to_string().contains("nope.png does not exist"));
+    }
+}

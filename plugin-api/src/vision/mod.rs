@@ -1,0 +1,84 @@
+//! Helpers for vision-language model plugins: image and video
+//! preprocessing ([`image`], [`processor`]) and the tensor pieces vision
+//! towers share ([`layers`]: patch embedding, 2-D rotary tables, segment
+//! attention, scattering vision rows into placeholder tokens, multi-axis
+//! RoPE).
+//!
+//! Preprocessing is plugin code: the host hands a model plugin the media
+//! files of a row ([`MediaRequest`]) and gets back pixel rows, grids and
+//! the placeholder tokens ([`PreparedMedia`]); it never looks inside.
+
+pub mod image;
+pub mod layers;
+pub mod processor;
+pub mod qwen;
+
+use abi_stable::std_types::RVec;
+
+use crate::abi;
+use crate::{Error, Result};
+
+/// What kind of media an item is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum MediaKind {
+    /// One still image.
+    Image,
+    /// A sequence of frames.
+    Video,
+}
+
+/// One image or video to preprocess, as the host passes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MediaRequest {
+    /// Image or video.
+    pub kind: MediaKind,
+    /// An image's file; a video's frame files, or one folder of frames.
+    pub sources: Vec<String>,
+}
+
+impl MediaRequest {
+    /// Reads the ABI form.
+    pub fn from_abi(item: &abi::MediaItem) -> Result<MediaRequest> {
+        let kind = match item.kind.as_str() {
+            "image" => MediaKind::Image,
+            "video" => MediaKind::Video,
+            other => return Err(Error::new(format!("unknown media kind `{other}` (expected image or video)"))),
+        };
+        Ok(MediaRequest { kind, sources: item.sources.iter().map(|s| s.to_string()).collect() })
+    }
+}
+
+/// A media item as model inputs (see [`abi::PreparedMedia`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedMedia {
+    /// The forward input the pixel rows go to (`pixel_values`).
+    pub pixels_input: String,
+    /// `[rows, features]` row-major.
+    pub pixels: Vec<f32>,
+    /// Features per row.
+    pub features: usize,
+    /// The forward input the grid goes to (`image_grid_thw`).
+    pub grid_input: String,
+    /// The grid (`[t, h, w]` in patches).
+    pub grid: Vec<usize>,
+    /// The placeholder token the host repeats once per vision token.
+    pub placeholder_token: u32,
+    /// `[axes][tokens]` positions relative to the item's first token.
+    pub positions: Vec<Vec<u32>>,
+}
+
+impl PreparedMedia {
+    /// The ABI form.
+    pub fn to_abi(&self) -> abi::PreparedMedia {
+        abi::PreparedMedia {
+            pixels_input: self.pixels_input.as_str().into(),
+            pixels: RVec::from(self.pixels.as_slice()),
+            features: self.features as u64,
+            grid_input: self.grid_input.as_str().into(),
+            grid: self.grid.iter().map(|&g| g as u64).collect(),
+            placeholder_token: self.placeholder_token,
+            axes: self.positions.len() as u32,
+            positions: self.positions.iter().flatten().copied().collect(),
+        }
+    }
+}
