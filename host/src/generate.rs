@@ -10,9 +10,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::backend::{BatchInfo, KvCache, OpError};
+use crate::media::{batch_inputs, RowMedia};
 use crate::model::{LoadedModel, ModelError};
 use crate::rng::SplitMix64 as Rng;
-use crate::text::TextTokenizer;
+use crate::text::{EncodedRow, TextTokenizer};
 
 /// How tokens are chosen and when generation stops.
 #[derive(Clone, Debug)]
@@ -160,8 +161,35 @@ pub fn generate(
     tokenizer: Option<&TextTokenizer>,
     prompts: &[Vec<u32>],
     params: &SamplingParams,
+    on_text: impl FnMut(usize, &str),
+) -> Result<Vec<Generation>, ModelError> {
+    let rows: Vec<(&[u32], Option<&RowMedia>)> = prompts.iter().map(|p| (p.as_slice(), None)).collect();
+    generate_rows(model, tokenizer, &rows, params, on_text)
+}
+
+/// [`generate`] for encoded prompts that may carry images or videos
+/// (`media::encode_prompt_with_media`): the media inputs go with the
+/// first step, and each row's positions continue after its largest one.
+pub fn generate_with_media(
+    model: &LoadedModel,
+    tokenizer: Option<&TextTokenizer>,
+    prompts: &[&EncodedRow],
+    params: &SamplingParams,
+    on_text: impl FnMut(usize, &str),
+) -> Result<Vec<Generation>, ModelError> {
+    let rows: Vec<(&[u32], Option<&RowMedia>)> =
+        prompts.iter().map(|p| (p.input_ids.as_slice(), p.media.as_ref())).collect();
+    generate_rows(model, tokenizer, &rows, params, on_text)
+}
+
+fn generate_rows(
+    model: &LoadedModel,
+    tokenizer: Option<&TextTokenizer>,
+    prompt_rows: &[(&[u32], Option<&RowMedia>)],
+    params: &SamplingParams,
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Generation>, ModelError> {
+    let prompts: Vec<Vec<u32>> = prompt_rows.iter().map(|(ids, _)| ids.to_vec()).collect();
     let rows = prompts.len();
     if rows == 0 {
         return Ok(Vec::new());
@@ -180,9 +208,21 @@ pub fn generate(
     let ids: Vec<u32> = prompts.iter().flat_map(|p| [vec![0; width - p.len()], p.clone()].concat()).collect();
     let positions: Vec<u32> =
         prompts.iter().flat_map(|p| [vec![0; width - p.len()], (0..p.len() as u32).collect()].concat()).collect();
-    let mut next_position: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let mut next_position: Vec<u32> = prompt_rows
+        .iter()
+        .map(|(p, media)| match media {
+            Some(m) => m.positions.iter().flatten().max().map_or(0, |&p| p + 1),
+            None => p.len() as u32,
+        })
+        .collect();
     let mut input = Tensor::from_vec(ids, (rows, width), &device).map_err(candle_error)?;
-    let mut position_ids = Tensor::from_vec(positions, (rows, width), &device).map_err(candle_error)?;
+    let axes = model.position_axes();
+    let lengths: Vec<(usize, Option<&RowMedia>)> = prompt_rows.iter().map(|(p, m)| (p.len(), *m)).collect();
+    let (media_positions, mut media) = batch_inputs(&lengths, width, true, axes, &device).map_err(candle_error)?;
+    let mut position_ids = match media_positions {
+        Some(p) => p,
+        None => Tensor::from_vec(positions, (rows, width), &device).map_err(candle_error)?,
+    };
 
     let mut cache = KvCache::new();
     let mut rngs: Vec<Rng> =
@@ -197,6 +237,8 @@ pub fn generate(
         let batch = BatchInfo {
             position_ids: Some(position_ids.clone()),
             attention_mask: Some(attention_mask),
+            // Media enter with the prompt; later steps see only new tokens.
+            media: std::mem::take(&mut media),
             ..Default::default()
         };
         let logits = model.forward(&input, &batch, Some(&mut cache), None)?;
@@ -257,6 +299,9 @@ pub fn generate(
         input = Tensor::from_vec(next, (rows, 1), &device).map_err(candle_error)?;
         let pos: Vec<u32> = next_position.iter().map(|p| p - 1).collect();
         position_ids = Tensor::from_vec(pos, (rows, 1), &device).map_err(candle_error)?;
+        if axes > 1 {
+            position_ids = position_ids.unsqueeze(0).and_then(|p| p.repeat((axes, 1, 1))).map_err(candle_error)?;
+        }
     }
     Ok(outputs
         .into_iter()

@@ -21,7 +21,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::loss::IGNORE_INDEX;
-use crate::text::EncodedRow;
+use crate::model::LoadedModel;
+use crate::text::{encode_chat, ChatRequest, EncodedRow, TextAssets};
 
 /// How a model reads media, from its plugin (`ModelInstance::media_spec`).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -148,9 +149,7 @@ fn source_list(value: &Value, what: &str, base: Option<&Path>) -> anyhow::Result
             Some(s) => Ok(vec![resolve(s.strip_prefix("file://").unwrap_or(s), base)]),
             None => bail!("{what} must be a file path (or {{\"path\": ...}}), not {value}"),
         },
-        Value::Array(frames) => {
-            frames.iter().map(|f| source_list(f, what, base).map(|mut v| v.remove(0))).collect()
-        }
+        Value::Array(frames) => frames.iter().map(|f| source_list(f, what, base).map(|mut v| v.remove(0))).collect(),
         _ => bail!("{what} must be a file path, not {value}"),
     }
 }
@@ -210,12 +209,7 @@ pub fn collect(row: &Value, base: Option<&Path>) -> anyhow::Result<(Vec<Value>, 
             let content = message["content"].as_str().unwrap_or_default().to_owned();
             message["content"] = Value::String(format!("{}{content}", kind.tag().repeat(listed.len())));
         } else if tags != listed.len() {
-            bail!(
-                "the row has {tags} {} tag(s) but {} {}(s) in `{key}`",
-                kind.tag(),
-                listed.len(),
-                kind.as_str()
-            );
+            bail!("the row has {tags} {} tag(s) but {} {}(s) in `{key}`", kind.tag(), listed.len(), kind.as_str());
         }
     }
     for kind in [MediaKind::Image, MediaKind::Video] {
@@ -254,6 +248,42 @@ pub fn replace_tags(messages: &[Value], spec: &MediaSpec) -> anyhow::Result<Vec<
         message["content"] = Value::String(text);
     }
     Ok(out)
+}
+
+/// A conversation with media, encoded for training on its assistant
+/// turns: tags replaced by the model's placeholders, rendered and labelled
+/// as text, then each placeholder expanded to the item's vision tokens.
+pub fn encode_chat_with_media(
+    model: &LoadedModel,
+    assets: &TextAssets,
+    messages: &[Value],
+    media: &[MediaRef],
+    tools: Option<&[Value]>,
+    options: &Value,
+) -> anyhow::Result<EncodedRow> {
+    let spec = model.media_spec().context("the row has images or videos, and this model reads text only")?;
+    let messages = replace_tags(messages, spec)?;
+    let encoded = encode_chat(assets, &messages, tools)?;
+    let prepared = model.prepare_media(media, options)?;
+    expand(encoded, prepared, spec.position_axes)
+}
+
+/// A prompt with media, ready for generation: the conversation rendered
+/// with the generation prompt, placeholders expanded.
+pub fn encode_prompt_with_media(
+    model: &LoadedModel,
+    assets: &TextAssets,
+    messages: &[Value],
+    media: &[MediaRef],
+    options: &Value,
+) -> anyhow::Result<EncodedRow> {
+    let spec = model.media_spec().context("images were given, and this model reads text only")?;
+    let messages = replace_tags(messages, spec)?;
+    let request = ChatRequest { messages: &messages, add_generation_prompt: true, ..Default::default() };
+    let ids = assets.tokenizer.encode(&assets.render_chat(&request)?, false)?;
+    let row = EncodedRow { labels: vec![IGNORE_INDEX; ids.len()], input_ids: ids, media: None };
+    let prepared = model.prepare_media(media, options)?;
+    expand(row, prepared, spec.position_axes)
 }
 
 /// Positions `0..len` on every axis (a row without media).
@@ -385,7 +415,11 @@ mod tests {
 
     #[test]
     fn placeholders_expand_and_positions_continue_past_each_item() {
-        let row = EncodedRow { input_ids: vec![5, 6, 9, 7, 9, 8], labels: vec![-100, -100, -100, -100, -100, 8], media: None };
+        let row = EncodedRow {
+            input_ids: vec![5, 6, 9, 7, 9, 8],
+            labels: vec![-100, -100, -100, -100, -100, 8],
+            media: None,
+        };
         let out = expand(row, vec![item(9, 2, 3), item(9, 1, 2)], 3).unwrap();
         assert_eq!(out.input_ids, vec![5, 6, 9, 9, 9, 9, 9, 9, 7, 9, 9, 8]);
         assert_eq!(out.labels.iter().filter(|&&l| l == 8).count(), 1);

@@ -17,8 +17,9 @@ use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 
 use crate::abi::{
-    self, ComponentDescriptor, MediaItem, ComponentKind, GraphRef, Modality, ModelBox, ModelInstance, ModelInstance_TO, NamedTensor,
-    ParamInit, ParamSpec, PluginInfo, PluginMod, PluginModRef, TensorId, TunerBox, TunerInstance, TunerInstance_TO,
+    self, ComponentDescriptor, ComponentKind, GraphRef, MediaItem, Modality, ModelBox, ModelInstance, ModelInstance_TO,
+    NamedTensor, ParamInit, ParamSpec, PluginInfo, PluginMod, PluginModRef, TensorId, TunerBox, TunerInstance,
+    TunerInstance_TO,
 };
 use crate::data::RewardSample;
 use crate::graph::{with_graph, Tensor};

@@ -2,17 +2,23 @@
 //! way users load them: built as cdylibs and opened at run time. For each
 //! tiny reference checkpoint (`tests/fixtures/vlm`, transformers 5.24):
 //! the processor's pixel rows and grid for `test_image.png`, the M-RoPE
-//! position ids of the expanded prompt, and the logits.
+//! position ids of the expanded prompt, and the logits. Then the `oxtune`
+//! binary, built without these plugins, runs them: inference with
+//! `--image`, LoRA SFT on image rows, the `--freeze-*` flags, and the
+//! errors bad media rows get.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use oxtune::backend::BatchInfo;
-use oxtune::media::{batch_inputs, expand, MediaKind, MediaRef};
+use oxtune::generate::{generate_with_media, SamplingParams};
+use oxtune::media::{batch_inputs, encode_chat_with_media, encode_prompt_with_media, expand, MediaKind, MediaRef};
 use oxtune::model::{LoadOptions, LoadedModel};
-use oxtune::text::EncodedRow;
+use oxtune::text::{EncodedRow, TextAssets};
 use oxtune_registry::{Registry, SandboxConfig};
-use oxtune_tests::{build_cdylib, fixtures};
+use oxtune_tests::cli::{fails_with, fresh_dir, metrics, oxtune, scratch, succeeded};
+use oxtune_tests::{build_cdylib, fixtures, oxtune_bin};
+use serde_json::json;
 
 /// (fixture folder, plugin package)
 const MODELS: [(&str, &str); 2] =
@@ -46,11 +52,18 @@ fn preprocessing_positions_and_logits_match_transformers() {
         let prepared = model.prepare_media(&[image(&dir.join("test_image.png"))], &serde_json::json!({})).unwrap();
         assert_eq!(prepared.len(), 1);
         let item = &prepared[0];
-        let expected_grid: Vec<u64> =
-            reference["image_grid_thw"].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&g| g as u64).collect();
+        let expected_grid: Vec<u64> = reference["image_grid_thw"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&g| g as u64)
+            .collect();
         assert_eq!(item.grid, expected_grid, "{name}: grid");
-        let pixels = Tensor::from_vec(item.pixels.clone(), (item.pixels.len() / item.features, item.features), &Device::Cpu)
-            .unwrap();
+        let pixels =
+            Tensor::from_vec(item.pixels.clone(), (item.pixels.len() / item.features, item.features), &Device::Cpu)
+                .unwrap();
         assert_eq!(pixels.dims(), reference["pixel_values"].dims(), "{name}: pixel rows");
         let diff = max_abs_diff(&pixels, &reference["pixel_values"]);
         assert!(diff < 1e-5, "{name}: pixel values differ by {diff}");
@@ -77,4 +90,246 @@ fn preprocessing_positions_and_logits_match_transformers() {
         eprintln!("{name}: logits max diff {diff}");
         assert!(diff < 1e-4, "{name}: logits differ by {diff}");
     }
+}
+
+fn plugin(package: &str) -> String {
+    build_cdylib(package, &["cdylib"]).display().to_string()
+}
+
+fn test_image(name: &str) -> String {
+    model_dir(name).join("test_image.png").display().to_string()
+}
+
+#[test]
+fn two_images_and_an_untagged_image_are_placed_where_they_belong() {
+    let (name, package) = MODELS[0];
+    let model = load(name, package);
+    let assets = TextAssets::load(&model_dir(name)).unwrap();
+    let img = model_dir(name).join("test_image.png");
+    let two = [image(&img), image(&img)];
+    let messages = vec![
+        json!({"role": "user", "content": "First <image> then <image> compare."}),
+        json!({"role": "assistant", "content": "Same."}),
+    ];
+    let options = json!({"max_pixels": 3136});
+    let row = encode_chat_with_media(&model, &assets, &messages, &two, None, &options).unwrap();
+    let media = row.media.as_ref().unwrap();
+    // max_pixels 3136 shrinks 100x70 to 56x28 pixels (smart resize floors
+    // both sides by the same factor): 2x4 patches, 2 tokens each.
+    assert_eq!(media.items.iter().map(|i| i.grid.clone()).collect::<Vec<_>>(), vec![vec![1, 2, 4], vec![1, 2, 4]]);
+    let pads: Vec<usize> = row.input_ids.iter().enumerate().filter(|(_, &t)| t == 1000).map(|(i, _)| i).collect();
+    assert_eq!(pads.len(), 4);
+    // Each image's two tokens sit between its own vision start and end.
+    for block in pads.chunks(2) {
+        assert_eq!(row.input_ids[block[0] - 1], 1002);
+        assert_eq!(row.input_ids[block[1] + 1], 1003);
+        assert_eq!(block[1] - block[0], 1);
+    }
+    assert!(pads[2] > pads[1] + 2, "text separates the two images");
+    // Only the answer is labelled, never a vision token.
+    assert!(pads.iter().all(|&p| row.labels[p] == -100));
+    let positions = &media.positions;
+    // The two tokens of an image share time and row, and differ in column.
+    let at = |axis: usize, i: usize| positions[axis][pads[i]];
+    assert_eq!((at(0, 1), at(1, 1), at(2, 1)), (at(0, 0), at(1, 0), at(2, 0) + 1));
+
+    // An image with no tag goes before the first user message's text.
+    let (messages, media) = oxtune::media::collect(
+        &json!({"messages": [{"role": "user", "content": "Describe."}], "images": [img.display().to_string()]}),
+        None,
+    )
+    .unwrap();
+    let prompt = encode_prompt_with_media(&model, &assets, &messages, &media, &json!({})).unwrap();
+    let first_pad = prompt.input_ids.iter().position(|&t| t == 1000).unwrap();
+    let pads = prompt.input_ids.iter().filter(|&&t| t == 1000).count();
+    assert_eq!(pads, 8, "the 1x4x8 grid of the full-size image makes 8 tokens");
+    let describe = assets.tokenizer.encode("Describe.", false).unwrap();
+    let text_at = prompt.input_ids.windows(describe.len()).position(|w| w == describe.as_slice()).unwrap();
+    assert!(first_pad < text_at, "the untagged image precedes the text");
+    // Both images' pixel rows reach the model, in order, and it runs.
+    let n = row.input_ids.len();
+    let (position_ids, inputs) = batch_inputs(&[(n, row.media.as_ref())], n, false, 3, &Device::Cpu).unwrap();
+    assert_eq!(inputs.iter().find(|(k, _)| k == "pixel_values").unwrap().1.dims(), &[16, 1176]);
+    let ids = Tensor::from_vec(row.input_ids.clone(), (1, n), &Device::Cpu).unwrap();
+    let batch = BatchInfo { position_ids, media: inputs, ..Default::default() };
+    assert_eq!(model.forward(&ids, &batch, None, None).unwrap().dims(), &[1, n, 1024]);
+}
+
+#[test]
+fn a_binary_built_without_the_plugins_answers_about_an_image() {
+    // The host binary first, the plugin cdylibs afterwards: nothing of
+    // them is linked in.
+    let bin = oxtune_bin();
+    assert!(bin.exists());
+    for (name, package) in MODELS {
+        let dir = model_dir(name).display().to_string();
+        let without = oxtune(&["infer", "--model", &dir, "--prompt", "Hi"], &[]);
+        fails_with(&without, &["no", "Conditional"]);
+        let so = plugin(package);
+        let args = ["infer", "--plugin", &so, "--model", &dir, "--image", &test_image(name), "--prompt", "Describe."];
+        let out = oxtune(&[&args[..], &["--max-new-tokens", "6"]].concat(), &[]);
+        succeeded(&out);
+        // The same request in process gives the same greedy answer.
+        let model = load(name, package);
+        let assets = TextAssets::load(&model_dir(name)).unwrap();
+        let (messages, media) = oxtune::media::collect(
+            &json!({"messages": [{"role": "user", "content": "Describe."}], "images": [test_image(name)]}),
+            None,
+        )
+        .unwrap();
+        let prompt = encode_prompt_with_media(&model, &assets, &messages, &media, &json!({})).unwrap();
+        let params =
+            SamplingParams { max_new_tokens: 6, eos_token_ids: assets.eos_token_ids.clone(), ..Default::default() };
+        let expected = generate_with_media(&model, Some(&assets.tokenizer), &[&prompt], &params, |_, _| {}).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), expected[0].text, "{name}");
+        assert!(!expected[0].tokens.is_empty());
+    }
+}
+
+fn image_dataset(name: &str) -> PathBuf {
+    let img = test_image(name);
+    let rows: Vec<String> = [("What is shown?", "A small picture."), ("Colours?", "Red and blue."), ("Size?", "Tiny.")]
+        .iter()
+        .map(|(q, a)| {
+            json!({"messages": [{"role": "user", "content": format!("<image>{q}")}, {"role": "assistant", "content": a}],
+                   "images": [img]})
+            .to_string()
+        })
+        .collect();
+    scratch(&format!("vl-{name}.jsonl"), &rows.join("\n"))
+}
+
+fn sft(name: &str, package: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+    let (so, dir, data) = (plugin(package), model_dir(name).display().to_string(), image_dataset(name));
+    let mut args = vec!["sft", "--plugin", &so, "--model", &dir, "--dataset", data.to_str().unwrap()];
+    let out = out.to_str().unwrap();
+    args.extend(["--output-dir", out, "--lora-dropout", "0"]);
+    args.extend(extra);
+    if !extra.contains(&"--learning-rate") {
+        args.extend(["--learning-rate", "5e-3"]);
+    }
+    if !extra.contains(&"--max-steps") {
+        args.extend(["--max-steps", "8"]);
+    }
+    oxtune(&args, &[])
+}
+
+#[test]
+fn lora_sft_on_image_rows_lowers_the_loss() {
+    for (name, package) in MODELS {
+        let out = fresh_dir(&format!("vl-lora-{name}"));
+        let flags = ["--per-device-train-batch-size", "3", "--max-steps", "16", "--learning-rate", "1e-2"];
+        succeeded(&sft(name, package, &out, &flags));
+        let losses: Vec<f64> = metrics(&out).iter().map(|m| m["loss"].as_f64().unwrap()).collect();
+        // From ln(1024) = 6.93 (a random tiny model) down by at least 0.5.
+        assert!(losses.last().unwrap() < &(losses[0] - 0.5), "{name}: {losses:?}");
+        // Default freezing: LoRA on the language model only.
+        let adapter = out.join("checkpoint-16").join("adapter_model.safetensors");
+        let names: Vec<String> = candle_core::safetensors::load(&adapter, &Device::Cpu).unwrap().into_keys().collect();
+        assert!(names.iter().any(|n| n.contains("layers.0.self_attn.q_proj.lora_A")), "{names:?}");
+        assert!(!names.iter().any(|n| n.contains("visual")), "{name}: the vision tower was adapted: {names:?}");
+    }
+    // Asked to, LoRA reaches the vision tower too.
+    let (name, package) = MODELS[0];
+    let out = fresh_dir("vl-lora-vit");
+    succeeded(&sft(name, package, &out, &["--freeze-vit", "false", "--max-steps", "2"]));
+    let adapter = out.join("checkpoint-2").join("adapter_model.safetensors");
+    let names: Vec<String> = candle_core::safetensors::load(&adapter, &Device::Cpu).unwrap().into_keys().collect();
+    assert!(names.iter().any(|n| n.contains("visual.blocks.0.attn.qkv.lora_A")), "{names:?}");
+}
+
+#[test]
+fn freezing_flags_leave_frozen_parameters_bit_identical() {
+    let (name, package) = MODELS[1];
+    let base = candle_core::safetensors::load(model_dir(name).join("model.safetensors"), &Device::Cpu).unwrap();
+    let cases: [(&[&str], fn(&str) -> bool); 2] = [
+        (&["--freeze-vit", "true", "--freeze-aligner", "true"], |n| n.starts_with("model.visual.")),
+        (&["--freeze-vit", "false", "--freeze-aligner", "false", "--freeze-llm", "true"], |n| {
+            n.starts_with("model.language_model.") || n == "lm_head.weight"
+        }),
+    ];
+    for (flags, frozen) in cases {
+        let out = fresh_dir("vl-full");
+        succeeded(&sft(name, package, &out, &[&["--tuner", "full", "--max-steps", "2"], flags].concat()));
+        let saved = out.join("checkpoint-2").join("model.safetensors");
+        let trained = candle_core::safetensors::load(&saved, &Device::Cpu).unwrap();
+        for (param, before) in &base {
+            let diff = max_abs_diff(&trained[param], before);
+            if frozen(param) {
+                assert_eq!(diff, 0.0, "{flags:?}: frozen `{param}` changed");
+            }
+        }
+        let changed = base.iter().filter(|(p, b)| !frozen(p) && max_abs_diff(&trained[p.as_str()], b) > 0.0).count();
+        assert!(changed > 10, "{flags:?}: only {changed} trainable parameters changed");
+    }
+}
+
+#[test]
+fn bad_media_rows_are_clear_errors() {
+    let (name, package) = MODELS[0];
+    let (so, dir) = (plugin(package), model_dir(name).display().to_string());
+    let img = test_image(name);
+    let corrupt = scratch("corrupt.png", "\u{89}PNG\r\n\u{1a}\nthis is not an image");
+    let cases: Vec<(String, Vec<String>)> = vec![
+        (
+            json!({"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Yo"}],
+                   "images": ["missing.png"]})
+            .to_string(),
+            vec!["bad.jsonl:2".into(), "missing.png does not exist".into()],
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Yo"}],
+                   "images": [corrupt.display().to_string()]})
+            .to_string(),
+            vec!["bad.jsonl:2".into(), "corrupt.png is not a readable image".into()],
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "<image><image>Hi"}, {"role": "assistant", "content": "Yo"}],
+                   "images": [img]})
+            .to_string(),
+            vec!["bad.jsonl:2".into(), "2 <image> tag(s) but 1 image(s)".into()],
+        ),
+    ];
+    let good = json!({"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Yo"}],
+                      "images": [img]})
+    .to_string();
+    for (bad, needles) in cases {
+        let data = scratch("bad.jsonl", &format!("{good}\n{bad}\n"));
+        let out = fresh_dir("vl-bad");
+        let args = [
+            "sft",
+            "--plugin",
+            &so,
+            "--model",
+            &dir,
+            "--dataset",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+        ];
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        fails_with(&oxtune(&args, &[]), &needles);
+    }
+    // A large image is scaled into the pixel budget, not rejected.
+    let out = oxtune(
+        &[
+            "infer",
+            "--plugin",
+            &so,
+            "--model",
+            &dir,
+            "--image",
+            &img,
+            "--prompt",
+            "Hi",
+            "--max-pixels",
+            "3136",
+            "--max-new-tokens",
+            "1",
+        ],
+        &[],
+    );
+    succeeded(&out);
+    let missing = oxtune(&["infer", "--plugin", &so, "--model", &dir, "--image", "nope.png", "--prompt", "Hi"], &[]);
+    fails_with(&missing, &["nope.png does not exist"]);
 }

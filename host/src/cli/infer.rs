@@ -10,8 +10,9 @@ use serde_json::{json, Value};
 use super::model_args::{LoadedText, ModelArgs, SamplingArgs};
 use super::GlobalArgs;
 use crate::data::read_records;
-use crate::generate::{generate, SamplingParams};
-use crate::text::ChatRequest;
+use crate::generate::{generate_with_media, SamplingParams};
+use crate::media::{collect, encode_prompt_with_media, MediaRef};
+use crate::text::{ChatRequest, EncodedRow};
 
 /// Arguments of `oxtune infer`.
 #[derive(Debug, clap::Args)]
@@ -37,6 +38,14 @@ pub struct InferArgs {
     /// Send the prompt as raw text, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// An image for --prompt or --messages (repeatable): `<image>` tags in
+    /// the text mark where each goes; untagged images go first.
+    #[arg(long, value_name = "FILE", conflicts_with = "dataset")]
+    pub image: Vec<PathBuf>,
+    /// A video for --prompt or --messages (repeatable): a folder of frames,
+    /// or frame files separated by commas.
+    #[arg(long, value_name = "FRAMES", conflicts_with = "dataset")]
+    pub video: Vec<String>,
     /// Rows generated together when answering a dataset.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -46,20 +55,39 @@ pub struct InferArgs {
 
 /// What to send to the model for one request.
 enum Prompt {
-    Chat(Vec<Value>),
+    /// A conversation and the media its tags refer to.
+    Chat(Vec<Value>, Vec<MediaRef>),
     Raw(String),
 }
 
+fn text_row(ids: Vec<u32>) -> EncodedRow {
+    EncodedRow { labels: vec![crate::loss::IGNORE_INDEX; ids.len()], input_ids: ids, media: None }
+}
+
 impl InferArgs {
-    fn encode(&self, text: &LoadedText, prompt: &Prompt) -> anyhow::Result<Vec<u32>> {
+    /// `messages` with the --image and --video flags attached.
+    fn chat_with_flags(&self, messages: Vec<Value>) -> anyhow::Result<Prompt> {
+        if self.image.is_empty() && self.video.is_empty() {
+            return Ok(Prompt::Chat(messages, Vec::new()));
+        }
+        let videos: Vec<Value> = self.video.iter().map(|v| json!(v.split(',').collect::<Vec<_>>())).collect();
+        let row = json!({"messages": messages, "images": self.image, "videos": videos});
+        let (messages, media) = collect(&row, None)?;
+        Ok(Prompt::Chat(messages, media))
+    }
+
+    fn encode(&self, text: &LoadedText, prompt: &Prompt) -> anyhow::Result<EncodedRow> {
         let tokenizer = &text.assets.tokenizer;
-        let messages = match prompt {
-            Prompt::Raw(s) => return Ok(tokenizer.encode(s, true)?),
-            Prompt::Chat(messages) => messages,
+        let (messages, media) = match prompt {
+            Prompt::Raw(s) => return Ok(text_row(tokenizer.encode(s, true)?)),
+            Prompt::Chat(messages, media) => (messages, media),
         };
+        if !media.is_empty() && (self.raw || text.assets.template.is_none()) {
+            bail!("images and videos need the chat template (drop --raw)");
+        }
         if self.raw || text.assets.template.is_none() {
             let joined: Vec<&str> = messages.iter().filter_map(|m| m["content"].as_str()).collect();
-            return Ok(tokenizer.encode(&joined.join("\n"), true)?);
+            return Ok(text_row(tokenizer.encode(&joined.join("\n"), true)?));
         }
         let mut all = Vec::new();
         if let Some(system) = &self.system {
@@ -68,9 +96,13 @@ impl InferArgs {
             }
         }
         all.extend(messages.iter().cloned());
+        if !media.is_empty() {
+            let options = self.model.media_options();
+            return encode_prompt_with_media(&text.model, &text.assets, &all, media, &options);
+        }
         let request = ChatRequest { messages: &all, add_generation_prompt: true, ..Default::default() };
         let rendered = text.assets.render_chat(&request)?;
-        Ok(tokenizer.encode(&rendered, false)?)
+        Ok(text_row(tokenizer.encode(&rendered, false)?))
     }
 }
 
@@ -97,6 +129,7 @@ fn parse_messages(arg: &str) -> anyhow::Result<Vec<Value>> {
 fn prompt_of_row(
     registry: &oxtune_registry::Registry,
     row: &serde_json::Map<String, Value>,
+    dataset: &std::path::Path,
 ) -> anyhow::Result<(Prompt, Option<Value>)> {
     if let (Some(text), false) = (row.get("text").and_then(Value::as_str), row.contains_key("messages")) {
         return Ok((Prompt::Raw(text.to_owned()), None));
@@ -104,7 +137,7 @@ fn prompt_of_row(
     let keys: Vec<&str> = row.keys().map(String::as_str).collect();
     let adapter = registry.detect_adapter(&keys)?;
     let adapted = registry.adapt(adapter.name(), &Value::Object(row.clone()))?;
-    let mut messages = adapted["messages"].as_array().cloned().unwrap_or_default();
+    let (mut messages, media) = collect(&adapted, dataset.parent())?;
     let label = match messages.last() {
         Some(m) if m["role"] == "assistant" => messages.pop().map(|m| m["content"].clone()),
         _ => None,
@@ -112,7 +145,7 @@ fn prompt_of_row(
     if messages.is_empty() {
         bail!("the row has nothing before the assistant's answer");
     }
-    Ok((Prompt::Chat(messages), label))
+    Ok((Prompt::Chat(messages, media), label))
 }
 
 /// Runs `oxtune infer`.
@@ -127,12 +160,13 @@ pub fn run(global: &GlobalArgs, args: &InferArgs) -> anyhow::Result<()> {
         let p = if args.raw {
             Prompt::Raw(prompt.clone())
         } else {
-            Prompt::Chat(vec![json!({"role": "user", "content": prompt})])
+            args.chat_with_flags(vec![json!({"role": "user", "content": prompt})])?
         };
         return answer_streaming(args, &text, &params, &p).map(|_| ());
     }
     if let Some(messages) = &args.messages {
-        return answer_streaming(args, &text, &params, &Prompt::Chat(parse_messages(messages)?)).map(|_| ());
+        let prompt = args.chat_with_flags(parse_messages(messages)?)?;
+        return answer_streaming(args, &text, &params, &prompt).map(|_| ());
     }
     if std::io::stdin().is_terminal() {
         return chat(args, &text, &params);
@@ -146,9 +180,9 @@ fn answer_streaming(
     params: &SamplingParams,
     prompt: &Prompt,
 ) -> anyhow::Result<String> {
-    let ids = args.encode(text, prompt)?;
+    let row = args.encode(text, prompt)?;
     let mut stdout = std::io::stdout().lock();
-    let out = generate(&text.model, Some(&text.assets.tokenizer), &[ids], params, |_, delta| {
+    let out = generate_with_media(&text.model, Some(&text.assets.tokenizer), &[&row], params, |_, delta| {
         let _ = stdout.write_all(delta.as_bytes());
         let _ = stdout.flush();
     })?;
@@ -175,7 +209,7 @@ fn chat(args: &InferArgs, text: &LoadedText, params: &SamplingParams) -> anyhow:
             }
             message => history.push(json!({"role": "user", "content": message})),
         }
-        let answer = answer_streaming(args, text, params, &Prompt::Chat(history.clone()))?;
+        let answer = answer_streaming(args, text, params, &args.chat_with_flags(history.clone())?)?;
         history.push(json!({"role": "assistant", "content": answer}));
     }
 }
@@ -190,9 +224,9 @@ fn answer_dataset(
     let records = read_records(dataset)?;
     let mut requests = Vec::with_capacity(records.len());
     for record in &records {
-        let (prompt, label) =
-            prompt_of_row(registry, &record.value).with_context(|| format!("{}:{}", dataset.display(), record.line))?;
-        requests.push((args.encode(text, &prompt)?, label));
+        let at = || format!("{}:{}", dataset.display(), record.line);
+        let (prompt, label) = prompt_of_row(registry, &record.value, dataset).with_context(at)?;
+        requests.push((args.encode(text, &prompt).with_context(at)?, label));
     }
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
@@ -201,8 +235,8 @@ fn answer_dataset(
         None => Box::new(std::io::stdout().lock()),
     };
     for (chunk_index, chunk) in requests.chunks(args.batch_size.max(1)).enumerate() {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|(ids, _)| ids.clone()).collect();
-        let answers = generate(&text.model, Some(&text.assets.tokenizer), &prompts, params, |_, _| {})?;
+        let prompts: Vec<&EncodedRow> = chunk.iter().map(|(row, _)| row).collect();
+        let answers = generate_with_media(&text.model, Some(&text.assets.tokenizer), &prompts, params, |_, _| {})?;
         for (i, (answer, (_, label))) in answers.iter().zip(chunk).enumerate() {
             let row = chunk_index * args.batch_size.max(1) + i;
             let mut line = json!({"row": row, "response": answer.text, "finish_reason": answer.finish_reason.as_str()});

@@ -23,6 +23,20 @@ pub struct ModelArgs {
     /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// Images: smallest area in pixels after resizing (default: the model's
+    /// `preprocessor_config.json`).
+    #[arg(long, value_name = "PIXELS")]
+    pub min_pixels: Option<u64>,
+    /// Images: largest area in pixels after resizing; larger images are
+    /// scaled down to fit, never rejected.
+    #[arg(long, value_name = "PIXELS")]
+    pub max_pixels: Option<u64>,
+    /// Videos: most frames kept (evenly sampled).
+    #[arg(long, value_name = "N")]
+    pub max_frames: Option<u64>,
+    /// Videos: the frame rate a list of frames stands for.
+    #[arg(long, value_name = "FPS")]
+    pub fps: Option<f64>,
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, value_name = "DTYPE", default_value = "f32")]
     pub dtype: String,
@@ -65,6 +79,24 @@ impl ModelArgs {
         let assets = TextAssets::load(&self.model)
             .with_context(|| format!("loading the tokenizer of {}", self.model.display()))?;
         Ok(LoadedText { model, assets })
+    }
+}
+
+impl ModelArgs {
+    /// The media preprocessing overrides given on the command line, as the
+    /// keys of `preprocessor_config.json` they replace.
+    pub fn media_options(&self) -> serde_json::Value {
+        let mut options = serde_json::Map::new();
+        let mut put = |key: &str, value: Option<serde_json::Value>| {
+            if let Some(v) = value {
+                options.insert(key.to_owned(), v);
+            }
+        };
+        put("min_pixels", self.min_pixels.map(Into::into));
+        put("max_pixels", self.max_pixels.map(Into::into));
+        put("max_frames", self.max_frames.map(Into::into));
+        put("fps", self.fps.map(Into::into));
+        serde_json::Value::Object(options)
     }
 }
 

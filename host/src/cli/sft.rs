@@ -76,6 +76,8 @@ fn recorded_args(args: &SftArgs, tuner_config: &Value, model_type: &str) -> Valu
         "gradient_accumulation_steps": t.gradient_accumulation_steps, "max_grad_norm": t.max_grad_norm,
         "warmup_ratio": t.warmup_ratio, "lr_scheduler_type": t.lr_scheduler_type, "weight_decay": t.weight_decay,
         "seed": t.seed,
+        "freeze_vit": args.tuner.freeze_vit, "freeze_aligner": args.tuner.freeze_aligner,
+        "freeze_llm": args.tuner.freeze_llm, "media_options": args.model.media_options(),
     })
 }
 
@@ -176,6 +178,8 @@ pub(super) struct RunSetup {
 pub(super) fn set_up(global: &GlobalArgs, args: &SftArgs, command: &str, knobs: Value) -> anyhow::Result<RunSetup> {
     let registry = global.registry()?;
     let mut text = args.model.load_with(&registry, false)?;
+    let frozen = args.tuner.frozen_prefixes(text.model.media_spec());
+    text.model.freeze_prefixes(frozen.clone());
     let tuner_config = args.tuner.config(&linear_modules(&text.model));
     let mut recorded = recorded_args(args, &tuner_config, text.model.architecture());
     recorded["command"] = json!(command);
@@ -192,6 +196,7 @@ pub(super) fn set_up(global: &GlobalArgs, args: &SftArgs, command: &str, knobs: 
             // A whole-model checkpoint: its weights replace the base's.
             let from_checkpoint = ModelArgs { model: dir.clone(), adapter: None, ..args.model.clone() };
             text.model = from_checkpoint.load_with(&registry, false)?.model;
+            text.model.freeze_prefixes(frozen);
         }
     }
     Ok(RunSetup { registry, text, tuner_config, recorded, resume, identity })
@@ -247,7 +252,8 @@ pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow:
     let encoder = Encoder {
         registry: &setup.registry,
         assets: &text.assets,
-        model_config: text.model.config(),
+        model: &text.model,
+        media_options: args.model.media_options(),
         args: &args.data,
         objective,
     };

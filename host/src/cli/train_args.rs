@@ -76,6 +76,29 @@ pub struct TunerArgs {
     /// freeze: regexes of the parameters to keep frozen (the rest train).
     #[arg(long, value_name = "REGEX")]
     pub freeze_parameters: Vec<String>,
+    /// Vision-language models: leave the vision tower alone (no adapter on
+    /// it, not trained in place). `false` adapts or trains it too.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub freeze_vit: bool,
+    /// Vision-language models: leave the aligner (patch merger) alone.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub freeze_aligner: bool,
+    /// Vision-language models: leave the language model alone.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub freeze_llm: bool,
+}
+
+impl TunerArgs {
+    /// The parameter-name prefixes the `--freeze-*` flags keep frozen on a
+    /// model whose plugin names its parts (none on a text model).
+    pub fn frozen_prefixes(&self, spec: Option<&crate::media::MediaSpec>) -> Vec<String> {
+        let Some(spec) = spec else { return Vec::new() };
+        [("vit", self.freeze_vit), ("aligner", self.freeze_aligner), ("llm", self.freeze_llm)]
+            .into_iter()
+            .filter(|(_, frozen)| *frozen)
+            .flat_map(|(part, _)| spec.parts.get(part).cloned().unwrap_or_default())
+            .collect()
+    }
 }
 
 /// The training loop's flags.

@@ -10,6 +10,8 @@ use serde_json::Value;
 use super::train_args::DataArgs;
 use crate::data::sources::{parse_renames, read_sources, split, DatasetSource, SourcedRecord};
 use crate::loss::IGNORE_INDEX;
+use crate::media::{collect, encode_chat_with_media};
+use crate::model::LoadedModel;
 use crate::text::{encode_chat, EncodedRow, TextAssets};
 use oxtune_registry::Registry;
 
@@ -61,8 +63,10 @@ pub struct Encoder<'a> {
     pub registry: &'a Registry,
     /// Tokenizer and chat template.
     pub assets: &'a TextAssets,
-    /// The model's `config.json` (whether it reads images).
-    pub model_config: &'a Value,
+    /// The model (whether and how it reads images).
+    pub model: &'a LoadedModel,
+    /// Media preprocessing overrides (`--max-pixels`, ...).
+    pub media_options: Value,
     /// The data flags.
     pub args: &'a DataArgs,
     /// What the labels cover.
@@ -72,7 +76,7 @@ pub struct Encoder<'a> {
 impl Encoder<'_> {
     /// Tokens and labels for one record.
     fn encode_record(&self, record: &SourcedRecord) -> anyhow::Result<EncodedRow> {
-        let Encoder { registry, assets, model_config, args, objective } = *self;
+        let Encoder { registry, assets, model, args, objective, .. } = *self;
         let fields = &record.record.value;
         if objective == Objective::AllTokens {
             if let Some(text) = fields.get("text").and_then(Value::as_str) {
@@ -88,30 +92,37 @@ impl Encoder<'_> {
         if let Some(ids) = row.get("input_ids") {
             return pre_tokenized(ids, row.get("labels"), assets.tokenizer.vocab_size());
         }
-        let has_media =
-            ["images", "videos"].iter().any(|k| row.get(*k).and_then(Value::as_array).is_some_and(|a| !a.is_empty()));
-        if has_media && model_config.get("vision_config").is_none() {
+        let (messages, media) = collect(&row, record.path.parent())?;
+        if !media.is_empty() && model.media_spec().is_none() {
             bail!("the row has images or videos, and this model reads text only");
         }
-        let messages = row["messages"].as_array().cloned().unwrap_or_default();
         match objective {
+            Objective::AssistantTurns if !media.is_empty() => {
+                let tools = row_tools(&row)?;
+                encode_chat_with_media(model, assets, &messages, &media, tools.as_deref(), &self.media_options)
+            }
             Objective::AssistantTurns => {
-                // ms-swift rows often carry `tools` as a JSON string.
-                let tools: Option<Vec<Value>> = match row.get("tools") {
-                    Some(Value::Array(tools)) => Some(tools.clone()),
-                    Some(Value::String(text)) => {
-                        Some(serde_json::from_str(text).context("`tools` is a string but not a JSON list")?)
-                    }
-                    _ => None,
-                };
+                let tools = row_tools(&row)?;
                 Ok(encode_chat(assets, &messages, tools.as_deref())?)
             }
+            Objective::AllTokens if !media.is_empty() => bail!("`pt` trains on text only, and the row has media"),
             Objective::AllTokens => {
                 let joined: Vec<&str> = messages.iter().filter_map(|m| m["content"].as_str()).collect();
                 plain_text(assets, &joined.join("\n"))
             }
         }
     }
+}
+
+/// A row's tool definitions; ms-swift rows often carry `tools` as a JSON string.
+fn row_tools(row: &Value) -> anyhow::Result<Option<Vec<Value>>> {
+    Ok(match row.get("tools") {
+        Some(Value::Array(tools)) => Some(tools.clone()),
+        Some(Value::String(text)) => {
+            Some(serde_json::from_str(text).context("`tools` is a string but not a JSON list")?)
+        }
+        _ => None,
+    })
 }
 
 /// `text` tokenized (special tokens as the tokenizer adds them), then the
@@ -172,6 +183,11 @@ impl Encoder<'_> {
                 Err(e) => return Err(e),
             };
             let excess = row.input_ids.len().saturating_sub(args.max_length);
+            if excess > 0 && row.media.is_some() {
+                // Cutting would split an image's tokens from its pixels.
+                out.deleted += 1;
+                continue;
+            }
             if excess > 0 {
                 match args.truncation_strategy.as_str() {
                     "left" => {

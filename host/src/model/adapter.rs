@@ -156,8 +156,7 @@ impl LoadedModel {
             // Module names would also match the frozen parts (a vision
             // tower has `gate_proj` too): name the adapted layers exactly,
             // as a regex PEFT reads the same way.
-            let chosen: Vec<String> =
-                linear.iter().filter(|l| targets.matches(l)).map(|l| regex::escape(l)).collect();
+            let chosen: Vec<String> = linear.iter().filter(|l| targets.matches(l)).map(|l| regex::escape(l)).collect();
             if !chosen.is_empty() {
                 config["target_modules"] = serde_json::Value::String(format!("(?:{})", chosen.join("|")));
                 targets = target_modules(&config, origin)?;

@@ -14,8 +14,9 @@ use super::{is_gguf, LoadedModel, ModelError};
 /// The largest shard Hugging Face writes by default (`max_shard_size="5GB"`).
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 
-/// Files of a model folder that describe its text side, copied as they are.
-const TEXT_FILES: [&str; 8] = [
+/// Files of a model folder that describe its text side (and, for a
+/// vision-language model, its image processor), copied as they are.
+const TEXT_FILES: [&str; 10] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -24,6 +25,8 @@ const TEXT_FILES: [&str; 8] = [
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
 ];
 
 /// Groups tensors (name order) into shards of at most `max_bytes` each (a

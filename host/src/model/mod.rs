@@ -10,8 +10,8 @@ pub mod staging;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
 use abi_stable::std_types::RString;
+use candle_core::{DType, Device, Tensor};
 use oxtune_plugin_api::abi::{MediaItem, ModelBox};
 use oxtune_registry::{Registry, RegistryError};
 
@@ -178,10 +178,9 @@ impl LoadedModel {
             })
             .collect();
         let prepared = self.instance.prepare_media(abi_items.as_slice().into(), options.to_string().as_str().into());
-        let prepared = prepared.into_result().map_err(|e| ModelError::Forward {
-            model: self.dir.clone(),
-            cause: OpError::Plugin(e.into_string()),
-        })?;
+        let prepared = prepared
+            .into_result()
+            .map_err(|e| ModelError::Forward { model: self.dir.clone(), cause: OpError::Plugin(e.into_string()) })?;
         Ok(prepared
             .iter()
             .map(|p| {

@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use super::TrainError;
 use crate::backend::BatchInfo;
 use crate::loss::{causal_lm_loss, IGNORE_INDEX};
+use crate::media::{batch_inputs, RowMedia};
 use crate::model::LoadedModel;
 use crate::text::EncodedRow;
 
@@ -83,7 +84,12 @@ impl Objective for SftObjective {
     ) -> Result<ObjectiveLoss, TrainError> {
         let compute = |cause| TrainError::Compute { step, cause };
         let (ids, labels, mask) = collate(batch, model.device()).map_err(compute)?;
-        let info = BatchInfo { attention_mask: Some(mask), dropout_seed, ..Default::default() };
+        let rows: Vec<(usize, Option<&RowMedia>)> =
+            batch.iter().map(|r| (r.input_ids.len(), r.media.as_ref())).collect();
+        let width = ids.dim(1).map_err(compute)?;
+        let (position_ids, media) =
+            batch_inputs(&rows, width, false, model.position_axes(), model.device()).map_err(compute)?;
+        let info = BatchInfo { attention_mask: Some(mask), dropout_seed, position_ids, media, ..Default::default() };
         let logits = model.forward(&ids, &info, None, None).map_err(Box::new)?;
         let loss = causal_lm_loss(&logits, &labels).map_err(compute)?;
         let trained: usize =

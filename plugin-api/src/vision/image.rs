@@ -57,9 +57,7 @@ pub fn smart_resize(
 ) -> Result<(usize, usize)> {
     let (h, w) = (height as f64, width as f64);
     if h.max(w) / h.min(w) > 200.0 {
-        return Err(Error::new(format!(
-            "the image is {width}x{height}: its aspect ratio must be smaller than 200"
-        )));
+        return Err(Error::new(format!("the image is {width}x{height}: its aspect ratio must be smaller than 200")));
     }
     let f = factor as f64;
     let mut h_bar = ((h / f).round_ties_even() * f).max(f);
@@ -107,8 +105,7 @@ fn fixed_point_taps(input: usize, output: usize) -> (Vec<Taps>, u32) {
         let center = scale * (i as f64 + 0.5);
         let start = ((center - support + 0.5) as i64).max(0) as usize;
         let end = ((center + support + 0.5) as i64).min(input as i64) as usize;
-        let mut weights: Vec<f64> =
-            (start..end).map(|j| bicubic((j as f64 - center + 0.5) * inv_scale)).collect();
+        let mut weights: Vec<f64> = (start..end).map(|j| bicubic((j as f64 - center + 0.5) * inv_scale)).collect();
         let total: f64 = weights.iter().sum();
         if total != 0.0 {
             weights.iter_mut().for_each(|w| *w /= total);
@@ -129,7 +126,10 @@ fn fixed_point_taps(input: usize, output: usize) -> (Vec<Taps>, u32) {
         .into_iter()
         .map(|(start, weights)| Taps {
             start,
-            weights: weights.iter().map(|&w| if w < 0.0 { (w * unit - 0.5) as i32 } else { (w * unit + 0.5) as i32 }).collect(),
+            weights: weights
+                .iter()
+                .map(|&w| if w < 0.0 { (w * unit - 0.5) as i32 } else { (w * unit + 0.5) as i32 })
+                .collect(),
         })
         .collect();
     (taps, precision)

@@ -230,9 +230,9 @@ pub fn frame_files(sources: &[String]) -> Result<Vec<PathBuf>> {
             let mut frames: Vec<PathBuf> = listing
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| {
-                    f.extension().and_then(|x| x.to_str()).is_some_and(|x| {
-                        matches!(x.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg" | "webp")
-                    })
+                    f.extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| matches!(x.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg" | "webp"))
                 })
                 .collect();
             frames.sort();
@@ -277,7 +277,8 @@ mod tests {
         let cfg = ProcessorConfig::from_json(&serde_json::json!({"do_normalize": false, "do_rescale": false}), 1, 2, 1)
             .unwrap();
         // A 2x4 single-channel-looking frame: value = y*10 + x on every channel.
-        let frame: Vec<f32> = (0..3).flat_map(|_| (0..2).flat_map(|y| (0..4).map(move |x| (y * 10 + x) as f32))).collect();
+        let frame: Vec<f32> =
+            (0..3).flat_map(|_| (0..2).flat_map(|y| (0..4).map(move |x| (y * 10 + x) as f32))).collect();
         let (rows, grid) = cfg.patchify(&[frame], 2, 4);
         assert_eq!(grid, [1, 2, 4]);
         // Rows of the first merge block are (0,0) (0,1) (1,0) (1,1), then the next block.

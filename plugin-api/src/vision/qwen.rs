@@ -153,9 +153,7 @@ pub fn text_config(config: &Value) -> Result<(Value, Vec<usize>, bool)> {
 /// within the sections' extents (Qwen3-VL).
 pub fn mrope_axes(sections: &[usize], half: usize, interleaved: bool) -> Result<Vec<usize>> {
     if sections.iter().sum::<usize>() != half {
-        return Err(Error::new(format!(
-            "config.json: `mrope_section` {sections:?} must sum to head_dim / 2 = {half}"
-        )));
+        return Err(Error::new(format!("config.json: `mrope_section` {sections:?} must sum to head_dim / 2 = {half}")));
     }
     Ok((0..half)
         .map(|i| {

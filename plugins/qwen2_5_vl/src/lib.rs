@@ -115,7 +115,8 @@ impl VisionTower {
         let p = format!("{}.blocks.{i}", self.prefix);
         let (n, heads, hd) = (x.dim(0)? as i64, self.cfg.heads as i64, self.cfg.head_dim() as i64);
         let h = RmsNorm::new(format!("{p}.norm1"), 1e-6).forward(x)?;
-        let qkv = Linear::new(format!("{p}.attn.qkv")).forward(&h)?.reshape(&[n, 3, heads, hd])?.permute(&[1, 2, 0, 3])?;
+        let qkv =
+            Linear::new(format!("{p}.attn.qkv")).forward(&h)?.reshape(&[n, 3, heads, hd])?.permute(&[1, 2, 0, 3])?;
         let part = |j: usize| qkv.narrow(0, j, 1)?.reshape(&[heads, n, hd]);
         let q = apply_rotary(&part(0)?, cos, sin)?;
         let k = apply_rotary(&part(1)?, cos, sin)?;
@@ -137,7 +138,10 @@ impl VisionTower {
         let n = x.dim(0)?;
         let (order, window_lengths) = window_order(grids, c.merge, c.window_size / c.merge / c.patch);
         if order.len() * unit != n {
-            return Err(Error::new(format!("image_grid_thw describes {} patches but pixel_values has {n} rows", order.len() * unit)));
+            return Err(Error::new(format!(
+                "image_grid_thw describes {} patches but pixel_values has {n} rows",
+                order.len() * unit
+            )));
         }
         // Reorder patches window by window (merge units stay together).
         let x = x.reshape(&[(n / unit) as i64, (unit * c.hidden) as i64])?.index_select(&index(&order)?, 0)?;
@@ -155,7 +159,9 @@ impl VisionTower {
             x = self.block(i, &x, &cos, &sin, segments)?;
         }
         let m = format!("{}.merger", self.prefix);
-        let x = RmsNorm::new(format!("{m}.ln_q"), 1e-6).forward(&x)?.reshape(&[(n / unit) as i64, (unit * c.hidden) as i64])?;
+        let x = RmsNorm::new(format!("{m}.ln_q"), 1e-6)
+            .forward(&x)?
+            .reshape(&[(n / unit) as i64, (unit * c.hidden) as i64])?;
         let x = Linear::new(format!("{m}.mlp.0")).forward(&x)?.gelu_erf()?;
         let x = Linear::new(format!("{m}.mlp.2")).forward(&x)?;
         // Back to the processor's order.

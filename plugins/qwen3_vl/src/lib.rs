@@ -131,7 +131,8 @@ impl VisionTower {
         let p = format!("{}.blocks.{i}", self.prefix);
         let (n, heads, hd) = (x.dim(0)? as i64, self.cfg.heads as i64, self.cfg.head_dim() as i64);
         let h = LayerNorm::new(format!("{p}.norm1"), 1e-6).forward(x)?;
-        let qkv = Linear::new(format!("{p}.attn.qkv")).forward(&h)?.reshape(&[n, 3, heads, hd])?.permute(&[1, 2, 0, 3])?;
+        let qkv =
+            Linear::new(format!("{p}.attn.qkv")).forward(&h)?.reshape(&[n, 3, heads, hd])?.permute(&[1, 2, 0, 3])?;
         let part = |j: usize| qkv.narrow(0, j, 1)?.reshape(&[heads, n, hd]);
         let q = apply_rotary(&part(0)?, cos, sin)?;
         let k = apply_rotary(&part(1)?, cos, sin)?;
@@ -232,7 +233,9 @@ pub struct Qwen3VlArchitecture;
 impl ModelArchitecture for Qwen3VlArchitecture {
     fn descriptor(&self) -> Descriptor {
         Descriptor::model("qwen3_vl", env!("CARGO_PKG_VERSION"))
-            .description("Qwen3-VL: ViT with interpolated position embeddings, DeepStack, interleaved M-RoPE Qwen3 decoder")
+            .description(
+                "Qwen3-VL: ViT with interpolated position embeddings, DeepStack, interleaved M-RoPE Qwen3 decoder",
+            )
             .architectures(&["Qwen3VLForConditionalGeneration"])
             .model_types(&["qwen3_vl"])
             .modality(Modality::VISION_LANGUAGE)
