@@ -220,14 +220,19 @@ pub fn collect(row: &Value, base: Option<&Path>) -> anyhow::Result<(Vec<Value>, 
             bail!("the row has {tags} {} tag(s) but {items} {}(s)", kind.tag(), kind.as_str());
         }
     }
-    for item in &found {
+    Ok((messages, found))
+}
+
+/// Fails, naming the file, if a media file or frame folder is missing.
+pub fn check_exists(media: &[MediaRef]) -> anyhow::Result<()> {
+    for item in media {
         for source in &item.sources {
             if !source.exists() {
                 bail!("{} {} does not exist", item.kind.as_str(), source.display());
             }
         }
     }
-    Ok((messages, found))
+    Ok(())
 }
 
 /// `messages` with every tag replaced by the model's placeholder text.
@@ -262,6 +267,7 @@ pub fn encode_chat_with_media(
     options: &Value,
 ) -> anyhow::Result<EncodedRow> {
     let spec = model.media_spec().context("the row has images or videos, and this model reads text only")?;
+    check_exists(media)?;
     let messages = replace_tags(messages, spec)?;
     let encoded = encode_chat(assets, &messages, tools)?;
     let prepared = model.prepare_media(media, options)?;
@@ -278,6 +284,7 @@ pub fn encode_prompt_with_media(
     options: &Value,
 ) -> anyhow::Result<EncodedRow> {
     let spec = model.media_spec().context("images were given, and this model reads text only")?;
+    check_exists(media)?;
     let messages = replace_tags(messages, spec)?;
     let request = ChatRequest { messages: &messages, add_generation_prompt: true, ..Default::default() };
     let ids = assets.tokenizer.encode(&assets.render_chat(&request)?, false)?;
@@ -424,9 +431,11 @@ mod tests {
         assert_eq!(out.input_ids, vec![5, 6, 9, 9, 9, 9, 9, 9, 7, 9, 9, 8]);
         assert_eq!(out.labels.iter().filter(|&&l| l == 8).count(), 1);
         let p = &out.media.as_ref().unwrap().positions;
-        assert_eq!(p[0], vec![0, 1, 2, 2, 2, 2, 2, 2, 4, 5, 5, 6]);
-        assert_eq!(p[1], vec![0, 1, 2, 2, 2, 3, 3, 3, 4, 5, 5, 6]);
-        assert_eq!(p[2], vec![0, 1, 2, 3, 4, 2, 3, 4, 4, 5, 6, 6]);
+        // The first image starts at 2 and reaches 4 (its last column), so
+        // the text after it is at 5; the second starts at 6 and reaches 7.
+        assert_eq!(p[0], vec![0, 1, 2, 2, 2, 2, 2, 2, 5, 6, 6, 8]);
+        assert_eq!(p[1], vec![0, 1, 2, 2, 2, 3, 3, 3, 5, 6, 6, 8]);
+        assert_eq!(p[2], vec![0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7, 8]);
         let row = EncodedRow { input_ids: vec![9, 9], labels: vec![-100; 2], media: None };
         assert!(expand(row, vec![item(9, 1, 1)], 3).unwrap_err().to_string().contains("more media placeholders"));
         let row = EncodedRow { input_ids: vec![1], labels: vec![-100], media: None };
@@ -450,6 +459,7 @@ mod tests {
         let (messages, media) = collect(&parts, base).unwrap();
         assert_eq!((messages[0]["content"].as_str().unwrap(), media[0].kind), ("<image>What?", MediaKind::Image));
         let missing = json!({"messages": [{"role": "user", "content": "<image>"}], "images": ["nope.png"]});
-        assert!(collect(&missing, base).unwrap_err().to_string().contains("nope.png does not exist"));
+        let (_, media) = collect(&missing, base).unwrap();
+        assert!(check_exists(&media).unwrap_err().to_string().contains("nope.png does not exist"));
     }
 }

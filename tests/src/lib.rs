@@ -145,19 +145,11 @@ pub fn build_against_api_variant(key: &str, version: &str, patches: &[Patch], te
     let api = dir.join(&api_folder);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(api.join("src")).expect("scratch workspace");
-    for entry in std::fs::read_dir(root.join("plugin-api/src")).expect("plugin-api sources") {
-        let path = entry.expect("entry").path();
-        let mut text = std::fs::read_to_string(&path).expect("source");
-        let name = path.file_name().and_then(|n| n.to_str()).expect("file name");
-        for patch in patches.iter().filter(|p| p.file == name) {
-            assert_eq!(text.matches(patch.find).count(), 1, "patch target not found once in {name}: {:?}", patch.find);
-            text = text.replace(patch.find, patch.replace);
-        }
-        std::fs::write(api.join("src").join(name), text).expect("write source");
-    }
+    copy_patched(&root.join("plugin-api/src"), &api.join("src"), patches);
     let manifest = format!(
         "[package]\nname = \"oxtune-plugin-api\"\nversion = \"{version}\"\nedition = \"2021\"\n\n[dependencies]\n\
-         abi_stable = \"0.11.3\"\ninventory = \"0.3\"\nserde = {{ version = \"1\", features = [\"derive\"] }}\nserde_json = \"1\"\n"
+         abi_stable = \"0.11.3\"\ninventory = \"0.3\"\nserde = {{ version = \"1\", features = [\"derive\"] }}\nserde_json = \"1\"\n\
+         image = {{ version = \"0.25\", default-features = false, features = [\"png\", \"jpeg\", \"webp\"] }}\n"
     );
     std::fs::write(api.join("Cargo.toml"), manifest).expect("manifest");
     let member = dir.join(template);
@@ -189,6 +181,26 @@ pub fn build_against_api_variant(key: &str, version: &str, patches: &[Patch], te
             is_cdylib(p)
         }
     })
+}
+
+/// Copies the source tree `from` to `to`, applying the patches whose `file`
+/// is a file's name (each must match exactly once).
+fn copy_patched(from: &Path, to: &Path, patches: &[Patch]) {
+    std::fs::create_dir_all(to).expect("variant source folder");
+    for entry in std::fs::read_dir(from).expect("plugin-api sources") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).expect("file name");
+        if path.is_dir() {
+            copy_patched(&path, &to.join(name), patches);
+            continue;
+        }
+        let mut text = std::fs::read_to_string(&path).expect("source");
+        for patch in patches.iter().filter(|p| p.file == name) {
+            assert_eq!(text.matches(patch.find).count(), 1, "patch target not found once in {name}: {:?}", patch.find);
+            text = text.replace(patch.find, patch.replace);
+        }
+        std::fs::write(to.join(name), text).expect("write source");
+    }
 }
 
 /// Running the `oxtune` binary from a test, with a clean plugin

@@ -2,8 +2,10 @@
 //! built against modified copies of `plugin-api/` (see
 //! `tests/fixtures/api-variants`):
 //!
-//! - a plugin built against API 1.0 loads and runs in a host of API 1.1
-//!   (1.0 plus an op and a root-module function): the evolution rule;
+//! - a plugin built against an older minor loads and runs in a host of a
+//!   newer one (this API plus an op and a root-module function): the
+//!   evolution rule; trait methods added after the 1.0 prefix (tuners'
+//!   `trains_base`, models' `media_spec`) default for plugins without them;
 //! - a plugin of another major version is refused by the version check;
 //! - a plugin whose types differ but claims the host's version is refused
 //!   by abi_stable's layout check — in one line naming the file and both
@@ -12,16 +14,16 @@
 use oxtune_registry::{Registry, RegistryError, SandboxConfig};
 use oxtune_tests::{build_against_api_variant, build_cdylib, Patch};
 
-const API_1_1: &[Patch] = &[
+const API_1_2: &[Patch] = &[
     Patch {
         file: "abi.rs",
         find: "\n}\n\n/// An [`Op`] as it crosses the boundary.",
-        replace: "\n    /// Added in 1.1.\n    Erf { x: TensorId },\n}\n\n/// An [`Op`] as it crosses the boundary.",
+        replace: "\n    /// Added in 1.2.\n    Erf { x: TensorId },\n}\n\n/// An [`Op`] as it crosses the boundary.",
     },
     Patch {
         file: "abi.rs",
         find: "-> RResult<TunerBox, RString>,\n}",
-        replace: "-> RResult<TunerBox, RString>,\n    /// Added in 1.1.\n    #[sabi(missing_field(option))]\n    pub describe_reward: extern \"C\" fn(name: RStr<'_>) -> RResult<RString, RString>,\n}",
+        replace: "-> RResult<TunerBox, RString>,\n    /// Added in 1.2.\n    #[sabi(missing_field(option))]\n    pub describe_reward: extern \"C\" fn(name: RStr<'_>) -> RResult<RString, RString>,\n}",
     },
     Patch {
         file: "plugin.rs",
@@ -36,14 +38,14 @@ const API_1_1: &[Patch] = &[
 ];
 
 #[test]
-fn a_plugin_built_against_api_1_0_runs_in_a_1_1_host() {
+fn a_plugin_built_against_an_older_minor_runs_in_a_newer_host() {
     let plugin = build_cdylib("oxtune-example-plugin", &["cdylib"]);
-    let probe = build_against_api_variant("probe-1.1", "1.1.0", API_1_1, "probe");
+    let probe = build_against_api_variant("probe-1.2", "1.2.0", API_1_2, "probe");
     let out = std::process::Command::new(&probe).arg(&plugin).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "the 1.1 host refused the 1.0 plugin:\n{stdout}\n{}",
+        "the 1.2 host refused the older plugin:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains(&format!("api {}", oxtune_plugin_api::API_VERSION)), "{stdout}");
@@ -51,7 +53,7 @@ fn a_plugin_built_against_api_1_0_runs_in_a_1_1_host() {
     assert!(stdout.contains("component dataset-adapter qa-pairs"), "{stdout}");
     // The call crosses the boundary and the plugin's own error comes back.
     assert!(stdout.contains("score keyword Err(") && stdout.contains("no string column `keyword`"), "{stdout}");
-    // The 1.1 function is simply absent from a 1.0 plugin.
+    // The 1.2 function is simply absent from an older plugin.
     assert!(stdout.contains("new-function absent"), "{stdout}");
 }
 
@@ -66,16 +68,16 @@ fn short(message: &str) {
 }
 
 #[test]
-fn a_plugin_built_against_api_1_1_runs_in_this_host_only_if_it_is_1_1() {
+fn a_plugin_built_against_a_newer_minor_is_refused_with_advice() {
     // A plugin built against a newer minor may use ops this host lacks:
     // refused at load, with advice.
-    let plugin = build_against_api_variant("plugin-1.1", "1.1.0", API_1_1, "plugin");
+    let plugin = build_against_api_variant("plugin-1.2", "1.2.0", API_1_2, "plugin");
     let host = oxtune_plugin_api::API_VERSION;
     let result = load(&plugin);
-    if host.starts_with("1.0.") {
+    if host.starts_with("1.0.") || host.starts_with("1.1.") {
         let message = result.unwrap_err().to_string();
         short(&message);
-        assert!(message.contains("1.1.0") && message.contains(host) && message.contains("upgrade oxtune"), "{message}");
+        assert!(message.contains("1.2.0") && message.contains(host) && message.contains("upgrade oxtune"), "{message}");
     } else {
         assert_eq!(result.unwrap().score("constant", &[Default::default()]).unwrap(), vec![0.5]);
     }
@@ -150,4 +152,52 @@ fn tuner_methods_added_after_the_prefix_default_for_older_plugins() {
     let older =
         build_against_api_variant("plugin-tuner-1.0", oxtune_plugin_api::API_VERSION, TUNER_VTABLE_1_0, "plugin");
     assert_eq!(query(&load(&older).unwrap()), (false, None));
+}
+
+/// The 1.0 model vtable: `forward` was its only method; `media_spec` and
+/// `prepare_media` came in 1.1, after the prefix. This variant comments them out.
+const MODEL_VTABLE_1_0: &[Patch] = &[
+    Patch {
+        file: "abi.rs",
+        find: "    /// How the model reads media, as a JSON object",
+        replace: "    /* not in this variant\n    /// How the model reads media, as a JSON object",
+    },
+    Patch {
+        file: "abi.rs",
+        find: "        RResult::RErr(RString::from(\"this model reads text only\"))\n    }\n}",
+        replace: "        RResult::RErr(RString::from(\"this model reads text only\"))\n    }*/\n}",
+    },
+    Patch {
+        file: "plugin.rs",
+        find: "    fn media_spec(&self) -> RResult<ROption<RString>, RString> {\n",
+        replace: "    /* not in this variant\n    fn media_spec(&self) -> RResult<ROption<RString>, RString> {\n",
+    },
+    Patch {
+        file: "plugin.rs",
+        find: ".map(PreparedMedia::to_abi).collect())\n        })\n    }\n",
+        replace: ".map(PreparedMedia::to_abi).collect())\n        })\n    }*/\n",
+    },
+];
+
+#[test]
+fn model_methods_added_after_the_prefix_default_for_older_plugins() {
+    let query = |registry: &Registry| {
+        let model = registry.load_model("seeing", "{}").unwrap();
+        let spec = model.media_spec().into_result().unwrap().into_option().map(|s| s.to_string());
+        let prepared = model.prepare_media(Default::default(), "{}".into()).into_result().map(|v| v.len());
+        (spec, prepared.map_err(|e| e.to_string()))
+    };
+    let current = build_against_api_variant("plugin-model-current", oxtune_plugin_api::API_VERSION, &[], "plugin");
+    let (spec, prepared) = query(&load(&current).unwrap());
+    assert_eq!(spec.as_deref(), Some(r#"{"position_axes":3}"#));
+    // The plugin's own default (it preprocesses nothing) names the plugin.
+    let message = prepared.unwrap_err();
+    assert!(message.contains("plugin `") && message.contains("reads text only"), "{message}");
+    // Built against the 1.0 model vtable, the same plugin loads as a
+    // text-only model: the host's defaults stand in for the new methods.
+    let older =
+        build_against_api_variant("plugin-model-1.0", oxtune_plugin_api::API_VERSION, MODEL_VTABLE_1_0, "plugin");
+    let (spec, prepared) = query(&load(&older).unwrap());
+    assert_eq!(spec, None);
+    assert_eq!(prepared.unwrap_err(), "this model reads text only");
 }
