@@ -7,6 +7,8 @@
 //!   they achieve against the machine's measured f32 matmul peak.
 //! - `bench grpo`: a GRPO step's split between rollout (batched generation
 //!   of G completions per prompt) and update, and the rollout tokens/s.
+//! - `bench vl` ([`super::bench_vl`]): a vision-language step's split
+//!   between the vision encoder and the language model.
 
 use std::time::Instant;
 
@@ -27,6 +29,8 @@ pub enum BenchCommand {
     Train(TrainBenchArgs),
     /// GRPO step time: rollout vs update, and rollout tokens/s.
     Grpo(GrpoBenchArgs),
+    /// A vision-language training step: the vision encoder's and the language model's shares.
+    Vl(super::bench_vl::VlBenchArgs),
 }
 
 /// Arguments of `oxtune bench grpo`.
@@ -140,6 +144,7 @@ pub fn run(global: &GlobalArgs, command: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Infer(args) => infer(global, args),
         BenchCommand::Train(args) => train(global, args),
         BenchCommand::Grpo(args) => grpo(global, args),
+        BenchCommand::Vl(args) => super::bench_vl::run(global, args),
     }
 }
 

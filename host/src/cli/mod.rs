@@ -2,6 +2,7 @@
 //! dispatch to each subcommand's module.
 
 mod bench;
+mod bench_vl;
 mod config_file;
 mod eval;
 mod grpo;

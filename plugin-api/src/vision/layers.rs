@@ -84,8 +84,10 @@ pub fn vision_rotary_angles(coords: &[(usize, usize)], inv_freq: &[f32]) -> Vec<
 
 /// Non-causal attention of `q`, `k`, `v` (`[heads, rows, head_dim]`) in
 /// which a row sees only the rows of its own segment; `segments` are the
-/// consecutive segment lengths (images, or attention windows) summing to
-/// `rows`. Softmax in f32.
+/// consecutive segment lengths (frames, or attention windows) summing to
+/// `rows`. Each segment is its own small attention (block-diagonal, never
+/// a `rows × rows` score matrix: a 448×448 image in 64-patch windows needs
+/// 1/16 of the dense scores); softmax in f32.
 pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[usize]) -> Result<Tensor> {
     let rows = q.dim(1)?;
     let total: usize = segments.iter().sum();
@@ -93,20 +95,21 @@ pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[usize])
         return Err(Error::new(format!("segments cover {total} rows but attention has {rows}")));
     }
     let scale = 1.0 / (q.dim(2)? as f64).sqrt();
-    let mut scores = q.matmul(&k.transpose(1, 2)?)?.scale(scale)?.to_dtype(DType::F32)?;
-    if segments.len() > 1 {
-        let mut mask = vec![f32::NEG_INFINITY; rows * rows];
-        let mut start = 0;
-        for &len in segments {
-            for i in start..start + len {
-                mask[i * rows + start..i * rows + start + len].iter_mut().for_each(|m| *m = 0.0);
-            }
-            start += len;
-        }
-        scores = scores.add(&constant(mask, &[1, rows, rows], DType::F32)?)?;
+    let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+        let scores = q.matmul(&k.transpose(1, 2)?)?.scale(scale)?.to_dtype(DType::F32)?;
+        scores.softmax(-1)?.to_dtype(v.dtype()?)?.matmul(v)
+    };
+    if segments.len() <= 1 {
+        return attend(q, k, v);
     }
-    let probs = scores.softmax(-1)?.to_dtype(v.dtype()?)?;
-    probs.matmul(v)
+    let mut outputs = Vec::with_capacity(segments.len());
+    let mut start = 0;
+    for &len in segments.iter().filter(|&&len| len > 0) {
+        let part = |t: &Tensor| t.narrow(1, start, len);
+        outputs.push(attend(&part(q)?, &part(k)?, &part(v)?)?);
+        start += len;
+    }
+    Tensor::cat(&outputs, 1)
 }
 
 /// Positions in `ids` (the flattened `input_ids`) holding `token`.
