@@ -333,3 +333,36 @@ fn bad_media_rows_are_clear_errors() {
     let missing = oxtune(&["infer", "--plugin", &so, "--model", &dir, "--image", "nope.png", "--prompt", "Hi"], &[]);
     fails_with(&missing, &["nope.png does not exist"]);
 }
+
+#[test]
+fn a_folder_of_frames_is_a_video_with_time_positions() {
+    let (name, package) = MODELS[0];
+    let model = load(name, package);
+    let frames = fresh_dir("vl-frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    for i in 0..3 {
+        std::fs::copy(model_dir(name).join("test_image.png"), frames.join(format!("frame-{i}.png"))).unwrap();
+    }
+    let video = MediaRef { kind: MediaKind::Video, sources: vec![frames.clone()] };
+    let prepared = model.prepare_media(std::slice::from_ref(&video), &json!({"fps": 2.0})).unwrap();
+    let item = &prepared[0];
+    // Three frames padded to four make two temporal patches.
+    assert_eq!((item.grid.clone(), item.pixels_input.as_str()), (vec![2, 4, 8], "pixel_values_videos"));
+    // Qwen2.5-VL spaces temporal patches by their duration: 2 frames at
+    // 2 fps is one second, times tokens_per_second (4 in this config).
+    assert_eq!(item.positions[0], [vec![0; 8], vec![4; 8]].concat());
+    assert_eq!(item.placeholder_token, 1001);
+    let assets = TextAssets::load(&model_dir(name)).unwrap();
+    let messages = vec![json!({"role": "user", "content": "<video>What happens?"})];
+    let prompt = encode_prompt_with_media(&model, &assets, &messages, &[video.clone()], &json!({"fps": 2.0})).unwrap();
+    assert_eq!(prompt.input_ids.iter().filter(|&&t| t == 1001).count(), 16);
+    let params = SamplingParams { max_new_tokens: 3, ..Default::default() };
+    let out = generate_with_media(&model, None, &[&prompt], &params, |_, _| {}).unwrap();
+    assert_eq!(out[0].tokens.len(), 3);
+
+    // Qwen3-VL says plainly that it does not read videos yet.
+    let (name, package) = MODELS[1];
+    let model = load(name, package);
+    let err = model.prepare_media(&[video], &json!({})).unwrap_err().to_string();
+    assert!(err.contains("does not read videos"), "{err}");
+}
