@@ -70,6 +70,9 @@ impl MediaSpec {
     }
 }
 
+/// Forward inputs by name (`pixel_values`, `image_grid_thw`, ...).
+pub type NamedInputs = Vec<(String, Tensor)>;
+
 /// Image or video.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum MediaKind {
@@ -356,7 +359,7 @@ pub fn batch_inputs(
     left_pad: bool,
     axes: usize,
     device: &Device,
-) -> candle_core::Result<(Option<Tensor>, Vec<(String, Tensor)>)> {
+) -> candle_core::Result<(Option<Tensor>, NamedInputs)> {
     if axes <= 1 && rows.iter().all(|(_, m)| m.is_none()) {
         return Ok((None, Vec::new()));
     }

@@ -242,7 +242,8 @@ fn lora_sft_on_image_rows_lowers_the_loss() {
 fn freezing_flags_leave_frozen_parameters_bit_identical() {
     let (name, package) = MODELS[1];
     let base = candle_core::safetensors::load(model_dir(name).join("model.safetensors"), &Device::Cpu).unwrap();
-    let cases: [(&[&str], fn(&str) -> bool); 2] = [
+    type Case = (&'static [&'static str], fn(&str) -> bool);
+    let cases: [Case; 2] = [
         (&["--freeze-vit", "true", "--freeze-aligner", "true"], |n| n.starts_with("model.visual.")),
         (&["--freeze-vit", "false", "--freeze-aligner", "false", "--freeze-llm", "true"], |n| {
             n.starts_with("model.language_model.") || n == "lm_head.weight"
@@ -354,7 +355,9 @@ fn a_folder_of_frames_is_a_video_with_time_positions() {
     assert_eq!(item.placeholder_token, 1001);
     let assets = TextAssets::load(&model_dir(name)).unwrap();
     let messages = vec![json!({"role": "user", "content": "<video>What happens?"})];
-    let prompt = encode_prompt_with_media(&model, &assets, &messages, &[video.clone()], &json!({"fps": 2.0})).unwrap();
+    let prompt =
+        encode_prompt_with_media(&model, &assets, &messages, std::slice::from_ref(&video), &json!({"fps": 2.0}))
+            .unwrap();
     assert_eq!(prompt.input_ids.iter().filter(|&&t| t == 1001).count(), 16);
     let params = SamplingParams { max_new_tokens: 3, ..Default::default() };
     let out = generate_with_media(&model, None, &[&prompt], &params, |_, _| {}).unwrap();

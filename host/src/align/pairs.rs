@@ -138,8 +138,27 @@ fn preference_conversations(record: &Map<String, Value>) -> anyhow::Result<(Vec<
     Ok((conversation(&prompt, chosen, "chosen")?, conversation(&prompt, rejected, "rejected")?))
 }
 
+/// Preference and GRPO training read text only so far: a row with media
+/// is refused rather than trained on without its images.
+pub fn refuse_media(record: &Map<String, Value>) -> anyhow::Result<()> {
+    for key in ["images", "image", "videos", "video"] {
+        let present = match record.get(key) {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(items)) => !items.is_empty(),
+            Some(_) => true,
+        };
+        if present {
+            anyhow::bail!(
+                "the row has `{key}`: preference and GRPO training read text only for now (use `oxtune sft`)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Encodes one preference record.
 pub fn encode_pair(assets: &TextAssets, record: &Map<String, Value>) -> anyhow::Result<PreferencePair> {
+    refuse_media(record)?;
     let (chosen, rejected) = preference_conversations(record)?;
     Ok(PreferencePair {
         chosen: encode_final_turn(assets, &chosen, "chosen")?,
@@ -149,6 +168,7 @@ pub fn encode_pair(assets: &TextAssets, record: &Map<String, Value>) -> anyhow::
 
 /// Encodes one KTO record (`label`: whether the completion is desirable).
 pub fn encode_labelled(assets: &TextAssets, record: &Map<String, Value>) -> anyhow::Result<LabelledCompletion> {
+    refuse_media(record)?;
     let desirable = match record.get("label") {
         Some(Value::Bool(b)) => *b,
         Some(other) => bail!("`label` must be true or false, not {other}"),
@@ -177,4 +197,18 @@ pub fn join(prompt: &[u32], completion: &[u32]) -> EncodedRow {
     let input_ids: Vec<u32> = prompt.iter().chain(completion).copied().collect();
     let labels = std::iter::repeat_n(IGNORE_INDEX, prompt.len()).chain(completion.iter().map(|&t| t as i64)).collect();
     EncodedRow { input_ids, labels, media: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_with_media_are_refused_by_name() {
+        let row = |v: Value| v.as_object().cloned().unwrap();
+        let err = refuse_media(&row(serde_json::json!({"prompt": "p", "images": ["a.png"]}))).unwrap_err();
+        assert!(err.to_string().contains("`images`"), "{err}");
+        assert!(refuse_media(&row(serde_json::json!({"prompt": "p", "image": "a.png"}))).is_err());
+        assert!(refuse_media(&row(serde_json::json!({"prompt": "p", "images": []}))).is_ok());
+    }
 }

@@ -111,6 +111,7 @@ pub(super) fn encode_prompt(
     adapter: Option<&str>,
     record: &serde_json::Map<String, Value>,
 ) -> anyhow::Result<GrpoPrompt> {
+    crate::align::pairs::refuse_media(record)?;
     let keys: Vec<&str> = record.keys().map(String::as_str).collect();
     let adapter = match adapter {
         Some(name) => name.to_owned(),

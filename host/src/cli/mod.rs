@@ -79,7 +79,7 @@ pub enum Command {
     Eval(Box<eval::EvalArgs>),
     /// Measure performance (`bench infer`: prefill and decode throughput).
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(Box<bench::BenchCommand>),
     /// List every registered component: kind, name, origin, version, API version.
     Plugins(plugins::PluginsArgs),
 }

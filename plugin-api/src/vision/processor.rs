@@ -138,7 +138,7 @@ impl ProcessorConfig {
     pub fn patchify(&self, frames: &[Vec<f32>], height: usize, width: usize) -> (Vec<f32>, [usize; 3]) {
         let (ps, tps, m) = (self.patch_size, self.temporal_patch_size, self.merge_size);
         let mut frames: Vec<&Vec<f32>> = frames.iter().collect();
-        while frames.len() % tps != 0 {
+        while !frames.len().is_multiple_of(tps) {
             frames.push(frames[frames.len() - 1]);
         }
         let (gt, gh, gw) = (frames.len() / tps, height / ps, width / ps);

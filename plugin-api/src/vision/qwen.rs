@@ -95,7 +95,7 @@ impl QwenMedia {
             (_, None) => 1.0,
         };
         let (t, h, w) = (grid[0], grid[1] / cfg.merge_size, grid[2] / cfg.merge_size);
-        let mut positions = vec![Vec::with_capacity(t * h * w); 3];
+        let mut positions: Vec<Vec<u32>> = (0..3).map(|_| Vec::with_capacity(t * h * w)).collect();
         for ti in 0..t {
             for y in 0..h {
                 for x in 0..w {

@@ -62,7 +62,7 @@ impl VisionConfig {
             grid_side,
             deepstack_layers,
         };
-        if cfg.heads == 0 || cfg.hidden % cfg.heads != 0 {
+        if cfg.heads == 0 || !cfg.hidden.is_multiple_of(cfg.heads) {
             return Err(Error::new("config.json: vision `hidden_size` must be a multiple of `num_heads`"));
         }
         Ok(cfg)
