@@ -5,6 +5,7 @@
 
 use crate::abi::DType;
 use crate::graph::{constant, has_weight, weight, Tensor};
+use crate::nn::Linear;
 use crate::{Error, Result};
 
 /// A `Conv3d` whose kernel equals its stride over pre-cut patches
@@ -110,6 +111,33 @@ pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[usize])
         start += len;
     }
     Tensor::cat(&outputs, 1)
+}
+
+/// The attention of a ViT block (`{prefix}.qkv` and `{prefix}.proj`
+/// linear layers, `heads` heads) over rows `x` (`[rows, hidden]`), with
+/// 2-D rotary tables `cos`/`sin` (`[rows, head_dim / 2]`) and attention
+/// kept within `segments` (see [`segment_attention`]).
+pub fn vision_attention(
+    prefix: &str,
+    x: &Tensor,
+    heads: usize,
+    rotary: (&Tensor, &Tensor),
+    segments: &[usize],
+) -> Result<Tensor> {
+    let (n, hidden) = (x.dim(0)? as i64, x.dim(1)? as i64);
+    let (heads, hd) = (heads as i64, hidden / heads as i64);
+    let qkv = Linear::new(format!("{prefix}.qkv")).forward(x)?.reshape(&[n, 3, heads, hd])?.permute(&[1, 2, 0, 3])?;
+    let part = |j: usize| qkv.narrow(0, j, 1)?.reshape(&[heads, n, hd]);
+    let (cos, sin) = rotary;
+    let q = apply_rotary(&part(0)?, cos, sin)?;
+    let k = apply_rotary(&part(1)?, cos, sin)?;
+    let a = segment_attention(&q, &k, &part(2)?, segments)?.transpose(0, 1)?.reshape(&[n, heads * hd])?;
+    Linear::new(format!("{prefix}.proj")).forward(&a)
+}
+
+/// A 1-D `u32` index tensor holding `values` (for `index_select`).
+pub fn index_tensor(values: &[usize]) -> Result<Tensor> {
+    constant(values.iter().map(|&v| v as f32).collect(), &[values.len()], DType::U32)
 }
 
 /// Positions in `ids` (the flattened `input_ids`) holding `token`.

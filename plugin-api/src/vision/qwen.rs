@@ -5,6 +5,7 @@
 
 use serde_json::Value;
 
+use super::layers::multi_axis_rotary;
 use super::processor::ProcessorConfig;
 use super::{MediaKind, MediaRequest, PreparedMedia};
 use crate::decoder::{ConfigReader, DecoderConfig};
@@ -189,6 +190,57 @@ pub fn language_model(config: &Value, prefix: &str) -> Result<(DecoderConfig, Ve
 /// rotated features turn with the patch row, half with its column.
 pub fn vision_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
     rope_inv_freq(head_dim / 2, theta)
+}
+
+/// The size of a Qwen ViT (`vision_config`): blocks, width, heads, and
+/// the patches merged per side into one language-model token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VisionShape {
+    /// Transformer blocks.
+    pub depth: usize,
+    /// Width of the patch rows.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Patches merged per side.
+    pub merge: usize,
+}
+
+impl VisionShape {
+    /// Reads `depth`, `hidden_size`, `num_heads` and `spatial_merge_size`
+    /// (defaults: the family's released sizes), checking the head split.
+    pub fn from_config(vision: &Value, default_depth: usize, default_hidden: usize) -> Result<VisionShape> {
+        let r = ConfigReader::new(vision);
+        let shape = VisionShape {
+            depth: r.usize_or("depth", default_depth)?,
+            hidden: r.usize_or("hidden_size", default_hidden)?,
+            heads: r.usize_or("num_heads", 16)?,
+            merge: r.usize_or("spatial_merge_size", 2)?,
+        };
+        if shape.heads == 0 || !shape.hidden.is_multiple_of(shape.heads) {
+            return Err(Error::new("config.json: vision `hidden_size` must be a multiple of `num_heads`"));
+        }
+        Ok(shape)
+    }
+
+    /// Features per head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+/// The language model's M-RoPE tables for `position_ids`: `[3, batch,
+/// seq]`, or `[batch, seq]` text positions (the host's, for rows without
+/// media), which every axis then shares.
+pub fn mrope_tables(positions: &Tensor, inv_freq: &[f32], axes: &[usize]) -> Result<(Tensor, Tensor)> {
+    let shared;
+    let axes = if positions.dims()?.len() == 2 {
+        shared = vec![0; axes.len()];
+        &shared
+    } else {
+        axes
+    };
+    multi_axis_rotary(positions, inv_freq, axes)
 }
 
 /// The grids of an `*_grid_thw` input (`[items, 3]`).

@@ -14,23 +14,21 @@ use oxtune_plugin_api::decoder::{ConfigReader, Decoder, DecoderConfig, Rotary};
 use oxtune_plugin_api::nn::{Linear, RmsNorm};
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::vision::layers::{
-    apply_rotary, multi_axis_rotary, patch_coordinates, patch_embed, rotary_tables, scatter_rows, segment_attention,
-    token_positions, vision_rotary_angles,
+    index_tensor, patch_coordinates, patch_embed, rotary_tables, scatter_rows, token_positions, vision_attention,
+    vision_rotary_angles,
 };
-use oxtune_plugin_api::vision::qwen::{frame_segments, language_model, read_grids, vision_inv_freq, QwenMedia};
+use oxtune_plugin_api::vision::qwen::{
+    frame_segments, language_model, mrope_tables, read_grids, vision_inv_freq, QwenMedia, VisionShape,
+};
 use oxtune_plugin_api::vision::{MediaRequest, PreparedMedia};
 use oxtune_plugin_api::{
-    constant, declare_plugin, has_weight, DType, Descriptor, Error, Inputs, Modality, Model, ModelArchitecture, Plugin,
-    Result, Tensor,
+    declare_plugin, has_weight, Descriptor, Error, Inputs, Modality, Model, ModelArchitecture, Plugin, Result, Tensor,
 };
 
 /// The vision tower's settings (`vision_config`).
 #[derive(Clone, Debug)]
 struct VisionConfig {
-    depth: usize,
-    hidden: usize,
-    heads: usize,
-    merge: usize,
+    shape: VisionShape,
     patch: usize,
     window_size: usize,
     full_attention_blocks: Vec<usize>,
@@ -50,24 +48,13 @@ impl VisionConfig {
             "gelu_pytorch_tanh" => false,
             other => return Err(Error::new(format!("config.json: vision `hidden_act` `{other}` is not supported"))),
         };
-        let cfg = VisionConfig {
-            depth: r.usize_or("depth", 32)?,
-            hidden: r.usize_or("hidden_size", 1280)?,
-            heads: r.usize_or("num_heads", 16)?,
-            merge: r.usize_or("spatial_merge_size", 2)?,
+        Ok(VisionConfig {
+            shape: VisionShape::from_config(v, 32, 1280)?,
             patch: r.usize_or("patch_size", 14)?,
             window_size: r.usize_or("window_size", 112)?,
             full_attention_blocks,
             silu,
-        };
-        if cfg.heads == 0 || !cfg.hidden.is_multiple_of(cfg.heads) {
-            return Err(Error::new("config.json: vision `hidden_size` must be a multiple of `num_heads`"));
-        }
-        Ok(cfg)
-    }
-
-    fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+        })
     }
 }
 
@@ -100,10 +87,6 @@ fn window_order(grids: &[[usize; 3]], merge: usize, window: usize) -> (Vec<usize
     (order, lengths)
 }
 
-fn index(values: &[usize]) -> Result<Tensor> {
-    constant(values.iter().map(|&v| v as f32).collect(), &[values.len()], DType::U32)
-}
-
 /// The vision tower and patch merger of one checkpoint layout.
 struct VisionTower {
     cfg: VisionConfig,
@@ -111,18 +94,10 @@ struct VisionTower {
 }
 
 impl VisionTower {
-    fn block(&self, i: usize, x: &Tensor, cos: &Tensor, sin: &Tensor, segments: &[usize]) -> Result<Tensor> {
+    fn block(&self, i: usize, x: &Tensor, rotary: (&Tensor, &Tensor), segments: &[usize]) -> Result<Tensor> {
         let p = format!("{}.blocks.{i}", self.prefix);
-        let (n, heads, hd) = (x.dim(0)? as i64, self.cfg.heads as i64, self.cfg.head_dim() as i64);
         let h = RmsNorm::new(format!("{p}.norm1"), 1e-6).forward(x)?;
-        let qkv =
-            Linear::new(format!("{p}.attn.qkv")).forward(&h)?.reshape(&[n, 3, heads, hd])?.permute(&[1, 2, 0, 3])?;
-        let part = |j: usize| qkv.narrow(0, j, 1)?.reshape(&[heads, n, hd]);
-        let q = apply_rotary(&part(0)?, cos, sin)?;
-        let k = apply_rotary(&part(1)?, cos, sin)?;
-        let a = segment_attention(&q, &k, &part(2)?, segments)?;
-        let a = a.transpose(0, 1)?.reshape(&[n, heads * hd])?;
-        let x = x.add(&Linear::new(format!("{p}.attn.proj")).forward(&a)?)?;
+        let x = x.add(&vision_attention(&format!("{p}.attn"), &h, self.cfg.shape.heads, rotary, segments)?)?;
         let h = RmsNorm::new(format!("{p}.norm2"), 1e-6).forward(&x)?;
         let gate = Linear::new(format!("{p}.mlp.gate_proj")).forward(&h)?;
         let gate = if self.cfg.silu { gate.silu()? } else { gate.gelu()? };
@@ -133,10 +108,10 @@ impl VisionTower {
     /// Language-model rows `[patches / merge², out_hidden]` for pixel rows.
     fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
         let c = &self.cfg;
-        let unit = c.merge * c.merge;
+        let unit = c.shape.merge * c.shape.merge;
         let x = patch_embed(&format!("{}.patch_embed.proj", self.prefix), pixels)?;
         let n = x.dim(0)?;
-        let (order, window_lengths) = window_order(grids, c.merge, c.window_size / c.merge / c.patch);
+        let (order, window_lengths) = window_order(grids, c.shape.merge, c.window_size / c.shape.merge / c.patch);
         if order.len() * unit != n {
             return Err(Error::new(format!(
                 "image_grid_thw describes {} patches but pixel_values has {n} rows",
@@ -144,24 +119,28 @@ impl VisionTower {
             )));
         }
         // Reorder patches window by window (merge units stay together).
-        let x = x.reshape(&[(n / unit) as i64, (unit * c.hidden) as i64])?.index_select(&index(&order)?, 0)?;
-        let mut x = x.reshape(&[n as i64, c.hidden as i64])?;
-        let angles = vision_rotary_angles(&patch_coordinates(grids, c.merge), &vision_inv_freq(c.head_dim(), 10000.0));
-        let half = c.head_dim() / 2;
+        let x =
+            x.reshape(&[(n / unit) as i64, (unit * c.shape.hidden) as i64])?.index_select(&index_tensor(&order)?, 0)?;
+        let mut x = x.reshape(&[n as i64, c.shape.hidden as i64])?;
+        let angles = vision_rotary_angles(
+            &patch_coordinates(grids, c.shape.merge),
+            &vision_inv_freq(c.shape.head_dim(), 10000.0),
+        );
+        let half = c.shape.head_dim() / 2;
         let mut reordered = Vec::with_capacity(angles.len());
         for &u in &order {
             reordered.extend_from_slice(&angles[u * unit * half..(u + 1) * unit * half]);
         }
         let (cos, sin) = rotary_tables(&reordered, n, half)?;
         let full = frame_segments(grids);
-        for i in 0..c.depth {
+        for i in 0..c.shape.depth {
             let segments = if c.full_attention_blocks.contains(&i) { &full } else { &window_lengths };
-            x = self.block(i, &x, &cos, &sin, segments)?;
+            x = self.block(i, &x, (&cos, &sin), segments)?;
         }
         let m = format!("{}.merger", self.prefix);
         let x = RmsNorm::new(format!("{m}.ln_q"), 1e-6)
             .forward(&x)?
-            .reshape(&[(n / unit) as i64, (unit * c.hidden) as i64])?;
+            .reshape(&[(n / unit) as i64, (unit * c.shape.hidden) as i64])?;
         let x = Linear::new(format!("{m}.mlp.0")).forward(&x)?.gelu_erf()?;
         let x = Linear::new(format!("{m}.mlp.2")).forward(&x)?;
         // Back to the processor's order.
@@ -169,7 +148,7 @@ impl VisionTower {
         for (i, &u) in order.iter().enumerate() {
             inverse[u] = i;
         }
-        x.index_select(&index(&inverse)?, 0)
+        x.index_select(&index_tensor(&inverse)?, 0)
     }
 }
 
@@ -208,9 +187,7 @@ impl Model for Qwen25Vl {
                 x = scatter_rows(&x, &token_positions(&ids, token)?, &rows)?;
             }
         }
-        let positions = inputs.get("position_ids")?;
-        let axes = if positions.dims()?.len() == 2 { vec![0; self.axes.len()] } else { self.axes.clone() };
-        let (cos, sin) = multi_axis_rotary(&positions, &self.inv_freq, &axes)?;
+        let (cos, sin) = mrope_tables(&inputs.get("position_ids")?, &self.inv_freq, &self.axes)?;
         decoder.forward_embeddings(x, &Rotary::Tables(cos, sin), |_, x| Ok(x))
     }
 

@@ -14,10 +14,12 @@ use oxtune_plugin_api::decoder::{ConfigReader, Decoder, DecoderConfig, Rotary};
 use oxtune_plugin_api::nn::{LayerNorm, Linear};
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::vision::layers::{
-    add_rows, apply_rotary, multi_axis_rotary, patch_coordinates, patch_embed, rotary_tables, scatter_rows,
-    segment_attention, token_positions, vision_rotary_angles,
+    add_rows, patch_coordinates, patch_embed, rotary_tables, scatter_rows, token_positions, vision_attention,
+    vision_rotary_angles,
 };
-use oxtune_plugin_api::vision::qwen::{frame_segments, language_model, read_grids, vision_inv_freq, QwenMedia};
+use oxtune_plugin_api::vision::qwen::{
+    frame_segments, language_model, mrope_tables, read_grids, vision_inv_freq, QwenMedia, VisionShape,
+};
 use oxtune_plugin_api::vision::{MediaRequest, PreparedMedia};
 use oxtune_plugin_api::{
     constant, declare_plugin, weight, DType, Descriptor, Error, Inputs, Modality, Model, ModelArchitecture, Plugin,
@@ -27,10 +29,7 @@ use oxtune_plugin_api::{
 /// The vision tower's settings (`vision_config`).
 #[derive(Clone, Debug)]
 struct VisionConfig {
-    depth: usize,
-    hidden: usize,
-    heads: usize,
-    merge: usize,
+    shape: VisionShape,
     /// Side of the square position-embedding table.
     grid_side: usize,
     deepstack_layers: Vec<usize>,
@@ -54,22 +53,7 @@ impl VisionConfig {
                 return Err(Error::new(format!("config.json: vision `hidden_act` `{act}` is not supported")));
             }
         }
-        let cfg = VisionConfig {
-            depth: r.usize_or("depth", 27)?,
-            hidden: r.usize_or("hidden_size", 1152)?,
-            heads: r.usize_or("num_heads", 16)?,
-            merge: r.usize_or("spatial_merge_size", 2)?,
-            grid_side,
-            deepstack_layers,
-        };
-        if cfg.heads == 0 || !cfg.hidden.is_multiple_of(cfg.heads) {
-            return Err(Error::new("config.json: vision `hidden_size` must be a multiple of `num_heads`"));
-        }
-        Ok(cfg)
-    }
-
-    fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+        Ok(VisionConfig { shape: VisionShape::from_config(v, 27, 1152)?, grid_side, deepstack_layers })
     }
 }
 
@@ -113,7 +97,7 @@ struct VisionTower {
 impl VisionTower {
     fn position_embeddings(&self, grids: &[[usize; 3]]) -> Result<Tensor> {
         let table = weight(&format!("{}.pos_embed.weight", self.prefix))?;
-        let (idx, wts) = interpolation(grids, self.cfg.merge, self.cfg.grid_side);
+        let (idx, wts) = interpolation(grids, self.cfg.shape.merge, self.cfg.grid_side);
         let mut sum: Option<Tensor> = None;
         for k in 0..4 {
             let n = idx[k].len();
@@ -127,17 +111,10 @@ impl VisionTower {
         sum.ok_or_else(|| Error::new("no vision patches"))
     }
 
-    fn block(&self, i: usize, x: &Tensor, cos: &Tensor, sin: &Tensor, segments: &[usize]) -> Result<Tensor> {
+    fn block(&self, i: usize, x: &Tensor, rotary: (&Tensor, &Tensor), segments: &[usize]) -> Result<Tensor> {
         let p = format!("{}.blocks.{i}", self.prefix);
-        let (n, heads, hd) = (x.dim(0)? as i64, self.cfg.heads as i64, self.cfg.head_dim() as i64);
         let h = LayerNorm::new(format!("{p}.norm1"), 1e-6).forward(x)?;
-        let qkv =
-            Linear::new(format!("{p}.attn.qkv")).forward(&h)?.reshape(&[n, 3, heads, hd])?.permute(&[1, 2, 0, 3])?;
-        let part = |j: usize| qkv.narrow(0, j, 1)?.reshape(&[heads, n, hd]);
-        let q = apply_rotary(&part(0)?, cos, sin)?;
-        let k = apply_rotary(&part(1)?, cos, sin)?;
-        let a = segment_attention(&q, &k, &part(2)?, segments)?.transpose(0, 1)?.reshape(&[n, heads * hd])?;
-        let x = x.add(&Linear::new(format!("{p}.attn.proj")).forward(&a)?)?;
+        let x = x.add(&vision_attention(&format!("{p}.attn"), &h, self.cfg.shape.heads, rotary, segments)?)?;
         let h = LayerNorm::new(format!("{p}.norm2"), 1e-6).forward(&x)?;
         let h = Linear::new(format!("{p}.mlp.linear_fc1")).forward(&h)?.gelu()?;
         x.add(&Linear::new(format!("{p}.mlp.linear_fc2")).forward(&h)?)
@@ -146,9 +123,9 @@ impl VisionTower {
     /// A patch merger: 2×2 patches → one row, normalised before
     /// (`merger`) or after (`deepstack_merger_list.N`) the regrouping.
     fn merge(&self, prefix: &str, x: &Tensor, norm_after: bool) -> Result<Tensor> {
-        let unit = (self.cfg.merge * self.cfg.merge) as i64;
+        let unit = (self.cfg.shape.merge * self.cfg.shape.merge) as i64;
         let rows = (x.dim(0)? as i64) / unit;
-        let width = unit * self.cfg.hidden as i64;
+        let width = unit * self.cfg.shape.hidden as i64;
         let norm = LayerNorm::new(format!("{prefix}.norm"), 1e-6);
         let x = if norm_after {
             norm.forward(&x.reshape(&[rows, width])?)?
@@ -164,17 +141,17 @@ impl VisionTower {
         let c = &self.cfg;
         let x = patch_embed(&format!("{}.patch_embed.proj", self.prefix), pixels)?;
         let n = x.dim(0)?;
-        let coords = patch_coordinates(grids, c.merge);
+        let coords = patch_coordinates(grids, c.shape.merge);
         if coords.len() != n {
             return Err(Error::new(format!("the grid describes {} patches but pixel rows number {n}", coords.len())));
         }
         let mut x = x.add(&self.position_embeddings(grids)?)?;
-        let angles = vision_rotary_angles(&coords, &vision_inv_freq(c.head_dim(), 10000.0));
-        let (cos, sin) = rotary_tables(&angles, n, c.head_dim() / 2)?;
+        let angles = vision_rotary_angles(&coords, &vision_inv_freq(c.shape.head_dim(), 10000.0));
+        let (cos, sin) = rotary_tables(&angles, n, c.shape.head_dim() / 2)?;
         let segments = frame_segments(grids);
         let mut deepstack = Vec::new();
-        for i in 0..c.depth {
-            x = self.block(i, &x, &cos, &sin, &segments)?;
+        for i in 0..c.shape.depth {
+            x = self.block(i, &x, (&cos, &sin), &segments)?;
             if let Some(j) = c.deepstack_layers.iter().position(|&l| l == i) {
                 deepstack.push(self.merge(&format!("{}.deepstack_merger_list.{j}", self.prefix), &x, true)?);
             }
@@ -209,9 +186,7 @@ impl Model for Qwen3Vl {
         if inputs.try_get("pixel_values_videos").is_some() {
             return Err(Error::new("Qwen3-VL video input is not supported by this plugin yet"));
         }
-        let positions = inputs.get("position_ids")?;
-        let axes = if positions.dims()?.len() == 2 { vec![0; self.axes.len()] } else { self.axes.clone() };
-        let (cos, sin) = multi_axis_rotary(&positions, &self.inv_freq, &axes)?;
+        let (cos, sin) = mrope_tables(&inputs.get("position_ids")?, &self.inv_freq, &self.axes)?;
         decoder.forward_embeddings(x, &Rotary::Tables(cos, sin), |layer, x| match deepstack.get(layer) {
             Some(rows) => add_rows(&x, &vision_positions, rows),
             None => Ok(x),
