@@ -183,12 +183,25 @@ fn a_binary_built_without_the_plugins_answers_about_an_image() {
         let expected = generate_with_media(&model, Some(&assets.tokenizer), &[&prompt], &params, |_, _| {}).unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), expected[0].text, "{name}");
         assert!(!expected[0].tokens.is_empty());
+        // Image rows of a dataset are answered the same way.
+        let data = image_dataset(name);
+        let args =
+            ["infer", "--plugin", &so, "--model", &dir, "--dataset", data.to_str().unwrap(), "--max-new-tokens", "6"];
+        let out = oxtune(&args, &[]);
+        succeeded(&out);
+        let answers: Vec<serde_json::Value> =
+            String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(answers.len(), 3, "{name}");
+        assert_eq!(answers[2]["labels"], "Tiny.");
+        assert!(answers.iter().all(|a| a["response"].is_string()));
     }
 }
 
+/// Three image rows: two in ms-swift's messages form, one in the
+/// `{"image", "text", "answer"}` form.
 fn image_dataset(name: &str) -> PathBuf {
     let img = test_image(name);
-    let rows: Vec<String> = [("What is shown?", "A small picture."), ("Colours?", "Red and blue."), ("Size?", "Tiny.")]
+    let mut rows: Vec<String> = [("What is shown?", "A small picture."), ("Colours?", "Red and blue.")]
         .iter()
         .map(|(q, a)| {
             json!({"messages": [{"role": "user", "content": format!("<image>{q}")}, {"role": "assistant", "content": a}],
@@ -196,6 +209,7 @@ fn image_dataset(name: &str) -> PathBuf {
             .to_string()
         })
         .collect();
+    rows.push(json!({"image": img, "text": "Size?", "answer": "Tiny."}).to_string());
     scratch(&format!("vl-{name}.jsonl"), &rows.join("\n"))
 }
 

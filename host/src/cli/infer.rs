@@ -123,7 +123,7 @@ fn parse_messages(arg: &str) -> anyhow::Result<Vec<Value>> {
 }
 
 /// The prompt of a dataset row and its reference answer, if it has one: a
-/// raw `text` row is sent as is; any other row is read by the dataset
+/// raw `text` row (no messages, no images) is sent as is; any other row is read by the dataset
 /// adapter the registry detects for it, and a trailing assistant turn is
 /// the reference answer.
 fn prompt_of_row(
@@ -131,7 +131,8 @@ fn prompt_of_row(
     row: &serde_json::Map<String, Value>,
     dataset: &std::path::Path,
 ) -> anyhow::Result<(Prompt, Option<Value>)> {
-    if let (Some(text), false) = (row.get("text").and_then(Value::as_str), row.contains_key("messages")) {
+    let other_form = ["messages", "image", "images", "videos"].iter().any(|k| row.contains_key(*k));
+    if let (Some(text), false) = (row.get("text").and_then(Value::as_str), other_form) {
         return Ok((Prompt::Raw(text.to_owned()), None));
     }
     let keys: Vec<&str> = row.keys().map(String::as_str).collect();
