@@ -135,6 +135,50 @@ pub struct RowMedia {
     pub items: Vec<MediaInput>,
     /// `[axes][tokens]` position of every token of the row.
     pub positions: Vec<Vec<u32>>,
+    /// Where the pixels come from when they are not held: the row's media
+    /// files (in the order they were prepared) and the preprocessing
+    /// options. See [`RowMedia::release_pixels`].
+    pub sources: Option<(Vec<MediaRef>, Value)>,
+}
+
+impl RowMedia {
+    /// Drops the pixel rows, keeping the token layout and where the pixels
+    /// come from: a training set holds its rows for the whole run, and
+    /// f32 pixels are ~4.8 MB per 448×448 image. [`with_pixels`] reads
+    /// them again for each batch.
+    pub fn release_pixels(&mut self, media: Vec<MediaRef>, options: Value) {
+        self.items.iter_mut().for_each(|item| item.pixels = Vec::new());
+        self.sources = Some((media, options));
+    }
+}
+
+/// `media` with its pixel rows, read again through the model plugin if they
+/// were released; the files must still give the grids the row was laid
+/// out for.
+pub fn with_pixels<'a>(model: &LoadedModel, media: &'a RowMedia) -> anyhow::Result<std::borrow::Cow<'a, RowMedia>> {
+    let Some((refs, options)) = media.sources.as_ref().filter(|_| media.items.iter().any(|i| i.pixels.is_empty()))
+    else {
+        return Ok(std::borrow::Cow::Borrowed(media));
+    };
+    let mut prepared = model.prepare_media(refs, options)?;
+    // Prepared in row order per kind; the row holds them in token order.
+    let mut items = Vec::with_capacity(media.items.len());
+    for held in &media.items {
+        let at = prepared
+            .iter()
+            .position(|p| p.placeholder_token == held.placeholder_token)
+            .context("the row's media changed since it was encoded")?;
+        let fresh = prepared.remove(at);
+        if fresh.grid != held.grid {
+            bail!(
+                "a media file of the row changed since the row was encoded (grid {:?}, was {:?})",
+                fresh.grid,
+                held.grid
+            );
+        }
+        items.push(fresh);
+    }
+    Ok(std::borrow::Cow::Owned(RowMedia { items, ..media.clone() }))
 }
 
 fn resolve(path: &str, base: Option<&Path>) -> PathBuf {
@@ -346,7 +390,7 @@ pub fn expand(row: EncodedRow, items: Vec<MediaInput>, axes: usize) -> anyhow::R
     if let Some(left) = queues.values().map(|q| q.len()).find(|&n| n > 0) {
         bail!("{left} media item(s) have no placeholder in the rendered prompt (does the chat template drop them?)");
     }
-    Ok(EncodedRow { input_ids: ids, labels, media: Some(RowMedia { items: ordered, positions }) })
+    Ok(EncodedRow { input_ids: ids, labels, media: Some(RowMedia { items: ordered, positions, sources: None }) })
 }
 
 /// The `position_ids` (`[axes, batch, width]`, or `None` when the model has

@@ -146,6 +146,11 @@ fn two_images_and_an_untagged_image_are_placed_where_they_belong() {
     let describe = assets.tokenizer.encode("Describe.", false).unwrap();
     let text_at = prompt.input_ids.windows(describe.len()).position(|w| w == describe.as_slice()).unwrap();
     assert!(first_pad < text_at, "the untagged image precedes the text");
+    // Released pixels (as training rows hold them) come back identical.
+    let mut released = row.media.clone().unwrap();
+    released.release_pixels(two.to_vec(), options.clone());
+    assert!(released.items.iter().all(|i| i.pixels.is_empty()));
+    assert_eq!(oxtune::media::with_pixels(&model, &released).unwrap().items, row.media.as_ref().unwrap().items);
     // Both images' pixel rows reach the model, in order, and it runs.
     let n = row.input_ids.len();
     let (position_ids, inputs) = batch_inputs(&[(n, row.media.as_ref())], n, false, 3, &Device::Cpu).unwrap();

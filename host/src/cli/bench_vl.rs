@@ -81,7 +81,8 @@ pub fn run(global: &GlobalArgs, args: &VlBenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&image);
     let positions = with_image.media.as_ref().map(|m| m.positions.clone()).unwrap_or_default();
     let grid = with_image.media.as_ref().and_then(|m| m.items.first()).map(|i| i.grid.clone()).unwrap_or_default();
-    let text_only = EncodedRow { media: Some(RowMedia { items: Vec::new(), positions }), ..with_image.clone() };
+    let text_only =
+        EncodedRow { media: Some(RowMedia { items: Vec::new(), positions, sources: None }), ..with_image.clone() };
 
     let full = step_seconds(&text.model, &with_image, args.steps)?;
     let language = step_seconds(&text.model, &text_only, args.steps)?;

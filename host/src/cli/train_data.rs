@@ -99,7 +99,12 @@ impl Encoder<'_> {
         match objective {
             Objective::AssistantTurns if !media.is_empty() => {
                 let tools = row_tools(&row)?;
-                encode_chat_with_media(model, assets, &messages, &media, tools.as_deref(), &self.media_options)
+                let options = &self.media_options;
+                let mut encoded = encode_chat_with_media(model, assets, &messages, &media, tools.as_deref(), options)?;
+                if let Some(row_media) = encoded.media.as_mut() {
+                    row_media.release_pixels(media, options.clone());
+                }
+                Ok(encoded)
             }
             Objective::AssistantTurns => {
                 let tools = row_tools(&row)?;

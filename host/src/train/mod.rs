@@ -118,6 +118,14 @@ pub enum TrainError {
         /// The last checkpoint written, or "none".
         last_checkpoint: String,
     },
+    /// A row's data could not be read for its batch (a media file changed or vanished).
+    #[error("training step {step}: {message}")]
+    Data {
+        /// The optimizer step.
+        step: usize,
+        /// What went wrong.
+        message: String,
+    },
     /// Nothing to train on, or a checkpoint that cannot be resumed.
     #[error("{0}")]
     Setup(String),

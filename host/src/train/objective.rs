@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use super::TrainError;
 use crate::backend::BatchInfo;
 use crate::loss::{causal_lm_loss, IGNORE_INDEX};
-use crate::media::{batch_inputs, RowMedia};
+use crate::media::{batch_inputs, with_pixels, RowMedia};
 use crate::model::LoadedModel;
 use crate::text::EncodedRow;
 
@@ -84,8 +84,13 @@ impl Objective for SftObjective {
     ) -> Result<ObjectiveLoss, TrainError> {
         let compute = |cause| TrainError::Compute { step, cause };
         let (ids, labels, mask) = collate(batch, model.device()).map_err(compute)?;
+        let with_pixel_rows: Vec<Option<std::borrow::Cow<'_, RowMedia>>> = batch
+            .iter()
+            .map(|r| r.media.as_ref().map(|m| with_pixels(model, m)).transpose())
+            .collect::<anyhow::Result<_>>()
+            .map_err(|cause| TrainError::Data { step, message: format!("{cause:#}") })?;
         let rows: Vec<(usize, Option<&RowMedia>)> =
-            batch.iter().map(|r| (r.input_ids.len(), r.media.as_ref())).collect();
+            batch.iter().zip(&with_pixel_rows).map(|(r, m)| (r.input_ids.len(), m.as_deref())).collect();
         let width = ids.dim(1).map_err(compute)?;
         let (position_ids, media) =
             batch_inputs(&rows, width, false, model.position_axes(), model.device()).map_err(compute)?;
