@@ -125,6 +125,11 @@ pub struct MediaInput {
     pub placeholder_token: u32,
     /// `[axes][tokens]` positions relative to the item's first token.
     pub positions: Vec<Vec<u32>>,
+    /// The index of the [`MediaRef`] it was prepared from.
+    pub request: usize,
+    /// The text the request's tag becomes (on its first input), if not the
+    /// model's usual placeholder.
+    pub prompt_text: Option<String>,
 }
 
 /// The media of one encoded row: the prepared items in token order and
@@ -282,21 +287,43 @@ pub fn check_exists(media: &[MediaRef]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `messages` with every tag replaced by the model's placeholder text.
-pub fn replace_tags(messages: &[Value], spec: &MediaSpec) -> anyhow::Result<Vec<Value>> {
+/// `messages` with every tag replaced by its item's prompt text: the
+/// model's placeholder, or what the plugin asked for that item (`prepared`
+/// inputs name their request, an index into `media`). The k-th tag of a
+/// kind is the k-th item of that kind.
+pub fn replace_tags(
+    messages: &[Value],
+    spec: &MediaSpec,
+    media: &[MediaRef],
+    prepared: &[MediaInput],
+) -> anyhow::Result<Vec<Value>> {
+    let mut texts: BTreeMap<&str, std::collections::VecDeque<String>> = BTreeMap::new();
+    for (request, item) in media.iter().enumerate() {
+        let default = match item.kind {
+            MediaKind::Image => &spec.image_placeholder,
+            MediaKind::Video => &spec.video_placeholder,
+        };
+        let asked = prepared.iter().find(|p| p.request == request).and_then(|p| p.prompt_text.clone());
+        let text = match asked.or_else(|| default.clone()) {
+            Some(text) => text,
+            None => bail!("this model does not read {}s", item.kind.as_str()),
+        };
+        texts.entry(item.kind.tag()).or_default().push_back(text);
+    }
     let mut out = messages.to_vec();
     for message in &mut out {
         let Some(content) = message["content"].as_str() else { continue };
-        let mut text = content.to_owned();
-        for (kind, placeholder) in
-            [(MediaKind::Image, &spec.image_placeholder), (MediaKind::Video, &spec.video_placeholder)]
+        let mut text = String::with_capacity(content.len());
+        let mut rest = content;
+        while let Some((at, tag)) =
+            ["<image>", "<video>"].iter().filter_map(|t| rest.find(t).map(|i| (i, *t))).min_by_key(|(i, _)| *i)
         {
-            if text.contains(kind.tag()) {
-                let placeholder =
-                    placeholder.as_deref().with_context(|| format!("this model does not read {}s", kind.as_str()))?;
-                text = text.replace(kind.tag(), placeholder);
-            }
+            text.push_str(&rest[..at]);
+            let replacement = texts.get_mut(tag).and_then(|q| q.pop_front());
+            text.push_str(&replacement.context(format!("more {tag} tags than items"))?);
+            rest = &rest[at + tag.len()..];
         }
+        text.push_str(rest);
         message["content"] = Value::String(text);
     }
     Ok(out)
@@ -315,9 +342,9 @@ pub fn encode_chat_with_media(
 ) -> anyhow::Result<EncodedRow> {
     let spec = model.media_spec().context("the row has images or videos, and this model reads text only")?;
     check_exists(media)?;
-    let messages = replace_tags(messages, spec)?;
-    let encoded = encode_chat(assets, &messages, tools)?;
     let prepared = model.prepare_media(media, options)?;
+    let messages = replace_tags(messages, spec, media, &prepared)?;
+    let encoded = encode_chat(assets, &messages, tools)?;
     expand(encoded, prepared, spec.position_axes)
 }
 
@@ -332,11 +359,11 @@ pub fn encode_prompt_with_media(
 ) -> anyhow::Result<EncodedRow> {
     let spec = model.media_spec().context("images were given, and this model reads text only")?;
     check_exists(media)?;
-    let messages = replace_tags(messages, spec)?;
+    let prepared = model.prepare_media(media, options)?;
+    let messages = replace_tags(messages, spec, media, &prepared)?;
     let request = ChatRequest { messages: &messages, add_generation_prompt: true, ..Default::default() };
     let ids = assets.tokenizer.encode(&assets.render_chat(&request)?, false)?;
     let row = EncodedRow { labels: vec![IGNORE_INDEX; ids.len()], input_ids: ids, media: None };
-    let prepared = model.prepare_media(media, options)?;
     expand(row, prepared, spec.position_axes)
 }
 
@@ -464,6 +491,8 @@ mod tests {
             grid: vec![1, 2 * h as u64, 2 * w as u64],
             placeholder_token: token,
             positions: vec![t_, h_, w_],
+            request: 0,
+            prompt_text: None,
         }
     }
 

@@ -293,6 +293,14 @@ pub struct PreparedMedia {
     /// relative to the item's first token. Text after the item continues
     /// one past the largest position of the item.
     pub positions: RVec<u32>,
+    /// Which requested item (index into the request) this input belongs to:
+    /// one request may give several inputs (a video's frame groups).
+    pub request: u32,
+    /// For the first input of a request: the text its tag becomes in the
+    /// prompt, holding the placeholder token once per input of the request
+    /// (Qwen3-VL puts a timestamp before each frame group). Empty: the
+    /// model's usual placeholder text.
+    pub prompt_text: RString,
 }
 
 /// A model architecture instantiated from a `config.json`.

@@ -382,9 +382,23 @@ fn a_folder_of_frames_is_a_video_with_time_positions() {
     let out = generate_with_media(&model, None, &[&prompt], &params, |_, _| {}).unwrap();
     assert_eq!(out[0].tokens.len(), 3);
 
-    // Qwen3-VL says plainly that it does not read videos yet.
+    // Qwen3-VL: each temporal patch is its own group, announced by its
+    // time; one pixel budget (16384 here) covers all four padded frames,
+    // so the frames shrink to 64x32 pixels: 2 tokens per group.
     let (name, package) = MODELS[1];
     let model = load(name, package);
-    let err = model.prepare_media(&[video], &json!({})).unwrap_err().to_string();
-    assert!(err.contains("does not read videos"), "{err}");
+    let assets = TextAssets::load(&model_dir(name)).unwrap();
+    let prompt = encode_prompt_with_media(&model, &assets, &messages, &[video], &json!({"fps": 2.0})).unwrap();
+    let media = prompt.media.as_ref().unwrap();
+    assert_eq!(media.items.iter().map(|i| i.grid.clone()).collect::<Vec<_>>(), vec![vec![1, 2, 4], vec![1, 2, 4]]);
+    let text = assets.tokenizer.decode(&prompt.input_ids, false).unwrap();
+    assert_eq!(text.matches(" seconds><|vision_start|><|video_pad|><|video_pad|><|vision_end|>").count(), 2, "{text}");
+    assert!(text.contains("<1.0 seconds>"), "{text}");
+    // Each group's tokens sit at time 0 of their own block, as images do.
+    let pads: Vec<usize> = prompt.input_ids.iter().enumerate().filter(|(_, &t)| t == 1001).map(|(i, _)| i).collect();
+    let p = &media.positions;
+    assert_eq!((p[0][pads[0]], p[0][pads[1]]), (p[1][pads[0]], p[1][pads[1]]));
+    assert!(p[0][pads[2]] > p[0][pads[1]] + 1, "the timestamp text separates the groups");
+    let out = generate_with_media(&model, None, &[&prompt], &params, |_, _| {}).unwrap();
+    assert_eq!(out[0].tokens.len(), 3);
 }

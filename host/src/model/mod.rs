@@ -157,7 +157,8 @@ impl LoadedModel {
     }
 
     /// Has the model plugin preprocess `items`, with the model folder's
-    /// `preprocessor_config.json` and `overrides` (`min_pixels`, ...) on top.
+    /// `preprocessor_config.json` (and `video_preprocessor_config.json`,
+    /// as `video`) and `overrides` (`min_pixels`, ...) on top.
     pub fn prepare_media(
         &self,
         items: &[MediaRef],
@@ -167,6 +168,10 @@ impl LoadedModel {
             path if path.is_file() => read_json(&path)?,
             _ => serde_json::json!({}),
         };
+        let video_config = self.dir.join("video_preprocessor_config.json");
+        if let (true, Some(options)) = (video_config.is_file(), options.as_object_mut()) {
+            options.insert("video".into(), read_json(&video_config)?);
+        }
         if let (Some(options), Some(overrides)) = (options.as_object_mut(), overrides.as_object()) {
             options.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
@@ -194,6 +199,8 @@ impl LoadedModel {
                     grid: p.grid.to_vec(),
                     placeholder_token: p.placeholder_token,
                     positions: p.positions.chunks(per_axis.max(1)).map(<[u32]>::to_vec).collect(),
+                    request: p.request as usize,
+                    prompt_text: Some(p.prompt_text.to_string()).filter(|t| !t.is_empty()),
                 }
             })
             .collect())

@@ -74,6 +74,40 @@ pub fn smart_resize(
     Ok((h_bar as usize, w_bar as usize))
 }
 
+/// Qwen3-VL's video `smart_resize`: like [`smart_resize`], but the pixel
+/// budget covers all `frames` (rounded to whole temporal patches of
+/// `temporal` frames), so a longer video gets smaller frames.
+pub fn smart_resize_frames(
+    frames: usize,
+    height: usize,
+    width: usize,
+    temporal: usize,
+    factor: usize,
+    min_pixels: usize,
+    max_pixels: usize,
+) -> Result<(usize, usize)> {
+    let (h, w, n) = (height as f64, width as f64, frames.max(temporal) as f64);
+    if h.max(w) / h.min(w) > 200.0 {
+        return Err(Error::new(format!(
+            "the frames are {width}x{height}: their aspect ratio must be smaller than 200"
+        )));
+    }
+    let (f, tf) = (factor as f64, temporal as f64);
+    let mut h_bar = ((h / f).round_ties_even() * f).max(f);
+    let mut w_bar = ((w / f).round_ties_even() * f).max(f);
+    let t_bar = (n / tf).round_ties_even() * tf;
+    if t_bar * h_bar * w_bar > max_pixels as f64 {
+        let beta = (n * h * w / max_pixels as f64).sqrt();
+        h_bar = f.max((h / beta / f).floor() * f);
+        w_bar = f.max((w / beta / f).floor() * f);
+    } else if t_bar * h_bar * w_bar < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (n * h * w)).sqrt();
+        h_bar = (h * beta / f).ceil() * f;
+        w_bar = (w * beta / f).ceil() * f;
+    }
+    Ok((h_bar as usize, w_bar as usize))
+}
+
 /// Bicubic (a = -0.5), as PyTorch's antialiased kernels use.
 fn bicubic(x: f64) -> f64 {
     const A: f64 = -0.5;

@@ -65,6 +65,11 @@ pub struct PreparedMedia {
     pub placeholder_token: u32,
     /// `[axes][tokens]` positions relative to the item's first token.
     pub positions: Vec<Vec<u32>>,
+    /// The index of the request this input belongs to.
+    pub request: usize,
+    /// The prompt text of the request's tag (first input of a request
+    /// only); `None`: the model's usual placeholder.
+    pub prompt_text: Option<String>,
 }
 
 impl PreparedMedia {
@@ -79,6 +84,8 @@ impl PreparedMedia {
             placeholder_token: self.placeholder_token,
             axes: self.positions.len() as u32,
             positions: self.positions.iter().flatten().copied().collect(),
+            request: self.request as u32,
+            prompt_text: self.prompt_text.as_deref().unwrap_or_default().into(),
         }
     }
 }

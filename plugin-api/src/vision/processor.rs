@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::image::{load_rgb, resize_bicubic, smart_resize, RgbImage};
+use super::image::{load_rgb, resize_bicubic, smart_resize, smart_resize_frames, RgbImage};
 use crate::{Error, Result};
 
 /// The processor settings of `preprocessor_config.json`, with a run's
@@ -44,6 +44,9 @@ pub struct ProcessorConfig {
     pub max_frames: usize,
     /// Frames per second a frame list stands for (time positions).
     pub fps: f64,
+    /// Videos: the pixel budget covers all frames together (Qwen3-VL)
+    /// rather than each frame (Qwen2-VL, Qwen2.5-VL).
+    pub budget_covers_all_frames: bool,
 }
 
 fn number(v: &Value, key: &str) -> Option<f64> {
@@ -77,14 +80,20 @@ impl ProcessorConfig {
             .or_else(|| number(&size, "longest_edge"))
             .map_or(16384 * factor * factor, |n| n as usize);
         let bool_of = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(true);
+        // A `video_preprocessor_config.json` (passed under `video`) sets the video budget.
+        let video_size = v.get("video").and_then(|video| video.get("size")).cloned().unwrap_or(Value::Null);
         let cfg = ProcessorConfig {
             patch_size,
             temporal_patch_size: usize_of("temporal_patch_size", temporal_patch_size),
             merge_size,
             min_pixels,
             max_pixels,
-            video_min_pixels: usize_of("video_min_pixels", min_pixels),
-            video_max_pixels: usize_of("video_max_pixels", max_pixels),
+            video_min_pixels: number(v, "video_min_pixels")
+                .or_else(|| number(&video_size, "shortest_edge"))
+                .map_or(min_pixels, |n| n as usize),
+            video_max_pixels: number(v, "video_max_pixels")
+                .or_else(|| number(&video_size, "longest_edge"))
+                .map_or(max_pixels, |n| n as usize),
             image_mean: triple(v, "image_mean", [0.48145466, 0.4578275, 0.40821073])?,
             image_std: triple(v, "image_std", [0.26862954, 0.26130258, 0.27577711])?,
             rescale_factor: number(v, "rescale_factor").unwrap_or(1.0 / 255.0),
@@ -93,6 +102,7 @@ impl ProcessorConfig {
             do_normalize: bool_of("do_normalize"),
             max_frames: usize_of("max_frames", 768),
             fps: number(v, "fps").unwrap_or(2.0),
+            budget_covers_all_frames: false,
         };
         if cfg.patch_size == 0 || cfg.merge_size == 0 || cfg.temporal_patch_size == 0 {
             return Err(Error::new("preprocessor config: patch, merge and temporal patch sizes must be positive"));
@@ -195,8 +205,9 @@ impl ProcessorConfig {
 
     /// Pixel rows and grid of a video given as frame files (or one folder
     /// of frames, read in name order), at most `max_frames` of them kept
-    /// evenly spaced; every frame takes the first frame's resized size.
-    pub fn video(&self, sources: &[String]) -> Result<(Vec<f32>, [usize; 3])> {
+    /// evenly spaced (their indices are returned too); every frame takes
+    /// the first frame's resized size.
+    pub fn video(&self, sources: &[String]) -> Result<(Vec<f32>, [usize; 3], Vec<usize>)> {
         let files = frame_files(sources)?;
         let keep = sample_frames(files.len(), self.max_frames, self.temporal_patch_size);
         let mut frames = Vec::with_capacity(keep.len());
@@ -205,6 +216,18 @@ impl ProcessorConfig {
             let img = load_rgb(&files[i])?;
             let (w, h) = match size {
                 Some(s) => s,
+                None if self.budget_covers_all_frames && self.do_resize => {
+                    let (h, w) = smart_resize_frames(
+                        keep.len(),
+                        img.height,
+                        img.width,
+                        self.temporal_patch_size,
+                        self.factor(),
+                        self.video_min_pixels,
+                        self.video_max_pixels,
+                    )?;
+                    (w, h)
+                }
                 None => {
                     let r = self.resized(&img, self.video_min_pixels, self.video_max_pixels)?;
                     (r.width, r.height)
@@ -214,7 +237,8 @@ impl ProcessorConfig {
             frames.push(self.normalize(&resize_bicubic(&img, w, h)));
         }
         let (w, h) = size.expect("sample_frames keeps at least one frame");
-        Ok(self.patchify(&frames, h, w))
+        let (pixels, grid) = self.patchify(&frames, h, w);
+        Ok((pixels, grid, keep))
     }
 }
 

@@ -31,6 +31,10 @@ pub struct QwenMedia {
     pub tokens_per_second: Option<f64>,
     /// Whether the model reads videos.
     pub reads_video: bool,
+    /// Qwen3-VL's videos: each temporal patch a token group of its own
+    /// with its time written in the prompt, and one pixel budget for all
+    /// frames.
+    pub timestamped_video: bool,
     /// Parameter-name prefixes of the vision tower (`vit`), the merger(s)
     /// (`aligner`) and the language model (`llm`), for the host's
     /// `--freeze-vit` / `--freeze-aligner` / `--freeze-llm`.
@@ -53,6 +57,7 @@ impl QwenMedia {
             temporal_patch_size: v.usize_or("temporal_patch_size", 2)?,
             tokens_per_second: v.get("tokens_per_second").and_then(Value::as_f64),
             reads_video: true,
+            timestamped_video: false,
             parts: Value::Null,
         })
     }
@@ -72,54 +77,94 @@ impl QwenMedia {
 
     /// Preprocesses every item and lays out its placeholder tokens.
     pub fn prepare(&self, items: &[MediaRequest], options: &Value) -> Result<Vec<PreparedMedia>> {
-        let cfg = ProcessorConfig::from_json(options, self.patch_size, self.merge_size, self.temporal_patch_size)?;
-        items.iter().map(|item| self.prepare_one(item, &cfg)).collect()
+        let mut cfg = ProcessorConfig::from_json(options, self.patch_size, self.merge_size, self.temporal_patch_size)?;
+        cfg.budget_covers_all_frames = self.timestamped_video;
+        let mut out = Vec::new();
+        for (request, item) in items.iter().enumerate() {
+            out.extend(self.prepare_one(request, item, &cfg)?);
+        }
+        Ok(out)
     }
 
-    fn prepare_one(&self, item: &MediaRequest, cfg: &ProcessorConfig) -> Result<PreparedMedia> {
-        let (kind, (pixels, grid)) = match item.kind {
+    fn prepare_one(&self, request: usize, item: &MediaRequest, cfg: &ProcessorConfig) -> Result<Vec<PreparedMedia>> {
+        let features = 3 * cfg.temporal_patch_size * cfg.patch_size * cfg.patch_size;
+        let input = |pixels: Vec<f32>, grid: [usize; 3], time_step: f64, token: u32| {
+            let video = token == self.video_token;
+            PreparedMedia {
+                pixels_input: if video { "pixel_values_videos" } else { "pixel_values" }.into(),
+                pixels,
+                features,
+                grid_input: if video { "video_grid_thw" } else { "image_grid_thw" }.into(),
+                grid: grid.to_vec(),
+                placeholder_token: token,
+                positions: token_positions(grid, cfg.merge_size, time_step),
+                request,
+                prompt_text: None,
+            }
+        };
+        match item.kind {
             MediaKind::Image => {
                 let [path] = item.sources.as_slice() else {
                     return Err(Error::new(format!("an image is one file, not {}", item.sources.len())));
                 };
-                ("image", cfg.image(std::path::Path::new(path))?)
+                let (pixels, grid) = cfg.image(std::path::Path::new(path))?;
+                Ok(vec![input(pixels, grid, 0.0, self.image_token)])
             }
-            MediaKind::Video if self.reads_video => ("video", cfg.video(&item.sources)?),
-            MediaKind::Video => return Err(Error::new("this model plugin does not read videos yet")),
-        };
-        let features = 3 * cfg.temporal_patch_size * cfg.patch_size * cfg.patch_size;
-        // Time positions: Qwen2.5-VL spaces temporal patches by their
-        // duration (temporal_patch_size / fps seconds) in tokens_per_second.
-        let time_step = match (item.kind, self.tokens_per_second) {
-            (MediaKind::Video, Some(tps)) => cfg.temporal_patch_size as f64 / cfg.fps * tps,
-            (MediaKind::Image, Some(_)) => 0.0,
-            (_, None) => 1.0,
-        };
-        let (t, h, w) = (grid[0], grid[1] / cfg.merge_size, grid[2] / cfg.merge_size);
-        let mut positions: Vec<Vec<u32>> = (0..3).map(|_| Vec::with_capacity(t * h * w)).collect();
-        for ti in 0..t {
-            for y in 0..h {
-                for x in 0..w {
-                    positions[0].push((ti as f64 * time_step) as u32);
-                    positions[1].push(y as u32);
-                    positions[2].push(x as u32);
+            MediaKind::Video if !self.reads_video => Err(Error::new("this model plugin does not read videos")),
+            MediaKind::Video if self.timestamped_video => {
+                // Qwen3-VL: each temporal patch is its own group of tokens,
+                // announced by its time in the prompt ("<0.5 seconds>").
+                let (pixels, [t, h, w], kept) = cfg.video(&item.sources)?;
+                let rows = pixels.len() / t;
+                let mut groups = Vec::with_capacity(t);
+                let mut text = String::new();
+                for (g, seconds) in group_timestamps(&kept, cfg.fps, cfg.temporal_patch_size).iter().enumerate() {
+                    text.push_str(&format!("<{seconds:.1} seconds><|vision_start|><|video_pad|><|vision_end|>"));
+                    let part = pixels[g * rows..(g + 1) * rows].to_vec();
+                    groups.push(input(part, [1, h, w], 1.0, self.video_token));
                 }
+                groups[0].prompt_text = Some(text);
+                Ok(groups)
+            }
+            MediaKind::Video => {
+                // Qwen2.5-VL spaces temporal patches by their duration
+                // (temporal_patch_size / fps seconds) in tokens_per_second.
+                let (pixels, grid, _) = cfg.video(&item.sources)?;
+                let time_step =
+                    self.tokens_per_second.map_or(1.0, |tps| cfg.temporal_patch_size as f64 / cfg.fps * tps);
+                Ok(vec![input(pixels, grid, time_step, self.video_token)])
             }
         }
-        let (pixels_input, grid_input, placeholder_token) = match kind {
-            "image" => ("pixel_values", "image_grid_thw", self.image_token),
-            _ => ("pixel_values_videos", "video_grid_thw", self.video_token),
-        };
-        Ok(PreparedMedia {
-            pixels_input: pixels_input.into(),
-            pixels,
-            features,
-            grid_input: grid_input.into(),
-            grid: grid.to_vec(),
-            placeholder_token,
-            positions,
-        })
     }
+}
+
+/// `[t, h, w]` positions of the tokens of a grid (`[t, h, w]` in patches,
+/// merged by `merge` per side): time `index · time_step` (truncated), row,
+/// column.
+fn token_positions(grid: [usize; 3], merge: usize, time_step: f64) -> Vec<Vec<u32>> {
+    let (t, h, w) = (grid[0], grid[1] / merge, grid[2] / merge);
+    let mut positions: Vec<Vec<u32>> = (0..3).map(|_| Vec::with_capacity(t * h * w)).collect();
+    for ti in 0..t {
+        for y in 0..h {
+            for x in 0..w {
+                positions[0].push((ti as f64 * time_step) as u32);
+                positions[1].push(y as u32);
+                positions[2].push(x as u32);
+            }
+        }
+    }
+    positions
+}
+
+/// The time of each temporal patch of frames `kept` (indices into a video
+/// at `fps`): the mean of its first and last frame's times, the last patch
+/// padded with its last frame (transformers' `_calculate_timestamps`).
+pub fn group_timestamps(kept: &[usize], fps: f64, group: usize) -> Vec<f64> {
+    let mut indices = kept.to_vec();
+    while !indices.len().is_multiple_of(group) {
+        indices.push(*indices.last().expect("a video has frames"));
+    }
+    indices.chunks(group).map(|c| (c[0] as f64 / fps + c[c.len() - 1] as f64 / fps) / 2.0).collect()
 }
 
 /// The language model's part of a VL `config.json` (`text_config`, or the
@@ -261,6 +306,13 @@ pub fn frame_segments(grids: &[[usize; 3]]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_group_times_average_first_and_last_frame() {
+        // Frames 0, 1, 2 at 2 fps; the last group padded with frame 2.
+        assert_eq!(group_timestamps(&[0, 1, 2], 2.0, 2), vec![0.25, 1.0]);
+        assert_eq!(group_timestamps(&[0, 4, 8, 12], 4.0, 2), vec![0.5, 2.5]);
+    }
 
     #[test]
     fn mrope_axis_maps() {

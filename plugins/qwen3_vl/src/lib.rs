@@ -8,7 +8,9 @@
 //! the patch merger. DeepStack: the outputs of `deepstack_visual_indexes`
 //! blocks pass through their own mergers and are added to the vision
 //! tokens' hidden states after the first language-model layers.
-//! Language model: Qwen3 (q/k norms) with interleaved M-RoPE.
+//! Language model: Qwen3 (q/k norms) with interleaved M-RoPE. Videos: each
+//! temporal patch is a token group of its own, announced by its time in
+//! the prompt (`<0.5 seconds>`), with one pixel budget for all frames.
 
 use oxtune_plugin_api::decoder::{ConfigReader, Decoder, DecoderConfig, Rotary};
 use oxtune_plugin_api::nn::{LayerNorm, Linear};
@@ -175,21 +177,27 @@ impl Model for Qwen3Vl {
         let tower = VisionTower { cfg: self.vision.clone(), prefix: "model.visual".to_owned() };
         let ids = inputs.get("input_ids")?;
         let mut x = decoder.embed(&ids)?;
-        let mut deepstack = Vec::new();
-        let mut vision_positions = Vec::new();
-        if let Some(pixels) = inputs.try_get("pixel_values") {
-            let (rows, stack) = tower.forward(&pixels, &read_grids(&inputs.get("image_grid_thw")?)?)?;
-            vision_positions = token_positions(&ids, self.media.image_token)?;
-            x = scatter_rows(&x, &vision_positions, &rows)?;
-            deepstack = stack;
-        }
-        if inputs.try_get("pixel_values_videos").is_some() {
-            return Err(Error::new("Qwen3-VL video input is not supported by this plugin yet"));
+        // Per media kind: the token positions and the DeepStack rows to add there.
+        let mut deepstack: Vec<(Vec<usize>, Vec<Tensor>)> = Vec::new();
+        for (pixels, grid, token) in [
+            ("pixel_values", "image_grid_thw", self.media.image_token),
+            ("pixel_values_videos", "video_grid_thw", self.media.video_token),
+        ] {
+            if let Some(pixels) = inputs.try_get(pixels) {
+                let (rows, stack) = tower.forward(&pixels, &read_grids(&inputs.get(grid)?)?)?;
+                let positions = token_positions(&ids, token)?;
+                x = scatter_rows(&x, &positions, &rows)?;
+                deepstack.push((positions, stack));
+            }
         }
         let (cos, sin) = mrope_tables(&inputs.get("position_ids")?, &self.inv_freq, &self.axes)?;
-        decoder.forward_embeddings(x, &Rotary::Tables(cos, sin), |layer, x| match deepstack.get(layer) {
-            Some(rows) => add_rows(&x, &vision_positions, rows),
-            None => Ok(x),
+        decoder.forward_embeddings(x, &Rotary::Tables(cos, sin), |layer, mut x| {
+            for (positions, stack) in &deepstack {
+                if let Some(rows) = stack.get(layer) {
+                    x = add_rows(&x, positions, rows)?;
+                }
+            }
+            Ok(x)
         })
     }
 
@@ -224,7 +232,7 @@ impl ModelArchitecture for Qwen3VlArchitecture {
             text.tie_word_embeddings = tie;
         }
         let mut media = QwenMedia::from_config(config, &vision_json)?;
-        media.reads_video = false;
+        media.timestamped_video = true;
         media.parts = oxtune_plugin_api::serde_json::json!({
             "vit": ["model.visual.patch_embed", "model.visual.pos_embed", "model.visual.blocks"],
             "aligner": ["model.visual.merger", "model.visual.deepstack_merger_list"],
