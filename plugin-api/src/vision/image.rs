@@ -265,6 +265,25 @@ mod tests {
     }
 
     #[test]
+    fn png_jpeg_and_webp_decode_to_rgb() {
+        let source = ::image::RgbImage::from_fn(8, 6, |x, y| ::image::Rgb([x as u8 * 30, y as u8 * 40, 200]));
+        for format in [::image::ImageFormat::Png, ::image::ImageFormat::Jpeg, ::image::ImageFormat::WebP] {
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            source.write_to(&mut bytes, format).unwrap();
+            let decoded = decode_rgb(bytes.get_ref()).unwrap();
+            assert_eq!((decoded.width, decoded.height), (8, 6), "{format:?}");
+            // PNG and lossless WebP are exact; JPEG is close.
+            let worst = decoded.data.iter().zip(source.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            assert!(worst <= if format == ::image::ImageFormat::Jpeg { 40 } else { 0 }, "{format:?}: {worst}");
+        }
+        // Grey and RGBA images come out as RGB.
+        let grey = ::image::GrayImage::from_pixel(3, 2, ::image::Luma([77]));
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        grey.write_to(&mut bytes, ::image::ImageFormat::Png).unwrap();
+        assert_eq!(decode_rgb(bytes.get_ref()).unwrap().data, vec![77; 18]);
+    }
+
+    #[test]
     fn corrupt_bytes_are_an_error_not_a_panic() {
         assert!(decode_rgb(b"\x89PNG\r\n\x1a\nnot really").is_err());
         assert!(decode_rgb(b"hello").is_err());
