@@ -108,29 +108,9 @@ pub struct MediaRef {
     pub sources: Vec<PathBuf>,
 }
 
-/// A media item preprocessed by the model plugin.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MediaInput {
-    /// The forward input its pixel rows join.
-    pub pixels_input: String,
-    /// `[rows, features]` row-major.
-    pub pixels: Vec<f32>,
-    /// Features per pixel row.
-    pub features: usize,
-    /// The forward input its grid joins.
-    pub grid_input: String,
-    /// Its grid.
-    pub grid: Vec<u64>,
-    /// The token repeated once per vision token.
-    pub placeholder_token: u32,
-    /// `[axes][tokens]` positions relative to the item's first token.
-    pub positions: Vec<Vec<u32>>,
-    /// The index of the [`MediaRef`] it was prepared from.
-    pub request: usize,
-    /// The text the request's tag becomes (on its first input), if not the
-    /// model's usual placeholder.
-    pub prompt_text: Option<String>,
-}
+/// A media item preprocessed by the model plugin: pixel rows, grid,
+/// placeholder token and per-token positions (the plugin API's type).
+pub type MediaInput = oxtune_plugin_api::vision::PreparedMedia;
 
 /// The media of one encoded row: the prepared items in token order and
 /// the row's positions on every axis.
@@ -488,7 +468,7 @@ mod tests {
             pixels: vec![0.0; (h * w * 4 * 2) as usize],
             features: 2,
             grid_input: "image_grid_thw".into(),
-            grid: vec![1, 2 * h as u64, 2 * w as u64],
+            grid: vec![1, 2 * h as usize, 2 * w as usize],
             placeholder_token: token,
             positions: vec![t_, h_, w_],
             request: 0,

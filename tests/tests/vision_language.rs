@@ -52,13 +52,13 @@ fn preprocessing_positions_and_logits_match_transformers() {
         let prepared = model.prepare_media(&[image(&dir.join("test_image.png"))], &serde_json::json!({})).unwrap();
         assert_eq!(prepared.len(), 1);
         let item = &prepared[0];
-        let expected_grid: Vec<u64> = reference["image_grid_thw"]
+        let expected_grid: Vec<usize> = reference["image_grid_thw"]
             .flatten_all()
             .unwrap()
             .to_vec1::<i64>()
             .unwrap()
             .iter()
-            .map(|&g| g as u64)
+            .map(|&g| g as usize)
             .collect();
         assert_eq!(item.grid, expected_grid, "{name}: grid");
         let pixels =

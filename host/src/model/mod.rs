@@ -186,24 +186,7 @@ impl LoadedModel {
         let prepared = prepared
             .into_result()
             .map_err(|e| ModelError::Forward { model: self.dir.clone(), cause: OpError::Plugin(e.into_string()) })?;
-        Ok(prepared
-            .iter()
-            .map(|p| {
-                let axes = p.axes.max(1) as usize;
-                let per_axis = p.positions.len() / axes;
-                MediaInput {
-                    pixels_input: p.pixels_input.to_string(),
-                    pixels: p.pixels.to_vec(),
-                    features: p.features as usize,
-                    grid_input: p.grid_input.to_string(),
-                    grid: p.grid.to_vec(),
-                    placeholder_token: p.placeholder_token,
-                    positions: p.positions.chunks(per_axis.max(1)).map(<[u32]>::to_vec).collect(),
-                    request: p.request as usize,
-                    prompt_text: Some(p.prompt_text.to_string()).filter(|t| !t.is_empty()),
-                }
-            })
-            .collect())
+        Ok(prepared.iter().map(MediaInput::from_abi).collect())
     }
 
     /// Keeps parameters under these name prefixes out of any adapter added

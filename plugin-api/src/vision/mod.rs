@@ -73,6 +73,23 @@ pub struct PreparedMedia {
 }
 
 impl PreparedMedia {
+    /// Reads the ABI form (the host's side of the call).
+    pub fn from_abi(p: &abi::PreparedMedia) -> PreparedMedia {
+        let axes = p.axes.max(1) as usize;
+        let per_axis = (p.positions.len() / axes).max(1);
+        PreparedMedia {
+            pixels_input: p.pixels_input.to_string(),
+            pixels: p.pixels.to_vec(),
+            features: p.features as usize,
+            grid_input: p.grid_input.to_string(),
+            grid: p.grid.iter().map(|&g| g as usize).collect(),
+            placeholder_token: p.placeholder_token,
+            positions: p.positions.chunks(per_axis).map(<[u32]>::to_vec).collect(),
+            request: p.request as usize,
+            prompt_text: Some(p.prompt_text.to_string()).filter(|t| !t.is_empty()),
+        }
+    }
+
     /// The ABI form.
     pub fn to_abi(&self) -> abi::PreparedMedia {
         abi::PreparedMedia {
