@@ -4,14 +4,17 @@
 //! message text with `images` / `videos` lists beside `messages`), as
 //! content parts (`{"type": "image", "image": PATH}`), or as media with no
 //! tag at all (then they go before the first user message). The host finds
-//! them ([`collect`]), replaces each tag with the model's placeholder text
-//! (from the model plugin's media settings), renders the chat template,
-//! and asks the model plugin to preprocess the files. The plugin says which
-//! token stands for each item and where its vision tokens sit on each
-//! position axis; the host repeats the placeholder token once per vision
-//! token ([`expand`]) and numbers the row's positions: text tokens advance
-//! by one on every axis, and text after a media item continues one past
-//! its largest position (M-RoPE). Nothing here is model-specific.
+//! them ([`collect`]) and asks the model plugin to preprocess the files;
+//! then it replaces each tag with the item's prompt text (the model's
+//! placeholder, or what the plugin asked for, such as Qwen3-VL's
+//! timestamped frame groups) and renders the chat template. The plugin
+//! says which token stands for each item and where its vision tokens sit
+//! on each position axis; the host repeats the placeholder token once per
+//! vision token ([`expand`]) and numbers the row's positions: text tokens
+//! advance by one on every axis, and text after a media item continues one
+//! past its largest position (M-RoPE). Training rows keep the layout and
+//! read their pixels again per batch ([`with_pixels`]). Nothing here is
+//! model-specific.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
