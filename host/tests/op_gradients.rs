@@ -457,6 +457,23 @@ fn handles_from_another_call_are_rejected() {
     assert!(missing.contains("no weight `nope`"), "{missing}");
 }
 
+#[test]
+fn released_handles_are_errors_and_the_kept_one_lives_on() {
+    let store = WeightStore::new();
+    let batch = BatchInfo::default();
+    let mut s = GraphSession::new(ForwardContext { weights: &store, batch: &batch, cache: None, tuner: None });
+    let x = s.insert(rand(&[3], 5));
+    let e = s.apply(&Op::Exp { x }).unwrap();
+    let y = s.apply(&Op::Sqr { x: e }).unwrap();
+    let kept = s.apply(&Op::Release { xs: vec![e, y].into(), keep: y }).unwrap();
+    let err = s.apply(&Op::Neg { x: e }).unwrap_err().to_string();
+    assert!(err.contains("was released"), "{err}");
+    let expected = rand(&[3], 5).exp().unwrap().sqr().unwrap();
+    assert_eq!(s.get(kept).unwrap().to_vec1::<f64>().unwrap(), expected.to_vec1::<f64>().unwrap());
+    // The input was not in the list: still usable.
+    assert!(s.apply(&Op::Neg { x }).is_ok());
+}
+
 /// The composite ops compute what their names say (the gradient checks above
 /// only prove each backward matches its own forward).
 #[test]

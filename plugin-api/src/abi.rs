@@ -218,6 +218,12 @@ pub enum Op {
     /// itself (vision window orders, M-RoPE positions). Not differentiable.
     /// Added in 1.1.
     Constant { values: RVec<f32>, shape: RVec<u64>, dtype: DType },
+    /// Gives up the handles `xs` and returns `keep` (a new handle to the
+    /// same tensor): the host drops its references, so a long forward pass
+    /// (a vision tower's blocks) does not hold every intermediate until it
+    /// ends. What the backward pass needs stays alive through the graph.
+    /// Using a released handle is an error. Added in 1.1.
+    Release { xs: RVec<TensorId>, keep: TensorId },
 }
 
 /// An [`Op`] as it crosses the boundary.

@@ -12,7 +12,7 @@
 //! and never touches FFI types. Using a `Tensor` outside such a call is an
 //! error, not undefined behaviour.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ptr;
 
 use abi_stable::nonexhaustive_enum::NonExhaustive;
@@ -23,6 +23,8 @@ use crate::{Error, Result};
 
 thread_local! {
     static CURRENT: Cell<*mut GraphRef<'static>> = const { Cell::new(ptr::null_mut()) };
+    /// Handles made inside the innermost [`scope`], to release at its end.
+    static SCOPED: RefCell<Option<Vec<TensorId>>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with `graph` installed as this thread's current graph, restoring
@@ -55,7 +57,39 @@ fn with_current<R>(f: impl FnOnce(&mut GraphRef<'static>) -> Result<R>) -> Resul
 }
 
 fn apply(op: Op) -> Result<Tensor> {
-    with_current(|g| g.apply(NonExhaustive::new(op)).into_result().map(Tensor).map_err(Error::from))
+    let t = with_current(|g| g.apply(NonExhaustive::new(op)).into_result().map(Tensor).map_err(Error::from))?;
+    SCOPED.with(|s| {
+        if let Some(made) = s.borrow_mut().as_mut() {
+            made.push(t.0);
+        }
+    });
+    Ok(t)
+}
+
+/// Runs `f` and releases every handle it made except the tensor it returns
+/// (see [`Op::Release`]): wrap each block of a long stack so the host frees
+/// what no later op needs. A host older than API 1.1 keeps them (the
+/// release is skipped); the result is the same.
+pub fn scope(f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    /// Puts the enclosing scope's list back, even if `f` unwinds.
+    struct Restore(Option<Option<Vec<TensorId>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                SCOPED.with(|s| s.replace(outer));
+            }
+        }
+    }
+    let mut restore = Restore(Some(SCOPED.with(|s| s.replace(Some(Vec::new())))));
+    let result = f();
+    let outer = restore.0.take().expect("set above");
+    let made = SCOPED.with(|s| s.replace(outer)).unwrap_or_default();
+    let kept = result?;
+    match apply(Op::Release { xs: made.into(), keep: kept.0 }) {
+        Ok(t) => Ok(t),
+        Err(e) if e.to_string().contains("does not implement") => Ok(kept),
+        Err(e) => Err(e),
+    }
 }
 
 /// A handle to a tensor owned by the host, valid during one call.

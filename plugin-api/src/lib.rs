@@ -27,7 +27,7 @@ pub use inventory;
 
 pub use abi::{ComponentKind, DType, Modality, ParamInit};
 pub use data::RewardSample;
-pub use graph::{attention, constant, has_weight, weight, AttentionSpec, Tensor};
+pub use graph::{attention, constant, has_weight, scope, weight, AttentionSpec, Tensor};
 pub use plugin::{
     DatasetAdapter, Descriptor, Inputs, Model, ModelArchitecture, Plugin, RewardFunction, Tuner, TunerLayers,
     TunerParam,

@@ -107,7 +107,8 @@ static NEXT_TAG: AtomicU32 = AtomicU32::new(1);
 /// The arena and op dispatcher of one call.
 pub struct GraphSession<'a> {
     ctx: ForwardContext<'a>,
-    arena: Vec<Tensor>,
+    /// `None` where the plugin released the handle.
+    arena: Vec<Option<Tensor>>,
     tag: u32,
     offset: usize,
     masks: HashMap<(MaskSpec, MaskShape, DType), Option<Tensor>>,
@@ -168,7 +169,7 @@ impl<'a> GraphSession<'a> {
     /// Puts a host tensor in the arena (a model input) and returns its handle.
     pub fn insert(&mut self, t: Tensor) -> TensorId {
         let index = self.arena.len() as u64;
-        self.arena.push(t);
+        self.arena.push(Some(t));
         TensorId(((self.tag as u64) << 32) | index)
     }
 
@@ -177,7 +178,14 @@ impl<'a> GraphSession<'a> {
         if (id.0 >> 32) as u32 != self.tag {
             return Err(OpError::StaleHandle(id.0));
         }
-        self.arena.get((id.0 & 0xffff_ffff) as usize).ok_or(OpError::StaleHandle(id.0))
+        match self.arena.get((id.0 & 0xffff_ffff) as usize) {
+            Some(Some(t)) => Ok(t),
+            Some(None) => Err(OpError::Invalid {
+                op: "handle",
+                message: format!("tensor handle {:#x} was released by the plugin", id.0),
+            }),
+            None => Err(OpError::StaleHandle(id.0)),
+        }
     }
 
     fn weight(&self, name: &str) -> Result<&Tensor, OpError> {
@@ -313,6 +321,14 @@ impl<'a> GraphSession<'a> {
             }
             Op::Detach { x } => Ok(self.get(*x)?.detach()),
             Op::Dropout { x, p } => self.dropout(*x, *p),
+            Op::Release { xs, keep } => {
+                let kept = self.get(*keep)?.clone();
+                for id in xs.iter().filter(|&id| id != keep) {
+                    self.get(*id)?;
+                    self.arena[(id.0 & 0xffff_ffff) as usize] = None;
+                }
+                Ok(kept)
+            }
             Op::Constant { values, shape, dtype } => {
                 let dt = to_candle_dtype(*dtype)
                     .ok_or_else(|| OpError::Invalid { op: name, message: format!("unknown dtype code {}", dtype.0) })?;
@@ -533,6 +549,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Detach { .. } => "detach",
         Op::Dropout { .. } => "dropout",
         Op::Constant { .. } => "constant",
+        Op::Release { .. } => "release",
         Op::Rope { .. } => "rope",
         Op::Attention { .. } => "attention",
         _ => "unknown op",

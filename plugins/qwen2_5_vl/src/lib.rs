@@ -22,7 +22,8 @@ use oxtune_plugin_api::vision::qwen::{
 };
 use oxtune_plugin_api::vision::{MediaRequest, PreparedMedia};
 use oxtune_plugin_api::{
-    declare_plugin, has_weight, Descriptor, Error, Inputs, Modality, Model, ModelArchitecture, Plugin, Result, Tensor,
+    declare_plugin, has_weight, scope, Descriptor, Error, Inputs, Modality, Model, ModelArchitecture, Plugin, Result,
+    Tensor,
 };
 
 /// The vision tower's settings (`vision_config`).
@@ -135,7 +136,8 @@ impl VisionTower {
         let full = frame_segments(grids);
         for i in 0..c.shape.depth {
             let segments = if c.full_attention_blocks.contains(&i) { &full } else { &window_lengths };
-            x = self.block(i, &x, (&cos, &sin), segments)?;
+            // Each block's intermediates are released as it ends.
+            x = scope(|| self.block(i, &x, (&cos, &sin), segments))?;
         }
         let m = format!("{}.merger", self.prefix);
         let x = RmsNorm::new(format!("{m}.ln_q"), 1e-6)

@@ -24,8 +24,8 @@ use oxtune_plugin_api::vision::qwen::{
 };
 use oxtune_plugin_api::vision::{MediaRequest, PreparedMedia};
 use oxtune_plugin_api::{
-    constant, declare_plugin, weight, DType, Descriptor, Error, Inputs, Modality, Model, ModelArchitecture, Plugin,
-    Result, Tensor,
+    constant, declare_plugin, scope, weight, DType, Descriptor, Error, Inputs, Modality, Model, ModelArchitecture,
+    Plugin, Result, Tensor,
 };
 
 /// The vision tower's settings (`vision_config`).
@@ -153,7 +153,8 @@ impl VisionTower {
         let segments = frame_segments(grids);
         let mut deepstack = Vec::new();
         for i in 0..c.shape.depth {
-            x = self.block(i, &x, (&cos, &sin), &segments)?;
+            // Each block's intermediates are released as it ends.
+            x = scope(|| self.block(i, &x, (&cos, &sin), &segments))?;
             if let Some(j) = c.deepstack_layers.iter().position(|&l| l == i) {
                 deepstack.push(self.merge(&format!("{}.deepstack_merger_list.{j}", self.prefix), &x, true)?);
             }
