@@ -206,8 +206,6 @@ fn generate_rows(
     let mut mask: Vec<Vec<u32>> =
         prompts.iter().map(|p| [vec![0; width - p.len()], vec![1; p.len()]].concat()).collect();
     let ids: Vec<u32> = prompts.iter().flat_map(|p| [vec![0; width - p.len()], p.clone()].concat()).collect();
-    let positions: Vec<u32> =
-        prompts.iter().flat_map(|p| [vec![0; width - p.len()], (0..p.len() as u32).collect()].concat()).collect();
     let mut next_position: Vec<u32> = prompt_rows
         .iter()
         .map(|(p, media)| match media {
@@ -221,7 +219,13 @@ fn generate_rows(
     let (media_positions, mut media) = batch_inputs(&lengths, width, true, axes, &device).map_err(candle_error)?;
     let mut position_ids = match media_positions {
         Some(p) => p,
-        None => Tensor::from_vec(positions, (rows, width), &device).map_err(candle_error)?,
+        None => {
+            let positions: Vec<u32> = prompts
+                .iter()
+                .flat_map(|p| [vec![0; width - p.len()], (0..p.len() as u32).collect()].concat())
+                .collect();
+            Tensor::from_vec(positions, (rows, width), &device).map_err(candle_error)?
+        }
     };
 
     let mut cache = KvCache::new();

@@ -80,8 +80,25 @@ pub struct LoadedModel {
     trains_base: bool,
     /// How the model reads media (`None`: text only).
     media_spec: Option<MediaSpec>,
+    /// `preprocessor_config.json` (with `video_preprocessor_config.json` as
+    /// `video`), read once at load: training re-reads pixels every batch.
+    processor_config: serde_json::Value,
     /// Parameter-name prefixes a new adapter must leave alone (`--freeze-vit`, ...).
     frozen_prefixes: Vec<String>,
+}
+
+/// A model folder's `preprocessor_config.json` (an empty object if absent),
+/// with its `video_preprocessor_config.json`, if any, under `video`.
+fn read_processor_config(dir: &Path) -> Result<serde_json::Value, ModelError> {
+    let mut options = match dir.join("preprocessor_config.json") {
+        path if path.is_file() => read_json(&path)?,
+        _ => serde_json::json!({}),
+    };
+    let video_config = dir.join("video_preprocessor_config.json");
+    if let (true, Some(options)) = (video_config.is_file(), options.as_object_mut()) {
+        options.insert("video".into(), read_json(&video_config)?);
+    }
+    Ok(options)
 }
 
 /// Whether `path` names a GGUF file rather than a model folder.
@@ -125,6 +142,10 @@ impl LoadedModel {
         }
         .map_err(|e| architecture_error(RegistryError::Plugin(format!("media settings are not JSON: {e}"))))?
         .map(|v: serde_json::Value| MediaSpec::from_json(&v));
+        let processor_config = match &media_spec {
+            Some(_) => read_processor_config(dir)?,
+            None => serde_json::json!({}),
+        };
         let weights = match &gguf {
             Some(file) => file.load_weights(options.dtype, &options.device, options.trainable)?,
             None => load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable)?,
@@ -142,6 +163,7 @@ impl LoadedModel {
             adapter_params: Vec::new(),
             trains_base: false,
             media_spec,
+            processor_config,
             frozen_prefixes: Vec::new(),
         })
     }
@@ -164,14 +186,7 @@ impl LoadedModel {
         items: &[MediaRef],
         overrides: &serde_json::Value,
     ) -> Result<Vec<MediaInput>, ModelError> {
-        let mut options = match self.dir.join("preprocessor_config.json") {
-            path if path.is_file() => read_json(&path)?,
-            _ => serde_json::json!({}),
-        };
-        let video_config = self.dir.join("video_preprocessor_config.json");
-        if let (true, Some(options)) = (video_config.is_file(), options.as_object_mut()) {
-            options.insert("video".into(), read_json(&video_config)?);
-        }
+        let mut options = self.processor_config.clone();
         if let (Some(options), Some(overrides)) = (options.as_object_mut(), overrides.as_object()) {
             options.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
