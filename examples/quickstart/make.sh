@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=target/quickstart-build
 rm -rf "$work"
-cargo run -q -p oxtune --example quickstart_init -- "$work"
+cargo run -q -p oxtune-data --example quickstart_init -- "$work"
 cargo run -q -p oxtune -- pt --model "$work/init" --dataset "$work/pretrain.jsonl" --tuner full \
     --output-dir "$work/pt" --max-steps 1200 --per-device-train-batch-size 16 --learning-rate 3e-3 \
     --warmup-ratio 0.03 --weight-decay 0.01 --split-ratio 0.02 --eval-steps 300 --save-total-limit 1

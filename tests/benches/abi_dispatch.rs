@@ -10,8 +10,8 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Result, Tensor};
-use oxtune::backend::batch::{build_mask, MaskShape, MaskSpec};
-use oxtune::backend::{ops, BatchInfo, ForwardContext, GraphSession, WeightStore};
+use oxtune_engine::backend::batch::{build_mask, MaskShape, MaskSpec};
+use oxtune_engine::backend::{ops, BatchInfo, ForwardContext, GraphSession, WeightStore};
 use oxtune_registry::{Registry, SandboxConfig};
 
 const HIDDEN: usize = 512;

@@ -7,6 +7,15 @@
 //! copied to a unique name with an atomic rename, so a library another test
 //! has already loaded is never overwritten in place.
 
+// The built-in plugins, linked into every test binary that uses this
+// crate, so `Registry::with_builtins()` finds them as `oxtune` does.
+use oxtune_plugin_datasets as _;
+use oxtune_plugin_llama as _;
+use oxtune_plugin_qwen2 as _;
+use oxtune_plugin_qwen3 as _;
+use oxtune_plugin_rewards as _;
+use oxtune_plugin_tuners as _;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,15 +4,15 @@
 
 use std::path::Path;
 
-use oxtune::align::grpo::{GrpoConfig, GrpoLossType, GrpoObjective, GrpoPrompt, RewardOnError, ScaleRewards};
-use oxtune::align::objective::Reference;
-use oxtune::model::{LoadOptions, LoadedModel};
-use oxtune::text::TextAssets;
-use oxtune::train::Objective;
+use oxtune_data::text::TextAssets;
+use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_plugin_api::RewardSample;
 use oxtune_registry::{Registry, SandboxConfig};
 use oxtune_tests::cli::{fails_with, fresh_dir, metrics, oxtune, scratch, succeeded, tiny};
 use oxtune_tests::{build_cdylib, build_rust_wasm_reward, build_wasm_reward_component, fixtures};
+use oxtune_train::align::grpo::{GrpoConfig, GrpoLossType, GrpoObjective, RewardOnError, ScaleRewards};
+use oxtune_train::align::objective::Reference;
+use oxtune_train::Objective;
 use serde_json::json;
 
 const PAIRS: &str = concat!(
@@ -66,6 +66,35 @@ fn dpo_starts_at_ln_2_with_the_adapter_at_its_initialisation() {
     }
     assert!(m[2]["rewards/margins"].as_f64().unwrap() > 0.0, "training separates chosen from rejected: {}", m[2]);
     assert!(out.join("checkpoint-3/adapter_model.safetensors").is_file());
+}
+
+#[test]
+fn a_plugin_tuner_that_trains_base_weights_gets_a_frozen_reference() {
+    // `ln-tuning` (the example plugin) trains the norm weights in place.
+    // Switching its "adapter" off would give the model being trained, so
+    // the policy would always equal the reference and every DPO reward
+    // would stay 0; a frozen copy lets them move after the first update.
+    let plugin = build_cdylib("oxtune-example-plugin", &["cdylib"]);
+    let data = scratch("pairs-ln.jsonl", PAIRS);
+    let out = fresh_dir("dpo-ln-tuning");
+    let extra = [
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--tuner",
+        "ln-tuning",
+        "--max-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "0.05",
+    ];
+    succeeded(&rlhf("dpo", &data, &out, &extra));
+    let m = metrics(&out);
+    assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{}", m[0]);
+    let moved = m[1]["rewards/chosen"].as_f64().unwrap();
+    assert!(moved.abs() > 1e-6, "the step-2 policy must differ from the frozen reference: {}", m[1]);
+    assert!(out.join("checkpoint-2/config.json").is_file(), "an in-place tuner saves the whole model");
 }
 
 #[test]
@@ -212,7 +241,7 @@ fn with_beta_zero_no_reference_pass_runs() {
     let registry = Registry::with_builtins().unwrap();
     let assets = TextAssets::load(&fixtures().join("models/tiny-qwen3")).unwrap();
     let model = lora_model(&registry);
-    let prompt = GrpoPrompt { ids: vec![5, 9, 14], text: "abc".into(), columns: Default::default() };
+    let prompt = oxtune_data::PromptRow { ids: vec![5, 9, 14], text: "abc".into(), columns: Default::default() };
     for (beta, passes) in [(0.0, 0), (0.04, 1)] {
         let objective = objective(&registry, &assets, &["repetition"], beta, RewardOnError::Fail).unwrap();
         let out = objective.loss(&model, &[&prompt], Some(1), 1).unwrap();

@@ -168,11 +168,11 @@ fn eval_perplexity_matches_the_library_loss() {
     // The same number through the library: the causal-LM loss with no -100 labels.
     let registry = oxtune_registry::Registry::with_builtins().unwrap();
     let loaded =
-        oxtune::model::LoadedModel::load(&registry, std::path::Path::new(&model), &Default::default()).unwrap();
+        oxtune_engine::model::LoadedModel::load(&registry, std::path::Path::new(&model), &Default::default()).unwrap();
     let input = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let logits = loaded.forward(&input, &Default::default(), None, None).unwrap();
     let labels = input.to_dtype(candle_core::DType::I64).unwrap();
-    let loss = oxtune::loss::causal_lm_loss(&logits, &labels).unwrap().to_scalar::<f32>().unwrap();
+    let loss = oxtune_engine::loss::causal_lm_loss(&logits, &labels).unwrap().to_scalar::<f32>().unwrap();
     assert!((nll - loss as f64).abs() < 1e-4, "eval nll {nll} vs loss {loss}");
 
     // With a PEFT adapter the numbers change, and match the library with the adapter attached.
@@ -198,11 +198,11 @@ fn eval_perplexity_matches_the_library_loss() {
     ));
     assert_ne!(base[0]["nll"], adapted[0]["nll"]);
     let mut with_adapter =
-        oxtune::model::LoadedModel::load(&registry, std::path::Path::new(&qwen3), &Default::default()).unwrap();
+        oxtune_engine::model::LoadedModel::load(&registry, std::path::Path::new(&qwen3), &Default::default()).unwrap();
     with_adapter
-        .attach_adapter(&registry, std::path::Path::new(&adapter), oxtune::model::checkpoint::Trainable::None)
+        .attach_adapter(&registry, std::path::Path::new(&adapter), oxtune_engine::model::checkpoint::Trainable::None)
         .unwrap();
-    let nll = oxtune::eval::mean_nll(&with_adapter, &ids).unwrap();
+    let nll = oxtune_engine::eval::mean_nll(&with_adapter, &ids).unwrap();
     assert!((adapted[0]["nll"].as_f64().unwrap() - nll).abs() < 1e-9);
 
     let short = scratch("short.jsonl", "{\"input_ids\": [1]}\n");

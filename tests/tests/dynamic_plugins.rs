@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use oxtune::backend::{BatchInfo, ForwardContext, GraphSession, TargetModules, TunerBinding, WeightStore};
+use oxtune_engine::backend::{BatchInfo, ForwardContext, GraphSession, TargetModules, TunerBinding, WeightStore};
 use oxtune_plugin_api::{ComponentKind, RewardSample};
 use oxtune_registry::{Origin, Registry, RegistryError, SandboxConfig};
 use oxtune_tests::build_cdylib;
@@ -42,6 +42,7 @@ fn example_plugin_loads_from_a_path_and_its_components_work() {
         vec![
             (ComponentKind::Model, "example-block"),
             (ComponentKind::Tuner, "ia3"),
+            (ComponentKind::Tuner, "ln-tuning"),
             (ComponentKind::Reward, "keyword"),
             (ComponentKind::DatasetAdapter, "qa-pairs"),
         ]

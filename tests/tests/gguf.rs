@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use oxtune::backend::BatchInfo;
-use oxtune::eval::mean_nll;
-use oxtune::generate::{generate, SamplingParams};
-use oxtune::model::{LoadOptions, LoadedModel};
-use oxtune::text::{ChatRequest, TextAssets};
+use oxtune_data::text::{ChatRequest, TextAssets};
+use oxtune_engine::backend::BatchInfo;
+use oxtune_engine::eval::mean_nll;
+use oxtune_engine::generate::{generate, SamplingParams};
+use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::Registry;
 use oxtune_tests::{fixtures, workspace_root};
 
@@ -130,8 +130,9 @@ fn k_quants_dequantize_within_their_error() {
         let path = scratch(&format!("k-{dtype:?}.gguf"));
         let meta = [("general.architecture", &Value::String("llama".into()))];
         gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &[("blk.0.ffn_up.weight", &q)]).unwrap();
-        let file = oxtune::model::gguf::GgufFile::open(&path).unwrap();
-        let store = file.load_weights(DType::F32, &Device::Cpu, oxtune::model::checkpoint::Trainable::None).unwrap();
+        let file = oxtune_engine::model::gguf::GgufFile::open(&path).unwrap();
+        let store =
+            file.load_weights(DType::F32, &Device::Cpu, oxtune_engine::model::checkpoint::Trainable::None).unwrap();
         let back = store.get("model.layers.0.mlp.up_proj.weight").expect("renamed to the HF name");
         let rms = (back - &w).unwrap().sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
         assert!(rms < tolerance, "{dtype:?}: rms error {rms}");
@@ -219,7 +220,7 @@ fn smollm2_answers_a_chat_prompt_coherently() {
     let answer = generate(&model, Some(&assets.tokenizer), &[ids], &params, |_, _| {}).unwrap().remove(0);
     assert!(answer.text.contains("Paris"), "{:?}", answer.text);
     assert!(answer.text.split_whitespace().count() >= 4, "not a sentence: {:?}", answer.text);
-    assert_eq!(answer.finish_reason, oxtune::generate::FinishReason::Eos, "{:?}", answer.text);
+    assert_eq!(answer.finish_reason, oxtune_engine::generate::FinishReason::Eos, "{:?}", answer.text);
 }
 
 #[test]

@@ -3,10 +3,10 @@
 //! logits, loss, adapter gradients and merged model.
 
 use candle_core::{DType, Device, Tensor};
-use oxtune::backend::BatchInfo;
-use oxtune::loss::causal_lm_loss;
-use oxtune::model::checkpoint::Trainable;
-use oxtune::model::{LoadOptions, LoadedModel};
+use oxtune_engine::backend::BatchInfo;
+use oxtune_engine::loss::causal_lm_loss;
+use oxtune_engine::model::checkpoint::Trainable;
+use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::Registry;
 use oxtune_tests::fixtures;
 

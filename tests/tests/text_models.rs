@@ -6,11 +6,11 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use oxtune::backend::BatchInfo;
-use oxtune::generate::{generate, greedy, SamplingParams};
-use oxtune::loss::causal_lm_loss;
-use oxtune::model::checkpoint::Trainable;
-use oxtune::model::{LoadOptions, LoadedModel};
+use oxtune_engine::backend::BatchInfo;
+use oxtune_engine::generate::{generate, greedy, SamplingParams};
+use oxtune_engine::loss::causal_lm_loss;
+use oxtune_engine::model::checkpoint::Trainable;
+use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::{Registry, SandboxConfig};
 use oxtune_tests::{build_cdylib, fixtures};
 

@@ -2,7 +2,7 @@
 //! and every chat rendering (text and ids) in the fixtures' `cases.json`,
 //! made with `tokenizers` and transformers' `apply_chat_template`.
 
-use oxtune::text::{ChatRequest, TextAssets};
+use oxtune_data::text::{ChatRequest, TextAssets};
 use oxtune_tests::fixtures;
 use serde_json::Value;
 
@@ -71,7 +71,7 @@ fn loss_masks_cover_exactly_the_assistant_turns_and_their_end_token() {
     ];
     for name in ["qwen2.5", "smollm2"] {
         let assets = TextAssets::load(&fixtures().join("tokenizers").join(name)).unwrap();
-        let row = oxtune::text::encode_chat(&assets, &messages, None).unwrap();
+        let row = oxtune_data::text::encode_chat(&assets, &messages, None).unwrap();
         assert_eq!(row.input_ids.len(), row.labels.len());
         // The labelled tokens, in runs, are each assistant turn plus <|im_end|>.
         let mut runs: Vec<Vec<u32>> = Vec::new();
@@ -95,7 +95,7 @@ fn loss_masks_cover_exactly_the_assistant_turns_and_their_end_token() {
         // `"loss": false` leaves a turn out.
         let mut skipped = messages.to_vec();
         skipped[2]["loss"] = serde_json::json!(false);
-        let row = oxtune::text::encode_chat(&assets, &skipped, None).unwrap();
+        let row = oxtune_data::text::encode_chat(&assets, &skipped, None).unwrap();
         let labelled: Vec<u32> =
             row.input_ids.iter().zip(&row.labels).filter(|(_, l)| **l >= 0).map(|(id, _)| *id).collect();
         assert_eq!(assets.tokenizer.decode(&labelled, false).unwrap(), "It is 6.<|im_end|>", "{name}");
@@ -104,7 +104,7 @@ fn loss_masks_cover_exactly_the_assistant_turns_and_their_end_token() {
     // system turn) and never labelled.
     let assets = TextAssets::load(&fixtures().join("tokenizers/qwen2.5")).unwrap();
     let tools = [serde_json::json!({"type": "function", "function": {"name": "add", "parameters": {}}})];
-    let row = oxtune::text::encode_chat(&assets, &messages, Some(&tools)).unwrap();
+    let row = oxtune_data::text::encode_chat(&assets, &messages, Some(&tools)).unwrap();
     let text = assets.tokenizer.decode(&row.input_ids, false).unwrap();
     assert!(text.contains("<tools>") && text.contains("\"name\": \"add\""), "{text}");
     let labelled: Vec<u32> =

@@ -2,11 +2,11 @@
 //! dataset, writes its metrics and PEFT checkpoints, and is deterministic
 //! for a seed.
 
-use oxtune::model::{LoadOptions, LoadedModel};
-use oxtune::text::{encode_chat, EncodedRow, TextAssets};
-use oxtune::train::{train, TrainConfig};
+use oxtune_data::text::{encode_chat, EncodedRow, TextAssets};
+use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::Registry;
 use oxtune_tests::fixtures;
+use oxtune_train::{train, TrainConfig};
 use serde_json::json;
 
 fn rows(assets: &TextAssets) -> Vec<EncodedRow> {
@@ -77,14 +77,16 @@ fn lora_sft_lowers_the_loss_and_checkpoints_in_peft_layout() {
     // The last checkpoint, loaded onto a fresh base model, gives the trained model's loss.
     let mut reloaded =
         LoadedModel::load(&registry, &fixtures().join("models/tiny-qwen3"), &LoadOptions::default()).unwrap();
-    reloaded.attach_adapter(&registry, &out.join("checkpoint-30"), oxtune::model::checkpoint::Trainable::None).unwrap();
+    reloaded
+        .attach_adapter(&registry, &out.join("checkpoint-30"), oxtune_engine::model::checkpoint::Trainable::None)
+        .unwrap();
     let data = rows(&assets);
     let loss_of = |m: &LoadedModel| -> f32 {
         let r = &data[0];
         let ids = candle_core::Tensor::new(r.input_ids.as_slice(), m.device()).unwrap().unsqueeze(0).unwrap();
         let labels = candle_core::Tensor::new(r.labels.as_slice(), m.device()).unwrap().unsqueeze(0).unwrap();
         let logits = m.forward(&ids, &Default::default(), None, None).unwrap();
-        oxtune::loss::causal_lm_loss(&logits, &labels).unwrap().to_scalar::<f32>().unwrap()
+        oxtune_engine::loss::causal_lm_loss(&logits, &labels).unwrap().to_scalar::<f32>().unwrap()
     };
     assert!((loss_of(&reloaded) - loss_of(&model)).abs() < 1e-4);
 }
@@ -124,7 +126,7 @@ fn a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
     let mut resumed =
         LoadedModel::load(&registry, &fixtures().join("models/tiny-qwen3"), &LoadOptions::default()).unwrap();
     let checkpoint = base.join("full/checkpoint-3");
-    resumed.attach_adapter(&registry, &checkpoint, oxtune::model::checkpoint::Trainable::All).unwrap();
+    resumed.attach_adapter(&registry, &checkpoint, oxtune_engine::model::checkpoint::Trainable::All).unwrap();
     let metrics =
         train(&resumed, &rows(&assets), &[], &TrainConfig { resume_from: Some(checkpoint), ..config("resumed") })
             .unwrap();
@@ -145,7 +147,7 @@ fn a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
     let mut other =
         LoadedModel::load(&registry, &fixtures().join("models/tiny-qwen3"), &LoadOptions::default()).unwrap();
     other
-        .attach_adapter(&registry, &base.join("full/checkpoint-3"), oxtune::model::checkpoint::Trainable::All)
+        .attach_adapter(&registry, &base.join("full/checkpoint-3"), oxtune_engine::model::checkpoint::Trainable::All)
         .unwrap();
     let wrong =
         TrainConfig { max_steps: Some(9), resume_from: Some(base.join("full/checkpoint-3")), ..config("other") };
@@ -156,7 +158,7 @@ fn a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
 #[test]
 fn lora_dropout_acts_while_training_only() {
     use candle_core::{Device, Tensor};
-    use oxtune::backend::BatchInfo;
+    use oxtune_engine::backend::BatchInfo;
     let registry = Registry::with_builtins().unwrap();
     let model = lora_model(&registry, 3);
     // B starts at zero, so the adapter (and its dropout) would add nothing:

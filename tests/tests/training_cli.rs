@@ -274,9 +274,9 @@ fn a_diverging_run_stops_naming_the_step_and_the_last_checkpoint() {
 
 #[test]
 fn a_tuner_from_a_dynamic_plugin_trains_saves_in_peft_layout_and_merges() {
-    use oxtune::backend::BatchInfo;
-    use oxtune::model::checkpoint::Trainable;
-    use oxtune::model::{LoadOptions, LoadedModel};
+    use oxtune_engine::backend::BatchInfo;
+    use oxtune_engine::model::checkpoint::Trainable;
+    use oxtune_engine::model::{LoadOptions, LoadedModel};
 
     let plugin = oxtune_tests::build_cdylib("oxtune-example-plugin", &["cdylib"]);
     let plugin = plugin.to_str().unwrap();

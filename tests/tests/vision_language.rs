@@ -10,11 +10,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use oxtune::backend::BatchInfo;
-use oxtune::generate::{generate_with_media, SamplingParams};
-use oxtune::media::{batch_inputs, encode_chat_with_media, encode_prompt_with_media, expand, MediaKind, MediaRef};
-use oxtune::model::{LoadOptions, LoadedModel};
-use oxtune::text::{EncodedRow, TextAssets};
+use oxtune_data::media::{encode_chat_with_media, encode_prompt_with_media, expand};
+use oxtune_data::text::{EncodedRow, TextAssets};
+use oxtune_engine::backend::BatchInfo;
+use oxtune_engine::generate::{generate_with_media, SamplingParams};
+use oxtune_engine::media::{batch_inputs, MediaKind, MediaRef};
+use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::{Registry, SandboxConfig};
 use oxtune_tests::cli::{fails_with, fresh_dir, metrics, oxtune, scratch, succeeded};
 use oxtune_tests::{build_cdylib, fixtures, oxtune_bin};
@@ -134,7 +135,7 @@ fn two_images_and_an_untagged_image_are_placed_where_they_belong() {
     assert_eq!((at(0, 1), at(1, 1), at(2, 1)), (at(0, 0), at(1, 0), at(2, 0) + 1));
 
     // An image with no tag goes before the first user message's text.
-    let (messages, media) = oxtune::media::collect(
+    let (messages, media) = oxtune_data::media::collect(
         &json!({"messages": [{"role": "user", "content": "Describe."}], "images": [img.display().to_string()]}),
         None,
     )
@@ -150,7 +151,7 @@ fn two_images_and_an_untagged_image_are_placed_where_they_belong() {
     let mut released = row.media.clone().unwrap();
     released.release_pixels(two.to_vec(), options.clone());
     assert!(released.items.iter().all(|i| i.pixels.is_empty()));
-    assert_eq!(oxtune::media::with_pixels(&model, &released).unwrap().items, row.media.as_ref().unwrap().items);
+    assert_eq!(oxtune_engine::media::with_pixels(&model, &released).unwrap().items, row.media.as_ref().unwrap().items);
     // Both images' pixel rows reach the model, in order, and it runs.
     let n = row.input_ids.len();
     let (position_ids, inputs) = batch_inputs(&[(n, row.media.as_ref())], n, false, 3, &Device::Cpu).unwrap();
@@ -176,7 +177,7 @@ fn a_binary_built_without_the_plugins_answers_about_an_image() {
         // The same request in process gives the same greedy answer.
         let model = load(name, package);
         let assets = TextAssets::load(&model_dir(name)).unwrap();
-        let (messages, media) = oxtune::media::collect(
+        let (messages, media) = oxtune_data::media::collect(
             &json!({"messages": [{"role": "user", "content": "Describe."}], "images": [test_image(name)]}),
             None,
         )
@@ -184,7 +185,8 @@ fn a_binary_built_without_the_plugins_answers_about_an_image() {
         let prompt = encode_prompt_with_media(&model, &assets, &messages, &media, &json!({})).unwrap();
         let params =
             SamplingParams { max_new_tokens: 6, eos_token_ids: assets.eos_token_ids.clone(), ..Default::default() };
-        let expected = generate_with_media(&model, Some(&assets.tokenizer), &[&prompt], &params, |_, _| {}).unwrap();
+        let expected =
+            generate_with_media(&model, Some(&assets.tokenizer), &[prompt.as_prompt()], &params, |_, _| {}).unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), expected[0].text, "{name}");
         assert!(!expected[0].tokens.is_empty());
         // Image rows of a dataset are answered the same way.
@@ -378,7 +380,7 @@ fn a_folder_of_frames_is_a_video_with_time_positions() {
             .unwrap();
     assert_eq!(prompt.input_ids.iter().filter(|&&t| t == 1001).count(), 16);
     let params = SamplingParams { max_new_tokens: 3, ..Default::default() };
-    let out = generate_with_media(&model, None, &[&prompt], &params, |_, _| {}).unwrap();
+    let out = generate_with_media(&model, None, &[prompt.as_prompt()], &params, |_, _| {}).unwrap();
     assert_eq!(out[0].tokens.len(), 3);
 
     // Qwen3-VL: each temporal patch is its own group, announced by its
@@ -398,6 +400,6 @@ fn a_folder_of_frames_is_a_video_with_time_positions() {
     let p = &media.positions;
     assert_eq!((p[0][pads[0]], p[0][pads[1]]), (p[1][pads[0]], p[1][pads[1]]));
     assert!(p[0][pads[2]] > p[0][pads[1]] + 1, "the timestamp text separates the groups");
-    let out = generate_with_media(&model, None, &[&prompt], &params, |_, _| {}).unwrap();
+    let out = generate_with_media(&model, None, &[prompt.as_prompt()], &params, |_, _| {}).unwrap();
     assert_eq!(out[0].tokens.len(), 3);
 }

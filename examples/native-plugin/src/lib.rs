@@ -18,6 +18,10 @@
 //!   `feedforward_modules` its input (`[1, in]`); initialised to ones and
 //!   saved as PEFT saves it (`peft_type: IA3`), so the adapters move
 //!   between PEFT and oxtune;
+//! - tuner `ln-tuning`: PEFT's LayerNorm tuning — the model's norm weights
+//!   (every parameter named `...norm.weight`) are trained in place and
+//!   nothing is added at the linear hook: the form of a tuner that trains
+//!   base parameters, as `full` and `freeze` do;
 //! - model `example-block`: a stack of pre-norm transformer blocks (GQA
 //!   attention with RoPE, SwiGLU MLP) over `hidden_states` input; the ABI
 //!   dispatch benchmark runs it.
@@ -244,11 +248,47 @@ impl Model for ExampleBlock {
     }
 }
 
+/// PEFT's LayerNorm tuning, in place: only the norm weights train.
+pub struct LnTuning;
+
+impl Tuner for LnTuning {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor::tuner("ln-tuning", env!("CARGO_PKG_VERSION"))
+            .description("LayerNorm tuning: the norm weights are trained in place, nothing else")
+    }
+
+    fn load(&self, _config: &Value) -> Result<Box<dyn TunerLayers>> {
+        Ok(Box::new(LnTuningLayers))
+    }
+}
+
+/// The configured LayerNorm tuning (it has no settings).
+struct LnTuningLayers;
+
+impl TunerLayers for LnTuningLayers {
+    fn params(&self, _layer: &str, _in_features: usize, _out_features: usize) -> Result<Vec<TunerParam>> {
+        Ok(Vec::new())
+    }
+
+    fn forward(&self, _layer: &str, _x: &Tensor, base: &Tensor) -> Result<Tensor> {
+        Ok(*base)
+    }
+
+    fn merge(&self, layer: &str) -> Result<Tensor> {
+        weight(&format!("{layer}.weight"))
+    }
+
+    fn trains_base(&self, name: &str) -> bool {
+        name.ends_with("norm.weight")
+    }
+}
+
 fn plugin() -> Plugin {
     Plugin::new("oxtune-example-plugin", env!("CARGO_PKG_VERSION"))
         .reward(KeywordReward)
         .dataset_adapter(QaPairs)
         .tuner(Ia3Tuner)
+        .tuner(LnTuning)
         .model(ExampleBlockArch)
 }
 

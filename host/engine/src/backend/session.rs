@@ -1,0 +1,595 @@
+//! One call's graph: the arena of tensors a plugin's handles point into, and
+//! the dispatch of every [`Op`] to candle.
+//!
+//! A [`GraphSession`] lives for one forward pass (or tuner hook). Handles
+//! carry the session's tag, so a handle kept from an earlier call is an
+//! error, and all tensors are freed when the session is dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RResult, RStr, RString, RVec};
+use candle_core::{DType, Device, Tensor};
+use oxtune_plugin_api::abi::{self, GraphHost, GraphHost_TO, GraphRef, NamedTensor, Op, OpCall, TensorId, TunerBox};
+
+use super::batch::{build_mask, BatchInfo, KvCache, MaskShape, MaskSpec};
+use super::ops;
+use super::weights::WeightStore;
+
+/// An error while executing an op; its message reaches the plugin and the user.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// candle refused the computation (shape or dtype mismatch, ...).
+    #[error("{op}")]
+    Candle {
+        /// The op that failed.
+        op: &'static str,
+        /// candle's error.
+        source: candle_core::Error,
+    },
+    /// The op's arguments are invalid.
+    #[error("{op}: {message}")]
+    Invalid {
+        /// The op that failed.
+        op: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A named weight is not in the checkpoint.
+    #[error("the checkpoint has no weight `{0}`")]
+    MissingWeight(String),
+    /// A handle from another call, or one never issued.
+    #[error("tensor handle {0:#x} does not belong to this call (handles live for one forward pass)")]
+    StaleHandle(u64),
+    /// The plugin sent an op this host does not know (it needs a newer host).
+    #[error("the plugin used an op this host does not implement (it was built against a newer oxtune-plugin-api than {host}); upgrade oxtune")]
+    UnsupportedOp {
+        /// This host's API version.
+        host: &'static str,
+    },
+    /// A tuner plugin failed.
+    #[error("{0}")]
+    Plugin(String),
+}
+
+/// Which linear layers a tuner adapts, as PEFT's `target_modules` says.
+#[derive(Clone, Debug)]
+pub enum TargetModules {
+    /// Module names (`q_proj`) or full layer names: a layer matches when its
+    /// name is one, or ends with `.` and one.
+    Names(Vec<String>),
+    /// A regular expression the full layer name must match entirely.
+    Regex(regex::Regex),
+}
+
+impl TargetModules {
+    /// Whether `layer` (e.g. `model.layers.0.self_attn.q_proj`) is targeted.
+    pub fn matches(&self, layer: &str) -> bool {
+        match self {
+            TargetModules::Names(names) => {
+                names.iter().any(|m| layer == m || layer.strip_suffix(m.as_str()).is_some_and(|p| p.ends_with('.')))
+            }
+            TargetModules::Regex(re) => re.find(layer).is_some_and(|m| m.start() == 0 && m.end() == layer.len()),
+        }
+    }
+}
+
+/// A tuner attached to the `linear` hook of the layers it targets.
+pub struct TunerBinding {
+    /// The tuner plugin's instance.
+    pub instance: TunerBox,
+    /// The layers it adapts.
+    pub target_modules: TargetModules,
+}
+
+impl TunerBinding {
+    /// Whether `layer` is adapted.
+    pub fn targets(&self, layer: &str) -> bool {
+        self.target_modules.matches(layer)
+    }
+}
+
+/// What one forward pass runs against.
+pub struct ForwardContext<'a> {
+    /// The parameters, by Hugging Face name.
+    pub weights: &'a WeightStore,
+    /// Positions, padding and packing of the batch.
+    pub batch: &'a BatchInfo,
+    /// The KV cache, during generation.
+    pub cache: Option<&'a mut KvCache>,
+    /// The tuner at the `linear` hook, if any.
+    pub tuner: Option<&'a TunerBinding>,
+}
+
+static NEXT_TAG: AtomicU32 = AtomicU32::new(1);
+
+/// The arena and op dispatcher of one call.
+pub struct GraphSession<'a> {
+    ctx: ForwardContext<'a>,
+    /// `None` where the plugin released the handle.
+    arena: Vec<Option<Tensor>>,
+    tag: u32,
+    offset: usize,
+    masks: HashMap<(MaskSpec, MaskShape, DType), Option<Tensor>>,
+    /// Dropout ops run so far: each draws its own mask.
+    dropouts: u64,
+}
+
+fn dim_index(op: &'static str, dim: i64, rank: usize) -> Result<usize, OpError> {
+    let d = if dim < 0 { dim + rank as i64 } else { dim };
+    if d < 0 || d >= rank as i64 {
+        return Err(OpError::Invalid { op, message: format!("dim {dim} is out of range for a rank-{rank} tensor") });
+    }
+    Ok(d as usize)
+}
+
+/// Converts an ABI dtype to candle's.
+pub fn to_candle_dtype(dtype: abi::DType) -> Option<DType> {
+    Some(match dtype {
+        abi::DType::F32 => DType::F32,
+        abi::DType::F64 => DType::F64,
+        abi::DType::F16 => DType::F16,
+        abi::DType::BF16 => DType::BF16,
+        abi::DType::U32 => DType::U32,
+        abi::DType::I64 => DType::I64,
+        abi::DType::U8 => DType::U8,
+        _ => return None,
+    })
+}
+
+/// Converts candle's dtype to the ABI's.
+pub fn from_candle_dtype(dtype: DType) -> abi::DType {
+    match dtype {
+        DType::F32 => abi::DType::F32,
+        DType::F64 => abi::DType::F64,
+        DType::F16 => abi::DType::F16,
+        DType::BF16 => abi::DType::BF16,
+        DType::U32 => abi::DType::U32,
+        DType::I64 => abi::DType::I64,
+        DType::U8 => abi::DType::U8,
+        _ => abi::DType(255),
+    }
+}
+
+impl<'a> GraphSession<'a> {
+    /// A new, empty session.
+    pub fn new(ctx: ForwardContext<'a>) -> GraphSession<'a> {
+        let offset = ctx.cache.as_ref().map_or(0, |c| c.seq_len());
+        GraphSession {
+            ctx,
+            arena: Vec::new(),
+            tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
+            offset,
+            masks: HashMap::new(),
+            dropouts: 0,
+        }
+    }
+
+    /// Puts a host tensor in the arena (a model input) and returns its handle.
+    pub fn insert(&mut self, t: Tensor) -> TensorId {
+        let index = self.arena.len() as u64;
+        self.arena.push(Some(t));
+        TensorId(((self.tag as u64) << 32) | index)
+    }
+
+    /// The tensor behind a handle.
+    pub fn get(&self, id: TensorId) -> Result<&Tensor, OpError> {
+        if (id.0 >> 32) as u32 != self.tag {
+            return Err(OpError::StaleHandle(id.0));
+        }
+        match self.arena.get((id.0 & 0xffff_ffff) as usize) {
+            Some(Some(t)) => Ok(t),
+            Some(None) => Err(OpError::Invalid {
+                op: "handle",
+                message: format!("tensor handle {:#x} was released by the plugin", id.0),
+            }),
+            None => Err(OpError::StaleHandle(id.0)),
+        }
+    }
+
+    fn weight(&self, name: &str) -> Result<&Tensor, OpError> {
+        self.ctx.weights.get(name).ok_or_else(|| OpError::MissingWeight(name.to_owned()))
+    }
+
+    /// Executes one op and returns its result's handle.
+    pub fn apply(&mut self, op: &Op) -> Result<TensorId, OpError> {
+        let t = self.execute(op)?;
+        Ok(self.insert(t))
+    }
+
+    /// Runs a model plugin's forward pass on named inputs and returns its output.
+    pub fn run_model(&mut self, model: &abi::ModelBox, inputs: &[(&str, Tensor)]) -> Result<Tensor, OpError> {
+        let named: Vec<NamedTensor> =
+            inputs.iter().map(|(name, t)| NamedTensor { name: (*name).into(), id: self.insert(t.clone()) }).collect();
+        let out = model.forward(self.as_graph_ref(), named.as_slice().into()).into_result();
+        let id = out.map_err(|e| OpError::Plugin(e.into_string()))?;
+        self.get(id).cloned()
+    }
+
+    /// This session as the FFI graph handle a plugin receives.
+    pub fn as_graph_ref(&mut self) -> GraphRef<'_> {
+        GraphHost_TO::from_ptr(self, TD_Opaque)
+    }
+
+    fn execute(&mut self, op: &Op) -> Result<Tensor, OpError> {
+        let name = op_name(op);
+        let candle = |source| OpError::Candle { op: name, source: source };
+        match op {
+            Op::Weight { name } => Ok(self.weight(name)?.clone()),
+            Op::Embedding { name, ids } => {
+                let table = self.weight(&format!("{name}.weight"))?;
+                let ids = self.get(*ids)?;
+                let mut out_shape = ids.dims().to_vec();
+                out_shape.push(table.dim(1).map_err(candle)?);
+                let flat = ids.flatten_all().map_err(candle)?;
+                table.index_select(&flat, 0).and_then(|t| t.reshape(out_shape)).map_err(candle)
+            }
+            Op::Linear { name, x } => self.linear(name, *x),
+            Op::RmsNorm { name, x, eps } => {
+                let w = self.weight(&format!("{name}.weight"))?;
+                ops::rms_norm(self.get(*x)?, w, *eps).map_err(candle)
+            }
+            Op::LayerNorm { name, x, eps } => {
+                let w = self.weight(&format!("{name}.weight"))?;
+                let b = self.ctx.weights.get(&format!("{name}.bias"));
+                ops::layer_norm(self.get(*x)?, w, b, *eps).map_err(candle)
+            }
+            Op::Neg { x } => self.get(*x)?.neg().map_err(candle),
+            Op::Exp { x } => self.get(*x)?.exp().map_err(candle),
+            Op::Log { x } => self.get(*x)?.log().map_err(candle),
+            Op::Sqrt { x } => self.get(*x)?.sqrt().map_err(candle),
+            Op::Recip { x } => self.get(*x)?.recip().map_err(candle),
+            Op::Abs { x } => self.get(*x)?.abs().map_err(candle),
+            Op::Sqr { x } => self.get(*x)?.sqr().map_err(candle),
+            Op::Tanh { x } => self.get(*x)?.tanh().map_err(candle),
+            Op::Sigmoid { x } => ops::sigmoid(self.get(*x)?).map_err(candle),
+            Op::Silu { x } => self.get(*x)?.silu().map_err(candle),
+            Op::Gelu { x } => self.get(*x)?.gelu().map_err(candle),
+            Op::GeluErf { x } => self.get(*x)?.gelu_erf().map_err(candle),
+            Op::Relu { x } => self.get(*x)?.relu().map_err(candle),
+            Op::Sin { x } => self.get(*x)?.sin().map_err(candle),
+            Op::Cos { x } => self.get(*x)?.cos().map_err(candle),
+            Op::Affine { x, mul, add } => self.get(*x)?.affine(*mul, *add).map_err(candle),
+            Op::PowScalar { x, exponent } => self.get(*x)?.powf(*exponent).map_err(candle),
+            Op::Clamp { x, min, max } => self.get(*x)?.clamp(*min, *max).map_err(candle),
+            Op::Add { a, b } => self.get(*a)?.broadcast_add(self.get(*b)?).map_err(candle),
+            Op::Sub { a, b } => self.get(*a)?.broadcast_sub(self.get(*b)?).map_err(candle),
+            Op::Mul { a, b } => self.get(*a)?.broadcast_mul(self.get(*b)?).map_err(candle),
+            Op::Div { a, b } => self.get(*a)?.broadcast_div(self.get(*b)?).map_err(candle),
+            Op::Maximum { a, b } => self.get(*a)?.broadcast_maximum(self.get(*b)?).map_err(candle),
+            Op::Minimum { a, b } => self.get(*a)?.broadcast_minimum(self.get(*b)?).map_err(candle),
+            Op::Sum { x, dim, keepdim } => self.reduce(name, *x, *dim, *keepdim, |t, d| t.sum_keepdim(d)),
+            Op::Mean { x, dim, keepdim } => self.reduce(name, *x, *dim, *keepdim, |t, d| t.mean_keepdim(d)),
+            Op::Max { x, dim, keepdim } => self.reduce(name, *x, *dim, *keepdim, |t, d| t.max_keepdim(d)),
+            Op::Min { x, dim, keepdim } => self.reduce(name, *x, *dim, *keepdim, |t, d| t.min_keepdim(d)),
+            Op::ArgMax { x, dim, keepdim } => self.reduce(name, *x, *dim, *keepdim, |t, d| t.argmax_keepdim(d)),
+            Op::Softmax { x, dim } => {
+                let t = self.get(*x)?;
+                ops::softmax(t, dim_index(name, *dim, t.rank())?).map_err(candle)
+            }
+            Op::LogSoftmax { x, dim } => {
+                let t = self.get(*x)?;
+                ops::log_softmax(t, dim_index(name, *dim, t.rank())?).map_err(candle)
+            }
+            Op::Matmul { a, b } => {
+                let (a, b) = (self.get(*a)?.contiguous().map_err(candle)?, self.get(*b)?);
+                a.broadcast_matmul(b).map_err(candle)
+            }
+            Op::Reshape { x, shape } => {
+                let t = self.get(*x)?;
+                let dims = resolve_shape(name, shape, t.elem_count())?;
+                t.reshape(dims).map_err(candle)
+            }
+            Op::Transpose { x, dim0, dim1 } => {
+                let t = self.get(*x)?;
+                let (d0, d1) = (dim_index(name, *dim0, t.rank())?, dim_index(name, *dim1, t.rank())?);
+                t.transpose(d0, d1).map_err(candle)
+            }
+            Op::Permute { x, dims } => {
+                let t = self.get(*x)?;
+                if dims.len() != t.rank() {
+                    return Err(OpError::Invalid {
+                        op: name,
+                        message: format!("{} dims given for a rank-{} tensor", dims.len(), t.rank()),
+                    });
+                }
+                let dims = dims.iter().map(|&d| dim_index(name, d, t.rank())).collect::<Result<Vec<_>, _>>()?;
+                t.permute(dims).map_err(candle)
+            }
+            Op::Narrow { x, dim, start, len } => {
+                let t = self.get(*x)?;
+                t.narrow(dim_index(name, *dim, t.rank())?, *start as usize, *len as usize).map_err(candle)
+            }
+            Op::Cat { xs, dim } => {
+                let ts = xs.iter().map(|id| self.get(*id)).collect::<Result<Vec<_>, _>>()?;
+                let first = ts.first().ok_or(OpError::Invalid { op: name, message: "no tensors given".into() })?;
+                Tensor::cat(&ts, dim_index(name, *dim, first.rank())?).map_err(candle)
+            }
+            Op::IndexSelect { x, ids, dim } => {
+                let t = self.get(*x)?;
+                t.index_select(self.get(*ids)?, dim_index(name, *dim, t.rank())?).map_err(candle)
+            }
+            Op::BroadcastAs { x, shape } => {
+                let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                self.get(*x)?.broadcast_as(dims).map_err(candle)
+            }
+            Op::ToDType { x, dtype } => {
+                let dt = to_candle_dtype(*dtype)
+                    .ok_or_else(|| OpError::Invalid { op: name, message: format!("unknown dtype code {}", dtype.0) })?;
+                self.get(*x)?.to_dtype(dt).map_err(candle)
+            }
+            Op::Detach { x } => Ok(self.get(*x)?.detach()),
+            Op::Dropout { x, p } => self.dropout(*x, *p),
+            Op::Release { xs, keep } => {
+                let kept = self.get(*keep)?.clone();
+                for id in xs.iter().filter(|&id| id != keep) {
+                    self.get(*id)?;
+                    self.arena[(id.0 & 0xffff_ffff) as usize] = None;
+                }
+                Ok(kept)
+            }
+            Op::Constant { values, shape, dtype } => {
+                let dt = to_candle_dtype(*dtype)
+                    .ok_or_else(|| OpError::Invalid { op: name, message: format!("unknown dtype code {}", dtype.0) })?;
+                let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                if dims.iter().product::<usize>() != values.len() {
+                    return Err(OpError::Invalid {
+                        op: name,
+                        message: format!("{} values for shape {dims:?}", values.len()),
+                    });
+                }
+                let device = self.ctx.weights.device();
+                Tensor::from_slice(values.as_slice(), dims, &device).and_then(|t| t.to_dtype(dt)).map_err(candle)
+            }
+            Op::Rope { x, inv_freq, interleaved, scale } => self.rope(*x, inv_freq, *interleaved, *scale),
+            Op::Attention { layer, q, k, v, causal, scale, sliding_window, softcap } => {
+                let spec = MaskSpec { causal: *causal, sliding_window: *sliding_window };
+                self.attention(*layer, *q, *k, *v, spec, *scale, *softcap)
+            }
+            // A variant from a newer API that this host predates.
+            _ => Err(OpError::UnsupportedOp { host: oxtune_plugin_api::API_VERSION }),
+        }
+    }
+
+    fn reduce(
+        &self,
+        op: &'static str,
+        x: TensorId,
+        dim: i64,
+        keepdim: bool,
+        f: impl Fn(&Tensor, usize) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor, OpError> {
+        let t = self.get(x)?;
+        let d = dim_index(op, dim, t.rank())?;
+        let out = f(t, d).and_then(|r| if keepdim { Ok(r) } else { r.squeeze(d) });
+        out.map_err(|source| OpError::Candle { op, source: source })
+    }
+
+    fn linear(&mut self, name: &str, x: TensorId) -> Result<Tensor, OpError> {
+        let candle = |source| OpError::Candle { op: "linear", source: source };
+        let w = self.weight(&format!("{name}.weight"))?;
+        let b = self.ctx.weights.get(&format!("{name}.bias"));
+        let input = self.get(x)?;
+        let dims = input.dims().to_vec();
+        let in_features = *dims.last().ok_or(OpError::Invalid { op: "linear", message: "scalar input".into() })?;
+        let (out_features, weight_in) = w.dims2().map_err(candle)?;
+        if weight_in != in_features {
+            return Err(OpError::Invalid {
+                op: "linear",
+                message: format!(
+                    "`{name}.weight` is [{out_features}, {weight_in}] but its input has {in_features} features (input shape {dims:?})"
+                ),
+            });
+        }
+        let rows = input.elem_count() / in_features.max(1);
+        let x2 = input.reshape((rows, in_features)).map_err(candle)?;
+        // Decoding (a few rows, no gradient): a streaming kernel instead of gemm.
+        let fast = rows <= 8 && w.dtype() == DType::F32 && !input.track_op() && !w.track_op();
+        let mut y = if fast {
+            oxtune_kernels::matvec(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
+        } else if input.track_op() && !w.track_op() {
+            // Training through a frozen weight: no gradient for the weight.
+            oxtune_kernels::frozen_linear(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
+        } else {
+            x2.matmul(&w.t().map_err(candle)?).map_err(candle)?
+        };
+        if let Some(b) = b {
+            y = y.broadcast_add(b).map_err(candle)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank checked above") = y.dim(1).map_err(candle)?;
+        let base = y.reshape(out_dims).map_err(candle)?;
+        match self.ctx.tuner {
+            Some(tuner) if tuner.targets(name) => {
+                let base_id = self.insert(base);
+                let out = tuner.instance.forward(self.as_graph_ref(), name.into(), x, base_id).into_result();
+                let id = out.map_err(|e| OpError::Plugin(e.into_string()))?;
+                self.get(id).cloned()
+            }
+            _ => Ok(base),
+        }
+    }
+
+    fn dropout(&mut self, x: TensorId, p: f64) -> Result<Tensor, OpError> {
+        let t = self.get(x)?.clone();
+        if !(0.0..1.0).contains(&p) {
+            return Err(OpError::Invalid { op: "dropout", message: format!("p = {p} is not in [0, 1)") });
+        }
+        let Some(seed) = self.ctx.batch.dropout_seed.filter(|_| p > 0.0) else { return Ok(t) };
+        self.dropouts += 1;
+        let mut rng = crate::rng::SplitMix64::new(seed ^ self.dropouts.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..t.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
+        let candle = |source| OpError::Candle { op: "dropout", source: source };
+        let mask = Tensor::from_vec(mask, t.shape(), t.device()).and_then(|m| m.to_dtype(t.dtype())).map_err(candle)?;
+        t.mul(&mask).map_err(candle)
+    }
+
+    fn positions(&self, batch: usize, seq: usize, device: &Device) -> Result<Tensor, OpError> {
+        if let Some(p) = &self.ctx.batch.position_ids {
+            return Ok(p.clone());
+        }
+        let start = self.offset as u32;
+        Tensor::arange(start, start + seq as u32, device)
+            .and_then(|t| t.unsqueeze(0)?.broadcast_as((batch, seq))?.contiguous())
+            .map_err(|source| OpError::Candle { op: "rope", source: source })
+    }
+
+    fn rope(&self, x: TensorId, inv_freq: &[f32], interleaved: bool, scale: f32) -> Result<Tensor, OpError> {
+        let candle = |source| OpError::Candle { op: "rope", source: source };
+        let t = self.get(x)?;
+        let (b, _, s, _) = t.dims4().map_err(candle)?;
+        let pos = self.positions(b, s, t.device())?;
+        let (cos, sin) = ops::rope_tables(&pos, inv_freq, scale, t.dtype()).map_err(candle)?;
+        ops::rope(t, &cos, &sin, interleaved).map_err(candle)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        layer: u32,
+        q: TensorId,
+        k: TensorId,
+        v: TensorId,
+        spec: MaskSpec,
+        scale: f64,
+        softcap: f32,
+    ) -> Result<Tensor, OpError> {
+        let candle = |source| OpError::Candle { op: "attention", source: source };
+        let (q, k, v) = (self.get(q)?.clone(), self.get(k)?.clone(), self.get(v)?.clone());
+        let (b, _, s, d) = q.dims4().map_err(candle)?;
+        let (k, v) = match self.ctx.cache.as_deref_mut() {
+            Some(cache) => cache.append(layer as usize, &k, &v).map_err(candle)?,
+            None => (k, v),
+        };
+        let t = k.dim(2).map_err(candle)?;
+        let shape = MaskShape { batch: b, queries: s, keys: t, offset: t - s };
+        let key = (spec, shape, q.dtype());
+        if !self.masks.contains_key(&key) {
+            let mask = build_mask(spec, shape, self.ctx.batch, q.dtype(), q.device()).map_err(candle)?;
+            self.masks.insert(key, mask);
+        }
+        let mask = self.masks[&key].as_ref();
+        let scale = if scale == 0.0 { 1.0 / (d as f64).sqrt() } else { scale };
+        let softcap = (softcap > 0.0).then_some(softcap as f64);
+        let (k, v) = (k.contiguous().map_err(candle)?, v.contiguous().map_err(candle)?);
+        ops::attention(&q.contiguous().map_err(candle)?, &k, &v, mask, scale, softcap).map_err(candle)
+    }
+}
+
+fn resolve_shape(op: &'static str, shape: &[i64], count: usize) -> Result<Vec<usize>, OpError> {
+    let invalid = |message: String| OpError::Invalid { op, message };
+    let known: i64 = shape.iter().filter(|&&d| d != -1).product();
+    let holes = shape.iter().filter(|&&d| d == -1).count();
+    if holes > 1 || shape.iter().any(|&d| d < -1) {
+        return Err(invalid(format!("invalid shape {shape:?}")));
+    }
+    shape
+        .iter()
+        .map(|&d| {
+            if d != -1 {
+                Ok(d as usize)
+            } else if known > 0 && count as i64 % known == 0 {
+                Ok((count as i64 / known) as usize)
+            } else {
+                Err(invalid(format!("cannot infer -1 in {shape:?} for {count} elements")))
+            }
+        })
+        .collect()
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Weight { .. } => "weight",
+        Op::Embedding { .. } => "embedding",
+        Op::Linear { .. } => "linear",
+        Op::RmsNorm { .. } => "rms_norm",
+        Op::LayerNorm { .. } => "layer_norm",
+        Op::Neg { .. } => "neg",
+        Op::Exp { .. } => "exp",
+        Op::Log { .. } => "log",
+        Op::Sqrt { .. } => "sqrt",
+        Op::Recip { .. } => "recip",
+        Op::Abs { .. } => "abs",
+        Op::Sqr { .. } => "sqr",
+        Op::Tanh { .. } => "tanh",
+        Op::Sigmoid { .. } => "sigmoid",
+        Op::Silu { .. } => "silu",
+        Op::Gelu { .. } => "gelu",
+        Op::GeluErf { .. } => "gelu_erf",
+        Op::Relu { .. } => "relu",
+        Op::Sin { .. } => "sin",
+        Op::Cos { .. } => "cos",
+        Op::Affine { .. } => "affine",
+        Op::PowScalar { .. } => "pow",
+        Op::Clamp { .. } => "clamp",
+        Op::Add { .. } => "add",
+        Op::Sub { .. } => "sub",
+        Op::Mul { .. } => "mul",
+        Op::Div { .. } => "div",
+        Op::Maximum { .. } => "maximum",
+        Op::Minimum { .. } => "minimum",
+        Op::Sum { .. } => "sum",
+        Op::Mean { .. } => "mean",
+        Op::Max { .. } => "max",
+        Op::Min { .. } => "min",
+        Op::ArgMax { .. } => "argmax",
+        Op::Softmax { .. } => "softmax",
+        Op::LogSoftmax { .. } => "log_softmax",
+        Op::Matmul { .. } => "matmul",
+        Op::Reshape { .. } => "reshape",
+        Op::Transpose { .. } => "transpose",
+        Op::Permute { .. } => "permute",
+        Op::Narrow { .. } => "narrow",
+        Op::Cat { .. } => "cat",
+        Op::IndexSelect { .. } => "index_select",
+        Op::BroadcastAs { .. } => "broadcast_as",
+        Op::ToDType { .. } => "to_dtype",
+        Op::Detach { .. } => "detach",
+        Op::Dropout { .. } => "dropout",
+        Op::Constant { .. } => "constant",
+        Op::Release { .. } => "release",
+        Op::Rope { .. } => "rope",
+        Op::Attention { .. } => "attention",
+        _ => "unknown op",
+    }
+}
+
+fn to_rresult<T>(r: Result<T, OpError>) -> RResult<T, RString> {
+    match r {
+        Ok(v) => RResult::ROk(v),
+        Err(e) => RResult::RErr(e.to_string().into()),
+    }
+}
+
+impl GraphHost for GraphSession<'_> {
+    fn apply(&mut self, op: OpCall) -> RResult<TensorId, RString> {
+        to_rresult(match op.as_enum() {
+            Ok(op) => GraphSession::apply(self, op),
+            Err(_) => Err(OpError::UnsupportedOp { host: oxtune_plugin_api::API_VERSION }),
+        })
+    }
+
+    fn shape(&self, x: TensorId) -> RResult<RVec<u64>, RString> {
+        to_rresult(self.get(x).map(|t| t.dims().iter().map(|&d| d as u64).collect()))
+    }
+
+    fn dtype(&self, x: TensorId) -> RResult<abi::DType, RString> {
+        to_rresult(self.get(x).map(|t| from_candle_dtype(t.dtype())))
+    }
+
+    fn has_weight(&self, name: RStr<'_>) -> bool {
+        self.ctx.weights.contains(name.as_str())
+    }
+
+    fn read_f32(&self, x: TensorId) -> RResult<RVec<f32>, RString> {
+        to_rresult(self.get(x).and_then(|t| {
+            t.flatten_all()
+                .and_then(|f| f.to_dtype(DType::F32))
+                .and_then(|f| f.to_vec1::<f32>())
+                .map(RVec::from)
+                .map_err(|source| OpError::Candle { op: "read_f32", source: source })
+        }))
+    }
+}

@@ -1,0 +1,297 @@
+//! PEFT adapters: `adapter_config.json` + `adapter_model.safetensors`, as
+//! PEFT saves them, attached to a loaded model through a tuner plugin.
+
+use std::path::Path;
+
+use candle_core::Var;
+
+use super::checkpoint::{read_json, CheckpointError, Trainable};
+use super::{LoadedModel, ModelError};
+use crate::backend::{ForwardContext, GraphSession, OpError, TargetModules, TunerBinding};
+use oxtune_registry::Registry;
+
+/// The prefix PEFT puts before module names in saved adapters.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+fn config_error(path: &Path, message: String) -> ModelError {
+    ModelError::Checkpoint(CheckpointError::Field { path: path.to_owned(), message })
+}
+
+/// The tuner plugin serving an `adapter_config.json`: PEFT's `LORA`
+/// (`lora`, or `dora` with `use_dora`), otherwise the tuner named by
+/// `peft_type` in lower case (`IA3` → `ia3`).
+fn tuner_name(config: &serde_json::Value) -> String {
+    match config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA") {
+        "LORA" if config.get("use_dora").and_then(|v| v.as_bool()).unwrap_or(false) => "dora".to_owned(),
+        other => other.to_ascii_lowercase(),
+    }
+}
+
+/// PEFT's `target_modules`: a list of module names, or one regex.
+pub fn target_modules(config: &serde_json::Value, path: &Path) -> Result<TargetModules, ModelError> {
+    match config.get("target_modules") {
+        Some(serde_json::Value::Array(names)) => {
+            Ok(TargetModules::Names(names.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect()))
+        }
+        Some(serde_json::Value::String(pattern)) => regex::Regex::new(pattern)
+            .map(TargetModules::Regex)
+            .map_err(|e| config_error(path, format!("`target_modules` is not a valid regex: {e}"))),
+        _ => Err(config_error(path, "`target_modules` must be a list of names or a regex".into())),
+    }
+}
+
+impl LoadedModel {
+    /// Attaches the PEFT adapter in folder `dir`: its tensors join the
+    /// model's parameters (trainable or not), and its tuner plugin adapts
+    /// the targeted layers of every later forward pass.
+    pub fn attach_adapter(&mut self, registry: &Registry, dir: &Path, trainable: Trainable) -> Result<(), ModelError> {
+        let config_path = dir.join("adapter_config.json");
+        let config = read_json(&config_path)?;
+        let name = tuner_name(&config);
+        let targets = target_modules(&config, &config_path)?;
+        let instance = registry.load_tuner(&name, &config.to_string()).map_err(|e| {
+            let peft_type = config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
+            config_error(&config_path, format!("peft_type `{peft_type}` needs the tuner `{name}`: {e}"))
+        })?;
+        let file = dir.join("adapter_model.safetensors");
+        let bad = |message: String| CheckpointError::Safetensors { path: file.clone(), message };
+        let tensors = candle_core::safetensors::load(&file, &self.device).map_err(|e| bad(e.to_string()))?;
+        let mut names: Vec<String> = tensors.keys().cloned().collect();
+        names.sort();
+        let mut adapter_params = Vec::with_capacity(names.len());
+        for saved in names {
+            let name = saved.strip_prefix(PEFT_PREFIX).unwrap_or(&saved).to_owned();
+            if self.adapted_layer(&name).is_none() {
+                return Err(bad(format!("`{saved}` adapts a layer the model does not have")).into());
+            }
+            adapter_params.push(name.clone());
+            let tensor = tensors[&saved].to_dtype(self.dtype).map_err(|e| bad(e.to_string()))?;
+            match trainable {
+                Trainable::None => self.weights.insert(name, tensor),
+                Trainable::All => {
+                    self.weights.insert_var(name, Var::from_tensor(&tensor).map_err(|e| bad(e.to_string()))?)
+                }
+            }
+        }
+        self.adapter = Some(TunerBinding { instance, target_modules: targets });
+        self.adapter_config = Some((name, config));
+        self.adapter_params = adapter_params;
+        Ok(())
+    }
+
+    /// The layer an adapter parameter belongs to: the shortest dotted
+    /// prefix of `param` that names one of the model's weights
+    /// (`….q_proj.lora_A.weight` → `….q_proj`; the parameter itself,
+    /// nested deeper, is never the answer).
+    fn adapted_layer(&self, param: &str) -> Option<String> {
+        let mut end = 0;
+        while let Some(dot) = param[end..].find('.') {
+            let head = &param[..end + dot];
+            if self.weights.contains(&format!("{head}.weight")) && format!("{head}.weight") != param {
+                return Some(head.to_owned());
+            }
+            end += dot + 1;
+        }
+        None
+    }
+
+    /// Merges the attached adapter into the base weights (each adapted
+    /// layer's weight becomes the tuner's merged weight) and detaches it.
+    pub fn merge_adapter(&mut self) -> Result<(), ModelError> {
+        let Some(adapter) = self.adapter.take() else { return Ok(()) };
+        self.adapter_config = None;
+        let layers: std::collections::BTreeSet<String> =
+            self.adapter_params.iter().filter_map(|p| self.adapted_layer(p)).filter(|l| adapter.targets(l)).collect();
+        let forward_error = |cause| ModelError::Forward { model: self.dir.clone(), source: cause };
+        let mut merged = Vec::with_capacity(layers.len());
+        {
+            let batch = crate::backend::BatchInfo::default();
+            let mut session =
+                GraphSession::new(ForwardContext { weights: &self.weights, batch: &batch, cache: None, tuner: None });
+            for layer in &layers {
+                let out = adapter.instance.merge(session.as_graph_ref(), layer.as_str().into()).into_result();
+                let id = out.map_err(|e| forward_error(OpError::Plugin(e.into_string())))?;
+                merged.push((layer.clone(), session.get(id).map_err(forward_error)?.detach()));
+            }
+        }
+        for (layer, weight) in merged {
+            self.weights.insert(format!("{layer}.weight"), weight);
+        }
+        let params: std::collections::HashSet<String> = std::mem::take(&mut self.adapter_params).into_iter().collect();
+        self.weights.retain(|name| !params.contains(name));
+        Ok(())
+    }
+
+    /// The attached adapter, if any.
+    pub fn adapter(&self) -> Option<&TunerBinding> {
+        self.adapter.as_ref()
+    }
+}
+
+impl LoadedModel {
+    /// Adds a new adapter: the tuner `tuner` on the layers PEFT-style
+    /// `config` targets, its parameters trainable and initialised as the
+    /// tuner asks (seeded).
+    pub fn add_adapter(
+        &mut self,
+        registry: &Registry,
+        tuner: &str,
+        config: serde_json::Value,
+        seed: u64,
+    ) -> Result<(), ModelError> {
+        let origin = Path::new("adapter config");
+        let mut config = config;
+        let mut targets = target_modules(&config, origin)?;
+        let linear: Vec<String> =
+            self.linear_layers().into_iter().filter(|layer| !self.is_frozen_part(layer)).collect();
+        if !self.frozen_prefixes.is_empty() && matches!(targets, TargetModules::Names(_)) {
+            // Module names would also match the frozen parts (a vision
+            // tower has `gate_proj` too): name the adapted layers exactly,
+            // as a regex PEFT reads the same way.
+            let chosen: Vec<String> = linear.iter().filter(|l| targets.matches(l)).map(|l| regex::escape(l)).collect();
+            if !chosen.is_empty() {
+                config["target_modules"] = serde_json::Value::String(format!("(?:{})", chosen.join("|")));
+                targets = target_modules(&config, origin)?;
+            }
+        }
+        let instance = registry
+            .load_tuner(tuner, &config.to_string())
+            .map_err(|e| ModelError::Architecture { path: origin.to_owned(), source: Box::new(e) })?;
+        let plugin_error = |e: abi_stable::std_types::RString| ModelError::Forward {
+            model: self.dir.clone(),
+            source: OpError::Plugin(e.into_string()),
+        };
+        let mut trained_base = Vec::new();
+        for name in self.weights.names() {
+            if !self.is_frozen_part(name) && instance.trains_base(name.into()).into_result().map_err(plugin_error)? {
+                trained_base.push(name.to_owned());
+            }
+        }
+        let layers: Vec<&String> = linear.iter().filter(|l| targets.matches(l)).collect();
+        let asks_for_layers = !matches!(&targets, TargetModules::Names(names) if names.is_empty());
+        if layers.is_empty() && (asks_for_layers || trained_base.is_empty()) {
+            let modules: std::collections::BTreeSet<&str> =
+                linear.iter().map(|l| l.rsplit('.').next().unwrap_or(l)).collect();
+            let modules: Vec<&str> = modules.into_iter().collect();
+            return Err(config_error(
+                origin,
+                format!(
+                    "tuner `{tuner}`: target modules {targets:?} match no linear layer and it trains no base \
+                     parameter; the model's linear layers are: {}",
+                    modules.join(", ")
+                ),
+            ));
+        }
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        let init_error = |e: candle_core::Error| ModelError::Forward {
+            model: self.dir.clone(),
+            source: OpError::Candle { op: "adapter init", source: e },
+        };
+        let mut created = Vec::new();
+        for layer in layers {
+            let base = &self.weights.get(&format!("{layer}.weight")).expect("listed above");
+            let (out_features, in_features) = base.dims2().map_err(init_error)?;
+            let specs =
+                instance.params(layer.as_str().into(), in_features as u64, out_features as u64).into_result().map_err(
+                    |e| ModelError::Forward { model: self.dir.clone(), source: OpError::Plugin(e.into_string()) },
+                )?;
+            for spec in specs.iter() {
+                let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
+                let count: usize = shape.iter().product();
+                let values: Vec<f32> = match spec.init.as_enum() {
+                    Ok(oxtune_plugin_api::ParamInit::Zeros) => vec![0.0; count],
+                    Ok(oxtune_plugin_api::ParamInit::Ones) => vec![1.0; count],
+                    Ok(oxtune_plugin_api::ParamInit::Normal { std }) => {
+                        (0..count).map(|_| (rng.normal() * std) as f32).collect()
+                    }
+                    Ok(oxtune_plugin_api::ParamInit::Uniform { bound }) => {
+                        (0..count).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
+                    }
+                    Ok(oxtune_plugin_api::ParamInit::WeightRowNorm) => base
+                        .sqr()
+                        .and_then(|t| t.sum(1))
+                        .and_then(|t| t.sqrt())
+                        .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(init_error)?,
+                    _ => {
+                        return Err(ModelError::Forward {
+                            model: self.dir.clone(),
+                            source: OpError::Plugin(format!(
+                                "tuner `{tuner}` asks for an initialisation of `{}` this host does not know",
+                                spec.name
+                            )),
+                        })
+                    }
+                };
+                let tensor = candle_core::Tensor::from_vec(values, shape, &self.device)
+                    .and_then(|t| t.to_dtype(self.dtype))
+                    .map_err(init_error)?;
+                created.push((spec.name.to_string(), Var::from_tensor(&tensor).map_err(init_error)?));
+            }
+        }
+        self.adapter_params = created.iter().map(|(name, _)| name.clone()).collect();
+        for (name, var) in created {
+            self.weights.insert_var(name, var);
+        }
+        for name in &trained_base {
+            self.weights.make_trainable(name).map_err(init_error)?;
+        }
+        self.trains_base = !trained_base.is_empty();
+        self.adapter = Some(TunerBinding { instance, target_modules: targets });
+        self.adapter_config = Some((tuner.to_owned(), config));
+        Ok(())
+    }
+
+    /// Saves the attached adapter in its tuner's layout — PEFT's for LoRA
+    /// and DoRA: `adapter_config.json` and `adapter_model.safetensors`
+    /// (names prefixed `base_model.model.`) — written into a temporary
+    /// folder that replaces `dir` only when complete, so a checkpoint is
+    /// never half-written.
+    pub fn save_adapter(&self, dir: &Path) -> Result<(), ModelError> {
+        self.save_adapter_with(dir, |_| Ok(()))
+    }
+
+    /// [`LoadedModel::save_adapter`], with `extra` writing more files (a
+    /// trainer's state) into the staging folder before it is put in place.
+    pub fn save_adapter_with(
+        &self,
+        dir: &Path,
+        extra: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<(), ModelError> {
+        let (Some((tuner, config)), Some(binding)) = (&self.adapter_config, &self.adapter) else {
+            return Err(config_error(dir, "no adapter is attached to save".into()));
+        };
+        let mut run_config = config.clone();
+        run_config["base_model_name_or_path"] = serde_json::json!(self.dir.display().to_string());
+        let saved = binding
+            .instance
+            .saved_config()
+            .into_result()
+            .map_err(|e| ModelError::Forward { model: self.dir.clone(), source: OpError::Plugin(e.into_string()) })?;
+        let saved: serde_json::Value = match saved.into_option() {
+            Some(text) => serde_json::from_str(&text).map_err(|e| {
+                config_error(dir, format!("tuner `{tuner}` wrote an adapter config that is not JSON: {e}"))
+            })?,
+            None => {
+                let mut plain = run_config.clone();
+                if plain.get("peft_type").is_none() {
+                    plain["peft_type"] = serde_json::json!(tuner.to_ascii_uppercase());
+                }
+                plain
+            }
+        };
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> = self
+            .adapter_params
+            .iter()
+            .filter_map(|n| self.weights.get(n).map(|t| (format!("{PEFT_PREFIX}{n}"), t.detach())))
+            .collect();
+        super::staging::write_atomically(dir, |staging| {
+            let config_text = serde_json::to_string_pretty(&saved).expect("JSON values serialise");
+            std::fs::write(staging.join("adapter_config.json"), config_text)?;
+            candle_core::safetensors::save(&tensors, staging.join("adapter_model.safetensors"))
+                .map_err(std::io::Error::other)?;
+            extra(staging)
+        })
+    }
+}

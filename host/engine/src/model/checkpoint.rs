@@ -1,0 +1,125 @@
+//! Reading a Hugging Face model folder: `config.json` and the safetensors
+//! weights (one file, or shards listed in `model.safetensors.index.json`),
+//! memory-mapped and converted to the run's dtype.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Var};
+
+use crate::backend::WeightStore;
+
+/// An error reading a checkpoint; each names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file could not be read.
+    #[error("cannot read {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A JSON file is malformed.
+    #[error("{path} is not valid JSON")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error (with line and column).
+        source: serde_json::Error,
+    },
+    /// A JSON file lacks a field or has it in the wrong form.
+    #[error("{path}: {message}")]
+    Field {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The folder has no weights.
+    #[error("{0} has neither model.safetensors nor model.safetensors.index.json")]
+    NoWeights(PathBuf),
+    /// A safetensors file is truncated, corrupt, or holds an unusable tensor.
+    #[error("{path}: {message}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Reads and parses a JSON file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value, CheckpointError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| CheckpointError::Io { path: path.to_owned(), source: source })?;
+    serde_json::from_str(&text).map_err(|source| CheckpointError::Json { path: path.to_owned(), source: source })
+}
+
+/// The safetensors files of a model folder, in load order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    if !index_path.is_file() {
+        return Err(CheckpointError::NoWeights(dir.to_owned()));
+    }
+    let index = read_json(&index_path)?;
+    let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| CheckpointError::Field {
+        path: index_path.clone(),
+        message: "`weight_map` is missing or not an object".into(),
+    })?;
+    let mut shards = BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| CheckpointError::Field {
+            path: index_path.clone(),
+            message: format!("the shard of `{tensor}` is not a file name"),
+        })?;
+        shards.insert(file.to_owned());
+    }
+    Ok(shards.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// Whether loaded parameters are frozen tensors or trainable [`Var`]s.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Trainable {
+    /// Every parameter is a frozen tensor (inference, adapters).
+    None,
+    /// Every parameter is a `Var` (full fine-tuning, gradient checks).
+    All,
+}
+
+/// Loads every tensor of `files` (memory-mapped) as `dtype` on `device`.
+pub fn load_weights(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    trainable: Trainable,
+) -> Result<WeightStore, CheckpointError> {
+    let mut store = WeightStore::new();
+    for path in files {
+        let bad = |message: String| CheckpointError::Safetensors { path: path.clone(), message };
+        if !path.is_file() {
+            return Err(bad("the shard is missing".into()));
+        }
+        // SAFETY: the file is mapped read-only; oxtune does not write
+        // checkpoints it is reading.
+        let tensors = unsafe { MmapedSafetensors::new(path) }.map_err(|e| bad(e.to_string()))?;
+        for (name, _) in tensors.tensors() {
+            let tensor = tensors
+                .load(&name, device)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            match trainable {
+                Trainable::None => store.insert(name, tensor),
+                Trainable::All => {
+                    store.insert_var(name.clone(), Var::from_tensor(&tensor).map_err(|e| bad(e.to_string()))?)
+                }
+            }
+        }
+    }
+    Ok(store)
+}

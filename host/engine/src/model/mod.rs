@@ -1,0 +1,340 @@
+//! A model ready to run: its architecture plugin (resolved through the
+//! registry from `config.json`), its weights, and its forward pass on the
+//! host's op backend.
+
+pub mod adapter;
+pub mod checkpoint;
+pub mod export;
+pub mod gguf;
+pub mod staging;
+
+use std::path::{Path, PathBuf};
+
+use abi_stable::std_types::RString;
+use candle_core::{DType, Device, Tensor};
+use oxtune_plugin_api::abi::{MediaItem, ModelBox};
+use oxtune_registry::{Registry, RegistryError};
+
+use crate::backend::{BatchInfo, ForwardContext, GraphSession, KvCache, OpError, TunerBinding, WeightStore};
+use crate::media::{MediaInput, MediaRef, MediaSpec};
+use checkpoint::{load_weights, read_json, weight_files, CheckpointError, Trainable};
+
+/// An error loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The checkpoint could not be read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// No plugin serves the model, or the plugin refused its config.
+    #[error("{path}")]
+    Architecture {
+        /// The config file.
+        path: PathBuf,
+        /// The registry's error.
+        source: Box<RegistryError>,
+    },
+    /// The forward pass failed (the message names the plugin and the op).
+    #[error("forward pass of {model}")]
+    Forward {
+        /// The model folder.
+        model: PathBuf,
+        /// The op error.
+        source: OpError,
+    },
+    /// A row's media no longer match what the row was encoded with.
+    #[error("{model}: {message}")]
+    Media {
+        /// The model folder.
+        model: PathBuf,
+        /// What changed.
+        message: String,
+    },
+}
+
+/// How to load a model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// The compute dtype weights are converted to.
+    pub dtype: DType,
+    /// Where tensors live.
+    pub device: Device,
+    /// Frozen or trainable parameters.
+    pub trainable: Trainable,
+    /// An explicit architecture (`--model-type`), overriding `config.json`.
+    pub model_type: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, trainable: Trainable::None, model_type: None }
+    }
+}
+
+/// A loaded model.
+pub struct LoadedModel {
+    dir: PathBuf,
+    architecture: String,
+    config: serde_json::Value,
+    instance: ModelBox,
+    weights: WeightStore,
+    dtype: DType,
+    device: Device,
+    adapter: Option<TunerBinding>,
+    /// The attached adapter's tuner name and PEFT-style configuration.
+    adapter_config: Option<(String, serde_json::Value)>,
+    /// The names of the attached adapter's own parameters.
+    adapter_params: Vec<String>,
+    /// Whether the attached tuner trains base parameters in place.
+    trains_base: bool,
+    /// How the model reads media (`None`: text only).
+    media_spec: Option<MediaSpec>,
+    /// `preprocessor_config.json` (with `video_preprocessor_config.json` as
+    /// `video`), read once at load: training re-reads pixels every batch.
+    processor_config: serde_json::Value,
+    /// Parameter-name prefixes a new adapter must leave alone (`--freeze-vit`, ...).
+    frozen_prefixes: Vec<String>,
+}
+
+/// A model folder's `preprocessor_config.json` (an empty object if absent),
+/// with its `video_preprocessor_config.json`, if any, under `video`.
+fn read_processor_config(dir: &Path) -> Result<serde_json::Value, ModelError> {
+    let mut options = match dir.join("preprocessor_config.json") {
+        path if path.is_file() => read_json(&path)?,
+        _ => serde_json::json!({}),
+    };
+    let video_config = dir.join("video_preprocessor_config.json");
+    if let (true, Some(options)) = (video_config.is_file(), options.as_object_mut()) {
+        options.insert("video".into(), read_json(&video_config)?);
+    }
+    Ok(options)
+}
+
+/// The output layer's name in Hugging Face checkpoints; PEFT's
+/// `all-linear` leaves it out.
+pub const OUTPUT_LAYER: &str = "lm_head";
+
+/// Whether `path` names a GGUF file rather than a model folder.
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+fn string_list(value: Option<&serde_json::Value>) -> Vec<String> {
+    value
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+impl LoadedModel {
+    /// Loads a Hugging Face model folder, or a `.gguf` file, with the
+    /// architecture the registry resolves for it.
+    pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+        let gguf = if is_gguf(dir) { Some(gguf::GgufFile::open(dir)?) } else { None };
+        let config_path = if gguf.is_some() { dir.to_owned() } else { dir.join("config.json") };
+        let config = match &gguf {
+            Some(file) => file.hf_config()?,
+            None => read_json(&config_path)?,
+        };
+        let architecture_error =
+            |source| ModelError::Architecture { path: config_path.clone(), source: Box::new(source) };
+        let architecture = match &options.model_type {
+            Some(name) => registry.get(oxtune_plugin_api::ComponentKind::Model, name).map_err(architecture_error)?,
+            None => {
+                let architectures = string_list(config.get("architectures"));
+                let model_type = config.get("model_type").and_then(|v| v.as_str());
+                registry.model_for(&architectures, model_type).map_err(architecture_error)?
+            }
+        }
+        .name()
+        .to_owned();
+        let instance = registry.load_model(&architecture, &config.to_string()).map_err(architecture_error)?;
+        let media_spec = match instance.media_spec().into_result() {
+            Ok(spec) => spec.into_option().map(|json| serde_json::from_str(json.as_str())).transpose(),
+            Err(e) => return Err(architecture_error(RegistryError::Plugin(e.into_string()))),
+        }
+        .map_err(|e| architecture_error(RegistryError::Plugin(format!("media settings are not JSON: {e}"))))?
+        .map(|v: serde_json::Value| MediaSpec::from_json(&v));
+        let processor_config = match &media_spec {
+            Some(_) => read_processor_config(dir)?,
+            None => serde_json::json!({}),
+        };
+        let weights = match &gguf {
+            Some(file) => file.load_weights(options.dtype, &options.device, options.trainable)?,
+            None => load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable)?,
+        };
+        Ok(LoadedModel {
+            dir: dir.to_owned(),
+            architecture,
+            config,
+            instance,
+            weights,
+            dtype: options.dtype,
+            device: options.device.clone(),
+            adapter: None,
+            adapter_config: None,
+            adapter_params: Vec::new(),
+            trains_base: false,
+            media_spec,
+            processor_config,
+            frozen_prefixes: Vec::new(),
+        })
+    }
+
+    /// How the model reads images and videos; `None` for a text-only model.
+    pub fn media_spec(&self) -> Option<&MediaSpec> {
+        self.media_spec.as_ref()
+    }
+
+    /// Rows of `position_ids` the model wants (1, or 3 for M-RoPE).
+    pub fn position_axes(&self) -> usize {
+        self.media_spec.as_ref().map_or(1, |s| s.position_axes)
+    }
+
+    /// Has the model plugin preprocess `items`, with the model folder's
+    /// `preprocessor_config.json` (and `video_preprocessor_config.json`,
+    /// as `video`) and `overrides` (`min_pixels`, ...) on top.
+    pub fn prepare_media(
+        &self,
+        items: &[MediaRef],
+        overrides: &serde_json::Value,
+    ) -> Result<Vec<MediaInput>, ModelError> {
+        let mut options = self.processor_config.clone();
+        if let (Some(options), Some(overrides)) = (options.as_object_mut(), overrides.as_object()) {
+            options.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let abi_items: Vec<MediaItem> = items
+            .iter()
+            .map(|m| MediaItem {
+                kind: m.kind.as_str().into(),
+                sources: m.sources.iter().map(|p| RString::from(p.display().to_string())).collect(),
+            })
+            .collect();
+        let prepared = self.instance.prepare_media(abi_items.as_slice().into(), options.to_string().as_str().into());
+        let prepared = prepared
+            .into_result()
+            .map_err(|e| ModelError::Forward { model: self.dir.clone(), source: OpError::Plugin(e.into_string()) })?;
+        Ok(prepared.iter().map(MediaInput::from_abi).collect())
+    }
+
+    /// Keeps parameters under these name prefixes out of any adapter added
+    /// later: neither adapted nor trained in place (`--freeze-vit`, ...).
+    pub fn freeze_prefixes(&mut self, prefixes: Vec<String>) {
+        self.frozen_prefixes = prefixes;
+    }
+
+    /// Whether `name` lies under a prefix kept frozen by [`Self::freeze_prefixes`].
+    pub fn is_frozen_part(&self, name: &str) -> bool {
+        self.frozen_prefixes
+            .iter()
+            .any(|p| name == p || name.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('.')))
+    }
+
+    /// The model folder (or GGUF file) the model was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every linear layer of the model, by parameter name without
+    /// `.weight` (`model.layers.0.self_attn.q_proj`): each rank-2 `.weight`
+    /// that is not an embedding table or an adapter's own parameter. The
+    /// output layer (`lm_head`) is included; see [`Self::all_linear_modules`].
+    /// This is the one place the host decides which weights are linear.
+    pub fn linear_layers(&self) -> Vec<String> {
+        self.weights
+            .names()
+            .iter()
+            .filter_map(|n| n.strip_suffix(".weight"))
+            .filter(|layer| self.weights.get(&format!("{layer}.weight")).is_some_and(|w| w.rank() == 2))
+            .filter(|layer| !layer.ends_with("embed_tokens") && !layer.contains(".lora_"))
+            .filter(|layer| !self.adapter_params.iter().any(|p| p.starts_with(&format!("{layer}."))))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The module names (`q_proj`, ...) PEFT's `all-linear` stands for: the
+    /// last name component of every linear layer but the output layer.
+    pub fn all_linear_modules(&self) -> Vec<String> {
+        let modules: std::collections::BTreeSet<String> = self
+            .linear_layers()
+            .iter()
+            .filter(|layer| layer.as_str() != OUTPUT_LAYER)
+            .filter_map(|layer| layer.rsplit('.').next().map(str::to_owned))
+            .collect();
+        modules.into_iter().collect()
+    }
+
+    /// The architecture plugin's component name (`qwen3`).
+    pub fn architecture(&self) -> &str {
+        &self.architecture
+    }
+
+    /// The parsed `config.json`.
+    pub fn config(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    /// Rows of the model's embedding table (`vocab_size` of `config.json`,
+    /// or of its `text_config` for a vision-language model): the ids the
+    /// model accepts. Checkpoints pad it past the tokenizer's vocabulary
+    /// (Qwen: 151 936 rows for 151 665 tokens).
+    pub fn vocab_size(&self) -> Option<usize> {
+        let read = |config: &serde_json::Value| config.get("vocab_size").and_then(serde_json::Value::as_u64);
+        read(&self.config).or_else(|| self.config.get("text_config").and_then(read)).map(|v| v as usize)
+    }
+
+    /// The parameters.
+    pub fn weights(&self) -> &WeightStore {
+        &self.weights
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits `[batch, seq, vocab]` for `input_ids` (`[batch, seq]`), after
+    /// the tokens already in `cache`, with `tuner` (else the attached
+    /// adapter, if any) at the linear hook.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        cache: Option<&mut KvCache>,
+        tuner: Option<&TunerBinding>,
+    ) -> Result<Tensor, ModelError> {
+        self.run(input_ids, batch, cache, tuner.or(self.adapter.as_ref()))
+    }
+
+    /// Logits of the base model alone, the attached adapter switched off:
+    /// the reference model of preference training, with no second copy of
+    /// the weights.
+    pub fn forward_without_adapter(&self, input_ids: &Tensor, batch: &BatchInfo) -> Result<Tensor, ModelError> {
+        self.run(input_ids, batch, None, None)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        cache: Option<&mut KvCache>,
+        tuner: Option<&TunerBinding>,
+    ) -> Result<Tensor, ModelError> {
+        let forward_error = |source| ModelError::Forward { model: self.dir.clone(), source: source };
+        let candle_error = |source| forward_error(OpError::Candle { op: "positions", source: source });
+        let (b, s) = input_ids.dims2().map_err(candle_error)?;
+        let positions = match &batch.position_ids {
+            Some(p) => p.clone(),
+            None => {
+                let start = cache.as_ref().map_or(0, |c| c.seq_len()) as u32;
+                Tensor::arange(start, start + s as u32, &self.device)
+                    .and_then(|t| t.unsqueeze(0)?.broadcast_as((b, s))?.contiguous())
+                    .map_err(candle_error)?
+            }
+        };
+        let ids = input_ids.to_dtype(DType::U32).map_err(candle_error)?;
+        let mut session = GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner });
+        let mut inputs: Vec<(&str, Tensor)> = vec![("input_ids", ids), ("position_ids", positions)];
+        inputs.extend(batch.media.iter().map(|(name, t)| (name.as_str(), t.clone())));
+        session.run_model(&self.instance, &inputs).map_err(forward_error)
+    }
+}

@@ -1,0 +1,154 @@
+//! Options shared by the subcommands that load a model.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::DType;
+use oxtune_registry::Registry;
+
+use oxtune_data::TextAssets;
+use oxtune_engine::generate::SamplingParams;
+use oxtune_engine::model::checkpoint::Trainable;
+use oxtune_engine::{LoadOptions, LoadedModel};
+
+/// Which model to load, and how.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ModelArgs {
+    /// The model: a Hugging Face folder (config.json, safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Use this architecture plugin instead of the one config.json names.
+    #[arg(long, value_name = "NAME")]
+    pub model_type: Option<String>,
+    /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Images: smallest area in pixels after resizing (default: the model's
+    /// `preprocessor_config.json`).
+    #[arg(long, value_name = "PIXELS")]
+    pub min_pixels: Option<u64>,
+    /// Images: largest area in pixels after resizing; larger images are
+    /// scaled down to fit, never rejected.
+    #[arg(long, value_name = "PIXELS")]
+    pub max_pixels: Option<u64>,
+    /// Videos: most frames kept (evenly sampled).
+    #[arg(long, value_name = "N")]
+    pub max_frames: Option<u64>,
+    /// Videos: the frame rate a list of frames stands for.
+    #[arg(long, value_name = "FPS")]
+    pub fps: Option<f64>,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, value_name = "DTYPE", default_value = "f32")]
+    pub dtype: String,
+}
+
+/// A model with its tokenizer and template.
+pub struct LoadedText {
+    /// The model.
+    pub model: LoadedModel,
+    /// Its tokenizer, chat template and generation defaults.
+    pub assets: TextAssets,
+}
+
+impl ModelArgs {
+    /// Loads the model (with `--adapter` applied) and its text assets.
+    pub fn load(&self, registry: &Registry) -> anyhow::Result<LoadedText> {
+        self.load_with(registry, true)
+    }
+
+    /// Loads the model and its text assets, applying `--adapter` only if asked.
+    pub fn load_with(&self, registry: &Registry, apply_adapter: bool) -> anyhow::Result<LoadedText> {
+        let dtype = match self.dtype.as_str() {
+            "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "f16" | "float16" => DType::F16,
+            other => anyhow::bail!("--dtype {other}: use f32, bf16 or f16"),
+        };
+        let options = LoadOptions {
+            dtype,
+            trainable: Trainable::None,
+            model_type: self.model_type.clone(),
+            ..Default::default()
+        };
+        let mut model = LoadedModel::load(registry, &self.model, &options)?;
+        if let Some(adapter) = self.adapter.as_ref().filter(|_| apply_adapter) {
+            model
+                .attach_adapter(registry, adapter, Trainable::None)
+                .with_context(|| format!("applying the adapter {}", adapter.display()))?;
+        }
+        let assets = TextAssets::load(&self.model)
+            .with_context(|| format!("loading the tokenizer of {}", self.model.display()))?;
+        Ok(LoadedText { model, assets })
+    }
+}
+
+impl ModelArgs {
+    /// The media preprocessing overrides given on the command line, as the
+    /// keys of `preprocessor_config.json` they replace.
+    pub fn media_options(&self) -> serde_json::Value {
+        let mut options = serde_json::Map::new();
+        let mut put = |key: &str, value: Option<serde_json::Value>| {
+            if let Some(v) = value {
+                options.insert(key.to_owned(), v);
+            }
+        };
+        put("min_pixels", self.min_pixels.map(Into::into));
+        put("max_pixels", self.max_pixels.map(Into::into));
+        put("max_frames", self.max_frames.map(Into::into));
+        put("fps", self.fps.map(Into::into));
+        serde_json::Value::Object(options)
+    }
+}
+
+/// Sampling options; unset ones come from the model's `generation_config.json`.
+#[derive(Debug, clap::Args)]
+pub struct SamplingArgs {
+    /// Most new tokens per answer.
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
+    /// Sample among the K most likely tokens (0: all).
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than MIN_P times the most likely one.
+    #[arg(long, value_name = "MIN_P")]
+    pub min_p: Option<f32>,
+    /// Penalise tokens already in the prompt or answer (1: off).
+    #[arg(long, value_name = "R")]
+    pub repetition_penalty: Option<f32>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Stop when the answer contains this string (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// The sampling parameters: flags, else `generation_config.json`, else greedy.
+    pub fn params(&self, assets: &TextAssets) -> SamplingParams {
+        let g = &assets.generation_config;
+        let sampled = g.get("do_sample").and_then(|v| v.as_bool()).unwrap_or(false);
+        let number = |key: &str| g.get(key).and_then(|v| v.as_f64());
+        let default_temperature = if sampled { number("temperature").unwrap_or(1.0) as f32 } else { 0.0 };
+        SamplingParams {
+            max_new_tokens: self.max_new_tokens.or_else(|| number("max_new_tokens").map(|v| v as usize)).unwrap_or(512),
+            temperature: self.temperature.unwrap_or(default_temperature),
+            top_k: self.top_k.or_else(|| number("top_k").filter(|_| sampled).map(|v| v as usize)).unwrap_or(0),
+            top_p: self.top_p.or_else(|| number("top_p").filter(|_| sampled).map(|v| v as f32)).unwrap_or(1.0),
+            min_p: self.min_p.or_else(|| number("min_p").filter(|_| sampled).map(|v| v as f32)).unwrap_or(0.0),
+            repetition_penalty: self
+                .repetition_penalty
+                .or_else(|| number("repetition_penalty").map(|v| v as f32))
+                .unwrap_or(1.0),
+            seed: self.seed,
+            eos_token_ids: assets.eos_token_ids.clone(),
+            stop: self.stop.clone(),
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! `oxtune sft` (supervised fine-tuning on conversations, loss on the
+//! assistant turns) and `oxtune pt` (pretraining on plain text, loss on
+//! every token), with ms-swift's flag names. Both train any tuner — an
+//! adapter (LoRA, DoRA, a plugin's) or base parameters (full, freeze) —
+//! and write `args.json`, `metrics.jsonl` and `checkpoint-<step>/` folders.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use oxtune_data::{Encoded, Encoder, Objective, Prepared};
+use oxtune_engine::model::checkpoint::Trainable;
+use oxtune_train::run::{check_identity, resume_point, sample_answers, write_args};
+use oxtune_train::{train, StepMetrics, TrainConfig};
+use serde_json::{json, Value};
+
+use super::model_args::{LoadedText, ModelArgs};
+use super::train_args::{DataArgs, LoopArgs, TunerArgs};
+use super::GlobalArgs;
+
+/// Arguments of `oxtune sft` and `oxtune pt`.
+#[derive(Debug, clap::Args)]
+pub struct SftArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub tuner: TunerArgs,
+    #[command(flatten)]
+    pub train: LoopArgs,
+    /// Where checkpoints, metrics.jsonl and args.json go (must not hold another run).
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: PathBuf,
+    /// Answer this prompt (greedily) before and after training, to show
+    /// what changed (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    pub sample_prompt: Vec<String>,
+}
+
+/// What a run is, as `args.json` records it: a later run on the same
+/// output folder resumes only if this is the same.
+fn recorded_args(args: &SftArgs, tuner_config: &Value, model_type: &str) -> Value {
+    let sources = |s: &[oxtune_data::sources::DatasetSource]| -> Vec<String> {
+        s.iter()
+            .map(|d| match d.sample {
+                Some(n) => format!("{}#{n}", d.path.display()),
+                None => d.path.display().to_string(),
+            })
+            .collect()
+    };
+    let t = &args.train;
+    json!({
+        "model": args.model.model, "model_type": model_type, "adapter": args.model.adapter, "dtype": args.model.dtype,
+        "tuner": args.tuner.name, "tuner_config": tuner_config,
+        "dataset": sources(&args.data.dataset), "val_dataset": sources(&args.data.val_dataset),
+        "split_ratio": args.data.split_ratio, "columns": args.data.columns, "dataset_adapter": args.data.dataset_adapter,
+        "max_length": args.data.max_length, "truncation_strategy": args.data.truncation_strategy,
+        "learning_rate": t.learning_rate, "num_train_epochs": t.num_train_epochs, "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps, "max_grad_norm": t.max_grad_norm,
+        "warmup_ratio": t.warmup_ratio, "lr_scheduler_type": t.lr_scheduler_type, "weight_decay": t.weight_decay,
+        "seed": t.seed,
+        "freeze_vit": args.tuner.freeze_vit, "freeze_aligner": args.tuner.freeze_aligner,
+        "freeze_llm": args.tuner.freeze_llm, "media_options": args.model.media_options(),
+    })
+}
+
+/// The identity a checkpoint records and a resume must match.
+fn identity(args: &SftArgs) -> Value {
+    let model = args.model.model.canonicalize().unwrap_or_else(|_| args.model.model.clone());
+    json!({"model": model, "tuner": args.tuner.name})
+}
+
+/// Greedy answers to `prompts` (templated unless pretraining), for before/after samples.
+pub(super) fn sample_answers_of(
+    text: &LoadedText,
+    prompts: &[String],
+    objective: Objective,
+) -> anyhow::Result<Vec<String>> {
+    Ok(sample_answers(&text.model, &text.assets, prompts, objective == Objective::AssistantTurns)?)
+}
+
+/// A training run between loading and training: the model (a resumed
+/// whole-model checkpoint's weights, if any) with its text assets, and
+/// what the run records and resumes from.
+pub(super) struct RunSetup {
+    /// Built-ins and plugins.
+    pub registry: oxtune_registry::Registry,
+    /// The model to train and its tokenizer/template.
+    pub text: LoadedText,
+    /// The tuner's configuration.
+    tuner_config: Value,
+    /// `args.json`.
+    recorded: Value,
+    /// The checkpoint the run continues, if any.
+    resume: Option<PathBuf>,
+    /// What checkpoints record and a resume must match.
+    identity: Value,
+}
+
+/// Loads the model and settles where the run starts: `command` and
+/// `knobs` (the objective's own settings) join `args.json`.
+pub(super) fn set_up(global: &GlobalArgs, args: &SftArgs, command: &str, knobs: Value) -> anyhow::Result<RunSetup> {
+    let registry = global.registry()?;
+    let mut text = args.model.load_with(&registry, false)?;
+    let frozen = args.tuner.frozen_prefixes(text.model.media_spec());
+    text.model.freeze_prefixes(frozen.clone());
+    let tuner_config = args.tuner.config(&text.model.all_linear_modules());
+    let mut recorded = recorded_args(args, &tuner_config, text.model.architecture());
+    recorded["command"] = json!(command);
+    recorded["objective"] = knobs;
+    let resume = resume_point(&args.output_dir, args.train.resume_from.as_deref(), &recorded)?;
+    let identity = identity(args);
+    if let Some(dir) = &resume {
+        check_identity(dir, &identity)?;
+        eprintln!("resuming from {}", dir.display());
+        if dir.join("config.json").is_file() {
+            // A whole-model checkpoint: its weights replace the base's.
+            let from_checkpoint = ModelArgs { model: dir.clone(), adapter: None, ..args.model.clone() };
+            text.model = from_checkpoint.load_with(&registry, false)?.model;
+            text.model.freeze_prefixes(frozen);
+        }
+    }
+    Ok(RunSetup { registry, text, tuner_config, recorded, resume, identity })
+}
+
+impl RunSetup {
+    /// Attaches the tuner (the resumed or given adapter, or a new one),
+    /// writes `args.json`, and returns the loop's configuration.
+    pub(super) fn start(&mut self, args: &SftArgs) -> anyhow::Result<TrainConfig> {
+        let resumed_adapter = self.resume.clone().filter(|d| d.join("adapter_config.json").is_file());
+        match resumed_adapter.or(args.model.adapter.clone()) {
+            Some(dir) => self
+                .text
+                .model
+                .attach_adapter(&self.registry, &dir, Trainable::All)
+                .with_context(|| format!("continuing the adapter {}", dir.display()))?,
+            None => self
+                .text
+                .model
+                .add_adapter(&self.registry, &args.tuner.name, self.tuner_config.clone(), args.train.seed)
+                .with_context(|| format!("--tuner {}", args.tuner.name))?,
+        }
+        let out = &args.output_dir;
+        write_args(out, &self.recorded)?;
+        let mut config = args.train.train_config()?;
+        config.output_dir = Some(out.clone());
+        config.resume_from = self.resume.clone();
+        config.identity = self.identity.clone();
+        Ok(config)
+    }
+}
+
+/// Prints the first and last step of a finished run.
+pub(super) fn report(metrics: &[StepMetrics], out: &Path) {
+    if let (Some(first), Some(last)) = (metrics.first(), metrics.last()) {
+        eprintln!(
+            "steps {}..{}: loss {:.4} -> {:.4}; saved {}",
+            first.step,
+            last.step,
+            first.loss,
+            last.loss,
+            out.join(format!("checkpoint-{}", last.step)).display()
+        );
+    }
+}
+
+/// The encoder of a run's data.
+pub(super) fn encoder<'a>(setup: &'a RunSetup, args: &SftArgs, options: &'a oxtune_data::DataOptions) -> Encoder<'a> {
+    Encoder {
+        registry: &setup.registry,
+        assets: &setup.text.assets,
+        model: &setup.text.model,
+        media_options: args.model.media_options(),
+        options,
+    }
+}
+
+/// Prints what happened to the records on the way to rows.
+pub(super) fn report_data<T: Encoded>(data: &Prepared<T>, args: &DataArgs) {
+    if let Some(first) = data.skipped.first() {
+        let first = oxtune_engine::error_chain(first);
+        eprintln!("skipped {} bad record(s); the first: {first}", data.skipped.len());
+    }
+    if data.truncated > 0 {
+        eprintln!(
+            "{} row(s) longer than --max-length {} were cut on the {}",
+            data.truncated, args.max_length, args.truncation_strategy
+        );
+    }
+    if data.deleted > 0 {
+        eprintln!("{} row(s) longer than --max-length {} were dropped", data.deleted, args.max_length);
+    }
+}
+
+/// Runs `oxtune sft` (`objective` = assistant turns) or `oxtune pt` (all tokens).
+pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow::Result<()> {
+    let command = if objective == Objective::AllTokens { "pt" } else { "sft" };
+    let mut setup = set_up(global, args, command, json!({}))?;
+    let options = args.data.options(args.train.seed)?;
+    let data =
+        encoder(&setup, args, &options).prepare(|encoder, record| encoder.row(record, objective)).map_err(with_hint)?;
+    report_data(&data, &args.data);
+    let before = sample_answers_of(&setup.text, &args.sample_prompt, objective)?;
+    let config = setup.start(args)?;
+    eprintln!(
+        "training {} row(s) ({} held out) with {} on {}",
+        data.train.len(),
+        data.eval.len(),
+        args.tuner.name,
+        args.model.model.display()
+    );
+    let metrics = train(&setup.text.model, &data.train, &data.eval, &config)?;
+    report(&metrics, &args.output_dir);
+    let after = sample_answers_of(&setup.text, &args.sample_prompt, objective)?;
+    print_samples(&args.sample_prompt, &before, &after);
+    Ok(())
+}
+
+/// A data error, with the flag that skips bad records named when it applies.
+pub(super) fn with_hint(e: oxtune_data::EncodeError) -> anyhow::Error {
+    let skippable = matches!(e, oxtune_data::EncodeError::Record { .. } | oxtune_data::EncodeError::Read(_));
+    let e = anyhow::Error::new(e);
+    if skippable {
+        e.context("a bad record (--skip-bad-records skips such records)")
+    } else {
+        e
+    }
+}
+
+/// Prints each `--sample-prompt` with its answers before and after training.
+pub(super) fn print_samples(prompts: &[String], before: &[String], after: &[String]) {
+    for ((prompt, before), after) in prompts.iter().zip(before).zip(after) {
+        println!("prompt: {prompt}\n  before: {before}\n  after:  {after}");
+    }
+}
