@@ -177,6 +177,62 @@ fn sampling_renaming_and_checkpoint_rotation() {
     assert_eq!(kept, ["checkpoint-4", "checkpoint-5"]);
 }
 
+fn checkpoints_in(out: &Path) -> Vec<String> {
+    let mut kept: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("checkpoint-"))
+        .collect();
+    kept.sort();
+    kept
+}
+
+#[test]
+fn pre_tokenized_ids_are_checked_against_the_embedding_not_the_tokenizer() {
+    // tiny-qwen3 embeds 1024 ids; its tokenizer has 1004 tokens.
+    let model = tiny("tiny-qwen3");
+    let data = scratch("padded-ids.jsonl", "{\"input_ids\": [1, 5, 1010, 1023, 7]}\n");
+    succeeded(&sft(&model, &data, &fresh_dir("sft-padded-ids"), &["--max-steps", "1"]));
+    let data = scratch("past-ids.jsonl", "{\"input_ids\": [1, 5, 1024]}\n");
+    fails_with(
+        &sft(&model, &data, &fresh_dir("sft-past-ids"), &["--max-steps", "1"]),
+        &["past-ids.jsonl:1", "input_ids[2] = 1024 is outside the model's 1024 embedding rows"],
+    );
+}
+
+#[test]
+fn a_line_that_is_not_utf8_is_a_bad_record_like_any_other() {
+    let model = tiny("tiny-qwen3");
+    let path = std::env::temp_dir().join(format!("oxtune-bad-utf8-{}.jsonl", std::process::id()));
+    let good = CHATS.lines().next().unwrap();
+    std::fs::write(&path, [good.as_bytes(), b"\n{\"text\": \"\xff\"}\n", good.as_bytes(), b"\n"].concat()).unwrap();
+    let path_text = path.to_str().unwrap();
+    fails_with(&sft(&model, &path, &fresh_dir("sft-utf8"), &["--max-steps", "1"]), &[&format!("{path_text}:2"), "not valid UTF-8"]);
+    let skipped = sft(&model, &path, &fresh_dir("sft-utf8-skip"), &["--max-steps", "1", "--skip-bad-records"]);
+    succeeded(&skipped);
+    assert!(String::from_utf8_lossy(&skipped.stderr).contains("skipped 1 bad record"), "{}", String::from_utf8_lossy(&skipped.stderr));
+}
+
+#[test]
+fn a_resumed_run_keeps_no_more_than_the_checkpoint_limit() {
+    let model = tiny("tiny-qwen3");
+    let data = scratch("resume-limit.jsonl", CHATS);
+    let out = fresh_dir("sft-resume-limit");
+    let run = |limit: &str| {
+        let extra = ["--max-steps", "6", "--save-steps", "1", "--save-total-limit", limit];
+        succeeded(&sft(&model, &data, &out, &extra));
+    };
+    run("6");
+    // As if the run had been killed after step 4.
+    for step in [5, 6] {
+        std::fs::remove_dir_all(out.join(format!("checkpoint-{step}"))).unwrap();
+    }
+    run("2");
+    assert_eq!(checkpoints_in(&out), ["checkpoint-5", "checkpoint-6"], "the resume point is not kept past the limit");
+    let steps: Vec<u64> = metrics(&out).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+}
+
 #[test]
 fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
     let model = tiny("tiny-qwen3");

@@ -9,7 +9,7 @@
 
 use abi_stable::std_types::RVec;
 use candle_core::{DType, Device, Tensor, Var};
-use oxtune::backend::{BatchInfo, ForwardContext, GraphSession, KvCache, WeightStore};
+use oxtune_engine::backend::{BatchInfo, ForwardContext, GraphSession, KvCache, WeightStore};
 use oxtune_plugin_api::abi::{self, Op, TensorId};
 
 /// Deterministic values in [-1, 1) from a seed (xorshift).

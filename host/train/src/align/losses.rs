@@ -351,12 +351,6 @@ mod tests {
         let (_, logged) = kto_loss(&method, &t(&[-5.0]), &t(&[-6.0]), &[true], &t(&[-9.0]), &t(&[-8.0])).unwrap();
         assert_eq!(logged["kl"], 0.0);
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
 
     fn sigma(x: f64) -> f64 {
         1.0 / (1.0 + (-x).exp())
@@ -365,7 +359,7 @@ mod tests {
     #[test]
     fn log_sigmoid_has_the_true_derivative_everywhere_including_zero() {
         let points = [-40.0f32, -3.0, -1e-3, 0.0, 1e-3, 2.5, 40.0];
-        let x = Var::new(&points[..], &Device::Cpu).unwrap();
+        let x = candle_core::Var::new(&points[..], &Device::Cpu).unwrap();
         let y = log_sigmoid(x.as_tensor()).unwrap();
         let values = y.to_vec1::<f32>().unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
@@ -382,8 +376,8 @@ mod tests {
         // Policy = reference: h = 0 for every pair. The mean DPO loss is
         // ln 2 and d loss / d c_i = −β σ(0) / n = −β / (2n).
         let beta = 0.1;
-        let c = Var::new(&[-5.0f32, -7.0][..], &Device::Cpu).unwrap();
-        let r = Var::new(&[-6.0f32, -4.0][..], &Device::Cpu).unwrap();
+        let c = candle_core::Var::new(&[-5.0f32, -7.0][..], &Device::Cpu).unwrap();
+        let r = candle_core::Var::new(&[-6.0f32, -4.0][..], &Device::Cpu).unwrap();
         let (c0, r0) = (c.as_tensor().detach(), r.as_tensor().detach());
         let nll = Tensor::new(0f32, &Device::Cpu).unwrap();
         let method = PairLoss::Dpo { beta, label_smoothing: 0.0, variant: DpoVariant::Sigmoid, rpo_alpha: 0.0 };
