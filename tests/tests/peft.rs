@@ -183,9 +183,7 @@ fn a_new_dora_adapter_starts_as_the_base_model_and_bad_targets_list_the_layers()
         .unwrap_err()
         .to_string();
     assert!(err.contains("match no linear layer") && err.contains("q_proj") && err.contains("down_proj"), "{err}");
-    let err = model
-        .add_adapter(&registry, "loha", serde_json::json!({"target_modules": ["q_proj"]}), 1)
-        .unwrap_err();
+    let err = model.add_adapter(&registry, "loha", serde_json::json!({"target_modules": ["q_proj"]}), 1).unwrap_err();
     // The registry's message is the source of the error.
     let err = oxtune_engine::error_chain(&err);
     assert!(err.contains("tuner named `loha`"), "{err}");

@@ -196,7 +196,7 @@ fn pre_tokenized_ids_are_checked_against_the_embedding_not_the_tokenizer() {
     let data = scratch("past-ids.jsonl", "{\"input_ids\": [1, 5, 1024]}\n");
     fails_with(
         &sft(&model, &data, &fresh_dir("sft-past-ids"), &["--max-steps", "1"]),
-        &["past-ids.jsonl:1", "input_ids[2] = 1024 is outside the model's 1024 embedding rows"],
+        &["past-ids.jsonl:1", "input_ids[2] = 1024 is outside the vocabulary (the model's 1024 embedding rows)"],
     );
 }
 
@@ -207,10 +207,17 @@ fn a_line_that_is_not_utf8_is_a_bad_record_like_any_other() {
     let good = CHATS.lines().next().unwrap();
     std::fs::write(&path, [good.as_bytes(), b"\n{\"text\": \"\xff\"}\n", good.as_bytes(), b"\n"].concat()).unwrap();
     let path_text = path.to_str().unwrap();
-    fails_with(&sft(&model, &path, &fresh_dir("sft-utf8"), &["--max-steps", "1"]), &[&format!("{path_text}:2"), "not valid UTF-8"]);
+    fails_with(
+        &sft(&model, &path, &fresh_dir("sft-utf8"), &["--max-steps", "1"]),
+        &[&format!("{path_text}:2"), "not valid UTF-8"],
+    );
     let skipped = sft(&model, &path, &fresh_dir("sft-utf8-skip"), &["--max-steps", "1", "--skip-bad-records"]);
     succeeded(&skipped);
-    assert!(String::from_utf8_lossy(&skipped.stderr).contains("skipped 1 bad record"), "{}", String::from_utf8_lossy(&skipped.stderr));
+    assert!(
+        String::from_utf8_lossy(&skipped.stderr).contains("skipped 1 bad record"),
+        "{}",
+        String::from_utf8_lossy(&skipped.stderr)
+    );
 }
 
 #[test]

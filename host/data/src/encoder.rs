@@ -435,7 +435,7 @@ fn pre_tokenized(ids: &Value, labels: Option<&Value>, rows: usize) -> Result<Enc
     let mut input_ids = Vec::with_capacity(raw.len());
     for (i, &id) in raw.iter().enumerate() {
         if id < 0 || id as usize >= rows {
-            bail!("input_ids[{i}] = {id} is outside the model's {rows} embedding rows");
+            bail!("input_ids[{i}] = {id} is outside the vocabulary (the model's {rows} embedding rows)");
         }
         input_ids.push(id as u32);
     }
@@ -447,7 +447,7 @@ fn pre_tokenized(ids: &Value, labels: Option<&Value>, rows: usize) -> Result<Enc
         bail!("`labels` has {} entries for {} input_ids", labels.len(), input_ids.len());
     }
     if let Some(bad) = labels.iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= rows)) {
-        bail!("label {bad} is outside the model's {rows} embedding rows");
+        bail!("label {bad} is outside the vocabulary (the model's {rows} embedding rows)");
     }
     Ok(EncodedRow { input_ids, labels, media: None })
 }
@@ -466,7 +466,10 @@ mod tests {
         let ok = pre_tokenized(&ids, None, 1024).unwrap();
         assert_eq!(ok.input_ids, vec![1, 1010, 1023]);
         let err = pre_tokenized(&serde_json::json!([1, 1024]), None, 1024).unwrap_err().to_string();
-        assert!(err.contains("input_ids[1] = 1024 is outside the model's 1024 embedding rows"), "{err}");
+        assert!(
+            err.contains("input_ids[1] = 1024 is outside the vocabulary (the model's 1024 embedding rows)"),
+            "{err}"
+        );
     }
 
     #[test]
