@@ -12,6 +12,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use oxtune_data::text::{ChatRequest, TextAssets};
 use oxtune_engine::backend::BatchInfo;
+use oxtune_engine::error_chain;
 use oxtune_engine::eval::mean_nll;
 use oxtune_engine::generate::{generate, SamplingParams};
 use oxtune_engine::model::{LoadOptions, LoadedModel};
@@ -146,11 +147,11 @@ fn truncated_and_foreign_files_are_named_errors() {
     let truncated = scratch("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).unwrap();
     let registry = Registry::with_builtins().unwrap();
-    let err = LoadedModel::load(&registry, &truncated, &LoadOptions::default()).err().unwrap().to_string();
+    let err = error_chain(&LoadedModel::load(&registry, &truncated, &LoadOptions::default()).err().unwrap());
     assert!(err.contains("truncated.gguf") && err.contains("tensor `"), "{err}");
     let text = scratch("text.gguf");
     std::fs::write(&text, "not a gguf").unwrap();
-    let err = LoadedModel::load(&registry, &text, &LoadOptions::default()).err().unwrap().to_string();
+    let err = error_chain(&LoadedModel::load(&registry, &text, &LoadOptions::default()).err().unwrap());
     assert!(err.contains("text.gguf") && err.contains("GGUF"), "{err}");
 }
 

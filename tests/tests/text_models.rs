@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use oxtune_engine::backend::BatchInfo;
+use oxtune_engine::error_chain;
 use oxtune_engine::generate::{generate, greedy, SamplingParams};
 use oxtune_engine::loss::causal_lm_loss;
 use oxtune_engine::model::checkpoint::Trainable;
@@ -177,7 +178,7 @@ fn sharded_checkpoints_load_like_single_files() {
 fn bad_checkpoints_name_the_field_tensor_or_architecture() {
     let registry = Registry::with_builtins().unwrap();
     let load_err =
-        |dir: &PathBuf| LoadedModel::load(&registry, dir, &LoadOptions::default()).err().unwrap().to_string();
+        |dir: &PathBuf| error_chain(&LoadedModel::load(&registry, dir, &LoadOptions::default()).err().unwrap());
 
     let dir = edited_copy("tiny-llama", "no-hidden", |_, c| {
         c.as_object_mut().unwrap().remove("hidden_size");
@@ -199,7 +200,7 @@ fn bad_checkpoints_name_the_field_tensor_or_architecture() {
     });
     let model = LoadedModel::load(&registry, &dir, &LoadOptions::default()).unwrap();
     let message = model.forward(&Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap(), &BatchInfo::default(), None, None);
-    let message = message.err().unwrap().to_string();
+    let message = error_chain(&message.err().unwrap());
     assert!(
         message.contains("`model.layers.1.mlp.up_proj.weight` is [128, 32]") && message.contains("64 features"),
         "{message}"
@@ -210,7 +211,7 @@ fn bad_checkpoints_name_the_field_tensor_or_architecture() {
     });
     let model = LoadedModel::load(&registry, &dir, &LoadOptions::default()).unwrap();
     let message = model.forward(&Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap(), &BatchInfo::default(), None, None);
-    let message = message.err().unwrap().to_string();
+    let message = error_chain(&message.err().unwrap());
     assert!(message.contains("no weight `model.norm.weight`") && message.contains("oxtune-plugin-llama"), "{message}");
 
     let dir = edited_copy("tiny-llama", "truncated", |_, _| {});

@@ -151,7 +151,7 @@ fn a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
         .unwrap();
     let wrong =
         TrainConfig { max_steps: Some(9), resume_from: Some(base.join("full/checkpoint-3")), ..config("other") };
-    let err = train(&other, &rows(&assets), &[], &wrong).unwrap_err().to_string();
+    let err = oxtune_engine::error_chain(&train(&other, &rows(&assets), &[], &wrong).unwrap_err());
     assert!(err.contains("6 steps") && err.contains("9 steps"), "{err}");
 }
 
