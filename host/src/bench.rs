@@ -1,7 +1,11 @@
 //! `oxtune bench infer|train|grpo|vl`: the arguments of each benchmark of
 //! `oxtune-bench`, and its JSON records printed one per line.
 
-use serde_json::Value;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::{json, Value};
 
 use super::model_args::ModelArgs;
 use super::GlobalArgs;
@@ -52,15 +56,105 @@ pub struct TrainBenchArgs {
     /// Modules to adapt (comma-separated names, or `all-linear`).
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     target_modules: Vec<String>,
-    /// Rows per step.
-    #[arg(long, default_value_t = 4)]
-    batch_size: usize,
-    /// Tokens per row.
-    #[arg(long, default_value_t = 128)]
-    seq_len: usize,
+    /// Rows per step; a comma-separated list sweeps them (each with every `--seq-len`).
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    batch_size: Vec<usize>,
+    /// Tokens per row; a comma-separated list sweeps them.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    seq_len: Vec<usize>,
     /// Timed steps (after one untimed warm-up step).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// A Python with torch, transformers and peft (and gguf for a GGUF
+    /// model): after each shape, the same training runs in PyTorch + PEFT
+    /// and the ratio of the two is printed.
+    #[arg(long, value_name = "PATH")]
+    peer_python: Option<PathBuf>,
+}
+
+impl TrainBenchArgs {
+    /// The benchmark of one shape.
+    fn bench(&self, (batch_size, seq_len): (usize, usize)) -> oxtune_bench::TrainBench {
+        oxtune_bench::TrainBench {
+            tuner: self.tuner.clone(),
+            lora_rank: self.lora_rank,
+            target_modules: self.target_modules.clone(),
+            batch_size,
+            seq_len,
+            steps: self.steps,
+        }
+    }
+
+    /// Every (batch size, sequence length) pair of the sweep.
+    fn shapes(&self) -> Vec<(usize, usize)> {
+        self.batch_size.iter().flat_map(|&b| self.seq_len.iter().map(move |&s| (b, s))).collect()
+    }
+}
+
+/// The flags a sweep sets anew for each shape's child process.
+const SWEEP_FLAGS: [&str; 3] = ["--batch-size", "--seq-len", "--peer-python"];
+
+/// This process's arguments without `flags` (and their values).
+fn without_flags(flags: &[&str]) -> Vec<OsString> {
+    let mut kept = Vec::new();
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        if flags.iter().any(|f| text == *f) {
+            args.next();
+        } else if !flags.iter().any(|f| text.starts_with(&format!("{f}="))) {
+            kept.push(arg);
+        }
+    }
+    kept
+}
+
+/// Measures one shape in a child process of this binary, so that each
+/// shape's peak memory is its own. A shape that fails (one that does not
+/// fit in memory) gives a record with its `error`.
+fn measure_in_child((batch, seq): (usize, usize)) -> anyhow::Result<Value> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(&exe)
+        .args(without_flags(&SWEEP_FLAGS))
+        .args(["--batch-size", &batch.to_string(), "--seq-len", &seq.to_string()])
+        .output()?;
+    let record = String::from_utf8_lossy(&out.stdout).lines().rev().find_map(|l| serde_json::from_str::<Value>(l).ok());
+    Ok(match record {
+        Some(record) if out.status.success() => record,
+        _ => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let last = stderr.lines().last().unwrap_or("no message").to_owned();
+            json!({"batch_size": batch, "seq_len": seq, "error": format!("{} ({})", last, out.status)})
+        }
+    })
+}
+
+/// `oxtune bench train`: one shape in this process, or a sweep (or a peer
+/// comparison) shape by shape in child processes.
+fn train(global: &GlobalArgs, args: &TrainBenchArgs) -> anyhow::Result<()> {
+    let shapes = args.shapes();
+    if let ([shape], None) = (shapes.as_slice(), &args.peer_python) {
+        let registry = global.registry()?;
+        let mut text = args.model.load(&registry)?;
+        let vocab = text.assets.tokenizer.vocab_size();
+        print([oxtune_bench::train(&registry, &mut text.model, vocab, &args.bench(*shape))?]);
+        return Ok(());
+    }
+    let peer = args.peer_python.as_ref().map(|python| oxtune_bench::peer::TrainPeer {
+        python: python.clone(),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    });
+    for shape in shapes {
+        let ours = measure_in_child(shape)?;
+        print([ours.clone()]);
+        if let Some(peer) = &peer {
+            let theirs = peer.train(&args.model.model, &args.bench(shape)).unwrap_or_else(
+                |e| json!({"peer": "pytorch+peft", "batch_size": shape.0, "seq_len": shape.1, "error": e.to_string()}),
+            );
+            print([theirs.clone(), oxtune_bench::peer::ratio(&ours, &theirs)]);
+        }
+    }
+    Ok(())
 }
 
 /// Arguments of `oxtune bench infer`.
@@ -104,9 +198,9 @@ fn print(records: impl IntoIterator<Item = Value>) {
 
 /// Runs `oxtune bench`.
 pub fn run(global: &GlobalArgs, command: &BenchCommand) -> anyhow::Result<()> {
-    let registry = global.registry()?;
     match command {
         BenchCommand::Infer(args) => {
+            let registry = global.registry()?;
             let text = args.model.load(&registry)?;
             let vocab = text.assets.tokenizer.vocab_size();
             let bench = oxtune_bench::InferBench {
@@ -116,20 +210,9 @@ pub fn run(global: &GlobalArgs, command: &BenchCommand) -> anyhow::Result<()> {
             };
             print(oxtune_bench::infer(&text.model, vocab, &bench)?);
         }
-        BenchCommand::Train(args) => {
-            let mut text = args.model.load(&registry)?;
-            let vocab = text.assets.tokenizer.vocab_size();
-            let bench = oxtune_bench::TrainBench {
-                tuner: args.tuner.clone(),
-                lora_rank: args.lora_rank,
-                target_modules: args.target_modules.clone(),
-                batch_size: args.batch_size,
-                seq_len: args.seq_len,
-                steps: args.steps,
-            };
-            print([oxtune_bench::train(&registry, &mut text.model, vocab, &bench)?]);
-        }
+        BenchCommand::Train(args) => train(global, args)?,
         BenchCommand::Grpo(args) => {
+            let registry = global.registry()?;
             let mut text = args.model.load(&registry)?;
             let bench = oxtune_bench::GrpoBench {
                 num_generations: args.num_generations,
@@ -140,6 +223,7 @@ pub fn run(global: &GlobalArgs, command: &BenchCommand) -> anyhow::Result<()> {
             print(oxtune_bench::grpo(&registry, &mut text.model, &text.assets, &bench)?);
         }
         BenchCommand::Vl(args) => {
+            let registry = global.registry()?;
             let mut text = args.model.load(&registry)?;
             let bench = oxtune_bench::vl::VlBench {
                 image_size: args.image_size,

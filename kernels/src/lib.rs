@@ -12,8 +12,15 @@
 //!   weight-sized gradient (a third of a step's FLOPs, and its memory)
 //!   that is thrown away; this op's backward gives `x` its gradient only.
 //!
+//! - [`flash_attention`]: attention whose memory is linear in the
+//!   sequence length, with its backward pass (see [`attention`]).
+//!
 //! The crate is compiled at full optimisation even in dev builds (see the
 //! workspace's `Cargo.toml`).
+
+pub mod attention;
+
+pub use attention::{flash_attention, KeyMask};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};

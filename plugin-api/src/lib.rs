@@ -29,7 +29,7 @@ pub use abi::{ComponentKind, DType, Modality, ParamInit};
 pub use data::RewardSample;
 pub use graph::{attention, constant, has_weight, scope, weight, AttentionSpec, Tensor};
 pub use plugin::{
-    DatasetAdapter, Descriptor, Inputs, Model, ModelArchitecture, Plugin, RewardFunction, Tuner, TunerLayers,
+    DatasetAdapter, Descriptor, InPlace, Inputs, Model, ModelArchitecture, Plugin, RewardFunction, Tuner, TunerLayers,
     TunerParam,
 };
 pub use serde_json;

@@ -206,6 +206,43 @@ pub trait TunerLayers: Send + Sync + 'static {
     }
 }
 
+/// Tuning in place: nothing is added at the `linear` hook and the base
+/// parameters a predicate selects are trained (full fine-tuning, freeze,
+/// LayerNorm tuning).
+///
+/// ```
+/// use oxtune_plugin_api::{InPlace, TunerLayers};
+/// let norms = InPlace::new(|name| name.ends_with("norm.weight"));
+/// assert!(norms.trains_base("model.norm.weight"));
+/// assert!(!norms.trains_base("model.layers.0.self_attn.q_proj.weight"));
+/// ```
+pub struct InPlace(Box<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl InPlace {
+    /// Trains the base parameters for which `trains` is true.
+    pub fn new(trains: impl Fn(&str) -> bool + Send + Sync + 'static) -> InPlace {
+        InPlace(Box::new(trains))
+    }
+}
+
+impl TunerLayers for InPlace {
+    fn params(&self, _layer: &str, _in_features: usize, _out_features: usize) -> Result<Vec<TunerParam>> {
+        Ok(Vec::new())
+    }
+
+    fn forward(&self, _layer: &str, _x: &Tensor, base: &Tensor) -> Result<Tensor> {
+        Ok(*base)
+    }
+
+    fn merge(&self, layer: &str) -> Result<Tensor> {
+        crate::graph::weight(&format!("{layer}.weight"))
+    }
+
+    fn trains_base(&self, name: &str) -> bool {
+        (self.0)(name)
+    }
+}
+
 /// A trainable parameter a tuner adds.
 #[derive(Clone, Debug)]
 pub struct TunerParam {

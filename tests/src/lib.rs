@@ -235,6 +235,16 @@ pub mod cli {
         cmd.output().expect("oxtune runs")
     }
 
+    /// Runs `oxtune rlhf --algo algo` on tiny-qwen3 with `data`, writing
+    /// to `out`, plus the arguments `extra`.
+    pub fn rlhf(algo: &str, data: &Path, out: &Path, extra: &[&str]) -> Output {
+        let model = tiny("tiny-qwen3");
+        let (data, out) = (data.to_str().expect("a UTF-8 path"), out.to_str().expect("a UTF-8 path"));
+        let mut args = vec!["rlhf", "--algo", algo, "--model", &model, "--dataset", data, "--output-dir", out];
+        args.extend(extra);
+        oxtune(&args, &[])
+    }
+
     /// Asserts that `out` failed with a short message (at most two lines)
     /// containing each of `needles`.
     pub fn fails_with(out: &Output, needles: &[&str]) {

@@ -5,10 +5,11 @@
 use std::path::Path;
 
 use oxtune_data::text::TextAssets;
+use oxtune_engine::model::checkpoint::Trainable;
 use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_plugin_api::RewardSample;
 use oxtune_registry::{Registry, SandboxConfig};
-use oxtune_tests::cli::{fails_with, fresh_dir, metrics, oxtune, scratch, succeeded, tiny};
+use oxtune_tests::cli::{self, fails_with, fresh_dir, metrics, scratch, succeeded};
 use oxtune_tests::{build_cdylib, build_rust_wasm_reward, build_wasm_reward_component, fixtures};
 use oxtune_train::align::grpo::{GrpoConfig, GrpoLossType, GrpoObjective, RewardOnError, ScaleRewards};
 use oxtune_train::align::objective::Reference;
@@ -22,23 +23,9 @@ const PAIRS: &str = concat!(
     "{\"chosen\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello!\"}], \"rejected\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Go away.\"}]}\n",
 );
 
+/// `oxtune rlhf` with a rank-4 LoRA.
 fn rlhf(algo: &str, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let model = tiny("tiny-qwen3");
-    let mut args = vec![
-        "rlhf",
-        "--algo",
-        algo,
-        "--model",
-        &model,
-        "--dataset",
-        data.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--lora-rank",
-        "4",
-    ];
-    args.extend(extra);
-    oxtune(&args, &[])
+    cli::rlhf(algo, data, out, &[&["--lora-rank", "4"], extra].concat())
 }
 
 #[test]
@@ -97,24 +84,53 @@ fn a_plugin_tuner_that_trains_base_weights_gets_a_frozen_reference() {
     assert!(out.join("checkpoint-2/config.json").is_file(), "an in-place tuner saves the whole model");
 }
 
+/// `-log σ(x)`, computed independently of the trainer.
+fn neg_log_sigmoid(x: f64) -> f64 {
+    (1.0 + (-x).exp()).ln()
+}
+
 #[test]
-fn every_preference_method_trains() {
-    let data = scratch("pairs-all.jsonl", PAIRS);
-    for (algo, extra) in [
-        ("dpo", vec!["--loss-type", "ipo"]),
-        ("dpo", vec!["--loss-type", "hinge", "--rpo-alpha", "1"]),
-        ("cpo", vec![]),
-        ("simpo", vec!["--simpo-gamma", "0.5"]),
-        ("orpo", vec!["--orpo-lambda", "0.2"]),
-    ] {
+fn every_preference_method_starts_at_its_formula_and_separates_the_pair() {
+    // One pair, one per step: step 1 sees policy = reference (B = 0), so
+    // each loss is its formula over the logged log-probabilities; step 2
+    // trains on the same pair, so the chosen-over-rejected margin grows.
+    let data = scratch("one-pair.jsonl", PAIRS.lines().next().unwrap());
+    type Expected = fn(&serde_json::Value) -> f64;
+    let cases: [(&str, Vec<&str>, Expected); 5] = [
+        // (0 − 1/(2β))² at β 0.1.
+        ("dpo", vec!["--loss-type", "ipo", "--beta", "0.1"], |_| 25.0),
+        // relu(1 − β·0) + rpo_alpha · NLL(chosen).
+        ("dpo", vec!["--loss-type", "hinge", "--rpo-alpha", "1", "--beta", "0.1"], |m| 1.0 + f(m, "nll_loss")),
+        // −log σ(β(log π(c) − log π(r))) + NLL(chosen), β 0.1, sums of log-probs.
+        ("cpo", vec![], |m| neg_log_sigmoid(0.1 * (f(m, "logps/chosen") - f(m, "logps/rejected"))) + f(m, "nll_loss")),
+        // −log σ(β(mean log π(c) − mean log π(r)) − γ), β 2, γ 0.5.
+        ("simpo", vec!["--simpo-gamma", "0.5"], |m| {
+            neg_log_sigmoid(2.0 * (f(m, "logps/chosen") - f(m, "logps/rejected")) - 0.5)
+        }),
+        // NLL − λ log σ(log odds(c) − log odds(r)), λ 0.2, mean log-probs.
+        ("orpo", vec!["--orpo-lambda", "0.2"], |m| {
+            let log_odds = |lp: f64| lp - (-lp.exp()).ln_1p();
+            f(m, "nll_loss") + 0.2 * neg_log_sigmoid(log_odds(f(m, "logps/chosen")) - log_odds(f(m, "logps/rejected")))
+        }),
+    ];
+    for (algo, extra, expected) in cases {
+        let case = format!("{algo} {}", extra.join(" "));
         let out = fresh_dir(&format!("pref-{algo}-{}", extra.len()));
-        let mut args = vec!["--max-steps", "2", "--per-device-train-batch-size", "2"];
+        let mut args = vec!["--max-steps", "2", "--per-device-train-batch-size", "1", "--learning-rate", "5e-3"];
         args.extend(extra.iter().copied());
         succeeded(&rlhf(algo, &data, &out, &args));
         let m = metrics(&out);
-        assert_eq!(m.len(), 2, "{algo}");
-        assert!(m.iter().all(|s| s["loss"].as_f64().unwrap().is_finite()), "{algo}");
+        assert_eq!(m.len(), 2, "{case}");
+        let (loss, want) = (f(&m[0], "loss"), expected(&m[0]));
+        assert!((loss - want).abs() < 1e-4 * want.abs().max(1.0), "{case}: step-1 loss {loss}, formula {want}");
+        let (before, after) = (f(&m[0], "rewards/margins"), f(&m[1], "rewards/margins"));
+        assert!(after > before, "{case}: the margin must grow on the trained pair: {before} -> {after}");
+        assert!(f(&m[1], "loss") < loss, "{case}: the loss must fall on the trained pair: {}", m[1]);
     }
+}
+
+#[test]
+fn kto_starts_at_one_half_and_needs_two_rows_per_batch() {
     let kto = scratch(
         "kto.jsonl",
         concat!(
@@ -127,7 +143,8 @@ fn every_preference_method_trains() {
     let out = fresh_dir("kto");
     succeeded(&rlhf("kto", &kto, &out, &["--max-steps", "2", "--per-device-train-batch-size", "4"]));
     let m = metrics(&out);
-    assert!(m[0]["kl"].as_f64().is_some() && m[0]["rewards/chosen"].as_f64().is_some());
+    assert_eq!(f(&m[0], "kl"), 0.0, "policy = reference: {}", m[0]);
+    assert_eq!(f(&m[0], "rewards/chosen"), 0.0, "policy = reference: {}", m[0]);
     // At initialisation policy = reference: each loss term is 1 − σ(0) = 0.5.
     assert!((m[0]["loss"].as_f64().unwrap() - 0.5).abs() < 1e-6, "{}", m[0]);
     fails_with(&rlhf("kto", &kto, &fresh_dir("kto-1"), &["--max-steps", "1"]), &["at least 2"]);
@@ -158,48 +175,59 @@ fn bad_preference_rows_and_reward_settings_fail_before_training() {
 
 #[test]
 fn grpo_rolls_out_scores_and_updates() {
+    // The example plugin's `keyword` reward scores a completion 1 when it
+    // contains "e": the tiny model's random text hits it about half the
+    // time, so advantages are non-zero and the policy must move.
+    let plugin = build_cdylib("oxtune-example-plugin", &["cdylib"]);
     let prompts = scratch(
         "grpo.jsonl",
-        "{\"problem\": \"One plus one?\", \"solution\": \"2\"}\n{\"problem\": \"Two plus two?\", \"solution\": \"4\"}\n",
+        concat!(
+            "{\"problem\": \"One plus one?\", \"solution\": \"2\", \"keyword\": \"e\"}\n",
+            "{\"problem\": \"Two plus two?\", \"solution\": \"4\", \"keyword\": \"e\"}\n",
+        ),
     );
     let out = fresh_dir("grpo");
-    let run = rlhf(
-        "grpo",
-        &prompts,
-        &out,
-        &[
-            "--reward-funcs",
-            "accuracy,repetition",
-            "--reward-weights",
-            "1,0.5",
-            "--num-generations",
-            "4",
-            "--max-completion-length",
-            "6",
-            "--max-steps",
-            "2",
-            "--per-device-train-batch-size",
-            "2",
-        ],
-    );
-    succeeded(&run);
+    let mut args = vec!["--plugin", plugin.to_str().unwrap()];
+    args.extend([
+        "--reward-funcs",
+        "keyword,repetition",
+        "--reward-weights",
+        "1,0.5",
+        "--num-generations",
+        "4",
+        "--max-completion-length",
+        "6",
+        "--max-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "2",
+        "--learning-rate",
+        "0.01",
+    ]);
+    succeeded(&rlhf("grpo", &prompts, &out, &args));
     let m = metrics(&out);
     assert_eq!(m.len(), 2);
-    for key in [
-        "reward",
-        "reward_std",
-        "rewards/accuracy/mean",
-        "rewards/repetition/std",
-        "completions/mean_length",
-        "clip_ratio",
-        "kl",
-        "rollout_s",
-        "rollout_tokens_per_s",
-        "seconds",
-    ] {
-        assert!(m[1][key].as_f64().is_some(), "{key} missing from {}", m[1]);
+    for step in &m {
+        for key in ["clip_ratio", "rewards/repetition/std", "rollout_s", "rollout_tokens_per_s", "seconds"] {
+            f(step, key);
+        }
+        let weighted = f(step, "rewards/keyword/mean") + 0.5 * f(step, "rewards/repetition/mean");
+        assert!((f(step, "reward") - weighted).abs() < 1e-9, "reward is the weighted sum: {step}");
+        assert!(f(step, "completions/mean_length") <= 6.0, "{step}");
     }
-    assert!(m[1]["completions/mean_length"].as_f64().unwrap() <= 6.0);
+    assert!(f(&m[0], "reward_std") > 0.0, "the keyword must split the group for this test to mean anything: {}", m[0]);
+    // Step 1: policy = reference and = the rollout policy, with
+    // zero-mean advantages in each group: no KL and a zero loss, but a
+    // gradient that makes the rewarded completions likelier.
+    assert_eq!(f(&m[0], "kl"), 0.0, "{}", m[0]);
+    assert!(f(&m[0], "loss").abs() < 1e-6, "{}", m[0]);
+    assert!(f(&m[0], "grad_norm") > 0.0, "{}", m[0]);
+    assert!(f(&m[1], "kl") > 0.0, "the update moved the policy away from the reference: {}", m[1]);
+}
+
+/// Metric `key` of a logged step.
+fn f(step: &serde_json::Value, key: &str) -> f64 {
+    step[key].as_f64().unwrap_or_else(|| panic!("{key} missing from {step}"))
 }
 
 /// A GRPO objective over tiny-qwen3 with `registry`'s reward `funcs`.
@@ -237,17 +265,35 @@ fn lora_model(registry: &Registry) -> LoadedModel {
 }
 
 #[test]
-fn with_beta_zero_no_reference_pass_runs() {
+fn with_beta_zero_the_reference_is_not_run_and_the_kl_term_is_dropped() {
+    // PEFT's reference adapter (B ≠ 0) makes the policy differ from the
+    // reference (adapter off); the rollouts are seeded alike, so the two
+    // losses differ by exactly β times the logged KL.
     let registry = Registry::with_builtins().unwrap();
     let assets = TextAssets::load(&fixtures().join("models/tiny-qwen3")).unwrap();
-    let model = lora_model(&registry);
+    let mut model =
+        LoadedModel::load(&registry, &fixtures().join("models/tiny-qwen3"), &LoadOptions::default()).unwrap();
+    model.attach_adapter(&registry, &fixtures().join("peft/tiny-qwen3-lora"), Trainable::All).unwrap();
     let prompt = oxtune_data::PromptRow { ids: vec![5, 9, 14], text: "abc".into(), columns: Default::default() };
-    for (beta, passes) in [(0.0, 0), (0.04, 1)] {
-        let objective = objective(&registry, &assets, &["repetition"], beta, RewardOnError::Fail).unwrap();
+    let run = |beta: f64| {
+        let mut objective = objective(&registry, &assets, &["repetition"], beta, RewardOnError::Fail).unwrap();
+        // Token-mean aggregation, like the logged KL.
+        objective.config.loss_type = GrpoLossType::Bnpo;
         let out = objective.loss(&model, &[&prompt], Some(1), 1).unwrap();
-        assert!(out.loss.to_scalar::<f32>().unwrap().is_finite());
-        assert_eq!(objective.reference_passes(), passes, "beta {beta}");
-    }
+        (out.loss.to_scalar::<f32>().unwrap() as f64, out.logged.get("kl").copied(), objective.reference_passes())
+    };
+    let (without, kl_without, passes_without) = run(0.0);
+    let (with, kl, passes) = run(0.5);
+    assert_eq!((passes_without, passes), (0, 1));
+    let kl = kl.expect("kl logged when β > 0");
+    assert!(kl > 1e-4, "the adapter moves the policy away from the reference: kl {kl}");
+    assert_eq!(kl_without, Some(0.0), "no KL is computed without a reference");
+    assert!(
+        (with - without - 0.5 * kl).abs() < 1e-5,
+        "loss(β 0.5) − loss(β 0) = {} ≠ 0.5 · kl = {}",
+        with - without,
+        0.5 * kl
+    );
 }
 
 fn samples(completions: &[&str]) -> Vec<RewardSample> {

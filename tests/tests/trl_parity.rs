@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use oxtune_tests::cli::{fresh_dir, metrics, oxtune, succeeded, tiny};
+use oxtune_tests::cli::{fresh_dir, metrics, rlhf, succeeded};
 use oxtune_tests::fixtures;
 use serde_json::Value;
 
@@ -20,19 +20,9 @@ fn reference() -> Value {
 
 /// Runs two steps of `algo` with TRL's settings and returns the metrics.
 fn run(algo: &str, data: &str, extra: &[&str]) -> Vec<Value> {
-    let model = tiny("tiny-qwen3");
     let data: PathBuf = fixtures().join("trl").join(data);
     let out = fresh_dir(&format!("trl-{algo}-{}", extra.join("-")));
-    let mut args = vec![
-        "rlhf",
-        "--algo",
-        algo,
-        "--model",
-        &model,
-        "--dataset",
-        data.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
+    let trl_settings = [
         "--tuner",
         "full",
         "--per-device-train-batch-size",
@@ -48,8 +38,7 @@ fn run(algo: &str, data: &str, extra: &[&str]) -> Vec<Value> {
         "--max-grad-norm",
         "0",
     ];
-    args.extend(extra);
-    succeeded(&oxtune(&args, &[]));
+    succeeded(&rlhf(algo, &data, &out, &[&trl_settings, extra].concat()));
     metrics(&out)
 }
 

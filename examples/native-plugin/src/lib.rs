@@ -29,7 +29,7 @@
 use oxtune_plugin_api::nn::{rope_inv_freq, Linear, RmsNorm};
 use oxtune_plugin_api::serde_json::{json, Map, Value};
 use oxtune_plugin_api::{
-    attention, declare_plugin, weight, AttentionSpec, DatasetAdapter, Descriptor, Error, Inputs, Model,
+    attention, declare_plugin, weight, AttentionSpec, DatasetAdapter, Descriptor, Error, InPlace, Inputs, Model,
     ModelArchitecture, ParamInit, Plugin, Result, RewardFunction, RewardSample, Tensor, Tuner, TunerLayers, TunerParam,
 };
 
@@ -258,28 +258,7 @@ impl Tuner for LnTuning {
     }
 
     fn load(&self, _config: &Value) -> Result<Box<dyn TunerLayers>> {
-        Ok(Box::new(LnTuningLayers))
-    }
-}
-
-/// The configured LayerNorm tuning (it has no settings).
-struct LnTuningLayers;
-
-impl TunerLayers for LnTuningLayers {
-    fn params(&self, _layer: &str, _in_features: usize, _out_features: usize) -> Result<Vec<TunerParam>> {
-        Ok(Vec::new())
-    }
-
-    fn forward(&self, _layer: &str, _x: &Tensor, base: &Tensor) -> Result<Tensor> {
-        Ok(*base)
-    }
-
-    fn merge(&self, layer: &str) -> Result<Tensor> {
-        weight(&format!("{layer}.weight"))
-    }
-
-    fn trains_base(&self, name: &str) -> bool {
-        name.ends_with("norm.weight")
+        Ok(Box::new(InPlace::new(|name| name.ends_with("norm.weight"))))
     }
 }
 

@@ -21,6 +21,7 @@ use oxtune_train::align::objective::Reference;
 use oxtune_train::{TrainConfig, TrainError};
 use serde_json::{json, Value};
 
+pub mod peer;
 pub mod vl;
 
 /// A benchmark that could not run.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use oxtune_data::{ChatRequest, TextAssets};
 use oxtune_engine::generate::{generate, Detokenizer, SamplingParams};
+use oxtune_engine::model::checkpoint::{read_json, CheckpointError};
 use oxtune_engine::{LoadedModel, ModelError};
 use serde_json::{json, Value};
 
@@ -42,25 +43,15 @@ pub enum RunError {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// A file of the run is not valid JSON.
-    #[error("{path} is not valid JSON")]
-    Json {
-        /// The file.
-        path: PathBuf,
-        /// The parser's error.
-        source: serde_json::Error,
-    },
+    /// A JSON file of the run (`args.json`, `trainer_state.json`) cannot be read or parsed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// Rendering or tokenizing a sample prompt failed.
     #[error(transparent)]
     Text(#[from] oxtune_data::text::TextError),
     /// Generating a sample answer failed.
     #[error(transparent)]
     Model(#[from] Box<ModelError>),
-}
-
-fn read_json(path: &Path) -> Result<Value, RunError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RunError::Io { path: path.to_owned(), source })?;
-    serde_json::from_str(&text).map_err(|source| RunError::Json { path: path.to_owned(), source })
 }
 
 /// The checkpoint a run continues from: `resume_from` if given, else the

@@ -20,7 +20,8 @@
 
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{
-    declare_plugin, weight, Descriptor, Error, ParamInit, Plugin, Result, Tensor, Tuner, TunerLayers, TunerParam,
+    declare_plugin, weight, Descriptor, Error, InPlace, ParamInit, Plugin, Result, Tensor, Tuner, TunerLayers,
+    TunerParam,
 };
 
 /// The LoRA settings shared by LoRA and DoRA.
@@ -214,7 +215,7 @@ impl Tuner for Full {
     }
 
     fn load(&self, _config: &Value) -> Result<Box<dyn TunerLayers>> {
-        Ok(Box::new(InPlace(Box::new(|_| true))))
+        Ok(Box::new(InPlace::new(|_| true)))
     }
 }
 
@@ -250,32 +251,10 @@ impl Tuner for Freeze {
         if trainable.is_empty() && frozen.is_empty() {
             return Err(Error::new("freeze: give `trainable_parameters` or `freeze_parameters` (regexes)"));
         }
-        Ok(Box::new(InPlace(Box::new(move |name: &str| {
+        Ok(Box::new(InPlace::new(move |name: &str| {
             trainable.iter().any(|r| r.is_match(name))
                 || (!frozen.is_empty() && !frozen.iter().any(|r| r.is_match(name)))
-        }))))
-    }
-}
-
-/// A tuner that adds nothing at the hook and trains the base parameters
-/// its predicate selects.
-struct InPlace(Box<dyn Fn(&str) -> bool + Send + Sync>);
-
-impl TunerLayers for InPlace {
-    fn params(&self, _layer: &str, _in_features: usize, _out_features: usize) -> Result<Vec<TunerParam>> {
-        Ok(Vec::new())
-    }
-
-    fn forward(&self, _layer: &str, _x: &Tensor, base: &Tensor) -> Result<Tensor> {
-        Ok(*base)
-    }
-
-    fn merge(&self, layer: &str) -> Result<Tensor> {
-        weight(&format!("{layer}.weight"))
-    }
-
-    fn trains_base(&self, name: &str) -> bool {
-        (self.0)(name)
+        })))
     }
 }
 

@@ -86,6 +86,20 @@ pub struct MaskShape {
     pub offset: usize,
 }
 
+/// The same rules as [`build_mask`], for the memory-efficient attention
+/// kernel, which applies them tile by tile instead of reading a
+/// `[queries, keys]` matrix.
+pub fn key_mask(spec: MaskSpec, shape: MaskShape, info: &BatchInfo) -> Result<oxtune_kernels::KeyMask> {
+    let visible = |rows: Vec<Vec<u32>>| rows.into_iter().map(|r| r.into_iter().map(|x| x != 0).collect()).collect();
+    Ok(oxtune_kernels::KeyMask {
+        causal: spec.causal,
+        sliding_window: spec.sliding_window as usize,
+        offset: shape.offset,
+        padding: info.attention_mask.as_ref().map(rows_u32).transpose()?.map(visible),
+        segments: info.segment_ids.as_ref().map(rows_u32).transpose()?,
+    })
+}
+
 /// Builds the additive mask `[batch or 1, 1, queries, keys]` (0 or -inf).
 /// A query that would see no key at all (a padding row) is allowed to see
 /// itself, so its softmax stays finite. `None` when nothing is masked.

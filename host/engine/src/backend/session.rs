@@ -13,7 +13,7 @@ use abi_stable::std_types::{RResult, RStr, RString, RVec};
 use candle_core::{DType, Device, Tensor};
 use oxtune_plugin_api::abi::{self, GraphHost, GraphHost_TO, GraphRef, NamedTensor, Op, OpCall, TensorId, TunerBox};
 
-use super::batch::{build_mask, BatchInfo, KvCache, MaskShape, MaskSpec};
+use super::batch::{build_mask, key_mask, BatchInfo, KvCache, MaskShape, MaskSpec};
 use super::ops;
 use super::weights::WeightStore;
 
@@ -111,7 +111,10 @@ pub struct GraphSession<'a> {
     arena: Vec<Option<Tensor>>,
     tag: u32,
     offset: usize,
+    /// Additive masks of the naive attention (devices without a kernel).
     masks: HashMap<(MaskSpec, MaskShape, DType), Option<Tensor>>,
+    /// Mask rules of the memory-efficient CPU attention.
+    key_masks: HashMap<(MaskSpec, MaskShape), oxtune_kernels::KeyMask>,
     /// Dropout ops run so far: each draws its own mask.
     dropouts: u64,
 }
@@ -162,6 +165,7 @@ impl<'a> GraphSession<'a> {
             tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
             offset,
             masks: HashMap::new(),
+            key_masks: HashMap::new(),
             dropouts: 0,
         }
     }
@@ -465,14 +469,33 @@ impl<'a> GraphSession<'a> {
         };
         let t = k.dim(2).map_err(candle)?;
         let shape = MaskShape { batch: b, queries: s, keys: t, offset: t - s };
+        let scale = if scale == 0.0 { 1.0 / (d as f64).sqrt() } else { scale };
+        let softcap = (softcap > 0.0).then_some(softcap as f64);
+        if q.device().is_cpu() {
+            // Memory linear in the sequence; computed in f32 (or f64).
+            if !self.key_masks.contains_key(&(spec, shape)) {
+                let mask = key_mask(spec, shape, self.ctx.batch).map_err(candle)?;
+                self.key_masks.insert((spec, shape), mask);
+            }
+            let dtype = q.dtype();
+            let compute = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+            let [q, k, v] = [q, k, v].map(|t| t.to_dtype(compute));
+            let out = oxtune_kernels::flash_attention(
+                &q.map_err(candle)?,
+                &k.map_err(candle)?,
+                &v.map_err(candle)?,
+                &self.key_masks[&(spec, shape)],
+                scale,
+                softcap,
+            );
+            return out.and_then(|o| o.to_dtype(dtype)).map_err(candle);
+        }
         let key = (spec, shape, q.dtype());
         if !self.masks.contains_key(&key) {
             let mask = build_mask(spec, shape, self.ctx.batch, q.dtype(), q.device()).map_err(candle)?;
             self.masks.insert(key, mask);
         }
         let mask = self.masks[&key].as_ref();
-        let scale = if scale == 0.0 { 1.0 / (d as f64).sqrt() } else { scale };
-        let softcap = (softcap > 0.0).then_some(softcap as f64);
         let (k, v) = (k.contiguous().map_err(candle)?, v.contiguous().map_err(candle)?);
         ops::attention(&q.contiguous().map_err(candle)?, &k, &v, mask, scale, softcap).map_err(candle)
     }

@@ -1,0 +1,95 @@
+//! The peer a training benchmark is compared with: PyTorch + PEFT on the
+//! same model, shape and tuner, run right after oxtune's measurement (the
+//! machine's speed drifts; only figures taken back to back compare).
+//!
+//! The peer program (`peer/peft_train.py`) is embedded in the binary and
+//! written to a scratch folder when it runs; it needs a Python with
+//! `torch`, `transformers` and `peft` (and `gguf` for a GGUF model).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::{BenchError, TrainBench};
+
+/// The peer program's source.
+const PEFT_TRAIN: &str = include_str!("../peer/peft_train.py");
+
+/// A Python interpreter with torch + PEFT, and how many threads it may use.
+#[derive(Clone, Debug)]
+pub struct TrainPeer {
+    /// The interpreter (`/tmp/peer/bin/python`).
+    pub python: PathBuf,
+    /// Torch's intra-op threads: the same as oxtune's for a fair ratio.
+    pub threads: usize,
+}
+
+impl TrainPeer {
+    /// Trains `bench`'s shape and tuner on `model` (a Hugging Face folder or
+    /// a GGUF file) with PyTorch + PEFT and returns the peer's record.
+    pub fn train(&self, model: &Path, bench: &TrainBench) -> Result<Value, BenchError> {
+        let tuner = match bench.tuner.as_str() {
+            "lora" | "full" => bench.tuner.as_str(),
+            other => {
+                return Err(BenchError::Invalid(format!("the PyTorch peer trains `lora` or `full`, not `{other}`")))
+            }
+        };
+        let script = write_script()?;
+        let output = Command::new(&self.python)
+            .arg(&script)
+            .arg(model)
+            .args(["--batch", &bench.batch_size.to_string(), "--seq", &bench.seq_len.to_string()])
+            .args(["--steps", &bench.steps.to_string(), "--tuner", tuner, "--r", &bench.lora_rank.to_string()])
+            .args(["--targets", &bench.target_modules.join(","), "--threads", &self.threads.to_string()])
+            .output()
+            .map_err(|e| BenchError::Invalid(format!("cannot run the peer {}: {e}", self.python.display())))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+            return Err(BenchError::Invalid(format!(
+                "the peer {} failed ({}): {}",
+                self.python.display(),
+                output.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )));
+        }
+        stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .ok_or_else(|| BenchError::Invalid(format!("the peer {} printed no JSON record", self.python.display())))
+    }
+}
+
+/// Writes the peer program to a scratch folder (through a rename, so a
+/// concurrent run never reads half a file) and returns its path.
+fn write_script() -> Result<PathBuf, BenchError> {
+    let dir = std::env::temp_dir().join("oxtune-peer");
+    let io =
+        |e: std::io::Error| BenchError::Invalid(format!("cannot write the peer program to {}: {e}", dir.display()));
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let path = dir.join("peft_train.py");
+    let partial = dir.join(format!("peft_train.py.{}", std::process::id()));
+    std::fs::write(&partial, PEFT_TRAIN).map_err(io)?;
+    std::fs::rename(&partial, &path).map_err(io)?;
+    Ok(path)
+}
+
+/// oxtune's figures over the peer's for one shape: tokens/s (above 1:
+/// oxtune is faster) and peak memory (below 1: oxtune needs less).
+pub fn ratio(ours: &Value, peer: &Value) -> Value {
+    let of = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+    let divide = |k: &str| match (of(ours, k), of(peer, k)) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    json!({
+        "ratio": "oxtune / peer",
+        "batch_size": ours.get("batch_size"),
+        "seq_len": ours.get("seq_len"),
+        "tokens_per_s": divide("tokens_per_s"),
+        "peak_memory": divide("peak_memory_mb"),
+    })
+}

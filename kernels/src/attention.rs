@@ -1,0 +1,640 @@
+//! Memory-efficient attention on the CPU, with its backward pass.
+//!
+//! The naive form builds the `[queries, keys]` score matrix of every head
+//! and keeps it (and its softmax) for the backward pass: memory grows with
+//! the square of the sequence. This kernel walks the keys in blocks with
+//! an online softmax (FlashAttention-2), never holding more than one
+//! `[BLOCK, BLOCK]` tile per thread, skips the blocks the mask rules out
+//! (above the causal diagonal, outside the sliding window), and recomputes
+//! the tiles in the backward pass from the saved log-sum-exp of each row.
+//!
+//! Query heads of a group read their key/value head in place (GQA without
+//! copying K and V). Which keys a query sees is a [`KeyMask`], the same
+//! rules as the host's additive mask: causal, sliding window, padding,
+//! packing segments, and an offset for cached keys.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Rows (queries) and columns (keys) of one tile.
+const BLOCK: usize = 64;
+
+/// Which keys each query may attend to.
+///
+/// Query `i` sits at absolute position `offset + i`; key `j` at `j`. A
+/// query that no rule leaves any key for (a padding row) sees only the key
+/// at its own position, so its softmax stays finite, as the host's
+/// additive mask arranges.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KeyMask {
+    /// Only keys at or before the query's position.
+    pub causal: bool,
+    /// Only the last `n` keys up to the query's position (0: no window).
+    pub sliding_window: usize,
+    /// Cached key positions before the first query.
+    pub offset: usize,
+    /// Per batch row, per key: whether it may be attended to (padding is
+    /// `false`). Rows shorter than the keys allow the rest.
+    pub padding: Option<Vec<Vec<bool>>>,
+    /// Per batch row, per token: the packing segment. A query sees only
+    /// keys of its own segment (used without cached keys).
+    pub segments: Option<Vec<Vec<u32>>>,
+}
+
+impl KeyMask {
+    /// The half-open range of keys the causal and window rules leave to
+    /// the query at `pos`, among `keys`.
+    fn range(&self, pos: usize, keys: usize) -> (usize, usize) {
+        let hi = if self.causal { (pos + 1).min(keys) } else { keys };
+        let lo = if self.sliding_window > 0 { (pos + 1).saturating_sub(self.sliding_window) } else { 0 };
+        (lo.min(hi), hi)
+    }
+
+    /// Whether query `i` of batch row `row` may see key `j` (range rules
+    /// aside).
+    fn sees(&self, row: usize, i: usize, j: usize) -> bool {
+        if let Some(p) = &self.padding {
+            if !p[row].get(j).copied().unwrap_or(true) {
+                return false;
+            }
+        }
+        if let Some(s) = &self.segments {
+            return s[row].get(i) == s[row].get(j);
+        }
+        true
+    }
+
+    /// For each query of batch row `row`: `None` when its rules leave it
+    /// some key, else the one key it falls back to (its own position).
+    fn fallbacks(&self, row: usize, queries: usize, keys: usize) -> Vec<Option<usize>> {
+        (0..queries)
+            .map(|i| {
+                let pos = self.offset + i;
+                let (lo, hi) = self.range(pos, keys);
+                let any = (lo..hi).any(|j| self.sees(row, i, j));
+                (!any).then(|| pos.min(keys - 1))
+            })
+            .collect()
+    }
+}
+
+/// `softmax(q·kᵀ·scale + mask)·v` for `q` `[b, hq, s, d]`, `k` and `v`
+/// `[b, hkv, t, d]` (`hq` a multiple of `hkv`; query head `h` reads
+/// key/value head `h / (hq / hkv)`), all f32 or all f64, with scores
+/// capped at `softcap · tanh(score / softcap)` when given. Differentiable
+/// in `q`, `k` and `v`; memory is linear in `s` and `t`.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &KeyMask,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let d = q.dim(3)?;
+    let op = FlashAttention { mask: mask.clone(), scale, softcap };
+    let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+    packed.narrow(3, 0, d)
+}
+
+/// The op: its output is `[b, hq, s, d + 1]`, the attention output with
+/// each row's log-sum-exp appended (the backward pass reads it back from
+/// the saved result; the caller narrows it away).
+struct FlashAttention {
+    mask: KeyMask,
+    scale: f64,
+    softcap: Option<f64>,
+}
+
+/// The geometry of one call.
+#[derive(Copy, Clone)]
+struct Dims {
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    queries: usize,
+    keys: usize,
+    head_dim: usize,
+}
+
+impl Dims {
+    fn of(q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+        let (batch, q_heads, queries, head_dim) = q.shape().dims4()?;
+        let (kb, kv_heads, keys, kd) = k.shape().dims4()?;
+        if k.shape() != v.shape() || kb != batch || kd != head_dim {
+            bail!("flash-attention: q {:?}, k {:?}, v {:?} do not fit", q.shape(), k.shape(), v.shape())
+        }
+        if kv_heads == 0 || q_heads % kv_heads != 0 {
+            bail!("flash-attention: {q_heads} query heads cannot share {kv_heads} key/value heads")
+        }
+        if keys == 0 {
+            bail!("flash-attention: no keys")
+        }
+        Ok(Dims { batch, q_heads, kv_heads, queries, keys, head_dim })
+    }
+
+    /// The key/value head query head `h` reads.
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.q_heads / self.kv_heads)
+    }
+}
+
+/// The float types the kernel computes in.
+trait Real: WithDType + num_like::Float {}
+impl Real for f32 {}
+impl Real for f64 {}
+
+/// The few float operations the kernel needs, for f32 and f64.
+mod num_like {
+    /// Float arithmetic beyond candle's `WithDType`.
+    pub trait Float: Sized {
+        fn exp(self) -> Self;
+        fn ln(self) -> Self;
+        fn tanh(self) -> Self;
+        fn neg_infinity() -> Self;
+        fn of(x: f64) -> Self;
+    }
+    macro_rules! float {
+        ($t:ty) => {
+            impl Float for $t {
+                fn exp(self) -> Self {
+                    <$t>::exp(self)
+                }
+                fn ln(self) -> Self {
+                    <$t>::ln(self)
+                }
+                fn tanh(self) -> Self {
+                    <$t>::tanh(self)
+                }
+                fn neg_infinity() -> Self {
+                    <$t>::NEG_INFINITY
+                }
+                fn of(x: f64) -> Self {
+                    x as $t
+                }
+            }
+        };
+    }
+    float!(f32);
+    float!(f64);
+}
+
+/// `dst (m×n) = [dst +] a (m×k) · b (k×n)`, each matrix given by its
+/// pointer and (row, column) strides, on this thread.
+///
+/// # Safety
+/// Every index the strides reach must be inside the matrices' buffers,
+/// and `dst` must not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    a: *const T,
+    (a_rs, a_cs): (usize, usize),
+    b: *const T,
+    (b_rs, b_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        T::of(1.0),
+        T::of(1.0),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// One tile's scores: `S = q_blk · k_blkᵀ · scale`, capped, and `-inf`
+/// where the mask hides the key.
+#[allow(clippy::too_many_arguments)]
+fn scores<T: Real>(
+    op: &FlashAttention,
+    dims: &Dims,
+    row: usize,
+    (i0, rows): (usize, usize),
+    (j0, cols): (usize, usize),
+    q: &[T],
+    k: &[T],
+    fallbacks: &[Option<usize>],
+    s: &mut [T],
+) {
+    let d = dims.head_dim;
+    // SAFETY: q holds `rows` rows of `d`, k `cols` rows of `d`, s is rows × cols.
+    unsafe {
+        matmul((rows, cols, d), s.as_mut_ptr(), cols, false, q.as_ptr(), (d, 1), k.as_ptr(), (1, d));
+    }
+    let scale = T::of(op.scale);
+    for r in 0..rows {
+        let i = i0 + r;
+        let pos = op.mask.offset + i;
+        let (lo, hi) = op.mask.range(pos, dims.keys);
+        for c in 0..cols {
+            let j = j0 + c;
+            let cell = &mut s[r * cols + c];
+            let visible = match fallbacks[i] {
+                Some(f) => j == f,
+                None => j >= lo && j < hi && op.mask.sees(row, i, j),
+            };
+            if !visible {
+                *cell = T::neg_infinity();
+                continue;
+            }
+            let mut x = *cell * scale;
+            if let Some(cap) = op.softcap {
+                let cap = T::of(cap);
+                x = cap * (x / cap).tanh();
+            }
+            *cell = x;
+        }
+    }
+}
+
+/// The key blocks query rows `[i0, i1)` can see at all.
+fn key_span(mask: &KeyMask, fallbacks: &[Option<usize>], (i0, i1): (usize, usize), keys: usize) -> (usize, usize) {
+    let (lo, _) = mask.range(mask.offset + i0, keys);
+    let (_, hi) = mask.range(mask.offset + i1 - 1, keys);
+    let (mut lo, mut hi) = (lo, hi);
+    for f in fallbacks[i0..i1].iter().flatten() {
+        lo = lo.min(*f);
+        hi = hi.max(*f + 1);
+    }
+    (lo, hi.max(lo))
+}
+
+impl FlashAttention {
+    fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        let Dims { batch, q_heads, queries, keys, head_dim: d, .. } = dims;
+        let width = d + 1;
+        let mut out = vec![T::of(0.0); batch * q_heads * queries * width];
+        let fallbacks: Vec<Vec<Option<usize>>> = (0..batch).map(|b| self.mask.fallbacks(b, queries, keys)).collect();
+        out.par_chunks_mut(queries * width).enumerate().for_each(|(bh, head)| {
+            let (b, h) = (bh / q_heads, bh % q_heads);
+            head.par_chunks_mut(BLOCK * width).enumerate().for_each(|(block, out)| {
+                let rows = out.len() / width;
+                self.forward_block(&dims, b, h, (block * BLOCK, rows), q, k, v, &fallbacks[b], out);
+            });
+        });
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_block<T: Real>(
+        &self,
+        dims: &Dims,
+        b: usize,
+        h: usize,
+        (i0, rows): (usize, usize),
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        fallbacks: &[Option<usize>],
+        out: &mut [T],
+    ) {
+        let d = dims.head_dim;
+        let kvh = dims.kv_head(h);
+        let q_at = ((b * dims.q_heads + h) * dims.queries + i0) * d;
+        let kv_at = (b * dims.kv_heads + kvh) * dims.keys * d;
+        let q = &q[q_at..q_at + rows * d];
+        let (k, v) = (&k[kv_at..kv_at + dims.keys * d], &v[kv_at..kv_at + dims.keys * d]);
+        let mut acc = vec![T::of(0.0); rows * d];
+        let mut max = vec![T::neg_infinity(); rows];
+        let mut sum = vec![T::of(0.0); rows];
+        let mut s = vec![T::of(0.0); rows * BLOCK];
+        let (lo, hi) = key_span(&self.mask, fallbacks, (i0, i0 + rows), dims.keys);
+        let mut j0 = lo / BLOCK * BLOCK;
+        while j0 < hi {
+            let cols = BLOCK.min(dims.keys - j0);
+            let tile = &mut s[..rows * cols];
+            scores(self, dims, b, (i0, rows), (j0, cols), q, &k[j0 * d..], fallbacks, tile);
+            for r in 0..rows {
+                let line = &mut tile[r * cols..(r + 1) * cols];
+                let tile_max = line.iter().copied().fold(T::neg_infinity(), |a, x| if x > a { x } else { a });
+                if tile_max == T::neg_infinity() {
+                    line.fill(T::of(0.0));
+                    continue;
+                }
+                let new_max = if tile_max > max[r] { tile_max } else { max[r] };
+                let rescale = (max[r] - new_max).exp();
+                let mut line_sum = T::of(0.0);
+                for x in line.iter_mut() {
+                    *x = (*x - new_max).exp();
+                    line_sum += *x;
+                }
+                sum[r] = sum[r] * rescale + line_sum;
+                max[r] = new_max;
+                for a in &mut acc[r * d..(r + 1) * d] {
+                    *a *= rescale;
+                }
+            }
+            // SAFETY: tile is rows × cols, v from j0 holds cols rows of d, acc rows × d.
+            unsafe {
+                matmul(
+                    (rows, d, cols),
+                    acc.as_mut_ptr(),
+                    d,
+                    true,
+                    tile.as_ptr(),
+                    (cols, 1),
+                    v[j0 * d..].as_ptr(),
+                    (d, 1),
+                );
+            }
+            j0 += BLOCK;
+        }
+        for r in 0..rows {
+            let line = &mut out[r * (d + 1)..(r + 1) * (d + 1)];
+            for c in 0..d {
+                line[c] = acc[r * d + c] / sum[r];
+            }
+            line[d] = max[r] + sum[r].ln();
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward<T: Real>(
+        &self,
+        dims: Dims,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        packed: &[T],
+        grad: &[T],
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let Dims { batch, q_heads, kv_heads, queries, keys, head_dim: d } = dims;
+        let fallbacks: Vec<Vec<Option<usize>>> = (0..batch).map(|b| self.mask.fallbacks(b, queries, keys)).collect();
+        // Per query row: its log-sum-exp and D = rowsum(dO ∘ O).
+        let rows_total = batch * q_heads * queries;
+        let mut lse = vec![T::of(0.0); rows_total];
+        let mut delta = vec![T::of(0.0); rows_total];
+        let mut d_out = vec![T::of(0.0); rows_total * d];
+        for r in 0..rows_total {
+            let o = &packed[r * (d + 1)..(r + 1) * (d + 1)];
+            let g = &grad[r * (d + 1)..r * (d + 1) + d];
+            lse[r] = o[d];
+            let mut dot = T::of(0.0);
+            for c in 0..d {
+                dot += g[c] * o[c];
+            }
+            delta[r] = dot;
+            d_out[r * d..(r + 1) * d].copy_from_slice(g);
+        }
+        let ctx = Backward { op: self, dims, q, k, v, d_out: &d_out, lse: &lse, delta: &delta, fallbacks: &fallbacks };
+        // dK and dV: tasks own a key block of one key/value head and read
+        // every query row of its query heads.
+        let mut dk = vec![T::of(0.0); batch * kv_heads * keys * d];
+        let mut dv = vec![T::of(0.0); batch * kv_heads * keys * d];
+        let key_blocks = keys.div_ceil(BLOCK);
+        dk.par_chunks_mut(keys * d).zip(dv.par_chunks_mut(keys * d)).enumerate().for_each(|(bkv, (dk, dv))| {
+            (0..key_blocks).for_each(|kb| {
+                let j0 = kb * BLOCK;
+                let cols = BLOCK.min(keys - j0);
+                ctx.key_block(bkv, (j0, cols), &mut dk[j0 * d..(j0 + cols) * d], &mut dv[j0 * d..(j0 + cols) * d]);
+            });
+        });
+        // dQ: tasks own a query block of one query head.
+        let mut dq = vec![T::of(0.0); rows_total * d];
+        dq.par_chunks_mut(queries * d).enumerate().for_each(|(bh, head)| {
+            head.par_chunks_mut(BLOCK * d).enumerate().for_each(|(block, dq)| {
+                ctx.query_block(bh, (block * BLOCK, dq.len() / d), dq);
+            });
+        });
+        (dq, dk, dv)
+    }
+}
+
+/// What both halves of the backward pass read.
+struct Backward<'a, T> {
+    op: &'a FlashAttention,
+    dims: Dims,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    d_out: &'a [T],
+    lse: &'a [T],
+    delta: &'a [T],
+    fallbacks: &'a [Vec<Option<usize>>],
+}
+
+impl<T: Real> Backward<'_, T> {
+    /// The tile's `dS` (the gradient of the scores before scaling), with
+    /// `p` its probabilities, for query rows `[i0, i0 + rows)` of head
+    /// `bh` (batch · heads + head) and keys `[j0, j0 + cols)`.
+    fn tile(&self, bh: usize, (i0, rows): (usize, usize), (j0, cols): (usize, usize), p: &mut [T], ds: &mut [T]) {
+        let d = self.dims.head_dim;
+        let (b, h) = (bh / self.dims.q_heads, bh % self.dims.q_heads);
+        let kv_at = (b * self.dims.kv_heads + self.dims.kv_head(h)) * self.dims.keys * d;
+        let q_row = bh * self.dims.queries + i0;
+        let q = &self.q[q_row * d..(q_row + rows) * d];
+        scores(self.op, &self.dims, b, (i0, rows), (j0, cols), q, &self.k[kv_at + j0 * d..], &self.fallbacks[b], p);
+        // dP = dO · Vᵀ.
+        // SAFETY: d_out rows × d, v cols rows of d, ds rows × cols.
+        unsafe {
+            matmul(
+                (rows, cols, d),
+                ds.as_mut_ptr(),
+                cols,
+                false,
+                self.d_out[q_row * d..].as_ptr(),
+                (d, 1),
+                self.v[kv_at + j0 * d..].as_ptr(),
+                (1, d),
+            );
+        }
+        let scale = T::of(self.op.scale);
+        for r in 0..rows {
+            let (lse, delta) = (self.lse[q_row + r], self.delta[q_row + r]);
+            for c in 0..cols {
+                let at = r * cols + c;
+                let s = p[at];
+                if s == T::neg_infinity() {
+                    p[at] = T::of(0.0);
+                    ds[at] = T::of(0.0);
+                    continue;
+                }
+                let prob = (s - lse).exp();
+                p[at] = prob;
+                let mut g = prob * (ds[at] - delta);
+                if let Some(cap) = self.op.softcap {
+                    let t = s / T::of(cap);
+                    g *= T::of(1.0) - t * t;
+                }
+                ds[at] = g * scale;
+            }
+        }
+    }
+
+    /// Accumulates `dK`, `dV` of keys `[j0, j0 + cols)` of key/value head
+    /// `bkv` (batch · kv heads + head) over all query rows that see them.
+    fn key_block(&self, bkv: usize, (j0, cols): (usize, usize), dk: &mut [T], dv: &mut [T]) {
+        let Dims { q_heads, kv_heads, queries, head_dim: d, .. } = self.dims;
+        let (b, kvh) = (bkv / kv_heads, bkv % kv_heads);
+        let rep = q_heads / kv_heads;
+        let mut p = vec![T::of(0.0); BLOCK * cols];
+        let mut ds = vec![T::of(0.0); BLOCK * cols];
+        for h in kvh * rep..(kvh + 1) * rep {
+            let bh = b * q_heads + h;
+            for i0 in (0..queries).step_by(BLOCK) {
+                let rows = BLOCK.min(queries - i0);
+                let (lo, hi) = key_span(&self.op.mask, &self.fallbacks[b], (i0, i0 + rows), self.dims.keys);
+                if j0 + cols <= lo || j0 >= hi {
+                    continue;
+                }
+                let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
+                self.tile(bh, (i0, rows), (j0, cols), p, ds);
+                let q_row = bh * queries + i0;
+                // SAFETY: p, ds are rows × cols; d_out, q rows × d; dv, dk cols × d.
+                unsafe {
+                    // dV += Pᵀ · dO; dK += dSᵀ · Q.
+                    matmul(
+                        (cols, d, rows),
+                        dv.as_mut_ptr(),
+                        d,
+                        true,
+                        p.as_ptr(),
+                        (1, cols),
+                        self.d_out[q_row * d..].as_ptr(),
+                        (d, 1),
+                    );
+                    matmul(
+                        (cols, d, rows),
+                        dk.as_mut_ptr(),
+                        d,
+                        true,
+                        ds.as_ptr(),
+                        (1, cols),
+                        self.q[q_row * d..].as_ptr(),
+                        (d, 1),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Accumulates `dQ` of query rows `[i0, i0 + rows)` of head `bh`.
+    fn query_block(&self, bh: usize, (i0, rows): (usize, usize), dq: &mut [T]) {
+        let Dims { q_heads, kv_heads, keys, head_dim: d, .. } = self.dims;
+        let (b, h) = (bh / q_heads, bh % q_heads);
+        let kv_at = (b * kv_heads + self.dims.kv_head(h)) * keys * d;
+        let mut p = vec![T::of(0.0); rows * BLOCK];
+        let mut ds = vec![T::of(0.0); rows * BLOCK];
+        let (lo, hi) = key_span(&self.op.mask, &self.fallbacks[b], (i0, i0 + rows), keys);
+        let mut j0 = lo / BLOCK * BLOCK;
+        while j0 < hi {
+            let cols = BLOCK.min(keys - j0);
+            let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
+            self.tile(bh, (i0, rows), (j0, cols), p, ds);
+            // dQ += dS · K.
+            // SAFETY: ds rows × cols, k from j0 cols rows of d, dq rows × d.
+            unsafe {
+                matmul(
+                    (rows, d, cols),
+                    dq.as_mut_ptr(),
+                    d,
+                    true,
+                    ds.as_ptr(),
+                    (cols, 1),
+                    self.k[kv_at + j0 * d..].as_ptr(),
+                    (d, 1),
+                );
+            }
+            j0 += BLOCK;
+        }
+    }
+}
+
+/// The CPU storage behind a tensor's storage.
+fn cpu(storage: &candle_core::Storage) -> Result<&CpuStorage> {
+    match storage {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => bail!("flash-attention: CPU tensors only"),
+    }
+}
+
+/// The contiguous data of a storage, as `T`.
+fn data<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("flash-attention: contiguous inputs only") };
+    Ok(&storage.as_slice::<T>()?[start..end])
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = Dims::of(ql, kl, vl)?;
+        let shape = Shape::from((dims.batch, dims.q_heads, dims.queries, dims.head_dim + 1));
+        let out = match qs.dtype() {
+            DType::F32 => CpuStorage::F32(self.forward(dims, data(qs, ql)?, data(ks, kl)?, data(vs, vl)?)),
+            DType::F64 => CpuStorage::F64(self.forward(dims, data(qs, ql)?, data(ks, kl)?, data(vs, vl)?)),
+            other => bail!("flash-attention: f32 or f64 inputs, got {other:?}"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        packed: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (ps, pl) = packed.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (qs, ks, vs, ps, gs) = (cpu(&qs)?, cpu(&ks)?, cpu(&vs)?, cpu(&ps)?, cpu(&gs)?);
+        let dims = Dims::of(ql, kl, vl)?;
+        let device = q.device();
+        macro_rules! run {
+            ($t:ty) => {{
+                let (dq, dk, dv) = self.backward::<$t>(
+                    dims,
+                    data(qs, ql)?,
+                    data(ks, kl)?,
+                    data(vs, vl)?,
+                    data(ps, pl)?,
+                    data(gs, gl)?,
+                );
+                (
+                    Tensor::from_vec(dq, q.shape(), device)?,
+                    Tensor::from_vec(dk, k.shape(), device)?,
+                    Tensor::from_vec(dv, v.shape(), device)?,
+                )
+            }};
+        }
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            other => bail!("flash-attention: f32 or f64 inputs, got {other:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
