@@ -46,7 +46,7 @@ def folder_of(model, cache):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("model")
+    ap.add_argument("model", nargs="?")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
@@ -59,6 +59,8 @@ def main():
     a = ap.parse_args()
     if a.convert:
         return convert(*a.convert)
+    if a.model is None:
+        ap.error("give MODEL, a Hugging Face folder or a GGUF file")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = folder_of(a.model, a.cache)
