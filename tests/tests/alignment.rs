@@ -257,13 +257,6 @@ fn objective<'a>(
     GrpoObjective::new(config, registry, &assets.tokenizer, assets.eos_token_ids.clone(), Reference::AdapterOff)
 }
 
-fn lora_model(registry: &Registry) -> LoadedModel {
-    let mut model =
-        LoadedModel::load(registry, &fixtures().join("models/tiny-qwen3"), &LoadOptions::default()).unwrap();
-    model.add_adapter(registry, "lora", json!({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}), 0).unwrap();
-    model
-}
-
 #[test]
 fn with_beta_zero_the_reference_is_not_run_and_the_kl_term_is_dropped() {
     // PEFT's reference adapter (B ≠ 0) makes the policy differ from the

@@ -388,11 +388,13 @@ impl<'a> GraphSession<'a> {
         }
         let rows = input.elem_count() / in_features.max(1);
         let x2 = input.reshape((rows, in_features)).map_err(candle)?;
+        // The two kernels below are CPU code; other devices run candle's matmul.
+        let cpu = x2.device().is_cpu();
         // Decoding (a few rows, no gradient): a streaming kernel instead of gemm.
-        let fast = rows <= 8 && w.dtype() == DType::F32 && !input.track_op() && !w.track_op();
+        let fast = cpu && rows <= 8 && w.dtype() == DType::F32 && !input.track_op() && !w.track_op();
         let mut y = if fast {
             oxtune_kernels::matvec(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
-        } else if input.track_op() && !w.track_op() {
+        } else if cpu && input.track_op() && !w.track_op() {
             // Training through a frozen weight: no gradient for the weight.
             oxtune_kernels::frozen_linear(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
         } else {
