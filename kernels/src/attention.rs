@@ -92,8 +92,14 @@ pub fn flash_attention(
     scale: f64,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    let d = q.dim(3)?;
-    let op = FlashAttention { mask: mask.clone(), scale, softcap };
+    let (batch, _, queries, d) = q.dims4()?;
+    let keys = k.dim(2)?;
+    if keys == 0 {
+        bail!("flash-attention: no keys")
+    }
+    // Which rows see no key: found once, read by the forward and backward passes.
+    let fallbacks = (0..batch).map(|b| mask.fallbacks(b, queries, keys)).collect();
+    let op = FlashAttention { mask: mask.clone(), scale, softcap, fallbacks };
     let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
     packed.narrow(3, 0, d)
 }
@@ -105,6 +111,8 @@ struct FlashAttention {
     mask: KeyMask,
     scale: f64,
     softcap: Option<f64>,
+    /// Per batch row, per query: [`KeyMask::fallbacks`].
+    fallbacks: Vec<Vec<Option<usize>>>,
 }
 
 /// The geometry of one call.
@@ -231,7 +239,6 @@ fn scores<T: Real>(
     (j0, cols): (usize, usize),
     q: &[T],
     k: &[T],
-    fallbacks: &[Option<usize>],
     s: &mut [T],
 ) {
     let d = dims.head_dim;
@@ -247,7 +254,7 @@ fn scores<T: Real>(
         for c in 0..cols {
             let j = j0 + c;
             let cell = &mut s[r * cols + c];
-            let visible = match fallbacks[i] {
+            let visible = match op.fallbacks[row][i] {
                 Some(f) => j == f,
                 None => j >= lo && j < hi && op.mask.sees(row, i, j),
             };
@@ -279,15 +286,14 @@ fn key_span(mask: &KeyMask, fallbacks: &[Option<usize>], (i0, i1): (usize, usize
 
 impl FlashAttention {
     fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-        let Dims { batch, q_heads, queries, keys, head_dim: d, .. } = dims;
+        let Dims { batch, q_heads, queries, head_dim: d, .. } = dims;
         let width = d + 1;
         let mut out = vec![T::of(0.0); batch * q_heads * queries * width];
-        let fallbacks: Vec<Vec<Option<usize>>> = (0..batch).map(|b| self.mask.fallbacks(b, queries, keys)).collect();
         out.par_chunks_mut(queries * width).enumerate().for_each(|(bh, head)| {
             let (b, h) = (bh / q_heads, bh % q_heads);
             head.par_chunks_mut(BLOCK * width).enumerate().for_each(|(block, out)| {
                 let rows = out.len() / width;
-                self.forward_block(&dims, b, h, (block * BLOCK, rows), q, k, v, &fallbacks[b], out);
+                self.forward_block(&dims, b, h, (block * BLOCK, rows), q, k, v, out);
             });
         });
         out
@@ -303,10 +309,10 @@ impl FlashAttention {
         q: &[T],
         k: &[T],
         v: &[T],
-        fallbacks: &[Option<usize>],
         out: &mut [T],
     ) {
         let d = dims.head_dim;
+        let fallbacks = &self.fallbacks[b];
         let kvh = dims.kv_head(h);
         let q_at = ((b * dims.q_heads + h) * dims.queries + i0) * d;
         let kv_at = (b * dims.kv_heads + kvh) * dims.keys * d;
@@ -321,7 +327,7 @@ impl FlashAttention {
         while j0 < hi {
             let cols = BLOCK.min(dims.keys - j0);
             let tile = &mut s[..rows * cols];
-            scores(self, dims, b, (i0, rows), (j0, cols), q, &k[j0 * d..], fallbacks, tile);
+            scores(self, dims, b, (i0, rows), (j0, cols), q, &k[j0 * d..], tile);
             for r in 0..rows {
                 let line = &mut tile[r * cols..(r + 1) * cols];
                 let tile_max = line.iter().copied().fold(T::neg_infinity(), |a, x| if x > a { x } else { a });
@@ -366,7 +372,6 @@ impl FlashAttention {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn backward<T: Real>(
         &self,
         dims: Dims,
@@ -377,7 +382,6 @@ impl FlashAttention {
         grad: &[T],
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let Dims { batch, q_heads, kv_heads, queries, keys, head_dim: d } = dims;
-        let fallbacks: Vec<Vec<Option<usize>>> = (0..batch).map(|b| self.mask.fallbacks(b, queries, keys)).collect();
         // Per query row: its log-sum-exp and D = rowsum(dO ∘ O).
         let rows_total = batch * q_heads * queries;
         let mut lse = vec![T::of(0.0); rows_total];
@@ -394,7 +398,7 @@ impl FlashAttention {
             delta[r] = dot;
             d_out[r * d..(r + 1) * d].copy_from_slice(g);
         }
-        let ctx = Backward { op: self, dims, q, k, v, d_out: &d_out, lse: &lse, delta: &delta, fallbacks: &fallbacks };
+        let ctx = Backward { op: self, dims, q, k, v, d_out: &d_out, lse: &lse, delta: &delta };
         // dK and dV: tasks own a key block of one key/value head and read
         // every query row of its query heads.
         let mut dk = vec![T::of(0.0); batch * kv_heads * keys * d];
@@ -428,7 +432,6 @@ struct Backward<'a, T> {
     d_out: &'a [T],
     lse: &'a [T],
     delta: &'a [T],
-    fallbacks: &'a [Vec<Option<usize>>],
 }
 
 impl<T: Real> Backward<'_, T> {
@@ -441,7 +444,7 @@ impl<T: Real> Backward<'_, T> {
         let kv_at = (b * self.dims.kv_heads + self.dims.kv_head(h)) * self.dims.keys * d;
         let q_row = bh * self.dims.queries + i0;
         let q = &self.q[q_row * d..(q_row + rows) * d];
-        scores(self.op, &self.dims, b, (i0, rows), (j0, cols), q, &self.k[kv_at + j0 * d..], &self.fallbacks[b], p);
+        scores(self.op, &self.dims, b, (i0, rows), (j0, cols), q, &self.k[kv_at + j0 * d..], p);
         // dP = dO · Vᵀ.
         // SAFETY: d_out rows × d, v cols rows of d, ds rows × cols.
         unsafe {
@@ -491,7 +494,7 @@ impl<T: Real> Backward<'_, T> {
             let bh = b * q_heads + h;
             for i0 in (0..queries).step_by(BLOCK) {
                 let rows = BLOCK.min(queries - i0);
-                let (lo, hi) = key_span(&self.op.mask, &self.fallbacks[b], (i0, i0 + rows), self.dims.keys);
+                let (lo, hi) = key_span(&self.op.mask, &self.op.fallbacks[b], (i0, i0 + rows), self.dims.keys);
                 if j0 + cols <= lo || j0 >= hi {
                     continue;
                 }
@@ -533,7 +536,7 @@ impl<T: Real> Backward<'_, T> {
         let kv_at = (b * kv_heads + self.dims.kv_head(h)) * keys * d;
         let mut p = vec![T::of(0.0); rows * BLOCK];
         let mut ds = vec![T::of(0.0); rows * BLOCK];
-        let (lo, hi) = key_span(&self.op.mask, &self.fallbacks[b], (i0, i0 + rows), keys);
+        let (lo, hi) = key_span(&self.op.mask, &self.op.fallbacks[b], (i0, i0 + rows), keys);
         let mut j0 = lo / BLOCK * BLOCK;
         while j0 < hi {
             let cols = BLOCK.min(keys - j0);
