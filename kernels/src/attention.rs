@@ -14,8 +14,13 @@
 //! packing segments, and an offset for cached keys.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use crate::float::{cpu, data, matmul, Real, Threads};
 use rayon::prelude::*;
+
+/// The op's name in errors.
+const OP: &str = "flash-attention";
 
 /// Rows (queries) and columns (keys) of one tile.
 const BLOCK: usize = 64;
@@ -148,86 +153,6 @@ impl Dims {
     }
 }
 
-/// The float types the kernel computes in.
-trait Real: WithDType + num_like::Float {}
-impl Real for f32 {}
-impl Real for f64 {}
-
-/// The few float operations the kernel needs, for f32 and f64.
-mod num_like {
-    /// Float arithmetic beyond candle's `WithDType`.
-    pub trait Float: Sized {
-        fn exp(self) -> Self;
-        fn ln(self) -> Self;
-        fn tanh(self) -> Self;
-        fn neg_infinity() -> Self;
-        fn of(x: f64) -> Self;
-    }
-    macro_rules! float {
-        ($t:ty) => {
-            impl Float for $t {
-                fn exp(self) -> Self {
-                    <$t>::exp(self)
-                }
-                fn ln(self) -> Self {
-                    <$t>::ln(self)
-                }
-                fn tanh(self) -> Self {
-                    <$t>::tanh(self)
-                }
-                fn neg_infinity() -> Self {
-                    <$t>::NEG_INFINITY
-                }
-                fn of(x: f64) -> Self {
-                    x as $t
-                }
-            }
-        };
-    }
-    float!(f32);
-    float!(f64);
-}
-
-/// `dst (m×n) = [dst +] a (m×k) · b (k×n)`, each matrix given by its
-/// pointer and (row, column) strides, on this thread.
-///
-/// # Safety
-/// Every index the strides reach must be inside the matrices' buffers,
-/// and `dst` must not overlap `a` or `b`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    dst_rs: usize,
-    accumulate: bool,
-    a: *const T,
-    (a_rs, a_cs): (usize, usize),
-    b: *const T,
-    (b_rs, b_cs): (usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        a,
-        a_cs as isize,
-        a_rs as isize,
-        b,
-        b_cs as isize,
-        b_rs as isize,
-        T::of(1.0),
-        T::of(1.0),
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
 /// One tile's scores: `S = q_blk · k_blkᵀ · scale`, capped, and `-inf`
 /// where the mask hides the key.
 #[allow(clippy::too_many_arguments)]
@@ -244,7 +169,7 @@ fn scores<T: Real>(
     let d = dims.head_dim;
     // SAFETY: q holds `rows` rows of `d`, k `cols` rows of `d`, s is rows × cols.
     unsafe {
-        matmul((rows, cols, d), s.as_mut_ptr(), cols, false, q.as_ptr(), (d, 1), k.as_ptr(), (1, d));
+        matmul(Threads::One, (rows, cols, d), s.as_mut_ptr(), cols, false, q.as_ptr(), (d, 1), k.as_ptr(), (1, d));
     }
     let scale = T::of(op.scale);
     for r in 0..rows {
@@ -351,6 +276,7 @@ impl FlashAttention {
             // SAFETY: tile is rows × cols, v from j0 holds cols rows of d, acc rows × d.
             unsafe {
                 matmul(
+                    Threads::One,
                     (rows, d, cols),
                     acc.as_mut_ptr(),
                     d,
@@ -449,6 +375,7 @@ impl<T: Real> Backward<'_, T> {
         // SAFETY: d_out rows × d, v cols rows of d, ds rows × cols.
         unsafe {
             matmul(
+                Threads::One,
                 (rows, cols, d),
                 ds.as_mut_ptr(),
                 cols,
@@ -505,6 +432,7 @@ impl<T: Real> Backward<'_, T> {
                 unsafe {
                     // dV += Pᵀ · dO; dK += dSᵀ · Q.
                     matmul(
+                        Threads::One,
                         (cols, d, rows),
                         dv.as_mut_ptr(),
                         d,
@@ -515,6 +443,7 @@ impl<T: Real> Backward<'_, T> {
                         (d, 1),
                     );
                     matmul(
+                        Threads::One,
                         (cols, d, rows),
                         dk.as_mut_ptr(),
                         d,
@@ -546,6 +475,7 @@ impl<T: Real> Backward<'_, T> {
             // SAFETY: ds rows × cols, k from j0 cols rows of d, dq rows × d.
             unsafe {
                 matmul(
+                    Threads::One,
                     (rows, d, cols),
                     dq.as_mut_ptr(),
                     d,
@@ -561,23 +491,9 @@ impl<T: Real> Backward<'_, T> {
     }
 }
 
-/// The CPU storage behind a tensor's storage.
-fn cpu(storage: &candle_core::Storage) -> Result<&CpuStorage> {
-    match storage {
-        candle_core::Storage::Cpu(c) => Ok(c),
-        _ => bail!("flash-attention: CPU tensors only"),
-    }
-}
-
-/// The contiguous data of a storage, as `T`.
-fn data<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    let Some((start, end)) = layout.contiguous_offsets() else { bail!("flash-attention: contiguous inputs only") };
-    Ok(&storage.as_slice::<T>()?[start..end])
-}
-
 impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
-        "flash-attention"
+        OP
     }
 
     fn cpu_fwd(
@@ -592,8 +508,8 @@ impl CustomOp3 for FlashAttention {
         let dims = Dims::of(ql, kl, vl)?;
         let shape = Shape::from((dims.batch, dims.q_heads, dims.queries, dims.head_dim + 1));
         let out = match qs.dtype() {
-            DType::F32 => CpuStorage::F32(self.forward(dims, data(qs, ql)?, data(ks, kl)?, data(vs, vl)?)),
-            DType::F64 => CpuStorage::F64(self.forward(dims, data(qs, ql)?, data(ks, kl)?, data(vs, vl)?)),
+            DType::F32 => CpuStorage::F32(self.forward(dims, data(OP, qs, ql)?, data(OP, ks, kl)?, data(OP, vs, vl)?)),
+            DType::F64 => CpuStorage::F64(self.forward(dims, data(OP, qs, ql)?, data(OP, ks, kl)?, data(OP, vs, vl)?)),
             other => bail!("flash-attention: f32 or f64 inputs, got {other:?}"),
         };
         Ok((out, shape))
@@ -613,18 +529,18 @@ impl CustomOp3 for FlashAttention {
         let (vs, vl) = v.storage_and_layout();
         let (ps, pl) = packed.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
-        let (qs, ks, vs, ps, gs) = (cpu(&qs)?, cpu(&ks)?, cpu(&vs)?, cpu(&ps)?, cpu(&gs)?);
+        let (qs, ks, vs, ps, gs) = (cpu(OP, &qs)?, cpu(OP, &ks)?, cpu(OP, &vs)?, cpu(OP, &ps)?, cpu(OP, &gs)?);
         let dims = Dims::of(ql, kl, vl)?;
         let device = q.device();
         macro_rules! run {
             ($t:ty) => {{
                 let (dq, dk, dv) = self.backward::<$t>(
                     dims,
-                    data(qs, ql)?,
-                    data(ks, kl)?,
-                    data(vs, vl)?,
-                    data(ps, pl)?,
-                    data(gs, gl)?,
+                    data(OP, qs, ql)?,
+                    data(OP, ks, kl)?,
+                    data(OP, vs, vl)?,
+                    data(OP, ps, pl)?,
+                    data(OP, gs, gl)?,
                 );
                 (
                     Tensor::from_vec(dq, q.shape(), device)?,

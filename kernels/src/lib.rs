@@ -15,12 +15,19 @@
 //! - [`flash_attention`]: attention whose memory is linear in the
 //!   sequence length, with its backward pass (see [`attention`]).
 //!
+//! - [`label_log_probs`]: the output head and each label's
+//!   log-probability without the `[tokens, vocab]` logits, skipping
+//!   unlabelled rows (see [`head`]).
+//!
 //! The crate is compiled at full optimisation even in dev builds (see the
 //! workspace's `Cargo.toml`).
 
 pub mod attention;
+mod float;
+pub mod head;
 
 pub use attention::{flash_attention, KeyMask};
+pub use head::label_log_probs;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};

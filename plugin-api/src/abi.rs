@@ -224,6 +224,17 @@ pub enum Op {
     /// ends. What the backward pass needs stays alive through the graph.
     /// Using a released handle is an error. Added in 1.1.
     Release { xs: RVec<TensorId>, keep: TensorId },
+    /// The model's output projection, the last op of a forward pass:
+    /// logits `x · {name}.weight^T (+ {name}.bias)` over the vocabulary,
+    /// through the tuner hook like [`Op::Linear`], then capped at
+    /// `softcap · tanh(z / softcap)` when `softcap > 0` (Gemma 2's final
+    /// soft-capping). The forward pass must return this op's result
+    /// unchanged: the host decides what it holds — every position's
+    /// logits, only the last position's while generating, or, while
+    /// training, each label's log-probability computed chunk by chunk
+    /// without the `[tokens, vocab]` logits (positions without a label
+    /// skip the projection). Added in 1.2.
+    OutputHead { name: RString, x: TensorId, softcap: f32 },
 }
 
 /// An [`Op`] as it crosses the boundary.

@@ -7,11 +7,13 @@
 //! `*ForCausalLM` checkpoints (`model.layers.N.self_attn.q_proj`, ...).
 //!
 //! Inputs: `input_ids` (`[batch, seq]`, integer) and, for length-dependent
-//! RoPE scaling, `position_ids`. Output: logits `[batch, seq, vocab]`.
+//! RoPE scaling, `position_ids`. Output: the output head's result (logits
+//! `[batch, seq, vocab]` unless the host asks for less; see
+//! [`crate::abi::Op::OutputHead`]).
 
 use serde_json::Value;
 
-use crate::graph::{attention, has_weight, AttentionSpec, Tensor};
+use crate::graph::{attention, has_weight, output_head, AttentionSpec, Tensor};
 use crate::nn::{Embedding, Linear, RmsNorm};
 use crate::plugin::{Inputs, Model};
 use crate::rope::Rope;
@@ -331,7 +333,7 @@ impl Decoder {
         }
         let x = RmsNorm::new(format!("{}.norm", c.prefix), c.rms_norm_eps).forward(&x)?;
         let head = if c.tie_word_embeddings { format!("{}.embed_tokens", c.prefix) } else { c.lm_head.clone() };
-        Linear::new(head).forward(&x)
+        output_head(&head, &x, None)
     }
 }
 

@@ -372,6 +372,14 @@ pub fn attention(layer: u32, q: &Tensor, k: &Tensor, v: &Tensor, spec: Attention
     })
 }
 
+/// The model's output head (see [`Op::OutputHead`]): logits over the
+/// vocabulary from the final hidden states `x` with the linear layer
+/// `name` (`lm_head`, or the token embedding when tied), capped when
+/// `softcap` is given. Return its result from the forward pass as is.
+pub fn output_head(name: &str, x: &Tensor, softcap: Option<f32>) -> Result<Tensor> {
+    apply(Op::OutputHead { name: RString::from(name), x: x.0, softcap: softcap.unwrap_or(0.0) })
+}
+
 /// The op API's escape hatch: sends any [`Op`], including ones added in a
 /// later 1.x version that have no method here yet.
 pub fn apply_op(op: Op) -> Result<Tensor> {

@@ -14,16 +14,18 @@
 use oxtune_registry::{Registry, RegistryError, SandboxConfig};
 use oxtune_tests::{build_against_api_variant, build_cdylib, Patch};
 
-const API_1_2: &[Patch] = &[
+/// This API plus an op and a root-module function, as the next minor
+/// version would add them.
+const API_NEXT_MINOR: &[Patch] = &[
     Patch {
         file: "abi.rs",
         find: "\n}\n\n/// An [`Op`] as it crosses the boundary.",
-        replace: "\n    /// Added in 1.2.\n    Erf { x: TensorId },\n}\n\n/// An [`Op`] as it crosses the boundary.",
+        replace: "\n    /// Added in the next minor.\n    Erf { x: TensorId },\n}\n\n/// An [`Op`] as it crosses the boundary.",
     },
     Patch {
         file: "abi.rs",
         find: "-> RResult<TunerBox, RString>,\n}",
-        replace: "-> RResult<TunerBox, RString>,\n    /// Added in 1.2.\n    #[sabi(missing_field(option))]\n    pub describe_reward: extern \"C\" fn(name: RStr<'_>) -> RResult<RString, RString>,\n}",
+        replace: "-> RResult<TunerBox, RString>,\n    /// Added in the next minor.\n    #[sabi(missing_field(option))]\n    pub describe_reward: extern \"C\" fn(name: RStr<'_>) -> RResult<RString, RString>,\n}",
     },
     Patch {
         file: "plugin.rs",
@@ -40,12 +42,13 @@ const API_1_2: &[Patch] = &[
 #[test]
 fn a_plugin_built_against_an_older_minor_runs_in_a_newer_host() {
     let plugin = build_cdylib("oxtune-example-plugin", &["cdylib"]);
-    let probe = build_against_api_variant("probe-1.2", "1.2.0", API_1_2, "probe");
+    let next = next_minor();
+    let probe = build_against_api_variant(&format!("probe-{next}"), &next, API_NEXT_MINOR, "probe");
     let out = std::process::Command::new(&probe).arg(&plugin).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "the 1.2 host refused the older plugin:\n{stdout}\n{}",
+        "the {next} host refused the older plugin:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains(&format!("api {}", oxtune_plugin_api::API_VERSION)), "{stdout}");
@@ -53,7 +56,7 @@ fn a_plugin_built_against_an_older_minor_runs_in_a_newer_host() {
     assert!(stdout.contains("component dataset-adapter qa-pairs"), "{stdout}");
     // The call crosses the boundary and the plugin's own error comes back.
     assert!(stdout.contains("score keyword Err(") && stdout.contains("no string column `keyword`"), "{stdout}");
-    // The 1.2 function is simply absent from an older plugin.
+    // The newer function is simply absent from an older plugin.
     assert!(stdout.contains("new-function absent"), "{stdout}");
 }
 
@@ -71,16 +74,20 @@ fn short(message: &str) {
 fn a_plugin_built_against_a_newer_minor_is_refused_with_advice() {
     // A plugin built against a newer minor may use ops this host lacks:
     // refused at load, with advice.
-    let plugin = build_against_api_variant("plugin-1.2", "1.2.0", API_1_2, "plugin");
+    let next = next_minor();
+    let plugin = build_against_api_variant(&format!("plugin-{next}"), &next, API_NEXT_MINOR, "plugin");
     let host = oxtune_plugin_api::API_VERSION;
-    let result = load(&plugin);
-    if host.starts_with("1.0.") || host.starts_with("1.1.") {
-        let message = result.unwrap_err().to_string();
-        short(&message);
-        assert!(message.contains("1.2.0") && message.contains(host) && message.contains("upgrade oxtune"), "{message}");
-    } else {
-        assert_eq!(result.unwrap().score("constant", &[Default::default()]).unwrap(), vec![0.5]);
-    }
+    let message = load(&plugin).unwrap_err().to_string();
+    short(&message);
+    assert!(message.contains(&next) && message.contains(host) && message.contains("upgrade oxtune"), "{message}");
+}
+
+/// The version after this host's minor, e.g. `1.3.0` for `1.2.0`.
+fn next_minor() -> String {
+    let mut parts = oxtune_plugin_api::API_VERSION.split('.');
+    let major = parts.next().unwrap();
+    let minor: u32 = parts.next().unwrap().parse().unwrap();
+    format!("{major}.{}.0", minor + 1)
 }
 
 #[test]

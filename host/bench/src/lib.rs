@@ -154,13 +154,13 @@ pub fn infer(model: &LoadedModel, vocab: usize, bench: &InferBench) -> Result<Ve
         let prompt = Tensor::from_vec(ids, (batch, bench.prompt_tokens), model.device())?;
         let mut cache = KvCache::new();
         let start = Instant::now();
-        let logits = model.forward(&prompt, &BatchInfo::default(), Some(&mut cache), None)?;
+        let logits = model.forward_last(&prompt, &BatchInfo::default(), Some(&mut cache), None)?;
         let mut next = oxtune_engine::generate::last_argmax(&logits)?;
         let prefill = start.elapsed().as_secs_f64();
         let start = Instant::now();
         for _ in 0..bench.new_tokens {
             let input = Tensor::from_vec(next, (batch, 1), model.device())?.to_dtype(DType::U32)?;
-            let logits = model.forward(&input, &BatchInfo::default(), Some(&mut cache), None)?;
+            let logits = model.forward_last(&input, &BatchInfo::default(), Some(&mut cache), None)?;
             next = oxtune_engine::generate::last_argmax(&logits)?;
         }
         let decode = start.elapsed().as_secs_f64();

@@ -240,11 +240,8 @@ pub fn generate_with_media(
             media: std::mem::take(&mut media),
             ..Default::default()
         };
-        let logits = model.forward(&input, &batch, Some(&mut cache), None)?;
-        let last = logits
-            .narrow(1, logits.dim(1).map_err(candle_error)? - 1, 1)
-            .and_then(|l| l.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>())
-            .map_err(candle_error)?;
+        let logits = model.forward_last(&input, &batch, Some(&mut cache), None)?;
+        let last = logits.squeeze(1).and_then(|l| l.to_dtype(DType::F32)?.to_vec2::<f32>()).map_err(candle_error)?;
         let mut next = vec![0u32; rows];
         for (r, mut row_logits) in last.into_iter().enumerate() {
             if finished[r].is_some() {

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use crate::TrainError;
 use oxtune_data::text::EncodedRow;
 use oxtune_engine::backend::BatchInfo;
-use oxtune_engine::loss::{causal_lm_loss, IGNORE_INDEX};
+use oxtune_engine::loss::{mean_token_nll, IGNORE_INDEX};
 use oxtune_engine::media::{batch_inputs, with_pixels, RowMedia};
 use oxtune_engine::model::LoadedModel;
 
@@ -95,8 +95,8 @@ impl Objective for SftObjective {
         let (position_ids, media) =
             batch_inputs(&rows, width, false, model.position_axes(), model.device()).map_err(compute)?;
         let info = BatchInfo { attention_mask: Some(mask), dropout_seed, position_ids, media, ..Default::default() };
-        let logits = model.forward(&ids, &info, None, None).map_err(Box::new)?;
-        let loss = causal_lm_loss(&logits, &labels).map_err(compute)?;
+        let (logps, label_mask) = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
+        let loss = mean_token_nll(&logps, &label_mask).map_err(compute)?;
         let trained: usize =
             batch.iter().map(|r| r.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum();
         Ok(ObjectiveLoss {

@@ -12,5 +12,5 @@ pub mod session;
 pub mod weights;
 
 pub use batch::{BatchInfo, KvCache};
-pub use session::{ForwardContext, GraphSession, OpError, TargetModules, TunerBinding};
+pub use session::{ForwardContext, GraphSession, Head, OpError, TargetModules, TunerBinding};
 pub use weights::WeightStore;

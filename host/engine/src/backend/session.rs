@@ -102,6 +102,24 @@ pub struct ForwardContext<'a> {
     pub tuner: Option<&'a TunerBinding>,
 }
 
+/// What the model's output head computes (see [`Op::OutputHead`]); a
+/// plugin that projects with a plain `linear` gets logits whatever this
+/// says, and the caller finds that out from [`GraphSession::ran_output_head`].
+#[derive(Copy, Clone, Debug, Default)]
+pub enum Head<'a> {
+    /// Logits at every position, `[batch, seq, vocab]`.
+    #[default]
+    Logits,
+    /// Logits at the last position only, `[batch, 1, vocab]` (generation:
+    /// a long prompt's prefill projects one row, not all of them).
+    LastLogits,
+    /// For the labels `[batch, seq]`: at each position `t` the
+    /// log-probability of `labels[:, t + 1]`, `[batch, seq − 1]` (f32, 0
+    /// where the label is [`IGNORE_INDEX`](crate::loss::IGNORE_INDEX)),
+    /// computed without the logits on the CPU.
+    LabelLogProbs(&'a Tensor),
+}
+
 static NEXT_TAG: AtomicU32 = AtomicU32::new(1);
 
 /// The arena and op dispatcher of one call.
@@ -117,6 +135,10 @@ pub struct GraphSession<'a> {
     key_masks: HashMap<(MaskSpec, MaskShape), oxtune_kernels::KeyMask>,
     /// Dropout ops run so far: each draws its own mask.
     dropouts: u64,
+    /// What the output head computes.
+    head: Head<'a>,
+    /// The output head's result, once it ran.
+    head_result: Option<TensorId>,
 }
 
 fn dim_index(op: &'static str, dim: i64, rank: usize) -> Result<usize, OpError> {
@@ -167,7 +189,22 @@ impl<'a> GraphSession<'a> {
             masks: HashMap::new(),
             key_masks: HashMap::new(),
             dropouts: 0,
+            head: Head::Logits,
+            head_result: None,
         }
+    }
+
+    /// This session with the output head computing `head`.
+    pub fn with_head(mut self, head: Head<'a>) -> GraphSession<'a> {
+        self.head = head;
+        self
+    }
+
+    /// Whether the plugin projected with the output-head op (so the
+    /// output is what [`Head`] asked for), rather than a plain `linear`
+    /// (so the output is logits at every position).
+    pub fn ran_output_head(&self) -> bool {
+        self.head_result.is_some()
     }
 
     /// Puts a host tensor in the arena (a model input) and returns its handle.
@@ -199,7 +236,11 @@ impl<'a> GraphSession<'a> {
     /// Executes one op and returns its result's handle.
     pub fn apply(&mut self, op: &Op) -> Result<TensorId, OpError> {
         let t = self.execute(op)?;
-        Ok(self.insert(t))
+        let id = self.insert(t);
+        if let Op::OutputHead { .. } = op {
+            self.head_result = Some(id);
+        }
+        Ok(id)
     }
 
     /// Runs a model plugin's forward pass on named inputs and returns its output.
@@ -208,7 +249,14 @@ impl<'a> GraphSession<'a> {
             inputs.iter().map(|(name, t)| NamedTensor { name: (*name).into(), id: self.insert(t.clone()) }).collect();
         let out = model.forward(self.as_graph_ref(), named.as_slice().into()).into_result();
         let id = out.map_err(|e| OpError::Plugin(e.into_string()))?;
-        self.get(id).cloned()
+        match self.head_result {
+            Some(head) if head != id && !matches!(self.head, Head::Logits) => Err(OpError::Invalid {
+                op: "output_head",
+                message: "the forward pass returned something other than the output head's result; return it unchanged"
+                    .into(),
+            }),
+            _ => self.get(id).cloned(),
+        }
     }
 
     /// This session as the FFI graph handle a plugin receives.
@@ -230,6 +278,7 @@ impl<'a> GraphSession<'a> {
                 table.index_select(&flat, 0).and_then(|t| t.reshape(out_shape)).map_err(candle)
             }
             Op::Linear { name, x } => self.linear(name, *x),
+            Op::OutputHead { name, x, softcap } => self.output_head(name, *x, *softcap),
             Op::RmsNorm { name, x, eps } => {
                 let w = self.weight(&format!("{name}.weight"))?;
                 ops::rms_norm(self.get(*x)?, w, *eps).map_err(candle)
@@ -417,6 +466,66 @@ impl<'a> GraphSession<'a> {
         }
     }
 
+    fn output_head(&mut self, name: &str, x: TensorId, softcap: f32) -> Result<Tensor, OpError> {
+        let candle = |source| OpError::Candle { op: "output_head", source: source };
+        let softcap = (softcap > 0.0).then_some(softcap as f64);
+        let input = self.get(x)?.clone();
+        let (b, s, hidden) = input.dims3().map_err(candle)?;
+        let labels = match self.head {
+            Head::Logits => return self.head_logits(name, x, softcap),
+            Head::LastLogits => {
+                let last = self.insert(input.narrow(1, s.saturating_sub(1), 1).map_err(candle)?);
+                return self.head_logits(name, last, softcap);
+            }
+            Head::LabelLogProbs(labels) => labels,
+        };
+        let w = self.weight(&format!("{name}.weight"))?.clone();
+        let targets = crate::loss::next_token_targets(labels, (b, s), w.dim(0).map_err(candle)?).map_err(candle)?;
+        let flat = input.reshape((b * s, hidden)).map_err(candle)?;
+        let tuned = self.ctx.tuner.is_some_and(|t| t.targets(name));
+        let biased = self.ctx.weights.get(&format!("{name}.bias")).is_some();
+        let logps = if flat.device().is_cpu() && !tuned && !biased {
+            // The chunked kernel: no logits, unlabelled rows skipped.
+            let (x, w) = match (flat.dtype(), w.dtype()) {
+                (DType::F32, DType::F32) | (DType::F64, DType::F64) => (flat, w),
+                _ => (flat.to_dtype(DType::F32).map_err(candle)?, w.to_dtype(DType::F32).map_err(candle)?),
+            };
+            oxtune_kernels::label_log_probs(&x, &w, &targets, softcap).and_then(|t| t.to_dtype(DType::F32))
+        } else {
+            // Any device, any tuner: the labelled rows only, through the linear hook.
+            let (rows, ids): (Vec<u32>, Vec<u32>) =
+                targets.iter().enumerate().filter_map(|(r, t)| t.map(|t| (r as u32, t))).unzip();
+            let device = flat.device().clone();
+            let zeros = Tensor::zeros(b * s, DType::F32, &device).map_err(candle)?;
+            if rows.is_empty() {
+                Ok(zeros)
+            } else {
+                let rows = Tensor::new(rows, &device).map_err(candle)?;
+                let picked = flat.index_select(&rows, 0).and_then(|t| t.unsqueeze(0)).map_err(candle)?;
+                let picked = self.insert(picked);
+                let logits = self.head_logits(name, picked, softcap)?;
+                let ids = Tensor::new(ids, &device).and_then(|t| t.unsqueeze(1)).map_err(candle)?;
+                logits
+                    .squeeze(0)
+                    .and_then(|l| ops::log_softmax(&l.to_dtype(DType::F32)?, 1))
+                    .and_then(|l| l.gather(&ids, 1)?.squeeze(1))
+                    .and_then(|l| zeros.index_add(&rows, &l, 0))
+            }
+        };
+        logps.and_then(|l| l.reshape((b, s))?.narrow(1, 0, s - 1)).map_err(candle)
+    }
+
+    /// Logits of the output head `name` for `x`, through the tuner hook.
+    fn head_logits(&mut self, name: &str, x: TensorId, softcap: Option<f64>) -> Result<Tensor, OpError> {
+        let logits = self.linear(name, x)?;
+        match softcap {
+            Some(cap) => (logits / cap)
+                .and_then(|z| z.tanh()?.affine(cap, 0.0))
+                .map_err(|source| OpError::Candle { op: "output_head", source: source }),
+            None => Ok(logits),
+        }
+    }
+
     fn dropout(&mut self, x: TensorId, p: f64) -> Result<Tensor, OpError> {
         let t = self.get(x)?.clone();
         if !(0.0..1.0).contains(&p) {
@@ -577,6 +686,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Release { .. } => "release",
         Op::Rope { .. } => "rope",
         Op::Attention { .. } => "attention",
+        Op::OutputHead { .. } => "output_head",
         _ => "unknown op",
     }
 }
@@ -584,7 +694,8 @@ fn op_name(op: &Op) -> &'static str {
 fn to_rresult<T>(r: Result<T, OpError>) -> RResult<T, RString> {
     match r {
         Ok(v) => RResult::ROk(v),
-        Err(e) => RResult::RErr(e.to_string().into()),
+        // The whole chain: the plugin sees a string, not the error's sources.
+        Err(e) => RResult::RErr(crate::error_chain(&e).into()),
     }
 }
 

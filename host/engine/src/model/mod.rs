@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use oxtune_plugin_api::abi::{MediaItem, ModelBox};
 use oxtune_registry::{Registry, RegistryError};
 
-use crate::backend::{BatchInfo, ForwardContext, GraphSession, KvCache, OpError, TunerBinding, WeightStore};
+use crate::backend::{BatchInfo, ForwardContext, GraphSession, Head, KvCache, OpError, TunerBinding, WeightStore};
 use crate::media::{MediaInput, MediaRef, MediaSpec};
 use checkpoint::{load_weights, read_json, weight_files, CheckpointError, Trainable};
 
@@ -302,23 +302,92 @@ impl LoadedModel {
         cache: Option<&mut KvCache>,
         tuner: Option<&TunerBinding>,
     ) -> Result<Tensor, ModelError> {
-        self.run(input_ids, batch, cache, tuner.or(self.adapter.as_ref()))
+        Ok(self.run(input_ids, batch, cache, tuner.or(self.adapter.as_ref()), Head::Logits)?.0)
     }
 
     /// Logits of the base model alone, the attached adapter switched off:
     /// the reference model of preference training, with no second copy of
     /// the weights.
     pub fn forward_without_adapter(&self, input_ids: &Tensor, batch: &BatchInfo) -> Result<Tensor, ModelError> {
-        self.run(input_ids, batch, None, None)
+        Ok(self.run(input_ids, batch, None, None, Head::Logits)?.0)
     }
 
-    fn run(
+    /// Logits `[batch, 1, vocab]` of the last position only, as
+    /// [`forward`](Self::forward) otherwise: a prompt's prefill projects
+    /// one row per sequence onto the vocabulary, not all of them.
+    pub fn forward_last(
         &self,
         input_ids: &Tensor,
         batch: &BatchInfo,
         cache: Option<&mut KvCache>,
         tuner: Option<&TunerBinding>,
     ) -> Result<Tensor, ModelError> {
+        let (logits, ran_head) =
+            self.run(input_ids, batch, cache, tuner.or(self.adapter.as_ref()), Head::LastLogits)?;
+        if ran_head {
+            return Ok(logits);
+        }
+        let s = logits.dim(1).map_err(|e| self.head_error(e))?;
+        logits.narrow(1, s.saturating_sub(1), 1).map_err(|e| self.head_error(e))
+    }
+
+    /// Per position `t` of `input_ids`, the log-probability of
+    /// `labels[:, t + 1]` (`[batch, seq − 1]`, f32, differentiable; 0
+    /// where the label is [`IGNORE_INDEX`](crate::loss::IGNORE_INDEX)) and
+    /// the mask of labelled positions, with the attached adapter. What
+    /// training computes instead of the logits: on the CPU the output head
+    /// runs chunk by chunk and only over labelled positions (see
+    /// [`oxtune_kernels::label_log_probs`]).
+    pub fn label_logps(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        labels: &Tensor,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        self.label_logps_with(input_ids, batch, labels, self.adapter.as_ref())
+    }
+
+    /// [`label_logps`](Self::label_logps) of the base model alone, the
+    /// attached adapter switched off (the reference of preference training).
+    pub fn label_logps_without_adapter(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        labels: &Tensor,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        self.label_logps_with(input_ids, batch, labels, None)
+    }
+
+    fn label_logps_with(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        labels: &Tensor,
+        tuner: Option<&TunerBinding>,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let (out, ran_head) = self.run(input_ids, batch, None, tuner, Head::LabelLogProbs(labels))?;
+        if ran_head {
+            let mask = crate::loss::next_token_mask(labels).map_err(|e| self.head_error(e))?;
+            return Ok((out, mask));
+        }
+        // A plugin without the output-head op returned every position's logits.
+        crate::loss::next_token_logps(&out, labels).map_err(|e| self.head_error(e))
+    }
+
+    fn head_error(&self, source: candle_core::Error) -> ModelError {
+        ModelError::Forward { model: self.dir.clone(), source: OpError::Candle { op: "output_head", source: source } }
+    }
+
+    /// Runs the plugin's forward pass; the output and whether it went
+    /// through the output-head op (else it is every position's logits).
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        cache: Option<&mut KvCache>,
+        tuner: Option<&TunerBinding>,
+        head: Head<'_>,
+    ) -> Result<(Tensor, bool), ModelError> {
         let forward_error = |source| ModelError::Forward { model: self.dir.clone(), source: source };
         let candle_error = |source| forward_error(OpError::Candle { op: "positions", source: source });
         let (b, s) = input_ids.dims2().map_err(candle_error)?;
@@ -332,9 +401,11 @@ impl LoadedModel {
             }
         };
         let ids = input_ids.to_dtype(DType::U32).map_err(candle_error)?;
-        let mut session = GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner });
+        let mut session =
+            GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner }).with_head(head);
         let mut inputs: Vec<(&str, Tensor)> = vec![("input_ids", ids), ("position_ids", positions)];
         inputs.extend(batch.media.iter().map(|(name, t)| (name.as_str(), t.clone())));
-        session.run_model(&self.instance, &inputs).map_err(forward_error)
+        let out = session.run_model(&self.instance, &inputs).map_err(forward_error)?;
+        Ok((out, session.ran_output_head()))
     }
 }

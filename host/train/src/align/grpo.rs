@@ -26,7 +26,6 @@ use oxtune_data::preference::join;
 use oxtune_data::text::{EncodedRow, TextTokenizer};
 use oxtune_engine::backend::BatchInfo;
 use oxtune_engine::generate::{generate, Detokenizer, SamplingParams};
-use oxtune_engine::loss::next_token_logps;
 use oxtune_engine::model::LoadedModel;
 
 /// How the loss is aggregated over tokens.
@@ -358,8 +357,7 @@ impl Objective for GrpoObjective<'_> {
         let rows: Vec<&EncodedRow> = rollout.rows.iter().collect();
         let (ids, labels, mask) = collate(&rows, model.device()).map_err(compute)?;
         let info = BatchInfo { attention_mask: Some(mask.clone()), dropout_seed, ..Default::default() };
-        let logits = model.forward(&ids, &info, None, None).map_err(Box::new)?;
-        let (logp, token_mask) = next_token_logps(&logits, &labels).map_err(compute)?;
+        let (logp, token_mask) = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
         // The policy that generated the batch: this one on its first use
         // (ratio 1, gradient intact), remembered for later iterations.
         let old = match &rollout.old_logps {
@@ -375,12 +373,12 @@ impl Objective for GrpoObjective<'_> {
         let reference = if self.config.beta != 0.0 {
             self.reference_passes.set(self.reference_passes.get() + 1);
             let plain = BatchInfo { attention_mask: Some(mask), ..Default::default() };
-            let logits = match &self.reference {
-                Reference::AdapterOff => model.forward_without_adapter(&ids, &plain),
-                Reference::Model(frozen) => frozen.forward(&ids, &plain, None, None),
+            let (logp, _) = match &self.reference {
+                Reference::AdapterOff => model.label_logps_without_adapter(&ids, &plain, &labels),
+                Reference::Model(frozen) => frozen.label_logps(&ids, &plain, &labels),
             }
             .map_err(Box::new)?;
-            Some(next_token_logps(&logits, &labels).map_err(compute)?.0.detach())
+            Some(logp.detach())
         } else {
             None
         };

@@ -4,12 +4,9 @@
 
 use candle_core::{Result, Tensor};
 
-use oxtune_engine::loss::next_token_logps;
-
-/// Per row of `logits` `[b, s, v]` (position `t` predicting `labels[:, t+1]`):
-/// the summed log-probability of the labelled tokens `[b]` (f32,
-/// differentiable) and how many there are `[b]`.
-pub fn completion_logps(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (picked, mask) = next_token_logps(logits, labels)?;
+/// Per row, from per-position label log-probabilities `[b, s − 1]` (0
+/// where unlabelled) and their mask: the summed log-probability of the
+/// labelled tokens `[b]` (f32, differentiable) and how many there are `[b]`.
+pub fn completion_logps(picked: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((picked.sum(1)?, mask.sum(1)?))
 }

@@ -4,7 +4,7 @@
 //! - preference rows (ms-swift's and TRL's forms) are encoded by
 //!   `oxtune_data::preference`, labels on the completion only.
 //! - [`logps`]: completion log-probabilities from one forward pass (per
-//!   token: [`oxtune_engine::loss::next_token_logps`]).
+//!   token: [`oxtune_engine::model::LoadedModel::label_logps`]).
 //! - [`losses`]: each method's loss, as TRL defines it.
 //! - [`objective`]: the objectives the training loop runs.
 

@@ -35,13 +35,13 @@ fn logps(
     let compute = |cause| TrainError::Compute { step, source: cause };
     let (ids, labels, mask) = collate(rows, model.device()).map_err(compute)?;
     let info = BatchInfo { attention_mask: Some(mask), dropout_seed, ..Default::default() };
-    let logits = match reference {
-        None => model.forward(&ids, &info, None, None),
-        Some(Reference::AdapterOff) => model.forward_without_adapter(&ids, &info),
-        Some(Reference::Model(frozen)) => frozen.forward(&ids, &info, None, None),
+    let (picked, label_mask) = match reference {
+        None => model.label_logps(&ids, &info, &labels),
+        Some(Reference::AdapterOff) => model.label_logps_without_adapter(&ids, &info, &labels),
+        Some(Reference::Model(frozen)) => frozen.label_logps(&ids, &info, &labels),
     }
     .map_err(Box::new)?;
-    let (sum, count) = completion_logps(&logits, &labels).map_err(compute)?;
+    let (sum, count) = completion_logps(&picked, &label_mask).map_err(compute)?;
     match reference {
         None => Ok((sum, count)),
         Some(_) => Ok((sum.detach(), count)),
