@@ -65,6 +65,11 @@ pub struct TrainBenchArgs {
     /// Timed steps (after one untimed warm-up step).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Recompute each layer's activations in the backward pass (the
+    /// training commands' default; off here by default to compare with
+    /// PyTorch's default; the peer follows this flag).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    gradient_checkpointing: bool,
     /// A Python with torch, transformers and peft (and gguf for a GGUF
     /// model): after each shape, the same training runs in PyTorch + PEFT
     /// and the ratio of the two is printed.
@@ -82,6 +87,7 @@ impl TrainBenchArgs {
             batch_size,
             seq_len,
             steps: self.steps,
+            gradient_checkpointing: self.gradient_checkpointing,
         }
     }
 

@@ -59,7 +59,7 @@ fn recorded_args(args: &SftArgs, tuner_config: &Value, model_type: &str) -> Valu
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps, "max_grad_norm": t.max_grad_norm,
         "warmup_ratio": t.warmup_ratio, "lr_scheduler_type": t.lr_scheduler_type, "weight_decay": t.weight_decay,
-        "seed": t.seed,
+        "seed": t.seed, "gradient_checkpointing": t.gradient_checkpointing,
         "freeze_vit": args.tuner.freeze_vit, "freeze_aligner": args.tuner.freeze_aligner,
         "freeze_llm": args.tuner.freeze_llm, "media_options": args.model.media_options(),
     })
@@ -141,6 +141,7 @@ impl RunSetup {
                 .add_adapter(&self.registry, &args.tuner.name, self.tuner_config.clone(), args.train.seed)
                 .with_context(|| format!("--tuner {}", args.tuner.name))?,
         }
+        self.text.model.set_gradient_checkpointing(args.train.gradient_checkpointing);
         let out = &args.output_dir;
         write_args(out, &self.recorded)?;
         let mut config = args.train.train_config()?;

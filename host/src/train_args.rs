@@ -138,6 +138,12 @@ pub struct LoopArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
+    /// Recompute each layer's activations in the backward pass instead of
+    /// keeping them (on by default, as in ms-swift): memory holds one
+    /// layer's activations instead of every layer's, for a second forward
+    /// pass of each layer (about a third more compute).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub gradient_checkpointing: bool,
     /// Global gradient-norm clip (0: none).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,

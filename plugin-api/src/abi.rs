@@ -235,6 +235,19 @@ pub enum Op {
     /// without the `[tokens, vocab]` logits (positions without a label
     /// skip the projection). Added in 1.2.
     OutputHead { name: RString, x: TensorId, softcap: f32 },
+    /// Opens a block, a repeated unit of the model such as a transformer
+    /// layer, on its input `x`; returns the handle the block computes
+    /// from. With gradient checkpointing the host keeps only the block's
+    /// input and output and recomputes its inside in the backward pass,
+    /// so a block must compute from its input, weights and tensors that
+    /// need no gradient (constants, position tables), and the same way
+    /// each time. Blocks do not nest (an inner pair is the identity).
+    /// Added in 1.2.
+    BlockBegin { x: TensorId },
+    /// Closes the block opened last, whose result is `x`; returns the
+    /// handle to use after it. Handles made inside the block are released
+    /// (as [`Op::Release`] does). Added in 1.2.
+    BlockEnd { x: TensorId },
 }
 
 /// An [`Op`] as it crosses the boundary.

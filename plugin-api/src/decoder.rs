@@ -13,7 +13,7 @@
 
 use serde_json::Value;
 
-use crate::graph::{attention, has_weight, output_head, AttentionSpec, Tensor};
+use crate::graph::{attention, block, has_weight, output_head, AttentionSpec, Tensor};
 use crate::nn::{Embedding, Linear, RmsNorm};
 use crate::plugin::{Inputs, Model};
 use crate::rope::Rope;
@@ -324,12 +324,15 @@ impl Decoder {
     ) -> Result<Tensor> {
         let c = &self.cfg;
         for layer in 0..c.num_layers {
-            let norm = format!("{}.layers.{layer}.input_layernorm", c.prefix);
-            let h = RmsNorm::new(norm, c.rms_norm_eps).forward(&x)?;
-            x = x.add(&self.attention_block(layer, &h, rotary)?)?;
-            let norm = format!("{}.layers.{layer}.post_attention_layernorm", c.prefix);
-            let h = RmsNorm::new(norm, c.rms_norm_eps).forward(&x)?;
-            x = after_layer(layer, x.add(&self.mlp(layer, &h)?)?)?;
+            let y = block(&x, |x| {
+                let norm = format!("{}.layers.{layer}.input_layernorm", c.prefix);
+                let h = RmsNorm::new(norm, c.rms_norm_eps).forward(x)?;
+                let x = x.add(&self.attention_block(layer, &h, rotary)?)?;
+                let norm = format!("{}.layers.{layer}.post_attention_layernorm", c.prefix);
+                let h = RmsNorm::new(norm, c.rms_norm_eps).forward(&x)?;
+                x.add(&self.mlp(layer, &h)?)
+            })?;
+            x = after_layer(layer, y)?;
         }
         let x = RmsNorm::new(format!("{}.norm", c.prefix), c.rms_norm_eps).forward(&x)?;
         let head = if c.tie_word_embeddings { format!("{}.embed_tokens", c.prefix) } else { c.lm_head.clone() };

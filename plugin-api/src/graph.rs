@@ -380,6 +380,21 @@ pub fn output_head(name: &str, x: &Tensor, softcap: Option<f32>) -> Result<Tenso
     apply(Op::OutputHead { name: RString::from(name), x: x.0, softcap: softcap.unwrap_or(0.0) })
 }
 
+/// Runs `f` on `x` as one block of the model (see [`Op::BlockBegin`]): a
+/// transformer layer, whose activations the host may recompute in the
+/// backward pass instead of keeping them (gradient checkpointing). `f`
+/// must compute from its argument, weights and tensors that need no
+/// gradient; handles it makes are released when it returns.
+pub fn block(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let input = apply(Op::BlockBegin { x: x.0 })?;
+    // Handles made inside are the host's to release: keep them off any
+    // enclosing scope's list.
+    let outer = SCOPED.with(|s| s.replace(None));
+    let result = f(&input);
+    SCOPED.with(|s| s.replace(outer));
+    apply(Op::BlockEnd { x: result?.0 })
+}
+
 /// The op API's escape hatch: sends any [`Op`], including ones added in a
 /// later 1.x version that have no method here yet.
 pub fn apply_op(op: Op) -> Result<Tensor> {

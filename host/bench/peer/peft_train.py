@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute each layer's activations in the backward pass (transformers' own)")
     ap.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "oxtune-peer-models"))
     ap.add_argument("--convert", nargs=2, metavar=("GGUF", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -72,6 +74,8 @@ def main():
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if a.tuner == "lora":
         import peft
         from peft import LoraConfig, get_peft_model
@@ -106,6 +110,7 @@ def main():
         "tuner": a.tuner,
         "batch_size": a.batch,
         "seq_len": a.seq,
+        "gradient_checkpointing": a.gradient_checkpointing,
         "timed_steps": len(timed),
         "seconds_per_step": sum(timed) / len(timed),
         "tokens_per_s": tokens * len(timed) / sum(timed),

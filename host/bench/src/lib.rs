@@ -197,6 +197,8 @@ pub struct TrainBench {
     pub seq_len: usize,
     /// Timed steps (after one untimed warm-up step).
     pub steps: usize,
+    /// Recompute each layer's activations in the backward pass.
+    pub gradient_checkpointing: bool,
 }
 
 /// Trains `model` (a tuner is attached) on synthetic rows and measures
@@ -215,6 +217,7 @@ pub fn train(
     };
     let config = json!({"r": bench.lora_rank, "lora_alpha": 2 * bench.lora_rank, "target_modules": targets});
     model.add_adapter(registry, &bench.tuner, config, 0)?;
+    model.set_gradient_checkpointing(bench.gradient_checkpointing);
     let vocab = vocab.max(1) as u32;
     let rows: Vec<EncodedRow> = (0..bench.batch_size * (bench.steps + 1))
         .map(|r| {
@@ -242,6 +245,7 @@ pub fn train(
         "target_modules": bench.target_modules,
         "batch_size": bench.batch_size,
         "seq_len": bench.seq_len,
+        "gradient_checkpointing": bench.gradient_checkpointing,
         "timed_steps": timed.len(),
         "seconds_per_step": tokens as f64 / tokens_per_s,
         "tokens_per_s": tokens_per_s,

@@ -42,6 +42,7 @@ impl TrainPeer {
             .args(["--batch", &bench.batch_size.to_string(), "--seq", &bench.seq_len.to_string()])
             .args(["--steps", &bench.steps.to_string(), "--tuner", tuner, "--r", &bench.lora_rank.to_string()])
             .args(["--targets", &bench.target_modules.join(","), "--threads", &self.threads.to_string()])
+            .args(bench.gradient_checkpointing.then_some("--gradient-checkpointing"))
             .output()
             .map_err(|e| BenchError::Invalid(format!("cannot run the peer {}: {e}", self.python.display())))?;
         let stdout = String::from_utf8_lossy(&output.stdout);

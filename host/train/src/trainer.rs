@@ -415,7 +415,8 @@ pub fn train_with<O: Objective>(
                 return Err(TrainError::NonFinite { what: "loss", value: value as f64, step, last_checkpoint });
             }
             loss_sum += value as f64;
-            let grads = (loss / micro_batches as f64).and_then(|l| l.backward()).map_err(compute)?;
+            let mut grads = (loss / micro_batches as f64).and_then(|l| l.backward()).map_err(compute)?;
+            model.merge_block_gradients(&mut grads).map_err(compute)?;
             for (slot, var) in summed.iter_mut().zip(&vars) {
                 if let Some(g) = grads.get(var.as_tensor()) {
                     *slot = Some(match slot.take() {

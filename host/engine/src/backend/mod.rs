@@ -4,13 +4,16 @@
 //! every op a plugin sends; [`ops`] holds the differentiable versions of the
 //! ops candle only has fused (forward-only) kernels for; [`batch`] holds what
 //! the host knows about a batch (positions, masks, KV cache); [`weights`]
-//! resolves parameters by name.
+//! resolves parameters by name; [`checkpoint`] recomputes blocks in the
+//! backward pass (gradient checkpointing).
 
 pub mod batch;
+pub mod checkpoint;
 pub mod ops;
 pub mod session;
 pub mod weights;
 
 pub use batch::{BatchInfo, KvCache};
+pub use checkpoint::{BlockGradients, Checkpointing};
 pub use session::{ForwardContext, GraphSession, Head, OpError, TargetModules, TunerBinding};
 pub use weights::WeightStore;

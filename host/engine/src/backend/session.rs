@@ -5,8 +5,10 @@
 //! carry the session's tag, so a handle kept from an earlier call is an
 //! error, and all tensors are freed when the session is dropped.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RResult, RStr, RString, RVec};
@@ -14,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use oxtune_plugin_api::abi::{self, GraphHost, GraphHost_TO, GraphRef, NamedTensor, Op, OpCall, TensorId, TunerBox};
 
 use super::batch::{build_mask, key_mask, BatchInfo, KvCache, MaskShape, MaskSpec};
+use super::checkpoint::{Block, Checkpointing, Recording, Replay};
 use super::ops;
 use super::weights::WeightStore;
 
@@ -139,6 +142,18 @@ pub struct GraphSession<'a> {
     head: Head<'a>,
     /// The output head's result, once it ran.
     head_result: Option<TensorId>,
+    /// Gradient checkpointing of blocks, when on.
+    checkpointing: Option<Checkpointing>,
+    /// The block being recorded (interior: reads are recorded by `get`).
+    recording: RefCell<Option<Recording>>,
+    /// How many tuner hooks are running (their ops are not recorded: the
+    /// replayed `linear` runs the hook again).
+    tuner_depth: u32,
+    /// The weights, shared by the replays of this session's blocks.
+    weights_snapshot: Option<Arc<WeightStore>>,
+    /// The trainable scalar every checkpointed block hangs from (see
+    /// [`checkpoint`](super::checkpoint)).
+    block_anchor: Option<Tensor>,
 }
 
 fn dim_index(op: &'static str, dim: i64, rank: usize) -> Result<usize, OpError> {
@@ -191,7 +206,39 @@ impl<'a> GraphSession<'a> {
             dropouts: 0,
             head: Head::Logits,
             head_result: None,
+            checkpointing: None,
+            recording: RefCell::new(None),
+            tuner_depth: 0,
+            weights_snapshot: None,
+            block_anchor: None,
         }
+    }
+
+    /// This session with its blocks checkpointed (see
+    /// [`checkpoint`](super::checkpoint)).
+    pub fn with_checkpointing(mut self, checkpointing: Option<Checkpointing>) -> GraphSession<'a> {
+        self.checkpointing = checkpointing;
+        self
+    }
+
+    /// Sets this (fresh) session up to replay a recorded block: the
+    /// recording session's tag, the handles the block read, its input at
+    /// `first_index`, and the dropout count before it.
+    pub(crate) fn restore(
+        &mut self,
+        tag: u32,
+        first_index: usize,
+        captured: &[(usize, Tensor)],
+        input: &Tensor,
+        dropouts: u64,
+    ) {
+        self.tag = tag;
+        self.arena = vec![None; first_index];
+        for (index, t) in captured {
+            self.arena[*index] = Some(t.clone());
+        }
+        self.arena.push(Some(input.clone()));
+        self.dropouts = dropouts;
     }
 
     /// This session with the output head computing `head`.
@@ -219,8 +266,14 @@ impl<'a> GraphSession<'a> {
         if (id.0 >> 32) as u32 != self.tag {
             return Err(OpError::StaleHandle(id.0));
         }
-        match self.arena.get((id.0 & 0xffff_ffff) as usize) {
-            Some(Some(t)) => Ok(t),
+        let index = (id.0 & 0xffff_ffff) as usize;
+        match self.arena.get(index) {
+            Some(Some(t)) => {
+                if let Some(recording) = self.recording.borrow_mut().as_mut() {
+                    recording.read(index, t);
+                }
+                Ok(t)
+            }
             Some(None) => Err(OpError::Invalid {
                 op: "handle",
                 message: format!("tensor handle {:#x} was released by the plugin", id.0),
@@ -235,12 +288,96 @@ impl<'a> GraphSession<'a> {
 
     /// Executes one op and returns its result's handle.
     pub fn apply(&mut self, op: &Op) -> Result<TensorId, OpError> {
+        let plugin_level = self.tuner_depth == 0;
+        let (recording, nested) = match self.recording.get_mut() {
+            Some(r) => (true, r.nested),
+            None => (false, 0),
+        };
+        match op {
+            Op::BlockBegin { x } if plugin_level && !recording && self.checkpointing.is_some() => {
+                return self.begin_block(*x);
+            }
+            Op::BlockEnd { x } if plugin_level && recording && nested == 0 => return self.end_block(*x),
+            _ => {}
+        }
         let t = self.execute(op)?;
         let id = self.insert(t);
         if let Op::OutputHead { .. } = op {
             self.head_result = Some(id);
         }
+        if let Some(recording) = self.recording.get_mut().as_mut().filter(|_| plugin_level) {
+            match op {
+                Op::BlockBegin { .. } => recording.nested += 1,
+                Op::BlockEnd { .. } => recording.nested = recording.nested.saturating_sub(1),
+                _ => {}
+            }
+            recording.tape.push((op.clone(), id));
+        }
         Ok(id)
+    }
+
+    /// Starts recording a block on the CPU; elsewhere (no checkpointing
+    /// kernel) the block is the identity.
+    fn begin_block(&mut self, x: TensorId) -> Result<TensorId, OpError> {
+        let outer = self.get(x)?.clone();
+        if !outer.device().is_cpu() {
+            return Ok(self.insert(outer));
+        }
+        let id = self.insert(outer.detach());
+        *self.recording.get_mut() = Some(Recording {
+            first_index: (id.0 & 0xffff_ffff) as usize,
+            outer_input: outer,
+            tape: Vec::new(),
+            captured: Vec::new(),
+            reads_tracked: false,
+            dropouts: self.dropouts,
+            nested: 0,
+        });
+        Ok(id)
+    }
+
+    /// Ends the block being recorded: its output enters the graph as one
+    /// checkpointed op on its input, and the handles made inside are
+    /// released.
+    fn end_block(&mut self, y: TensorId) -> Result<TensorId, OpError> {
+        let output = self.get(y)?.clone();
+        let recording = self.recording.get_mut().take().expect("checked by the caller");
+        let checkpointing = self.checkpointing.clone().expect("recording implies checkpointing");
+        let weights = self.weights_snapshot.get_or_insert_with(|| Arc::new(self.ctx.weights.clone())).clone();
+        let replay = Replay {
+            tag: self.tag,
+            first_index: recording.first_index,
+            captured: recording.captured,
+            tape: recording.tape,
+            output: y,
+            dropouts: recording.dropouts,
+            batch: self.ctx.batch.clone(),
+            weights,
+            tuner: checkpointing.tuner,
+        };
+        for slot in &mut self.arena[recording.first_index..] {
+            *slot = None;
+        }
+        let candle = |source| OpError::Candle { op: "block", source: source };
+        let result = if !output.track_op() && !recording.outer_input.track_op() {
+            // Nothing in or inside needs a gradient: no graph to cut.
+            output
+        } else if recording.reads_tracked {
+            // The block reads a tracked tensor besides its input: run it
+            // again, connected, and keep its activations.
+            replay.run(&recording.outer_input)?
+        } else {
+            let anchor = match &self.block_anchor {
+                Some(anchor) => anchor.clone(),
+                None => {
+                    let var = candle_core::Var::zeros(1, output.dtype(), output.device()).map_err(candle)?;
+                    self.block_anchor.insert(var.as_tensor().clone()).clone()
+                }
+            };
+            let block = Block { value: Mutex::new(Some(output.detach())), replay, grads: checkpointing.grads };
+            recording.outer_input.apply_op2(&anchor, block).map_err(candle)?
+        };
+        Ok(self.insert(result))
     }
 
     /// Runs a model plugin's forward pass on named inputs and returns its output.
@@ -279,6 +416,8 @@ impl<'a> GraphSession<'a> {
             }
             Op::Linear { name, x } => self.linear(name, *x),
             Op::OutputHead { name, x, softcap } => self.output_head(name, *x, *softcap),
+            // Without checkpointing (or nested) a block is the identity.
+            Op::BlockBegin { x } | Op::BlockEnd { x } => Ok(self.get(*x)?.clone()),
             Op::RmsNorm { name, x, eps } => {
                 let w = self.weight(&format!("{name}.weight"))?;
                 ops::rms_norm(self.get(*x)?, w, *eps).map_err(candle)
@@ -458,7 +597,9 @@ impl<'a> GraphSession<'a> {
         match self.ctx.tuner {
             Some(tuner) if tuner.targets(name) => {
                 let base_id = self.insert(base);
+                self.tuner_depth += 1;
                 let out = tuner.instance.forward(self.as_graph_ref(), name.into(), x, base_id).into_result();
+                self.tuner_depth -= 1;
                 let id = out.map_err(|e| OpError::Plugin(e.into_string()))?;
                 self.get(id).cloned()
             }
@@ -687,6 +828,8 @@ fn op_name(op: &Op) -> &'static str {
         Op::Rope { .. } => "rope",
         Op::Attention { .. } => "attention",
         Op::OutputHead { .. } => "output_head",
+        Op::BlockBegin { .. } => "block_begin",
+        Op::BlockEnd { .. } => "block_end",
         _ => "unknown op",
     }
 }

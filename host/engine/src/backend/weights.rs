@@ -58,6 +58,11 @@ impl WeightStore {
         self.vars.get(name)
     }
 
+    /// The trainable parameters.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.vars.values()
+    }
+
     /// Keeps only the parameters whose name satisfies `keep`.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.tensors.retain(|name, _| keep(name));

@@ -2,6 +2,7 @@
 //! PEFT saves them, attached to a loaded model through a tuner plugin.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::Var;
 
@@ -73,7 +74,7 @@ impl LoadedModel {
                 }
             }
         }
-        self.adapter = Some(TunerBinding { instance, target_modules: targets });
+        self.adapter = Some(Arc::new(TunerBinding { instance, target_modules: targets }));
         self.adapter_config = Some((name, config));
         self.adapter_params = adapter_params;
         Ok(())
@@ -124,7 +125,7 @@ impl LoadedModel {
 
     /// The attached adapter, if any.
     pub fn adapter(&self) -> Option<&TunerBinding> {
-        self.adapter.as_ref()
+        self.adapter.as_deref()
     }
 }
 
@@ -238,7 +239,7 @@ impl LoadedModel {
             self.weights.make_trainable(name).map_err(init_error)?;
         }
         self.trains_base = !trained_base.is_empty();
-        self.adapter = Some(TunerBinding { instance, target_modules: targets });
+        self.adapter = Some(Arc::new(TunerBinding { instance, target_modules: targets }));
         self.adapter_config = Some((tuner.to_owned(), config));
         Ok(())
     }

@@ -9,13 +9,18 @@ pub mod gguf;
 pub mod staging;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use abi_stable::std_types::RString;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use oxtune_plugin_api::abi::{MediaItem, ModelBox};
 use oxtune_registry::{Registry, RegistryError};
 
-use crate::backend::{BatchInfo, ForwardContext, GraphSession, Head, KvCache, OpError, TunerBinding, WeightStore};
+use crate::backend::{
+    BatchInfo, BlockGradients, Checkpointing, ForwardContext, GraphSession, Head, KvCache, OpError, TunerBinding,
+    WeightStore,
+};
 use crate::media::{MediaInput, MediaRef, MediaSpec};
 use checkpoint::{load_weights, read_json, weight_files, CheckpointError, Trainable};
 
@@ -79,7 +84,9 @@ pub struct LoadedModel {
     weights: WeightStore,
     dtype: DType,
     device: Device,
-    adapter: Option<TunerBinding>,
+    adapter: Option<Arc<TunerBinding>>,
+    /// Gradients of checkpointed blocks, when gradient checkpointing is on.
+    block_gradients: Option<Arc<BlockGradients>>,
     /// The attached adapter's tuner name and PEFT-style configuration.
     adapter_config: Option<(String, serde_json::Value)>,
     /// The names of the attached adapter's own parameters.
@@ -171,6 +178,7 @@ impl LoadedModel {
             dtype: options.dtype,
             device: options.device.clone(),
             adapter: None,
+            block_gradients: None,
             adapter_config: None,
             adapter_params: Vec::new(),
             trains_base: false,
@@ -302,7 +310,7 @@ impl LoadedModel {
         cache: Option<&mut KvCache>,
         tuner: Option<&TunerBinding>,
     ) -> Result<Tensor, ModelError> {
-        Ok(self.run(input_ids, batch, cache, tuner.or(self.adapter.as_ref()), Head::Logits)?.0)
+        Ok(self.run(input_ids, batch, cache, tuner.or(self.adapter.as_deref()), Head::Logits)?.0)
     }
 
     /// Logits of the base model alone, the attached adapter switched off:
@@ -323,7 +331,7 @@ impl LoadedModel {
         tuner: Option<&TunerBinding>,
     ) -> Result<Tensor, ModelError> {
         let (logits, ran_head) =
-            self.run(input_ids, batch, cache, tuner.or(self.adapter.as_ref()), Head::LastLogits)?;
+            self.run(input_ids, batch, cache, tuner.or(self.adapter.as_deref()), Head::LastLogits)?;
         if ran_head {
             return Ok(logits);
         }
@@ -344,7 +352,7 @@ impl LoadedModel {
         batch: &BatchInfo,
         labels: &Tensor,
     ) -> Result<(Tensor, Tensor), ModelError> {
-        self.label_logps_with(input_ids, batch, labels, self.adapter.as_ref())
+        self.label_logps_with(input_ids, batch, labels, self.adapter.as_deref())
     }
 
     /// [`label_logps`](Self::label_logps) of the base model alone, the
@@ -378,6 +386,24 @@ impl LoadedModel {
         ModelError::Forward { model: self.dir.clone(), source: OpError::Candle { op: "output_head", source: source } }
     }
 
+    /// Turns gradient checkpointing on or off: with it, each block the
+    /// plugin marks (a transformer layer) keeps only its input and output
+    /// while training, and recomputes the rest in the backward pass (see
+    /// [`crate::backend::checkpoint`]). After each `backward()`, pass the
+    /// gradients through [`merge_block_gradients`](Self::merge_block_gradients).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.block_gradients = on.then(|| Arc::new(BlockGradients::new()));
+    }
+
+    /// Adds the gradients that checkpointed blocks produced during the
+    /// last backward pass to `grads` (nothing without checkpointing).
+    pub fn merge_block_gradients(&self, grads: &mut GradStore) -> candle_core::Result<()> {
+        match &self.block_gradients {
+            Some(pending) => pending.merge_into(grads),
+            None => Ok(()),
+        }
+    }
+
     /// Runs the plugin's forward pass; the output and whether it went
     /// through the output-head op (else it is every position's logits).
     fn run(
@@ -401,8 +427,19 @@ impl LoadedModel {
             }
         };
         let ids = input_ids.to_dtype(DType::U32).map_err(candle_error)?;
-        let mut session =
-            GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner }).with_head(head);
+        // Checkpointing replays blocks with an owned tuner: the attached
+        // adapter's (or none), not one lent for this call.
+        let own_tuner = match tuner {
+            None => Some(None),
+            Some(t) => self.adapter.as_ref().filter(|a| std::ptr::eq(a.as_ref(), t)).map(|a| Some(a.clone())),
+        };
+        let checkpointing = match (&self.block_gradients, own_tuner) {
+            (Some(grads), Some(tuner)) if cache.is_none() => Some(Checkpointing { grads: grads.clone(), tuner }),
+            _ => None,
+        };
+        let mut session = GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner })
+            .with_head(head)
+            .with_checkpointing(checkpointing);
         let mut inputs: Vec<(&str, Tensor)> = vec![("input_ids", ids), ("position_ids", positions)];
         inputs.extend(batch.media.iter().map(|(name, t)| (name.as_str(), t.clone())));
         let out = session.run_model(&self.instance, &inputs).map_err(forward_error)?;
