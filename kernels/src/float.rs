@@ -15,6 +15,7 @@ pub(crate) mod num_like {
         fn exp(self) -> Self;
         fn ln(self) -> Self;
         fn tanh(self) -> Self;
+        fn sqrt(self) -> Self;
         fn neg_infinity() -> Self;
         fn of(x: f64) -> Self;
     }
@@ -29,6 +30,9 @@ pub(crate) mod num_like {
                 }
                 fn tanh(self) -> Self {
                     <$t>::tanh(self)
+                }
+                fn sqrt(self) -> Self {
+                    <$t>::sqrt(self)
                 }
                 fn neg_infinity() -> Self {
                     <$t>::NEG_INFINITY

@@ -15,6 +15,12 @@
 //! - [`flash_attention`]: attention whose memory is linear in the
 //!   sequence length, with its backward pass (see [`attention`]).
 //!
+//! - [`rms_norm`]: RMSNorm in one pass over each row, forward and
+//!   backward, keeping no intermediates (see [`norm`]).
+//!
+//! - [`rope()`]: rotary position embedding in one pass, forward and
+//!   backward, from tables built once per forward pass (see [`rope`]).
+//!
 //! - [`label_log_probs`]: the output head and each label's
 //!   log-probability without the `[tokens, vocab]` logits, skipping
 //!   unlabelled rows (see [`head`]).
@@ -25,9 +31,13 @@
 pub mod attention;
 mod float;
 pub mod head;
+pub mod norm;
+pub mod rope;
 
 pub use attention::{flash_attention, KeyMask};
 pub use head::label_log_probs;
+pub use norm::rms_norm;
+pub use rope::rope;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};

@@ -134,6 +134,8 @@ pub struct GraphSession<'a> {
     offset: usize,
     /// Additive masks of the naive attention (devices without a kernel).
     masks: HashMap<(MaskSpec, MaskShape, DType), Option<Tensor>>,
+    /// RoPE tables of the CPU kernel, by frequencies, scale and batch shape.
+    rope_tables: HashMap<(Vec<u32>, u32, usize, usize), oxtune_kernels::rope::RopeTables>,
     /// Mask rules of the memory-efficient CPU attention.
     key_masks: HashMap<(MaskSpec, MaskShape), oxtune_kernels::KeyMask>,
     /// Dropout ops run so far: each draws its own mask.
@@ -203,6 +205,7 @@ impl<'a> GraphSession<'a> {
             offset,
             masks: HashMap::new(),
             key_masks: HashMap::new(),
+            rope_tables: HashMap::new(),
             dropouts: 0,
             head: Head::Logits,
             head_result: None,
@@ -420,7 +423,13 @@ impl<'a> GraphSession<'a> {
             Op::BlockBegin { x } | Op::BlockEnd { x } => Ok(self.get(*x)?.clone()),
             Op::RmsNorm { name, x, eps } => {
                 let w = self.weight(&format!("{name}.weight"))?;
-                ops::rms_norm(self.get(*x)?, w, *eps).map_err(candle)
+                let x = self.get(*x)?;
+                let kernel =
+                    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && w.dtype() == x.dtype();
+                match kernel {
+                    true => oxtune_kernels::rms_norm(x, w, *eps).map_err(candle),
+                    false => ops::rms_norm(x, w, *eps).map_err(candle),
+                }
             }
             Op::LayerNorm { name, x, eps } => {
                 let w = self.weight(&format!("{name}.weight"))?;
@@ -692,13 +701,27 @@ impl<'a> GraphSession<'a> {
             .map_err(|source| OpError::Candle { op: "rope", source: source })
     }
 
-    fn rope(&self, x: TensorId, inv_freq: &[f32], interleaved: bool, scale: f32) -> Result<Tensor, OpError> {
+    fn rope(&mut self, x: TensorId, inv_freq: &[f32], interleaved: bool, scale: f32) -> Result<Tensor, OpError> {
         let candle = |source| OpError::Candle { op: "rope", source: source };
-        let t = self.get(x)?;
+        let t = self.get(x)?.clone();
         let (b, _, s, _) = t.dims4().map_err(candle)?;
-        let pos = self.positions(b, s, t.device())?;
-        let (cos, sin) = ops::rope_tables(&pos, inv_freq, scale, t.dtype()).map_err(candle)?;
-        ops::rope(t, &cos, &sin, interleaved).map_err(candle)
+        if !(t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)) {
+            let pos = self.positions(b, s, t.device())?;
+            let (cos, sin) = ops::rope_tables(&pos, inv_freq, scale, t.dtype()).map_err(candle)?;
+            return ops::rope(&t, &cos, &sin, interleaved).map_err(candle);
+        }
+        // The kernel, with tables built once per session for every layer's q and k.
+        let key = (inv_freq.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), scale.to_bits(), b, s);
+        let tables = match self.rope_tables.get(&key) {
+            Some(tables) => tables.clone(),
+            None => {
+                let pos = self.positions(b, s, t.device())?;
+                let pos = pos.to_dtype(DType::F64).and_then(|p| p.to_vec2::<f64>()).map_err(candle)?;
+                let tables = oxtune_kernels::rope::RopeTables::new(&pos, inv_freq, scale);
+                self.rope_tables.entry(key).or_insert(tables).clone()
+            }
+        };
+        oxtune_kernels::rope(&t, &tables, interleaved).map_err(candle)
     }
 
     #[allow(clippy::too_many_arguments)]
