@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 use oxtune_registry::Registry;
 
 use oxtune_data::TextAssets;
@@ -40,6 +40,10 @@ pub struct ModelArgs {
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, value_name = "DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// Where the model runs: `cpu`, `cuda` (`cuda:N` for the N-th GPU) or
+    /// `metal`; the GPU ones need oxtune built with that cargo feature.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: String,
 }
 
 /// A model with its tokenizer and template.
@@ -64,12 +68,19 @@ impl ModelArgs {
             "f16" | "float16" => DType::F16,
             other => anyhow::bail!("--dtype {other}: use f32, bf16 or f16"),
         };
-        let options = LoadOptions {
-            dtype,
-            trainable: Trainable::None,
-            model_type: self.model_type.clone(),
-            ..Default::default()
-        };
+        let device = self.device()?;
+        // A dtype the device cannot compute in fails here, not mid-run.
+        let probe = Tensor::ones((2, 2), dtype, &device).and_then(|t| t.matmul(&t)?.sum_all()?.to_dtype(DType::F32));
+        if let Err(e) = probe.and_then(|t| t.to_scalar::<f32>()) {
+            let cause = e.to_string();
+            anyhow::bail!(
+                "--dtype {}: the {} device cannot compute in it ({})",
+                self.dtype,
+                self.device,
+                first_line(&cause)
+            );
+        }
+        let options = LoadOptions { dtype, device, trainable: Trainable::None, model_type: self.model_type.clone() };
         let mut model = LoadedModel::load(registry, &self.model, &options)?;
         if let Some(adapter) = self.adapter.as_ref().filter(|_| apply_adapter) {
             model
@@ -83,6 +94,31 @@ impl ModelArgs {
 }
 
 impl ModelArgs {
+    /// The device `--device` names, or a one-line error naming the flag.
+    pub fn device(&self) -> anyhow::Result<Device> {
+        let spec = self.device.as_str();
+        let (kind, ordinal) = match spec.split_once(':') {
+            Some((kind, n)) => {
+                let n =
+                    n.parse::<usize>().map_err(|_| anyhow::anyhow!("--device {spec}: `{n}` is not a device number"))?;
+                (kind, n)
+            }
+            None => (spec, 0),
+        };
+        let (device, feature) = match kind {
+            "cpu" if ordinal == 0 => return Ok(Device::Cpu),
+            "cuda" => (Device::new_cuda(ordinal), "cuda"),
+            "metal" => (Device::new_metal(ordinal), "metal"),
+            _ => anyhow::bail!("--device {spec}: use cpu, cuda, cuda:N or metal"),
+        };
+        device.map_err(|e| match e {
+            candle_core::Error::NotCompiledWithCudaSupport | candle_core::Error::NotCompiledWithMetalSupport => {
+                anyhow::anyhow!("--device {spec}: this oxtune was built without {feature} support (build it with `--features {feature}`)")
+            }
+            other => anyhow::anyhow!("--device {spec}: {}", first_line(&other.to_string())),
+        })
+    }
+
     /// The media preprocessing overrides given on the command line, as the
     /// keys of `preprocessor_config.json` they replace.
     pub fn media_options(&self) -> serde_json::Value {
@@ -151,4 +187,9 @@ impl SamplingArgs {
             stop: self.stop.clone(),
         }
     }
+}
+
+/// The first line of an error message (device errors can run to pages).
+fn first_line(message: &str) -> &str {
+    message.lines().next().unwrap_or(message)
 }

@@ -326,3 +326,18 @@ fn sft_trains_an_adapter_that_infer_and_eval_use() {
         &["sft-bad.jsonl:2", "no dataset adapter recognises"],
     );
 }
+
+#[test]
+fn a_device_or_dtype_that_cannot_run_is_a_one_line_error_naming_the_flag() {
+    let model = tiny("tiny-qwen3");
+    let infer = |extra: &[&str]| {
+        let mut args = vec!["infer", "--model", &model, "--prompt", "hi", "--max-new-tokens", "1"];
+        args.extend_from_slice(extra);
+        oxtune(&args, &[])
+    };
+    // The tests' build has no GPU backend: the flag and the cargo feature are named.
+    fails_with(&infer(&["--device", "cuda:1"]), &["--device cuda:1", "--features cuda"]);
+    fails_with(&infer(&["--device", "gpu"]), &["--device gpu", "cpu, cuda, cuda:N or metal"]);
+    fails_with(&infer(&["--device", "cuda:x"]), &["--device cuda:x", "not a device number"]);
+    fails_with(&infer(&["--dtype", "f8"]), &["--dtype f8", "f32, bf16 or f16"]);
+}
