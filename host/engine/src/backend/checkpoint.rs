@@ -20,8 +20,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Shape, Storage, Tensor, Var};
 use oxtune_plugin_api::abi::{Op, TensorId};
 
 use super::session::{ForwardContext, GraphSession, OpError, TunerBinding};
@@ -143,6 +144,29 @@ pub(crate) struct Block {
     pub grads: Arc<BlockGradients>,
 }
 
+impl Block {
+    /// The output's values as a fresh contiguous tensor (taken: the
+    /// forward pass runs once).
+    fn take_output(&self) -> candle_core::Result<Tensor> {
+        match self.value.lock().expect("not poisoned").take() {
+            Some(value) => value.copy(),
+            None => candle_core::bail!("checkpointed-block: the forward pass ran twice"),
+        }
+    }
+}
+
+/// The backend storage of the tensor `$value` on the `$variant` device.
+macro_rules! output_storage {
+    ($value:expr, $variant:ident) => {{
+        let value = $value;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::$variant(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
+            _ => candle_core::bail!("checkpointed-block: the output is on another device than the input"),
+        }
+    }};
+}
+
 impl CustomOp2 for Block {
     fn name(&self) -> &'static str {
         "checkpointed-block"
@@ -155,16 +179,27 @@ impl CustomOp2 for Block {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(value) = self.value.lock().expect("not poisoned").take() else {
-            candle_core::bail!("checkpointed-block: the forward pass ran twice");
-        };
-        // A fresh contiguous copy owns its storage from offset 0.
-        let value = value.copy()?;
-        let (storage, _) = value.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(cpu) => Ok((cpu.clone(), value.shape().clone())),
-            _ => candle_core::bail!("checkpointed-block: CPU tensors only"),
-        }
+        output_storage!(self.take_output()?, Cpu)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        output_storage!(self.take_output()?, Cuda)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        output_storage!(self.take_output()?, Metal)
     }
 
     fn bwd(

@@ -319,13 +319,9 @@ impl<'a> GraphSession<'a> {
         Ok(id)
     }
 
-    /// Starts recording a block on the CPU; elsewhere (no checkpointing
-    /// kernel) the block is the identity.
+    /// Starts recording a block.
     fn begin_block(&mut self, x: TensorId) -> Result<TensorId, OpError> {
         let outer = self.get(x)?.clone();
-        if !outer.device().is_cpu() {
-            return Ok(self.insert(outer));
-        }
         let id = self.insert(outer.detach());
         *self.recording.get_mut() = Some(Recording {
             first_index: (id.0 & 0xffff_ffff) as usize,
