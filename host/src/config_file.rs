@@ -1,7 +1,9 @@
 //! `--config FILE`: a run's arguments in a TOML or YAML file, as ms-swift
 //! users keep them. The file's keys are the flags' names (`learning_rate`
 //! or `learning-rate`); they are spliced into the command line after the
-//! subcommand, and a flag given on the command line overrides the file.
+//! subcommand, and a flag given on the command line overrides the file. A
+//! boolean is a switch (`true` gives `--flag`, `false` nothing) unless the
+//! flag takes a value (`--gradient-checkpointing false`).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -28,8 +30,9 @@ fn read(path: &Path) -> anyhow::Result<serde_json::Map<String, Value>> {
     }
 }
 
-/// The flags one config entry stands for.
-fn flags(path: &Path, key: &str, value: &Value) -> anyhow::Result<Vec<OsString>> {
+/// The flags one config entry stands for; `takes_value` says whether the
+/// flag is written with a value (else a boolean is a switch).
+fn flags(path: &Path, key: &str, value: &Value, takes_value: bool) -> anyhow::Result<Vec<OsString>> {
     let flag = format!("--{}", key.replace('_', "-"));
     let scalar = |v: &Value| -> anyhow::Result<String> {
         match v {
@@ -40,6 +43,7 @@ fn flags(path: &Path, key: &str, value: &Value) -> anyhow::Result<Vec<OsString>>
         }
     };
     Ok(match value {
+        Value::Bool(b) if takes_value => vec![flag.into(), b.to_string().into()],
         Value::Bool(true) => vec![flag.into()],
         Value::Bool(false) | Value::Null => Vec::new(),
         Value::Array(items) => {
@@ -56,7 +60,8 @@ fn flags(path: &Path, key: &str, value: &Value) -> anyhow::Result<Vec<OsString>>
 
 /// Expands `--config FILE` (or `--config=FILE`) in `args`: the file's flags
 /// go right after the subcommand, minus those the command line sets itself.
-pub fn expand(args: Vec<OsString>, subcommands: &[&str]) -> anyhow::Result<Vec<OsString>> {
+/// `command` is the command-line definition whose subcommands read a config.
+pub fn expand(args: Vec<OsString>, command: &clap::Command, subcommands: &[&str]) -> anyhow::Result<Vec<OsString>> {
     let position = args.iter().position(|a| a == "--config" || a.to_str().is_some_and(|s| s.starts_with("--config=")));
     let Some(position) = position else { return Ok(args) };
     let mut args = args;
@@ -81,17 +86,24 @@ pub fn expand(args: Vec<OsString>, subcommands: &[&str]) -> anyhow::Result<Vec<O
         .filter_map(|a| a.strip_prefix("--"))
         .map(|a| a.split('=').next().unwrap_or(a).to_owned())
         .collect();
-    let mut spliced = Vec::new();
-    for (key, value) in read(&path)? {
-        if !given.contains(&key.replace('_', "-")) {
-            spliced.extend(flags(&path, &key, &value)?);
-        }
-    }
     let at = args
         .iter()
         .position(|a| a.to_str().is_some_and(|s| subcommands.contains(&s)))
-        .map(|i| i + 1)
         .with_context(|| format!("--config {} needs a subcommand ({})", path.display(), subcommands.join(", ")))?;
+    let subcommand = command.find_subcommand(args[at].to_str().unwrap_or_default());
+    let takes_value = |long: &str| {
+        subcommand
+            .and_then(|s| s.get_arguments().find(|a| a.get_long() == Some(long)))
+            .is_some_and(|a| a.get_action().takes_values())
+    };
+    let mut spliced = Vec::new();
+    for (key, value) in read(&path)? {
+        let long = key.replace('_', "-");
+        if !given.contains(&long) {
+            spliced.extend(flags(&path, &key, &value, takes_value(&long))?);
+        }
+    }
+    let at = at + 1;
     args.splice(at..at, spliced);
     Ok(args)
 }
@@ -111,14 +123,15 @@ mod tests {
         let toml = dir.join("run.toml");
         std::fs::write(
             &toml,
-            "learning_rate = 0.001\nmax-steps = 5\nuse_rslora = true\ndataset = [\"a.jsonl\", \"b.jsonl#3\"]\n",
+            "learning_rate = 0.001\nmax-steps = 5\nuse_rslora = true\ngradient_checkpointing = false\n\
+             dataset = [\"a.jsonl\", \"b.jsonl#3\"]\n",
         )
         .unwrap();
         let argv: Vec<OsString> = ["oxtune", "sft", "--config", toml.to_str().unwrap(), "--max-steps", "9"]
             .iter()
             .map(OsString::from)
             .collect();
-        let out = expand(argv, &["sft", "pt"]).unwrap();
+        let out = expand(argv, &command(), &["sft", "pt"]).unwrap();
         assert_eq!(
             strings(&out),
             [
@@ -128,6 +141,8 @@ mod tests {
                 "a.jsonl",
                 "--dataset",
                 "b.jsonl#3",
+                "--gradient-checkpointing",
+                "false",
                 "--learning-rate",
                 "0.001",
                 "--use-rslora",
@@ -142,12 +157,17 @@ mod tests {
             .map(OsString::from)
             .collect();
         assert_eq!(
-            strings(&expand(argv, &["sft", "pt"]).unwrap()),
+            strings(&expand(argv, &command(), &["sft", "pt"]).unwrap()),
             ["oxtune", "--plugin", "p.so", "pt", "--tuner", "dora", "--lora-rank", "4"]
         );
         std::fs::write(&yaml, "tuner: [dora\n").unwrap();
         let argv: Vec<OsString> =
             ["oxtune", "sft", "--config", yaml.to_str().unwrap()].iter().map(OsString::from).collect();
-        assert!(format!("{:#}", expand(argv, &["sft"]).unwrap_err()).contains("run.yaml is not valid YAML"));
+        assert!(format!("{:#}", expand(argv, &command(), &["sft"]).unwrap_err()).contains("run.yaml is not valid YAML"));
+    }
+
+    /// The real command line's definition.
+    fn command() -> clap::Command {
+        <crate::Cli as clap::CommandFactory>::command()
     }
 }

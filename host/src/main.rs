@@ -116,7 +116,11 @@ fn run_cli() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("OXTUNE_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let argv = match config_file::expand(std::env::args_os().collect(), &["sft", "pt", "rlhf"]) {
+    let argv = match config_file::expand(
+        std::env::args_os().collect(),
+        &<Cli as clap::CommandFactory>::command(),
+        &["sft", "pt", "rlhf"],
+    ) {
         Ok(argv) => argv,
         Err(e) => {
             eprintln!("error: {e:#}");
