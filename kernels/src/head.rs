@@ -183,24 +183,7 @@ impl LabelLogProbs {
                 out[r] = lp;
             }
             if let Some(dx) = dx.as_mut() {
-                dxc.resize(n * hidden, T::of(0.0));
-                // SAFETY: z is n × vocab, w vocab × hidden, dxc n × hidden.
-                unsafe {
-                    matmul(
-                        Threads::All,
-                        (n, hidden, vocab),
-                        dxc.as_mut_ptr(),
-                        hidden,
-                        false,
-                        z.as_ptr(),
-                        (vocab, 1),
-                        w.as_ptr(),
-                        (hidden, 1),
-                    );
-                }
-                for (i, &r) in chunk.rows.iter().enumerate() {
-                    dx[r * hidden..(r + 1) * hidden].copy_from_slice(&dxc[i * hidden..(i + 1) * hidden]);
-                }
+                input_grad_rows(&chunk, &z, w, &mut dxc, dx);
             }
         }
         (out, dx)
@@ -234,27 +217,36 @@ impl LabelLogProbs {
                 );
             }
             if let Some(dx) = dx.as_mut() {
-                dxc.resize(n * hidden, T::of(0.0));
-                // SAFETY: z is n × vocab, w vocab × hidden, dxc n × hidden.
-                unsafe {
-                    matmul(
-                        Threads::All,
-                        (n, hidden, vocab),
-                        dxc.as_mut_ptr(),
-                        hidden,
-                        false,
-                        z.as_ptr(),
-                        (vocab, 1),
-                        w.as_ptr(),
-                        (hidden, 1),
-                    );
-                }
-                for (i, &r) in chunk.rows.iter().enumerate() {
-                    dx[r * hidden..(r + 1) * hidden].copy_from_slice(&dxc[i * hidden..(i + 1) * hidden]);
-                }
+                input_grad_rows(&chunk, &z, w, &mut dxc, dx);
             }
         }
         (dx, dw)
+    }
+}
+
+/// `dx[r] = G[i] · W` for each row `r` of the chunk, from the chunk's
+/// logit gradients `z` `[n, vocab]`, through the scratch buffer `dxc`.
+fn input_grad_rows<T: Real>(chunk: &Chunk, z: &[T], w: &[T], dxc: &mut Vec<T>, dx: &mut [T]) {
+    let n = chunk.rows.len();
+    let vocab = z.len() / n;
+    let hidden = w.len() / vocab;
+    dxc.resize(n * hidden, T::of(0.0));
+    // SAFETY: z is n × vocab, w vocab × hidden, dxc n × hidden.
+    unsafe {
+        matmul(
+            Threads::All,
+            (n, hidden, vocab),
+            dxc.as_mut_ptr(),
+            hidden,
+            false,
+            z.as_ptr(),
+            (vocab, 1),
+            w.as_ptr(),
+            (hidden, 1),
+        );
+    }
+    for (i, &r) in chunk.rows.iter().enumerate() {
+        dx[r * hidden..(r + 1) * hidden].copy_from_slice(&dxc[i * hidden..(i + 1) * hidden]);
     }
 }
 
