@@ -7,6 +7,7 @@ mod bench;
 mod builtin;
 mod config_file;
 mod eval;
+mod export;
 mod grpo;
 mod infer;
 mod model_args;
@@ -103,6 +104,8 @@ pub enum Command {
     Infer(Box<infer::InferArgs>),
     /// Evaluate a model on a dataset (`--task perplexity`).
     Eval(Box<eval::EvalArgs>),
+    /// Merge an adapter into its model, or write GGUF (llama.cpp) and Ollama files.
+    Export(Box<export::ExportArgs>),
     /// Measure performance (`bench infer`: prefill and decode throughput).
     #[command(subcommand)]
     Bench(Box<bench::BenchCommand>),
@@ -135,6 +138,7 @@ fn run_cli() -> ExitCode {
         Command::Rlhf(args) => rlhf::run(&cli.global, args),
         Command::Infer(args) => infer::run(&cli.global, args),
         Command::Eval(args) => eval::run(&cli.global, args),
+        Command::Export(args) => export::run(&cli.global, args),
         Command::Bench(command) => bench::run(&cli.global, command),
         Command::Plugins(args) => plugins::run(&cli.global, args),
     };

@@ -365,6 +365,15 @@ pub trait ModelInstance: Send + Sync {
         let _ = (items, options_json);
         RResult::RErr(RString::from("this model reads text only"))
     }
+
+    /// How the model is stored in a llama.cpp GGUF file, as a JSON object
+    /// (see [`crate::gguf::GgufLayout`] for the fields), or `None` when
+    /// llama.cpp has no such architecture.
+    ///
+    /// Added in 1.2: an older plugin's models have no GGUF form.
+    fn gguf_layout(&self) -> RResult<ROption<RString>, RString> {
+        RResult::ROk(ROption::RNone)
+    }
 }
 
 /// An owned model instance crossing the boundary.

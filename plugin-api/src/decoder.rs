@@ -11,8 +11,11 @@
 //! `[batch, seq, vocab]` unless the host asks for less; see
 //! [`crate::abi::Op::OutputHead`]).
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 
+use crate::gguf::{GgufLayout, GgufTensor, GgufValue};
 use crate::graph::{attention, block, has_weight, output_head, AttentionSpec, Tensor};
 use crate::nn::{Embedding, Linear, RmsNorm};
 use crate::plugin::{Inputs, Model};
@@ -228,15 +231,34 @@ impl DecoderConfig {
     }
 }
 
+/// llama.cpp's conventions for a decoder family (see [`Decoder::with_gguf`]).
+#[derive(Clone, Debug)]
+pub struct GgufNaming {
+    /// llama.cpp's architecture name: `llama`, `qwen2`, `qwen3`.
+    pub architecture: String,
+    /// llama.cpp stores the q and k projections' rows permuted so that RoPE
+    /// rotates adjacent pairs (Llama).
+    pub permute_qk: bool,
+}
+
 /// A decoder-only transformer language model.
 pub struct Decoder {
     cfg: DecoderConfig,
+    gguf: Option<(GgufNaming, Value)>,
 }
 
 impl Decoder {
     /// The model for `cfg`.
     pub fn new(cfg: DecoderConfig) -> Decoder {
-        Decoder { cfg }
+        Decoder { cfg, gguf: None }
+    }
+
+    /// The same model, with a GGUF form under `naming`; `config` is the
+    /// `config.json` it was read from (for the hyperparameters llama.cpp
+    /// stores that the forward pass does not need).
+    pub fn with_gguf(mut self, naming: GgufNaming, config: &Value) -> Decoder {
+        self.gguf = Some((naming, config.clone()));
+        self
     }
 
     /// Its configuration.
@@ -346,4 +368,109 @@ impl Model for Decoder {
         let rotary = Rotary::Host(self.inv_freq(inputs, &ids)?);
         self.forward_embeddings(self.embed(&ids)?, &rotary, |_, x| Ok(x))
     }
+
+    fn gguf_layout(&self) -> Option<Result<GgufLayout>> {
+        let (naming, config) = self.gguf.as_ref()?;
+        Some(gguf_layout(&self.cfg, naming, config))
+    }
+}
+
+/// The GGUF metadata llama.cpp reads for RoPE scaling, from `config.json`.
+fn rope_scaling_metadata(config: &Value, arch: &str, out: &mut BTreeMap<String, GgufValue>) -> Result<f32> {
+    let params = config.get("rope_parameters").or_else(|| config.get("rope_scaling")).filter(|v| v.is_object());
+    let field = |k: &str| params.and_then(|p| p.get(k)).and_then(Value::as_f64);
+    let theta = field("rope_theta").or_else(|| config.get("rope_theta").and_then(Value::as_f64)).unwrap_or(10_000.0);
+    let kind =
+        params.and_then(|p| p.get("rope_type").or_else(|| p.get("type"))).and_then(Value::as_str).unwrap_or("default");
+    let factor = || {
+        field("factor")
+            .map(|f| GgufValue::F32(f as f32))
+            .ok_or_else(|| Error::new(format!("config.json: rope scaling `{kind}` needs `factor`")))
+    };
+    match kind {
+        "default" => {}
+        "linear" | "yarn" => {
+            out.insert(format!("{arch}.rope.scaling.type"), GgufValue::Str(kind.to_owned()));
+            out.insert(format!("{arch}.rope.scaling.factor"), factor()?);
+            if kind == "yarn" {
+                let original = field("original_max_position_embeddings")
+                    .or_else(|| config.get("max_position_embeddings").and_then(Value::as_f64))
+                    .unwrap_or(2048.0);
+                out.insert(format!("{arch}.rope.scaling.original_context_length"), GgufValue::U32(original as u32));
+            }
+        }
+        other => {
+            return Err(Error::new(format!(
+                "rope scaling `{other}` has no GGUF form here yet (default, linear and yarn have)"
+            )))
+        }
+    }
+    Ok(theta as f32)
+}
+
+/// A decoder's GGUF form: llama.cpp's keys and tensor names for the
+/// Llama-shaped families (`convert_hf_to_gguf.py`'s `LlamaModel` and the
+/// classes derived from it).
+fn gguf_layout(c: &DecoderConfig, naming: &GgufNaming, config: &Value) -> Result<GgufLayout> {
+    let arch = naming.architecture.as_str();
+    if let Some(window) = c.sliding_windows.iter().flatten().next() {
+        return Err(Error::new(format!(
+            "layers with a sliding window ({window}) have no GGUF form in llama.cpp's `{arch}`"
+        )));
+    }
+    let r = ConfigReader::new(config);
+    let mut metadata = BTreeMap::new();
+    let theta = rope_scaling_metadata(config, arch, &mut metadata)?;
+    let u32_of = |n: usize| GgufValue::U32(n as u32);
+    for (key, value) in [
+        ("context_length", u32_of(r.usize_or("max_position_embeddings", 2048)?)),
+        ("embedding_length", u32_of(c.hidden_size)),
+        ("block_count", u32_of(c.num_layers)),
+        ("feed_forward_length", u32_of(r.usize("intermediate_size")?)),
+        ("attention.head_count", u32_of(c.num_heads)),
+        ("attention.head_count_kv", u32_of(c.num_kv_heads)),
+        ("attention.layer_norm_rms_epsilon", GgufValue::F32(c.rms_norm_eps as f32)),
+        ("rope.freq_base", GgufValue::F32(theta)),
+        ("rope.dimension_count", u32_of(c.rope.rotary_dim)),
+        ("attention.key_length", u32_of(c.head_dim)),
+        ("attention.value_length", u32_of(c.head_dim)),
+        ("vocab_size", u32_of(c.vocab_size)),
+    ] {
+        metadata.insert(format!("{arch}.{key}"), value);
+    }
+    let mut tensors = Vec::new();
+    let mut add = |hf: String, gguf: String, permute_heads: Option<usize>| {
+        tensors.push(GgufTensor { hf, gguf, permute_heads: permute_heads.map(|h| h as u32) })
+    };
+    let p = &c.prefix;
+    add(format!("{p}.embed_tokens.weight"), "token_embd.weight".into(), None);
+    add(format!("{p}.norm.weight"), "output_norm.weight".into(), None);
+    if !c.tie_word_embeddings {
+        add(format!("{}.weight", c.lm_head), "output.weight".into(), None);
+    }
+    let permute = |heads: usize| naming.permute_qk.then_some(heads);
+    for i in 0..c.num_layers {
+        let l = format!("{p}.layers.{i}");
+        add(format!("{l}.input_layernorm.weight"), format!("blk.{i}.attn_norm.weight"), None);
+        add(format!("{l}.post_attention_layernorm.weight"), format!("blk.{i}.ffn_norm.weight"), None);
+        let linears = [
+            ("self_attn.q_proj", "attn_q", permute(c.num_heads)),
+            ("self_attn.k_proj", "attn_k", permute(c.num_kv_heads)),
+            ("self_attn.v_proj", "attn_v", None),
+            ("self_attn.o_proj", "attn_output", None),
+            ("mlp.gate_proj", "ffn_gate", None),
+            ("mlp.up_proj", "ffn_up", None),
+            ("mlp.down_proj", "ffn_down", None),
+        ];
+        for (hf, gguf, heads) in linears {
+            for kind in ["weight", "bias"] {
+                add(format!("{l}.{hf}.{kind}"), format!("blk.{i}.{gguf}.{kind}"), heads);
+            }
+        }
+        if c.qk_norm {
+            add(format!("{l}.self_attn.q_norm.weight"), format!("blk.{i}.attn_q_norm.weight"), None);
+            add(format!("{l}.self_attn.k_norm.weight"), format!("blk.{i}.attn_k_norm.weight"), None);
+        }
+    }
+    Ok(GgufLayout { architecture: arch.to_owned(), metadata, tensors })
 }

@@ -14,6 +14,7 @@
 pub mod abi;
 pub mod data;
 pub mod decoder;
+pub mod gguf;
 pub mod graph;
 pub mod nn;
 pub mod plugin;

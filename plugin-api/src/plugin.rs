@@ -22,6 +22,7 @@ use crate::abi::{
     TunerInstance_TO,
 };
 use crate::data::RewardSample;
+use crate::gguf::GgufLayout;
 use crate::graph::{with_graph, Tensor};
 use crate::vision::{MediaRequest, PreparedMedia};
 use crate::{Error, Result, API_VERSION};
@@ -153,6 +154,13 @@ pub trait Model: Send + Sync + 'static {
     fn prepare_media(&self, items: &[MediaRequest], options: &serde_json::Value) -> Result<Vec<PreparedMedia>> {
         let _ = (items, options);
         Err(Error::new("this model reads text only"))
+    }
+
+    /// How the model is stored in a llama.cpp GGUF file; `None` when
+    /// llama.cpp has no such architecture. An error says why this
+    /// configuration cannot be written (a RoPE scaling llama.cpp lacks).
+    fn gguf_layout(&self) -> Option<Result<GgufLayout>> {
+        None
     }
 }
 
@@ -441,6 +449,13 @@ impl<P: PluginSource> ModelInstance for ModelAdapter<P> {
             let items = items.iter().map(MediaRequest::from_abi).collect::<Result<Vec<_>>>()?;
             let options: serde_json::Value = serde_json::from_str(options_json.as_str())?;
             Ok(self.model.prepare_media(&items, &options)?.iter().map(PreparedMedia::to_abi).collect())
+        })
+    }
+
+    fn gguf_layout(&self) -> RResult<ROption<RString>, RString> {
+        guard(P::NAME, &|| format!("the GGUF layout of model `{}`", self.name), || match self.model.gguf_layout() {
+            None => Ok(ROption::RNone),
+            Some(layout) => Ok(ROption::RSome(serde_json::to_string(&layout?)?.into())),
         })
     }
 }

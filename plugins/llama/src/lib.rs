@@ -2,7 +2,7 @@
 //! `oxtune-plugin-api`: GQA attention with RoPE (every scaling scheme),
 //! optional attention and MLP biases, tied or separate output embedding.
 
-use oxtune_plugin_api::decoder::{Decoder, DecoderConfig};
+use oxtune_plugin_api::decoder::{Decoder, DecoderConfig, GgufNaming};
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{declare_plugin, Descriptor, Model, ModelArchitecture, Plugin, Result};
 
@@ -20,10 +20,8 @@ impl ModelArchitecture for Llama {
     fn load(&self, config: &Value) -> Result<Box<dyn Model>> {
         let mut cfg = DecoderConfig::from_hf_config(config)?;
         cfg.read_layer_types(config)?;
-        // llama.cpp permutes Llama's q/k rows so that RoPE rotates adjacent
-        // pairs; rotating pairs on those weights is the same model.
-        cfg.rope_interleaved = config.get("gguf_architecture").and_then(Value::as_str) == Some("llama");
-        Ok(Box::new(Decoder::new(cfg)))
+        let naming = GgufNaming { architecture: "llama".into(), permute_qk: true };
+        Ok(Box::new(Decoder::new(cfg).with_gguf(naming, config)))
     }
 }
 

@@ -2,7 +2,7 @@
 //! on the shared decoder of `oxtune-plugin-api`: biases on q/k/v, and the
 //! Qwen sliding-window layout (`use_sliding_window`, `max_window_layers`).
 
-use oxtune_plugin_api::decoder::{Decoder, DecoderConfig};
+use oxtune_plugin_api::decoder::{Decoder, DecoderConfig, GgufNaming};
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{declare_plugin, Descriptor, Model, ModelArchitecture, Plugin, Result};
 
@@ -22,7 +22,8 @@ impl ModelArchitecture for Qwen2 {
         // Qwen2 always has q/k/v biases; its configs do not say so.
         cfg.attention_bias = true;
         cfg.read_qwen_sliding_window(config)?;
-        Ok(Box::new(Decoder::new(cfg)))
+        let naming = GgufNaming { architecture: "qwen2".into(), permute_qk: false };
+        Ok(Box::new(Decoder::new(cfg).with_gguf(naming, config)))
     }
 }
 

@@ -2,7 +2,7 @@
 //! `oxtune-plugin-api`: RMSNorm on every query and key head before RoPE, an
 //! explicit `head_dim`, and the Qwen sliding-window layout.
 
-use oxtune_plugin_api::decoder::{Decoder, DecoderConfig};
+use oxtune_plugin_api::decoder::{Decoder, DecoderConfig, GgufNaming};
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{declare_plugin, Descriptor, Model, ModelArchitecture, Plugin, Result};
 
@@ -21,7 +21,8 @@ impl ModelArchitecture for Qwen3 {
         let mut cfg = DecoderConfig::from_hf_config(config)?;
         cfg.qk_norm = true;
         cfg.read_qwen_sliding_window(config)?;
-        Ok(Box::new(Decoder::new(cfg)))
+        let naming = GgufNaming { architecture: "qwen3".into(), permute_qk: false };
+        Ok(Box::new(Decoder::new(cfg).with_gguf(naming, config)))
     }
 }
 

@@ -199,6 +199,7 @@ fn strftime_now(format: &str) -> String {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     source_file: PathBuf,
     special_tokens: serde_json::Map<String, serde_json::Value>,
 }
@@ -247,7 +248,12 @@ impl ChatTemplate {
             Ok(python_json(&value, indent))
         });
         env.add_template_owned("chat", source.to_owned()).map_err(syntax_error)?;
-        Ok(ChatTemplate { env, source_file: source_file.to_owned(), special_tokens })
+        Ok(ChatTemplate { env, source: source.to_owned(), source_file: source_file.to_owned(), special_tokens })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders a conversation.

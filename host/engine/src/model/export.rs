@@ -125,6 +125,11 @@ impl LoadedModel {
             .filter_map(|n| self.weights.get(n).map(|t| (n.to_owned(), t.detach())))
             .collect();
         let mut config = self.config.clone();
+        // Weights loaded from GGUF through a plugin's layout are in the
+        // checkpoint's row order: the folder is an ordinary checkpoint.
+        if let (Some(object), Ok(Some(_))) = (config.as_object_mut(), self.gguf_layout()) {
+            object.remove(super::gguf::LEGACY_ARCHITECTURE_KEY);
+        }
         config["torch_dtype"] = serde_json::json!(match self.dtype {
             candle_core::DType::BF16 => "bfloat16",
             candle_core::DType::F16 => "float16",

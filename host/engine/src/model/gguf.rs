@@ -2,23 +2,32 @@
 //! (dequantized: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the
 //! K-quants), the tokenizer and the chat template, all from one file.
 //!
-//! GGUF names tensors and config keys by llama.cpp's conventions, shared
-//! by every decoder architecture. This module translates them to the
-//! Hugging Face names the architecture plugins use, so a plugin serves a
-//! GGUF file with no code of its own; the config carries
-//! `gguf_architecture` for the conventions that differ per architecture
-//! (llama.cpp stores Llama's q/k projections permuted for pairwise RoPE).
+//! GGUF names config keys by llama.cpp's conventions, shared by every
+//! decoder architecture; this module reads them into a Hugging Face style
+//! config. Tensor names and row orders are the model plugin's
+//! [`GgufLayout`] (API 1.2): weights come out under their checkpoint names
+//! and in the checkpoint's row order (llama.cpp stores Llama's q/k rows
+//! permuted for pairwise RoPE), so a model loaded from GGUF trains
+//! adapters and saves folders that transformers and PEFT read. For a
+//! plugin without a layout (API 1.1) the host's table of llama.cpp's
+//! standard names applies, the rows stay as stored, and the config
+//! carries [`LEGACY_ARCHITECTURE_KEY`] for the plugin to rotate pairs.
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
+use oxtune_plugin_api::gguf::{gguf_row_order, GgufLayout};
 use serde_json::json;
 
 use super::checkpoint::{CheckpointError, Trainable};
 use crate::backend::WeightStore;
+
+/// The config key naming the GGUF file's architecture, for plugins that
+/// read llama.cpp's row order themselves (API 1.1).
+pub const LEGACY_ARCHITECTURE_KEY: &str = "gguf_architecture";
 
 /// A parsed GGUF header: metadata and tensor directory.
 pub struct GgufFile {
@@ -117,7 +126,7 @@ impl GgufFile {
         };
         let mut config = json!({
             "model_type": arch,
-            "gguf_architecture": arch,
+            LEGACY_ARCHITECTURE_KEY: arch,
             "hidden_size": hidden as u64,
             "intermediate_size": need("feed_forward_length")? as u64,
             "num_hidden_layers": need("block_count")? as u64,
@@ -144,9 +153,12 @@ impl GgufFile {
         Ok(config)
     }
 
-    /// Every tensor, dequantized to `dtype`, under its Hugging Face name.
+    /// Every tensor, dequantized to `dtype`, under its checkpoint name and
+    /// in the checkpoint's row order as `layout` says (without one: under
+    /// llama.cpp's standard names, rows as stored).
     pub fn load_weights(
         &self,
+        layout: Option<&GgufLayout>,
         dtype: DType,
         device: &Device,
         trainable: Trainable,
@@ -163,12 +175,28 @@ impl GgufFile {
             if name == "rope_freqs.weight" {
                 continue;
             }
-            let hf = hf_tensor_name(name)
-                .ok_or_else(|| corrupt(&self.path, format!("tensor `{name}` has no Hugging Face equivalent")))?;
+            let (hf, permute_heads) = match layout {
+                Some(layout) => {
+                    let entry = layout.by_gguf_name(name).ok_or_else(|| {
+                        corrupt(&self.path, format!("tensor `{name}` is not part of a `{}` model", layout.architecture))
+                    })?;
+                    (entry.hf.clone(), entry.permute_heads)
+                }
+                None => (
+                    hf_tensor_name(name).ok_or_else(|| {
+                        corrupt(&self.path, format!("tensor `{name}` has no Hugging Face equivalent"))
+                    })?,
+                    None,
+                ),
+            };
             let tensor = self
                 .content
                 .tensor(&mut reader, name, device)
                 .and_then(|q| q.dequantize(device))
+                .and_then(|t| match permute_heads {
+                    Some(heads) => checkpoint_rows(&t, heads as usize),
+                    None => Ok(t),
+                })
                 .and_then(|t| t.to_dtype(dtype))
                 .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
             match trainable {
@@ -210,26 +238,10 @@ impl GgufFile {
                        "normalized": false, "special": types.get(i) == Some(&3)})
             })
             .collect();
-        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
-        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
         let pre = self.string("tokenizer.ggml.pre").unwrap_or("default");
-        let pre_tokenizer = match pre {
-            "default" | "gpt-2" | "gpt2" => byte_level(true),
-            "smollm" | "starcoder" | "refact" | "codeshell" => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            "qwen2" | "deepseek-r1-qwen" => json!({"type": "Sequence", "pretokenizers": [
-                split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-                byte_level(false)]}),
-            "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
-                split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-                byte_level(false)]}),
-            other => {
-                return Err(corrupt(
-                    &self.path,
-                    format!("pre-tokenizer `{other}` (tokenizer.ggml.pre) is not supported yet"),
-                ))
-            }
-        };
+        let pre_tokenizer = pre_tokenizer_json(pre).ok_or_else(|| {
+            corrupt(&self.path, format!("pre-tokenizer `{pre}` (tokenizer.ggml.pre) is not supported yet"))
+        })?;
         Ok(json!({
             "version": "1.0",
             "truncation": null,
@@ -255,15 +267,72 @@ impl GgufFile {
         self.number(&format!("tokenizer.ggml.{which}_token_id")).map(|v| v as u32)
     }
 
+    /// Every metadata entry whose key starts with `prefix` (`tokenizer.`).
+    pub fn metadata_with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a Value)> + 'a {
+        self.content.metadata.iter().filter(move |(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.as_str(), v))
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 }
 
+/// The `tokenizer.json` pre-tokenizer of llama.cpp's byte-level BPE
+/// pre-tokenizer type `pre` (`tokenizer.ggml.pre`), if known.
+pub fn pre_tokenizer_json(pre: &str) -> Option<serde_json::Value> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+    Some(match pre {
+        "default" | "gpt-2" | "gpt2" => byte_level(true),
+        "smollm" | "starcoder" | "refact" | "codeshell" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "qwen2" | "deepseek-r1-qwen" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        _ => return None,
+    })
+}
+
+/// The pre-tokenizer types [`pre_tokenizer_json`] knows, one name per
+/// distinct pre-tokenizer (the name llama.cpp's converter writes).
+pub const PRE_TOKENIZERS: [&str; 4] = ["gpt-2", "smollm", "qwen2", "llama-bpe"];
+
+/// `stored` (rows in llama.cpp's order, grouped in `heads` heads) with its
+/// rows in the checkpoint's order.
+pub fn checkpoint_rows(stored: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let order = gguf_row_order(stored.dim(0)?, heads);
+    let mut inverse = vec![0u32; order.len()];
+    for (gguf_row, &hf_row) in order.iter().enumerate() {
+        inverse[hf_row] = gguf_row as u32;
+    }
+    let index = Tensor::new(inverse, stored.device())?;
+    stored.index_select(&index, 0)
+}
+
+/// `checkpoint` with its rows in llama.cpp's order (the inverse of
+/// [`checkpoint_rows`]).
+pub fn gguf_rows(checkpoint: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let order: Vec<u32> = gguf_row_order(checkpoint.dim(0)?, heads).into_iter().map(|r| r as u32).collect();
+    let index = Tensor::new(order, checkpoint.device())?;
+    checkpoint.index_select(&index, 0)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::hf_tensor_name;
+    use super::*;
+
+    #[test]
+    fn row_permutations_are_inverse() {
+        let w = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((12, 2)).unwrap();
+        let stored = gguf_rows(&w, 2).unwrap();
+        // Head 0 holds rows 0..6: halves [0,1,2] and [3,4,5] interleave.
+        assert_eq!(stored.get(1).unwrap().to_vec1::<f32>().unwrap(), vec![6.0, 7.0]);
+        assert_eq!(checkpoint_rows(&stored, 2).unwrap().to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+    }
 
     #[test]
     fn llama_cpp_names_map_to_hugging_face_names() {

@@ -15,6 +15,7 @@ use abi_stable::std_types::RString;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use oxtune_plugin_api::abi::{MediaItem, ModelBox};
+use oxtune_plugin_api::gguf::GgufLayout;
 use oxtune_registry::{Registry, RegistryError};
 
 use crate::backend::{
@@ -116,6 +117,15 @@ fn read_processor_config(dir: &Path) -> Result<serde_json::Value, ModelError> {
     Ok(options)
 }
 
+/// The GGUF layout a model instance states (API 1.2), parsed.
+fn instance_gguf_layout(instance: &ModelBox) -> Result<Option<GgufLayout>, RegistryError> {
+    let json = instance.gguf_layout().into_result().map_err(|e| RegistryError::Plugin(e.into_string()))?;
+    json.into_option()
+        .map(|json| serde_json::from_str(json.as_str()))
+        .transpose()
+        .map_err(|e| RegistryError::Plugin(format!("the model's GGUF layout is not valid: {e}")))
+}
+
 /// The output layer's name in Hugging Face checkpoints; PEFT's
 /// `all-linear` leaves it out.
 pub const OUTPUT_LAYER: &str = "lm_head";
@@ -166,7 +176,10 @@ impl LoadedModel {
             None => serde_json::json!({}),
         };
         let weights = match &gguf {
-            Some(file) => file.load_weights(options.dtype, &options.device, options.trainable)?,
+            Some(file) => {
+                let layout = instance_gguf_layout(&instance).map_err(architecture_error)?;
+                file.load_weights(layout.as_ref(), options.dtype, &options.device, options.trainable)?
+            }
             None => load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable)?,
         };
         Ok(LoadedModel {
@@ -186,6 +199,13 @@ impl LoadedModel {
             processor_config,
             frozen_prefixes: Vec::new(),
         })
+    }
+
+    /// How the model is stored in a llama.cpp GGUF file, as its plugin
+    /// states it; `None` when the plugin gives it no GGUF form.
+    pub fn gguf_layout(&self) -> Result<Option<GgufLayout>, ModelError> {
+        instance_gguf_layout(&self.instance)
+            .map_err(|source| ModelError::Architecture { path: self.dir.clone(), source: Box::new(source) })
     }
 
     /// How the model reads images and videos; `None` for a text-only model.

@@ -1,0 +1,276 @@
+//! `oxtune export`: merged folders give PEFT's `merge_and_unload` logits
+//! and load back; GGUF exports read back in oxtune with the source's
+//! logits, and llama.cpp itself (node-llama-cpp, installed by
+//! `.ci/fetch-llamacpp`) loads them and continues a prompt as oxtune does,
+//! with and without a GGUF LoRA adapter.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use oxtune_data::text::TextAssets;
+use oxtune_engine::backend::BatchInfo;
+use oxtune_engine::error_chain;
+use oxtune_engine::generate::{generate, SamplingParams};
+use oxtune_engine::model::checkpoint::Trainable;
+use oxtune_engine::model::{LoadOptions, LoadedModel};
+use oxtune_export::gguf_adapter::write_adapter_gguf;
+use oxtune_export::gguf_model::write_model_gguf;
+use oxtune_export::merged::write_merged;
+use oxtune_export::QuantType;
+use oxtune_registry::Registry;
+use oxtune_tests::{fixtures, workspace_root};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("oxtune-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let _ = std::fs::remove_dir_all(&path);
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn load(path: &Path) -> LoadedModel {
+    LoadedModel::load(&Registry::with_builtins().unwrap(), path, &LoadOptions::default()).unwrap()
+}
+
+fn with_adapter(model: &Path, adapter: &Path) -> LoadedModel {
+    let mut loaded = load(model);
+    loaded.attach_adapter(&Registry::with_builtins().unwrap(), adapter, Trainable::None).unwrap();
+    loaded
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn logits(model: &LoadedModel, ids: &Tensor) -> Tensor {
+    model.forward(ids, &BatchInfo::default(), None, None).unwrap()
+}
+
+fn reference_ids(model: &str) -> Tensor {
+    let r = candle_core::safetensors::load(fixtures().join(model).join("reference.safetensors"), &Device::Cpu).unwrap();
+    r["input_ids"].to_dtype(DType::U32).unwrap()
+}
+
+#[test]
+fn merged_folders_give_peft_merged_logits_and_load_back() {
+    for kind in ["lora", "dora"] {
+        let adapter = fixtures().join(format!("peft/tiny-qwen3-{kind}"));
+        let r = candle_core::safetensors::load(adapter.join("reference.safetensors"), &Device::Cpu).unwrap();
+        let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+        let mut model = with_adapter(&fixtures().join("models/tiny-qwen3"), &adapter);
+        // A small shard size: the folder comes out sharded with an index.
+        let dir = scratch(&format!("merged-{kind}"));
+        let written = write_merged(&mut model, &dir, 40_000).unwrap();
+        assert!(dir.join("model.safetensors.index.json").is_file() && dir.join("tokenizer.json").is_file());
+        assert!(written.bytes > 100_000, "{} bytes", written.bytes);
+        let merged = load(&dir);
+        let diff = max_abs(&(logits(&merged, &ids) - &r["merged_logits"]).unwrap());
+        assert!(diff < 1e-5, "{kind}: merged folder's logits differ from PEFT's merge_and_unload by {diff}");
+        let diff = max_abs(&(logits(&merged, &ids) - logits(&model, &ids)).unwrap());
+        assert_eq!(diff, 0.0, "{kind}: the folder loads back with the merged model's exact logits");
+    }
+}
+
+/// Every tensor type of an exported file, by name.
+fn tensor_types(path: &Path) -> Vec<(String, GgmlDType)> {
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut types: Vec<(String, GgmlDType)> =
+        content.tensor_infos.iter().map(|(name, info)| (name.clone(), info.ggml_dtype)).collect();
+    types.sort_by(|a, b| a.0.cmp(&b.0));
+    types
+}
+
+#[test]
+fn gguf_exports_read_back_with_the_source_logits() {
+    // tiny-llama: q/k rows permuted for llama.cpp, untied head; tiny-qwen2:
+    // q/k/v biases, tied; tiny-qwen3: q/k norms, head_dim ≠ hidden / heads.
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
+        let source = fixtures().join("models").join(name);
+        let ids = reference_ids(&format!("models/{name}"));
+        let want = logits(&load(&source), &ids);
+        let scale = max_abs(&want);
+        for (quant, tolerance) in [(QuantType::F32, 1e-5), (QuantType::F16, 5e-3), (QuantType::Q8_0, 3e-2)] {
+            let path = scratch(&format!("{name}-{quant}.gguf"));
+            write_model_gguf(&mut load(&source), quant, &path).unwrap();
+            assert!(!oxtune_export::writer::partial_path(&path).exists());
+            let back = load(&path);
+            let diff = max_abs(&(logits(&back, &ids) - &want).unwrap()) / scale;
+            assert!(diff < tolerance, "{name} {quant}: logits differ by {diff} of their scale");
+            let types = tensor_types(&path);
+            let norm = types.iter().find(|(n, _)| n == "blk.0.attn_norm.weight").unwrap();
+            assert_eq!(norm.1, GgmlDType::F32, "{name} {quant}: norms stay F32");
+            let q = types.iter().find(|(n, _)| n == "blk.0.attn_q.weight").unwrap();
+            let expected = match quant {
+                QuantType::F32 => GgmlDType::F32,
+                QuantType::F16 => GgmlDType::F16,
+                _ => GgmlDType::Q8_0,
+            };
+            assert_eq!(q.1, expected, "{name} {quant}");
+        }
+        // The folder a GGUF base saves is an ordinary checkpoint again: the
+        // rows back in transformers' order, no GGUF-only config key.
+        let gguf = scratch(&format!("{name}-roundtrip.gguf"));
+        write_model_gguf(&mut load(&source), QuantType::F32, &gguf).unwrap();
+        let folder = scratch(&format!("{name}-from-gguf"));
+        load(&gguf).save_pretrained_with(&folder, usize::MAX, |_| Ok(())).unwrap();
+        let config = std::fs::read_to_string(folder.join("config.json")).unwrap();
+        assert!(!config.contains("gguf_architecture"), "{config}");
+        let original = load(&source);
+        let resaved = load(&folder);
+        let w = "model.layers.0.self_attn.q_proj.weight";
+        let diff = max_abs(&(original.weights().get(w).unwrap() - resaved.weights().get(w).unwrap()).unwrap());
+        assert!(diff < 1e-6, "{name}: {w} differs by {diff} after GGUF and back");
+    }
+}
+
+#[test]
+fn adapters_and_models_the_target_cannot_hold_are_named_errors() {
+    let qwen3 = fixtures().join("models/tiny-qwen3");
+    let base = load(&qwen3);
+    let err = write_adapter_gguf(&base, &fixtures().join("peft/tiny-qwen3-dora"), &scratch("dora.gguf")).unwrap_err();
+    let message = error_chain(&err);
+    assert!(message.contains("adapter_config.json") && message.contains("DoRA"), "{message}");
+    // An adapter whose matrices do not fit the base's shapes.
+    let wrong = scratch("wrong-shape-adapter");
+    std::fs::create_dir_all(&wrong).unwrap();
+    std::fs::copy(fixtures().join("peft/tiny-qwen3-lora/adapter_config.json"), wrong.join("adapter_config.json"))
+        .unwrap();
+    let a = Tensor::zeros((4, 48), DType::F32, &Device::Cpu).unwrap();
+    let name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_owned();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([(name, a)]),
+        wrong.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let path = scratch("mismatch.gguf");
+    let err = write_adapter_gguf(&base, &wrong, &path).unwrap_err();
+    let message = error_chain(&err);
+    assert!(message.contains("q_proj.lora_A") && message.contains("does not fit"), "{message}");
+    assert!(!path.exists() && !oxtune_export::writer::partial_path(&path).exists(), "nothing half-written");
+}
+
+/// llama.cpp's driver, if `.ci/fetch-llamacpp` installed it.
+fn llama_cpp() -> Option<PathBuf> {
+    let script = workspace_root().join("target/llamacpp/complete.mjs");
+    if script.is_file() && workspace_root().join("target/llamacpp/node_modules/node-llama-cpp").is_dir() {
+        return Some(script);
+    }
+    assert!(std::env::var_os("CI").is_none(), "llama.cpp is missing: .ci/run installs it with .ci/fetch-llamacpp");
+    eprintln!("skipping: llama.cpp is missing (run .ci/fetch-llamacpp)");
+    None
+}
+
+/// What llama.cpp made of a prompt: its tokens, and its greedy continuation.
+struct LlamaCppRun {
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+}
+
+/// llama.cpp's greedy continuation of `prompt` by `n` tokens (or to an end-of-generation token).
+fn llama_cpp_complete(script: &Path, model: &Path, prompt: &str, n: usize, adapter: Option<&Path>) -> LlamaCppRun {
+    let mut command = Command::new("node");
+    command.arg(script).arg(model).arg(prompt).arg(n.to_string());
+    if let Some(adapter) = adapter {
+        command.arg(adapter);
+    }
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "llama.cpp failed on {}: {stderr}{stdout}", model.display());
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON in {stdout}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    LlamaCppRun { prompt: ids(&v["prompt"]), generated: ids(&v["generated"]) }
+}
+
+/// oxtune's greedy continuation of `ids` (without the end-of-sequence token).
+fn oxtune_complete(model: &LoadedModel, assets: &TextAssets, ids: &[u32], n: usize) -> Vec<u32> {
+    let params = SamplingParams {
+        max_new_tokens: n,
+        temperature: 0.0,
+        eos_token_ids: assets.eos_token_ids.clone(),
+        ..Default::default()
+    };
+    let mut tokens =
+        generate(model, Some(&assets.tokenizer), &[ids.to_vec()], &params, |_, _| {}).unwrap().remove(0).tokens;
+    tokens.retain(|t| !assets.eos_token_ids.contains(t));
+    tokens
+}
+
+#[test]
+fn llama_cpp_continues_exported_models_and_adapters_as_oxtune_does() {
+    let Some(script) = llama_cpp() else { return };
+    // tiny-llama (permuted q/k), f32: llama.cpp's greedy tokens are oxtune's.
+    let source = fixtures().join("models/tiny-llama");
+    let path = scratch("tiny-llama-f32-for-llama-cpp.gguf");
+    write_model_gguf(&mut load(&source), QuantType::F32, &path).unwrap();
+    let assets = TextAssets::load(&source).unwrap();
+    let prompt = "hello world, this is";
+    let run = llama_cpp_complete(&script, &path, prompt, 12, None);
+    assert_eq!(run.prompt, assets.tokenizer.encode(prompt, false).unwrap(), "llama.cpp tokenises as the source");
+    assert_eq!(run.generated, oxtune_complete(&load(&source), &assets, &run.prompt, 12), "tiny-llama");
+
+    // A GGUF LoRA adapter on tiny-qwen3's GGUF: llama.cpp with the adapter
+    // continues as oxtune with the PEFT adapter, and differently without it.
+    let source = fixtures().join("models/tiny-qwen3");
+    let adapter = fixtures().join("peft/tiny-qwen3-lora");
+    let base = scratch("tiny-qwen3-f32-for-llama-cpp.gguf");
+    write_model_gguf(&mut load(&source), QuantType::F32, &base).unwrap();
+    let lora = scratch("tiny-qwen3-lora.gguf");
+    write_adapter_gguf(&load(&source), &adapter, &lora).unwrap();
+    let assets = TextAssets::load(&source).unwrap();
+    // (A prompt whose greedy continuation the adapter changes.)
+    let prompt = "the cat sat on";
+    let plain = llama_cpp_complete(&script, &base, prompt, 12, None);
+    let adapted = llama_cpp_complete(&script, &base, prompt, 12, Some(&lora));
+    assert_eq!(plain.generated, oxtune_complete(&load(&source), &assets, &plain.prompt, 12), "tiny-qwen3");
+    let with = oxtune_complete(&with_adapter(&source, &adapter), &assets, &plain.prompt, 12);
+    assert_eq!(adapted.generated, with, "tiny-qwen3 with the LoRA adapter");
+    assert_ne!(plain.generated, adapted.generated, "the adapter changes llama.cpp's output");
+}
+
+/// The SmolLM2 GGUF `.ci/fetch-models` puts in place.
+fn smollm2() -> Option<PathBuf> {
+    let path = workspace_root().join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("CI").is_none(), "{} is missing: .ci/run fetches it", path.display());
+    None
+}
+
+#[test]
+fn smollm2_exports_load_in_llama_cpp_and_quantized_ones_stay_close() {
+    let (Some(script), Some(source)) = (llama_cpp(), smollm2()) else { return };
+    let assets = TextAssets::load(&source).unwrap();
+    let f16 = scratch("smollm2-f16.gguf");
+    write_model_gguf(&mut load(&source), QuantType::F16, &f16).unwrap();
+    let prompt = "The three primary colors are";
+    let run = llama_cpp_complete(&script, &f16, prompt, 16, None);
+    let ours = oxtune_complete(&load(&source), &assets, &run.prompt, 16);
+    assert_eq!(run.generated, ours, "SmolLM2 f16: llama.cpp's continuation vs oxtune's on the source");
+
+    // q8_0 and q4_k_m: llama.cpp loads them; their perplexity on a short
+    // text (read back by oxtune) stays near f16's.
+    let text = "The city council met on Tuesday evening to discuss the new park. Most residents who spoke were in \
+        favour of the plan, although several raised concerns about parking and noise.";
+    let text_ids = assets.tokenizer.encode(text, false).unwrap();
+    let ppl = |path: &Path| oxtune_engine::eval::mean_nll(&load(path), &text_ids).unwrap().exp();
+    let reference = ppl(&f16);
+    for (quant, max_ratio) in [(QuantType::Q8_0, 1.02), (QuantType::Q4KM, 1.25)] {
+        let path = scratch(&format!("smollm2-{quant}.gguf"));
+        write_model_gguf(&mut load(&source), quant, &path).unwrap();
+        let run = llama_cpp_complete(&script, &path, prompt, 8, None);
+        assert_eq!(run.generated.len(), 8, "{quant}: llama.cpp generated {:?}", run.generated);
+        let ratio = ppl(&path) / reference;
+        assert!(ratio < max_ratio, "{quant}: perplexity {ratio}× f16's");
+        assert!(std::fs::metadata(&path).unwrap().len() < std::fs::metadata(&f16).unwrap().len());
+    }
+}
