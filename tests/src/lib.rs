@@ -126,6 +126,7 @@ pub fn build_wasm_reward_component() -> PathBuf {
 }
 
 /// A text replacement in one file of `plugin-api/src`.
+#[derive(Clone, Copy, Debug)]
 pub struct Patch {
     /// The file, relative to `plugin-api/src`.
     pub file: &'static str,

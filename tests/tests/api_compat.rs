@@ -128,8 +128,8 @@ const TUNER_VTABLE_1_0: &[Patch] = &[
     },
     Patch {
         file: "abi.rs",
-        find: "        RResult::ROk(ROption::RNone)\n    }\n}",
-        replace: "        RResult::ROk(ROption::RNone)\n    }*/\n}",
+        find: "        RResult::ROk(ROption::RNone)\n    }\n}\n\n/// An owned tuner instance",
+        replace: "        RResult::ROk(ROption::RNone)\n    }*/\n}\n\n/// An owned tuner instance",
     },
     Patch {
         file: "plugin.rs",
@@ -161,29 +161,53 @@ fn tuner_methods_added_after_the_prefix_default_for_older_plugins() {
     assert_eq!(query(&load(&older).unwrap()), (false, None));
 }
 
+/// The end of the model vtable's 1.2 method `gguf_layout`, where both
+/// older variants close their comment.
+const MODEL_VTABLE_END: [Patch; 2] = [
+    Patch {
+        file: "abi.rs",
+        find: "        RResult::ROk(ROption::RNone)\n    }\n}\n\n/// An owned model instance",
+        replace: "        RResult::ROk(ROption::RNone)\n    }*/\n}\n\n/// An owned model instance",
+    },
+    Patch {
+        file: "plugin.rs",
+        find: "Ok(ROption::RSome(serde_json::to_string(&layout?)?.into())),\n        })\n    }\n",
+        replace: "Ok(ROption::RSome(serde_json::to_string(&layout?)?.into())),\n        })\n    }*/\n",
+    },
+];
+
 /// The 1.0 model vtable: `forward` was its only method; `media_spec` and
-/// `prepare_media` came in 1.1, after the prefix. This variant comments them out.
-const MODEL_VTABLE_1_0: &[Patch] = &[
+/// `prepare_media` came in 1.1, `gguf_layout` in 1.2, after the prefix.
+/// This variant comments them out.
+const MODEL_VTABLE_1_0: [Patch; 4] = [
     Patch {
         file: "abi.rs",
         find: "    /// How the model reads media, as a JSON object",
         replace: "    /* not in this variant\n    /// How the model reads media, as a JSON object",
     },
     Patch {
-        file: "abi.rs",
-        find: "        RResult::RErr(RString::from(\"this model reads text only\"))\n    }\n}",
-        replace: "        RResult::RErr(RString::from(\"this model reads text only\"))\n    }*/\n}",
-    },
-    Patch {
         file: "plugin.rs",
         find: "    fn media_spec(&self) -> RResult<ROption<RString>, RString> {\n",
         replace: "    /* not in this variant\n    fn media_spec(&self) -> RResult<ROption<RString>, RString> {\n",
     },
+    MODEL_VTABLE_END[0],
+    MODEL_VTABLE_END[1],
+];
+
+/// The 1.1 model vtable: without 1.2's `gguf_layout`.
+const MODEL_VTABLE_1_1: [Patch; 4] = [
+    Patch {
+        file: "abi.rs",
+        find: "    /// How the model is stored in a llama.cpp GGUF file",
+        replace: "    /* not in this variant\n    /// How the model is stored in a llama.cpp GGUF file",
+    },
     Patch {
         file: "plugin.rs",
-        find: ".map(PreparedMedia::to_abi).collect())\n        })\n    }\n",
-        replace: ".map(PreparedMedia::to_abi).collect())\n        })\n    }*/\n",
+        find: "    fn gguf_layout(&self) -> RResult<ROption<RString>, RString> {\n",
+        replace: "    /* not in this variant\n    fn gguf_layout(&self) -> RResult<ROption<RString>, RString> {\n",
     },
+    MODEL_VTABLE_END[0],
+    MODEL_VTABLE_END[1],
 ];
 
 #[test]
@@ -192,19 +216,29 @@ fn model_methods_added_after_the_prefix_default_for_older_plugins() {
         let model = registry.load_model("seeing", "{}").unwrap();
         let spec = model.media_spec().into_result().unwrap().into_option().map(|s| s.to_string());
         let prepared = model.prepare_media(Default::default(), "{}".into()).into_result().map(|v| v.len());
-        (spec, prepared.map_err(|e| e.to_string()))
+        let gguf = model.gguf_layout().into_result().unwrap().into_option().map(|s| s.to_string());
+        (spec, prepared.map_err(|e| e.to_string()), gguf)
     };
     let current = build_against_api_variant("plugin-model-current", oxtune_plugin_api::API_VERSION, &[], "plugin");
-    let (spec, prepared) = query(&load(&current).unwrap());
+    let (spec, prepared, gguf) = query(&load(&current).unwrap());
     assert_eq!(spec.as_deref(), Some(r#"{"position_axes":3}"#));
     // The plugin's own default (it preprocesses nothing) names the plugin.
     let message = prepared.unwrap_err();
     assert!(message.contains("plugin `") && message.contains("reads text only"), "{message}");
+    assert_eq!(gguf, None, "the plugin states no GGUF form");
     // Built against the 1.0 model vtable, the same plugin loads as a
-    // text-only model: the host's defaults stand in for the new methods.
+    // text-only model without a GGUF form: the host's defaults stand in
+    // for the new methods.
     let older =
-        build_against_api_variant("plugin-model-1.0", oxtune_plugin_api::API_VERSION, MODEL_VTABLE_1_0, "plugin");
-    let (spec, prepared) = query(&load(&older).unwrap());
+        build_against_api_variant("plugin-model-1.0", oxtune_plugin_api::API_VERSION, &MODEL_VTABLE_1_0, "plugin");
+    let (spec, prepared, gguf) = query(&load(&older).unwrap());
     assert_eq!(spec, None);
     assert_eq!(prepared.unwrap_err(), "this model reads text only");
+    assert_eq!(gguf, None);
+    // Built against 1.1: its media methods answer, the 1.2 one defaults.
+    let v1_1 =
+        build_against_api_variant("plugin-model-1.1", oxtune_plugin_api::API_VERSION, &MODEL_VTABLE_1_1, "plugin");
+    let (spec, _, gguf) = query(&load(&v1_1).unwrap());
+    assert_eq!(spec.as_deref(), Some(r#"{"position_axes":3}"#));
+    assert_eq!(gguf, None);
 }

@@ -274,3 +274,45 @@ fn smollm2_exports_load_in_llama_cpp_and_quantized_ones_stay_close() {
         assert!(std::fs::metadata(&path).unwrap().len() < std::fs::metadata(&f16).unwrap().len());
     }
 }
+
+#[test]
+fn the_export_command_writes_each_target_and_says_how_to_use_it() {
+    use oxtune_tests::cli::oxtune;
+    let model = fixtures().join("models/tiny-qwen3");
+    let adapter = fixtures().join("peft/tiny-qwen3-lora");
+    let (m, a) = (model.to_str().unwrap(), adapter.to_str().unwrap());
+    let text = |out: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+
+    let merged = scratch("cli-merged");
+    let out =
+        oxtune(&["export", "--model", m, "--adapter", a, "--merge-lora", "--output", merged.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("oxtune infer --model") && merged.join("model.safetensors").is_file(),
+        "{}",
+        text(&out)
+    );
+
+    let gguf = scratch("cli-model.gguf");
+    let args = ["export", "--model", m, "--to-gguf", "--quant-type", "q8_0", "--output", gguf.to_str().unwrap()];
+    let out = oxtune(&args, &[]);
+    assert!(out.status.success() && text(&out).contains("llama-cli -m"), "{}", text(&out));
+    assert_eq!(tensor_types(&gguf).iter().find(|(n, _)| n == "blk.1.ffn_up.weight").unwrap().1, GgmlDType::Q8_0);
+
+    let ollama = scratch("cli-ollama");
+    let args = ["export", "--model", m, "--adapter", a, "--to-ollama", "--output", ollama.to_str().unwrap()];
+    let out = oxtune(&args, &[]);
+    assert!(out.status.success() && text(&out).contains("ollama create"), "{}", text(&out));
+    let modelfile = std::fs::read_to_string(ollama.join("Modelfile")).unwrap();
+    assert!(modelfile.starts_with("FROM ./model-f16.gguf\nADAPTER ./adapter.gguf\n"), "{modelfile}");
+    assert!(modelfile.contains("<|im_start|>{{ .Role }}") && modelfile.contains("PARAMETER stop \"<|im_end|>\""));
+    assert!(ollama.join("model-f16.gguf").is_file() && ollama.join("adapter.gguf").is_file());
+
+    // Bad input: an unknown quant type, nothing asked for.
+    let out = oxtune(&["export", "--model", m, "--to-gguf", "--quant-type", "q3_k"], &[]);
+    assert!(!out.status.success() && text(&out).contains("unknown quant type `q3_k`"), "{}", text(&out));
+    let out = oxtune(&["export", "--model", m], &[]);
+    assert!(!out.status.success() && text(&out).contains("--merge-lora, --to-gguf or --to-ollama"), "{}", text(&out));
+}
