@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use oxtune_export::gguf_adapter::write_adapter_gguf;
-use oxtune_export::gguf_model::write_model_gguf;
+use oxtune_export::gguf_model::{write_model_gguf, write_model_gguf_streaming};
 use oxtune_export::merged::write_merged;
 use oxtune_export::ollama::modelfile;
 use oxtune_export::{QuantType, Written};
@@ -116,9 +116,14 @@ pub fn run(global: &GlobalArgs, args: &ExportArgs) -> anyhow::Result<()> {
             report("GGUF LoRA adapter", &written, &usage);
             return Ok(());
         }
-        let mut model = args.model.load(&registry)?.model;
         let path = args.output.clone().unwrap_or_else(|| beside(&source, &format!("-{quant}.gguf")));
-        let written = write_model_gguf(&mut model, quant, &path)?;
+        let written = match &args.model.adapter {
+            Some(_) => write_model_gguf(&mut args.model.load(&registry)?.model, quant, &path)?,
+            None => {
+                let model_type = args.model.model_type.as_deref();
+                write_model_gguf_streaming(&registry, &args.model.model, model_type, quant, &path)?
+            }
+        };
         report(&format!("GGUF model ({quant})"), &written, &format!("llama-cli -m {}", path.display()));
         return Ok(());
     }
@@ -143,11 +148,17 @@ fn to_ollama(args: &ExportArgs, registry: &oxtune_registry::Registry, source: &P
         let quant = args.quant_type;
         let model_file = format!("model-{quant}.gguf");
         let separate_adapter = args.model.adapter.as_ref().filter(|_| !args.merge_lora);
-        let mut model = args.model.load_with(registry, separate_adapter.is_none())?.model;
         if let Some(adapter) = separate_adapter {
-            write_adapter_gguf(&model, adapter, &staging.join("adapter.gguf"))?;
+            let base = args.model.load_with(registry, false)?.model;
+            write_adapter_gguf(&base, adapter, &staging.join("adapter.gguf"))?;
         }
-        write_model_gguf(&mut model, quant, &staging.join(&model_file))?;
+        let model_path = staging.join(&model_file);
+        if args.merge_lora {
+            write_model_gguf(&mut args.model.load(registry)?.model, quant, &model_path)?;
+        } else {
+            let model_type = args.model.model_type.as_deref();
+            write_model_gguf_streaming(registry, &args.model.model, model_type, quant, &model_path)?;
+        }
         let file = modelfile(&args.model.model, &model_file, separate_adapter.map(|_| "adapter.gguf"))?;
         std::fs::write(staging.join("Modelfile"), &file.text)?;
         Ok(file.format)

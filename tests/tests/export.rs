@@ -16,7 +16,7 @@ use oxtune_engine::generate::{generate, SamplingParams};
 use oxtune_engine::model::checkpoint::Trainable;
 use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_export::gguf_adapter::write_adapter_gguf;
-use oxtune_export::gguf_model::write_model_gguf;
+use oxtune_export::gguf_model::{write_model_gguf, write_model_gguf_streaming};
 use oxtune_export::merged::write_merged;
 use oxtune_export::QuantType;
 use oxtune_registry::Registry;
@@ -111,6 +111,12 @@ fn gguf_exports_read_back_with_the_source_logits() {
             };
             assert_eq!(q.1, expected, "{name} {quant}");
         }
+        // Streamed from the files, the export is the same file byte for byte.
+        let streamed = scratch(&format!("{name}-streamed.gguf"));
+        let registry = Registry::with_builtins().unwrap();
+        write_model_gguf_streaming(&registry, &source, None, QuantType::Q8_0, &streamed).unwrap();
+        let loaded = streamed.with_file_name(format!("{name}-q8_0.gguf"));
+        assert!(std::fs::read(&streamed).unwrap() == std::fs::read(&loaded).unwrap(), "{name}: streamed ≠ loaded");
         // The folder a GGUF base saves is an ordinary checkpoint again: the
         // rows back in transformers' order, no GGUF-only config key.
         let gguf = scratch(&format!("{name}-roundtrip.gguf"));
@@ -252,6 +258,10 @@ fn smollm2_exports_load_in_llama_cpp_and_quantized_ones_stay_close() {
     let assets = TextAssets::load(&source).unwrap();
     let f16 = scratch("smollm2-f16.gguf");
     write_model_gguf(&mut load(&source), QuantType::F16, &f16).unwrap();
+    // From a GGUF source, streamed: rows already in llama.cpp's order, the same file.
+    let streamed = scratch("smollm2-f16-streamed.gguf");
+    write_model_gguf_streaming(&Registry::with_builtins().unwrap(), &source, None, QuantType::F16, &streamed).unwrap();
+    assert!(std::fs::read(&streamed).unwrap() == std::fs::read(&f16).unwrap(), "SmolLM2: streamed ≠ loaded");
     let prompt = "The three primary colors are";
     let run = llama_cpp_complete(&script, &f16, prompt, 16, None);
     let ours = oxtune_complete(&load(&source), &assets, &run.prompt, 16);

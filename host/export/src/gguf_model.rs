@@ -2,14 +2,20 @@
 //! GGUF file llama.cpp loads — `general.*`, the plugin's hyperparameters,
 //! the tokenizer, then every weight under its llama.cpp name and row
 //! order, each converted to the type the `--quant-type` mix gives it.
+//! Without an adapter the weights stream from the memory-mapped source
+//! one at a time ([`write_model_gguf_streaming`]); an adapter is merged in
+//! a loaded model ([`write_model_gguf`]).
 
 use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use oxtune_engine::model::gguf::gguf_rows;
-use oxtune_engine::model::LoadedModel;
+use oxtune_engine::model::checkpoint::weight_files;
+use oxtune_engine::model::gguf::{gguf_rows, GgufFile};
+use oxtune_engine::model::{gguf_layout_of, is_gguf, LoadedModel};
 use oxtune_plugin_api::gguf::{GgufLayout, GgufValue};
+use oxtune_registry::Registry;
 
 use crate::quant::QuantType;
 use crate::tokenizer::tokenizer_metadata;
@@ -46,59 +52,151 @@ pub fn encode(tensor: &Tensor, dtype: GgmlDType) -> candle_core::Result<Vec<u8>>
 }
 
 /// The model's name for `general.name`: its folder or file stem.
-fn model_name(model: &LoadedModel) -> String {
-    model.dir().file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+fn model_name(source: &Path) -> String {
+    source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
 }
 
-/// Writes `model` (adapter merged) to the GGUF file `path` as `quant`.
-pub fn write_model_gguf(model: &mut LoadedModel, quant: QuantType, path: &Path) -> Result<Written, ExportError> {
-    let layout = layout_of(model)?;
-    model.merge_adapter().map_err(|e| ExportError::source(model.dir(), e))?;
-    let mut names: Vec<(&str, usize)> = Vec::new();
-    for name in model.weights().names() {
-        let position = layout.tensors.iter().position(|t| t.hf == name).ok_or_else(|| ExportError::Unsupported {
-            what: format!("weight `{name}`"),
-            message: format!("the `{}` GGUF layout of its plugin has no name for it", layout.architecture),
-        })?;
-        names.push((name, position));
-    }
-    names.sort_by_key(|(_, position)| *position);
-    let has_output = names.iter().any(|(_, p)| layout.tensors[*p].gguf == "output.weight");
+/// One weight to write: where it is read from and how it is stored.
+struct Planned {
+    /// Its name in the source (checkpoint name, or GGUF name for a GGUF source).
+    source_name: String,
+    /// Its GGUF name and shape, and its position in the layout.
+    gguf: String,
+    dims: Vec<usize>,
+    position: usize,
+    /// Rows to permute into llama.cpp's order (a checkpoint-order source).
+    permute_heads: Option<u32>,
+}
+
+/// Writes `planned` weights, read by `read`, with the layout's and the
+/// tokenizer's metadata, as `quant` at `path`.
+fn write_planned(
+    layout: &GgufLayout,
+    mut planned: Vec<Planned>,
+    name: String,
+    text_source: &Path,
+    quant: QuantType,
+    path: &Path,
+    mut read: impl FnMut(&str) -> Result<Tensor, ExportError>,
+) -> Result<Written, ExportError> {
+    planned.sort_by_key(|p| p.position);
+    let has_output = planned.iter().any(|p| p.gguf == "output.weight");
     let layers = match layout.metadata.get(&format!("{}.block_count", layout.architecture)) {
         Some(GgufValue::U32(n)) => *n as usize,
         _ => 0,
     };
-    let entries: Vec<TensorEntry> = names
+    let entries: Vec<TensorEntry> = planned
         .iter()
-        .map(|(name, p)| {
-            let gguf = &layout.tensors[*p].gguf;
-            let dims = model.weights().get(name).expect("listed by the store").dims().to_vec();
-            TensorEntry { name: gguf.clone(), dtype: quant.tensor_type(gguf, &dims, layers, has_output), dims }
+        .map(|p| TensorEntry {
+            name: p.gguf.clone(),
+            dtype: quant.tensor_type(&p.gguf, &p.dims, layers, has_output),
+            dims: p.dims.clone(),
         })
         .collect();
-    let vocab_size = names
-        .iter()
-        .find(|(_, p)| layout.tensors[*p].gguf == "token_embd.weight")
-        .map(|(name, _)| model.weights().get(name).expect("listed").dim(0).unwrap_or(0))
-        .unwrap_or(0);
+    let vocab_size = planned.iter().find(|p| p.gguf == "token_embd.weight").map_or(0, |p| p.dims[0]);
     let mut metadata = vec![
         ("general.architecture".to_owned(), GgufValue::Str(layout.architecture.clone())),
         ("general.type".to_owned(), GgufValue::Str("model".into())),
-        ("general.name".to_owned(), GgufValue::Str(model_name(model))),
+        ("general.name".to_owned(), GgufValue::Str(name)),
         ("general.file_type".to_owned(), GgufValue::U32(quant.file_type())),
         ("general.quantization_version".to_owned(), GgufValue::U32(2)),
     ];
     metadata.extend(layout.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
-    metadata.extend(tokenizer_metadata(model.dir(), vocab_size)?);
+    metadata.extend(tokenizer_metadata(text_source, vocab_size)?);
     let bytes = write_gguf(path, &metadata, &entries, |i| {
-        let (name, p) = names[i];
-        let tensor = model.weights().get(name).expect("listed by the store");
-        gguf_values(tensor, layout.tensors[p].permute_heads).and_then(|t| encode(&t, entries[i].dtype)).map_err(|e| {
+        let p = &planned[i];
+        let tensor = read(&p.source_name)?;
+        gguf_values(&tensor, p.permute_heads).and_then(|t| encode(&t, entries[i].dtype)).map_err(|e| {
             ExportError::Unsupported {
-                what: format!("weight `{name}`"),
+                what: format!("weight `{}`", p.source_name),
                 message: format!("cannot be stored as {:?}: {e}", entries[i].dtype),
             }
         })
     })?;
     Ok(Written { path: path.to_owned(), bytes })
+}
+
+fn unmapped(name: &str, layout: &GgufLayout) -> ExportError {
+    ExportError::Unsupported {
+        what: format!("weight `{name}`"),
+        message: format!("the `{}` GGUF layout of its plugin has no name for it", layout.architecture),
+    }
+}
+
+/// Writes `model` (its adapter merged first) to the GGUF file `path` as `quant`.
+pub fn write_model_gguf(model: &mut LoadedModel, quant: QuantType, path: &Path) -> Result<Written, ExportError> {
+    let layout = layout_of(model)?;
+    model.merge_adapter().map_err(|e| ExportError::source(model.dir(), e))?;
+    let mut planned = Vec::new();
+    for name in model.weights().names() {
+        let position = layout.tensors.iter().position(|t| t.hf == name).ok_or_else(|| unmapped(name, &layout))?;
+        let entry = &layout.tensors[position];
+        let dims = model.weights().get(name).expect("listed by the store").dims().to_vec();
+        planned.push(Planned {
+            source_name: name.to_owned(),
+            gguf: entry.gguf.clone(),
+            dims,
+            position,
+            permute_heads: entry.permute_heads,
+        });
+    }
+    let weights = model.weights();
+    write_planned(&layout, planned, model_name(model.dir()), model.dir(), quant, path, |name| {
+        Ok(weights.get(name).expect("listed by the store").clone())
+    })
+}
+
+/// Writes the model at `source` (a Hugging Face folder or a GGUF file) to
+/// the GGUF file `path` as `quant`, reading one weight at a time from the
+/// memory-mapped source, so memory holds a tensor, not the model.
+pub fn write_model_gguf_streaming(
+    registry: &Registry,
+    source: &Path,
+    model_type: Option<&str>,
+    quant: QuantType,
+    path: &Path,
+) -> Result<Written, ExportError> {
+    let layout = match gguf_layout_of(registry, source, model_type) {
+        Ok(Some(layout)) => layout,
+        Ok(None) => {
+            return Err(ExportError::Unsupported {
+                what: format!("model `{}`", source.display()),
+                message: "its plugin gives it no GGUF form (llama.cpp may not know the architecture)".into(),
+            })
+        }
+        Err(e) => return Err(ExportError::source(source, e)),
+    };
+    let name = model_name(source);
+    if is_gguf(source) {
+        // A GGUF source is already in llama.cpp's names and row order.
+        let file = GgufFile::open(source).map_err(|e| ExportError::source(source, e))?;
+        let mut planned = Vec::new();
+        for (stored, dims) in file.tensor_shapes() {
+            let position =
+                layout.tensors.iter().position(|t| t.gguf == stored).ok_or_else(|| unmapped(&stored, &layout))?;
+            planned.push(Planned { source_name: stored.clone(), gguf: stored, dims, position, permute_heads: None });
+        }
+        return write_planned(&layout, planned, name, source, quant, path, |stored| {
+            file.read_tensor(stored).map_err(|e| ExportError::source(source, e))
+        });
+    }
+    let files = weight_files(source).map_err(|e| ExportError::source(source, e))?;
+    // SAFETY: the files are only read; a file changed while mapped gives
+    // wrong values, as it would to any reader.
+    let mapped = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ExportError::source(source, e))?;
+    let mut planned = Vec::new();
+    for (stored, view) in mapped.tensors() {
+        let position = layout.tensors.iter().position(|t| t.hf == stored).ok_or_else(|| unmapped(&stored, &layout))?;
+        let entry = &layout.tensors[position];
+        planned.push(Planned {
+            source_name: stored,
+            gguf: entry.gguf.clone(),
+            dims: view.shape().to_vec(),
+            position,
+            permute_heads: entry.permute_heads,
+        });
+    }
+    write_planned(&layout, planned, name, source, quant, path, |stored| {
+        mapped.load(stored, &Device::Cpu).map_err(|e| ExportError::source(source, e))
+    })
 }

@@ -96,7 +96,7 @@ impl QuantType {
             _ if name == "output.weight" || (!has_output && name == "token_embd.weight") => {
                 // llama.cpp: Q6_K for the output head, Q8_0 when its rows
                 // do not fill whole super-blocks.
-                if row % 256 != 0 {
+                if !row.is_multiple_of(256) {
                     GgmlDType::Q8_0
                 } else {
                     GgmlDType::Q6K
@@ -121,7 +121,8 @@ impl QuantType {
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers
 /// and every third layer in between.
 fn use_more_bits(layer: usize, layers: usize) -> bool {
-    layer < layers / 8 || layer >= 7 * layers / 8 || (layer >= layers / 8 && (layer - layers / 8) % 3 == 2)
+    let (first, last) = (layers / 8, 7 * layers / 8);
+    layer < first || layer >= last || (layer - first) % 3 == 2
 }
 
 /// The block index of a `blk.N.*` tensor.
@@ -132,7 +133,7 @@ fn layer_of(name: &str) -> Option<usize> {
 /// The type llama.cpp uses instead of `chosen` when rows of `row` values
 /// do not fill its blocks.
 fn fallback(chosen: GgmlDType, row: usize) -> GgmlDType {
-    if row % chosen.block_size() == 0 {
+    if row.is_multiple_of(chosen.block_size()) {
         return chosen;
     }
     let legacy = match chosen {
@@ -141,7 +142,7 @@ fn fallback(chosen: GgmlDType, row: usize) -> GgmlDType {
         GgmlDType::Q6K => GgmlDType::Q8_0,
         _ => GgmlDType::F16,
     };
-    if row % legacy.block_size() == 0 {
+    if row.is_multiple_of(legacy.block_size()) {
         legacy
     } else {
         GgmlDType::F16

@@ -85,7 +85,7 @@ fn from_hf_folder(dir: &Path, vocab_size: usize) -> Result<Vec<(String, GgufValu
     let tokenizer = read_json(&tokenizer_path)?;
     let bad = |message: String| ExportError::Unsupported { what: tokenizer_path.display().to_string(), message };
     let model = &tokenizer["model"];
-    if model["type"] != "BPE" || !tokenizer["decoder"]["type"].as_str().is_some_and(|t| t == "ByteLevel") {
+    if model["type"] != "BPE" || tokenizer["decoder"]["type"].as_str() != Some("ByteLevel") {
         return Err(bad("only byte-level BPE tokenizers (llama.cpp's `gpt2` model) can be written to GGUF yet".into()));
     }
     let pre = pre_tokenizer_type(&tokenizer["pre_tokenizer"]).ok_or_else(|| {

@@ -267,6 +267,23 @@ impl GgufFile {
         self.number(&format!("tokenizer.ggml.{which}_token_id")).map(|v| v as u32)
     }
 
+    /// Every tensor's name and shape (outermost first), in file order.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut infos: Vec<_> = self.content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(_, info)| info.offset);
+        infos.into_iter().map(|(name, info)| (name.clone(), info.shape.dims().to_vec())).collect()
+    }
+
+    /// One tensor, dequantized to f32 on the CPU, rows as stored.
+    pub fn read_tensor(&self, name: &str) -> Result<Tensor, CheckpointError> {
+        let file =
+            File::open(&self.path).map_err(|cause| CheckpointError::Io { path: self.path.clone(), source: cause })?;
+        self.content
+            .tensor(&mut BufReader::new(file), name, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))
+    }
+
     /// Every metadata entry whose key starts with `prefix` (`tokenizer.`).
     pub fn metadata_with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a Value)> + 'a {
         self.content.metadata.iter().filter(move |(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.as_str(), v))

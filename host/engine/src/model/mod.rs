@@ -117,6 +117,57 @@ fn read_processor_config(dir: &Path) -> Result<serde_json::Value, ModelError> {
     Ok(options)
 }
 
+/// A model's config and architecture plugin instance, before any weight.
+struct ResolvedModel {
+    config: serde_json::Value,
+    config_path: PathBuf,
+    architecture: String,
+    instance: ModelBox,
+}
+
+/// Reads the config of the model at `dir` (from `gguf` when it is a GGUF
+/// file) and instantiates the architecture the registry resolves for it
+/// (or `model_type`).
+fn resolve(
+    registry: &Registry,
+    dir: &Path,
+    gguf: Option<&gguf::GgufFile>,
+    model_type: Option<&str>,
+) -> Result<ResolvedModel, ModelError> {
+    let config_path = if gguf.is_some() { dir.to_owned() } else { dir.join("config.json") };
+    let config = match gguf {
+        Some(file) => file.hf_config()?,
+        None => read_json(&config_path)?,
+    };
+    let architecture_error = |source| ModelError::Architecture { path: config_path.clone(), source: Box::new(source) };
+    let architecture = match model_type {
+        Some(name) => registry.get(oxtune_plugin_api::ComponentKind::Model, name).map_err(architecture_error)?,
+        None => {
+            let architectures = string_list(config.get("architectures"));
+            let model_type = config.get("model_type").and_then(|v| v.as_str());
+            registry.model_for(&architectures, model_type).map_err(architecture_error)?
+        }
+    }
+    .name()
+    .to_owned();
+    let instance = registry.load_model(&architecture, &config.to_string()).map_err(architecture_error)?;
+    Ok(ResolvedModel { config, config_path, architecture, instance })
+}
+
+/// The GGUF layout of the model at `path` (a folder or a GGUF file) as its
+/// architecture plugin states it, without loading its weights; `None`
+/// when the plugin gives it no GGUF form.
+pub fn gguf_layout_of(
+    registry: &Registry,
+    path: &Path,
+    model_type: Option<&str>,
+) -> Result<Option<GgufLayout>, ModelError> {
+    let gguf = if is_gguf(path) { Some(gguf::GgufFile::open(path)?) } else { None };
+    let resolved = resolve(registry, path, gguf.as_ref(), model_type)?;
+    instance_gguf_layout(&resolved.instance)
+        .map_err(|source| ModelError::Architecture { path: resolved.config_path, source: Box::new(source) })
+}
+
 /// The GGUF layout a model instance states (API 1.2), parsed.
 fn instance_gguf_layout(instance: &ModelBox) -> Result<Option<GgufLayout>, RegistryError> {
     let json = instance.gguf_layout().into_result().map_err(|e| RegistryError::Plugin(e.into_string()))?;
@@ -147,24 +198,10 @@ impl LoadedModel {
     /// architecture the registry resolves for it.
     pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
         let gguf = if is_gguf(dir) { Some(gguf::GgufFile::open(dir)?) } else { None };
-        let config_path = if gguf.is_some() { dir.to_owned() } else { dir.join("config.json") };
-        let config = match &gguf {
-            Some(file) => file.hf_config()?,
-            None => read_json(&config_path)?,
-        };
+        let ResolvedModel { config, config_path, architecture, instance } =
+            resolve(registry, dir, gguf.as_ref(), options.model_type.as_deref())?;
         let architecture_error =
             |source| ModelError::Architecture { path: config_path.clone(), source: Box::new(source) };
-        let architecture = match &options.model_type {
-            Some(name) => registry.get(oxtune_plugin_api::ComponentKind::Model, name).map_err(architecture_error)?,
-            None => {
-                let architectures = string_list(config.get("architectures"));
-                let model_type = config.get("model_type").and_then(|v| v.as_str());
-                registry.model_for(&architectures, model_type).map_err(architecture_error)?
-            }
-        }
-        .name()
-        .to_owned();
-        let instance = registry.load_model(&architecture, &config.to_string()).map_err(architecture_error)?;
         let media_spec = match instance.media_spec().into_result() {
             Ok(spec) => spec.into_option().map(|json| serde_json::from_str(json.as_str())).transpose(),
             Err(e) => return Err(architecture_error(RegistryError::Plugin(e.into_string()))),
