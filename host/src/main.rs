@@ -102,7 +102,7 @@ pub enum Command {
     Rlhf(Box<rlhf::RlhfArgs>),
     /// Answer a prompt, a conversation or a dataset with a model, or chat in a terminal.
     Infer(Box<infer::InferArgs>),
-    /// Evaluate a model on a dataset (`--task perplexity`).
+    /// Evaluate a model: perplexity, or GSM8K, MMLU, ARC and HellaSwag from local files.
     Eval(Box<eval::EvalArgs>),
     /// Merge an adapter into its model, or write GGUF (llama.cpp) and Ollama files.
     Export(Box<export::ExportArgs>),
