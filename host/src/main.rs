@@ -11,6 +11,7 @@ mod export;
 mod grpo;
 mod infer;
 mod model_args;
+mod plot;
 mod plugins;
 mod rlhf;
 mod sft;
@@ -109,6 +110,8 @@ pub enum Command {
     /// Measure performance (`bench infer`: prefill and decode throughput).
     #[command(subcommand)]
     Bench(Box<bench::BenchCommand>),
+    /// Draw training curves (loss, eval loss, learning rate, rewards, KL) of one or more runs as a PNG.
+    Plot(plot::PlotArgs),
     /// List every registered component: kind, name, origin, version, API version.
     Plugins(plugins::PluginsArgs),
 }
@@ -139,6 +142,7 @@ fn run_cli() -> ExitCode {
         Command::Infer(args) => infer::run(&cli.global, args),
         Command::Eval(args) => eval::run(&cli.global, args),
         Command::Export(args) => export::run(&cli.global, args),
+        Command::Plot(args) => plot::run(args),
         Command::Bench(command) => bench::run(&cli.global, command),
         Command::Plugins(args) => plugins::run(&cli.global, args),
     };

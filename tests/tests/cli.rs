@@ -103,7 +103,11 @@ fn only_working_subcommands_are_offered() {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, vec!["sft", "pt", "rlhf", "infer", "eval", "export", "bench", "plugins", "help"], "{help}");
+    assert_eq!(
+        commands,
+        vec!["sft", "pt", "rlhf", "infer", "eval", "export", "bench", "plot", "plugins", "help"],
+        "{help}"
+    );
 }
 
 #[test]

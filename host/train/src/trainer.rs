@@ -476,6 +476,7 @@ pub fn train_with<O: Objective>(
             };
             save_checkpoint(model, &checkpoint, &state, &optimizer, config.max_shard_bytes)?;
             last_checkpoint = checkpoint.display().to_string();
+            draw_curves(dir);
             if let Some(keep) = config.save_total_limit {
                 checkpoints::prune(dir, keep).map_err(|cause| TrainError::Io { path: dir.clone(), source: cause })?;
             }
@@ -484,5 +485,16 @@ pub fn train_with<O: Objective>(
     if let Some(bar) = bar {
         bar.finish();
     }
+    if let Some(dir) = &config.output_dir {
+        draw_curves(dir);
+    }
     Ok(out)
+}
+
+/// Redraws `training_curves.png` from the run's `metrics.jsonl`. A picture
+/// that cannot be drawn is reported and never stops training.
+fn draw_curves(dir: &std::path::Path) {
+    if let Err(e) = oxtune_plot::write_training_curves(dir) {
+        tracing::warn!("training curves not drawn: {e}");
+    }
 }
