@@ -182,6 +182,9 @@ pub fn grpo_config(args: &RlhfArgs) -> anyhow::Result<GrpoConfig> {
 pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
     let method = if args.algo == "kto" { None } else { Some(args.pair_loss()?) };
     let run = &args.run;
+    if run.data.packing || run.data.padding_free {
+        anyhow::bail!("--packing and --padding-free train sft and pt; rlhf keeps each pair in its own row");
+    }
     let mut setup = set_up(global, run, "rlhf", args.knobs())?;
     let before = sample_answers_of(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;
     let options = run.data.options(run.train.seed)?;

@@ -7,10 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use oxtune_data::pack_rows;
 use oxtune_data::{Encoded, Encoder, Objective, Prepared};
 use oxtune_engine::model::checkpoint::Trainable;
 use oxtune_train::run::{check_identity, resume_point, sample_answers, write_args};
-use oxtune_train::{train, StepMetrics, TrainConfig};
+use oxtune_train::{train, train_with, PackedSftObjective, PaddingFreeSftObjective, StepMetrics, TrainConfig};
 use serde_json::{json, Value};
 
 use super::model_args::{LoadedText, ModelArgs};
@@ -55,6 +56,7 @@ fn recorded_args(args: &SftArgs, tuner_config: &Value, model_type: &str) -> Valu
         "dataset": sources(&args.data.dataset), "val_dataset": sources(&args.data.val_dataset),
         "split_ratio": args.data.split_ratio, "columns": args.data.columns, "dataset_adapter": args.data.dataset_adapter,
         "max_length": args.data.max_length, "truncation_strategy": args.data.truncation_strategy,
+        "packing": args.data.packing, "padding_free": args.data.padding_free,
         "learning_rate": t.learning_rate, "num_train_epochs": t.num_train_epochs, "max_steps": t.max_steps,
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps, "max_grad_norm": t.max_grad_norm,
@@ -211,7 +213,24 @@ pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow:
         args.tuner.name,
         args.model.model.display()
     );
-    let metrics = train(&setup.text.model, &data.train, &data.eval, &config)?;
+    let model = &setup.text.model;
+    let metrics = if args.data.packing {
+        let (train, eval) = (pack_rows(&data.train, args.data.max_length), pack_rows(&data.eval, args.data.max_length));
+        let (train, eval) = (train.map_err(anyhow::Error::msg)?, eval.map_err(anyhow::Error::msg)?);
+        let tokens: usize = train.iter().map(|p| p.input_ids.len()).sum();
+        eprintln!(
+            "packed {} row(s) into {} row(s) of at most {} tokens ({:.0}% full)",
+            data.train.len(),
+            train.len(),
+            args.data.max_length,
+            100.0 * tokens as f64 / (train.len().max(1) * args.data.max_length) as f64
+        );
+        train_with(model, &PackedSftObjective, &train, &eval, &config)?
+    } else if args.data.padding_free {
+        train_with(model, &PaddingFreeSftObjective, &data.train, &data.eval, &config)?
+    } else {
+        train(model, &data.train, &data.eval, &config)?
+    };
     report(&metrics, &args.output_dir);
     let after = sample_answers_of(&setup.text, &args.sample_prompt, objective)?;
     print_samples(&args.sample_prompt, &before, &after);

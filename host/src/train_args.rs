@@ -45,6 +45,16 @@ pub struct DataArgs {
     /// and reported) instead of stopping at the first one.
     #[arg(long)]
     pub skip_bad_records: bool,
+    /// Pack samples end to end into rows of up to --max-length tokens
+    /// (best fit decreasing, a sample never split; positions restart and
+    /// attention stays within each sample): no compute spent on padding.
+    /// `sft` and `pt` on text rows.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL", conflicts_with = "padding_free")]
+    pub packing: bool,
+    /// Flatten each micro-batch into one row without padding (samples kept
+    /// apart as with --packing). `sft` and `pt` on text rows.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub padding_free: bool,
 }
 
 impl DataArgs {

@@ -23,6 +23,7 @@ macro_rules! bail {
 pub mod encoder;
 pub mod error;
 pub mod media;
+pub mod packing;
 pub mod preference;
 pub mod prompt;
 pub mod records;
@@ -31,6 +32,7 @@ pub mod text;
 
 pub use encoder::{DataOptions, Encoded, Encoder, Objective, Prepared, PromptRow, Truncation};
 pub use error::EncodeError;
+pub use packing::{pack_best_fit_decreasing, pack_rows, PackedRow};
 pub use prompt::{encode_prompt, prompt_of_row, Prompt, PromptOptions};
 pub use records::{read_records, DataError, Record};
 pub use text::{ChatRequest, EncodedRow, TextAssets, TextTokenizer};

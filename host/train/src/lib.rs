@@ -17,5 +17,7 @@ pub mod optim;
 pub mod run;
 mod trainer;
 
-pub use objective::{Objective, ObjectiveLoss, SftObjective};
+pub use objective::{
+    collate_packed, Objective, ObjectiveLoss, PackedSftObjective, PaddingFreeSftObjective, SftObjective,
+};
 pub use trainer::{train, train_with, StepMetrics, TrainConfig, TrainError, TrainerState};

@@ -10,6 +10,7 @@ use candle_core::Tensor;
 
 use crate::TrainError;
 use oxtune_data::text::EncodedRow;
+use oxtune_data::PackedRow;
 use oxtune_engine::backend::BatchInfo;
 use oxtune_engine::loss::{mean_token_nll, IGNORE_INDEX};
 use oxtune_engine::media::{batch_inputs, with_pixels, RowMedia};
@@ -34,6 +35,16 @@ pub trait Objective {
 
     /// Whether `item` has anything to train on (others are left out).
     fn trainable(&self, item: &Self::Item) -> bool;
+
+    /// The item's share in a step's loss when gradients are accumulated
+    /// over micro-batches: each micro-batch's loss is scaled by its items'
+    /// total weight over the step's (transformers' `num_items_in_batch`).
+    /// Token-level losses weigh by trained tokens, so a step means the
+    /// same whatever its micro-batches hold; the default weighs by item.
+    fn weight(&self, item: &Self::Item) -> f64 {
+        let _ = item;
+        1.0
+    }
 
     /// The loss of `batch`. `dropout_seed` is set while training (dropout
     /// active) and `None` when evaluating; `step` is the optimizer step
@@ -68,11 +79,21 @@ pub fn collate(rows: &[&EncodedRow], device: &candle_core::Device) -> candle_cor
 /// Next-token cross-entropy on the labelled tokens (SFT, pretraining).
 pub struct SftObjective;
 
+/// Labelled tokens of a row that the loss is taken on (the first token
+/// has nothing before it to be predicted from).
+fn trained_tokens(row: &EncodedRow) -> usize {
+    row.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+}
+
 impl Objective for SftObjective {
     type Item = EncodedRow;
 
     fn trainable(&self, item: &EncodedRow) -> bool {
-        item.labels.iter().skip(1).any(|&l| l != IGNORE_INDEX)
+        trained_tokens(item) > 0
+    }
+
+    fn weight(&self, item: &EncodedRow) -> f64 {
+        trained_tokens(item) as f64
     }
 
     fn loss(
@@ -97,13 +118,114 @@ impl Objective for SftObjective {
         let info = BatchInfo { attention_mask: Some(mask), dropout_seed, position_ids, media, ..Default::default() };
         let (logps, label_mask) = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
         let loss = mean_token_nll(&logps, &label_mask).map_err(compute)?;
-        let trained: usize =
-            batch.iter().map(|r| r.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum();
+        let trained: usize = batch.iter().map(|r| trained_tokens(r)).sum();
         Ok(ObjectiveLoss {
             loss,
             tokens: batch.iter().map(|r| r.input_ids.len()).sum(),
             weight: trained as f64,
             logged: BTreeMap::new(),
         })
+    }
+}
+
+/// Right-pads packed rows into `input_ids`, `labels` and the batch's
+/// positions (restarting per sample), segments and attention mask.
+pub fn collate_packed(
+    packs: &[&PackedRow],
+    dropout_seed: Option<u64>,
+    device: &candle_core::Device,
+) -> candle_core::Result<(Tensor, Tensor, BatchInfo)> {
+    let width = packs.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
+    let (mut ids, mut labels, mut positions, mut segments, mut mask) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for p in packs {
+        let pad = width - p.input_ids.len();
+        ids.extend(p.input_ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        labels.extend(p.labels.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, pad)));
+        positions.extend(p.position_ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        // Padding is a segment of its own, attended by nothing real.
+        let pad_segment = p.samples() as u32;
+        segments.extend(p.segment_ids.iter().copied().chain(std::iter::repeat_n(pad_segment, pad)));
+        mask.extend(std::iter::repeat_n(1u32, p.input_ids.len()).chain(std::iter::repeat_n(0, pad)));
+    }
+    let shape = (packs.len(), width);
+    let info = BatchInfo {
+        position_ids: Some(Tensor::from_vec(positions, shape, device)?),
+        attention_mask: Some(Tensor::from_vec(mask, shape, device)?),
+        segment_ids: Some(Tensor::from_vec(segments, shape, device)?),
+        dropout_seed,
+        ..Default::default()
+    };
+    Ok((Tensor::from_vec(ids, shape, device)?, Tensor::from_vec(labels, shape, device)?, info))
+}
+
+/// The mean next-token loss over the labelled tokens of packed rows.
+fn packed_loss(
+    model: &LoadedModel,
+    packs: &[&PackedRow],
+    dropout_seed: Option<u64>,
+    step: usize,
+) -> Result<ObjectiveLoss, TrainError> {
+    let compute = |cause| TrainError::Compute { step, source: cause };
+    let (ids, labels, info) = collate_packed(packs, dropout_seed, model.device()).map_err(compute)?;
+    let (logps, label_mask) = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
+    let loss = mean_token_nll(&logps, &label_mask).map_err(compute)?;
+    Ok(ObjectiveLoss {
+        loss,
+        tokens: packs.iter().map(|p| p.input_ids.len()).sum(),
+        weight: packs.iter().map(|p| p.trained_tokens()).sum::<usize>() as f64,
+        logged: BTreeMap::new(),
+    })
+}
+
+/// SFT and pretraining on rows packed before training (`--packing`).
+pub struct PackedSftObjective;
+
+impl Objective for PackedSftObjective {
+    type Item = PackedRow;
+
+    fn trainable(&self, item: &PackedRow) -> bool {
+        item.trained_tokens() > 0
+    }
+
+    fn weight(&self, item: &PackedRow) -> f64 {
+        item.trained_tokens() as f64
+    }
+
+    fn loss(
+        &self,
+        model: &LoadedModel,
+        batch: &[&PackedRow],
+        dropout_seed: Option<u64>,
+        step: usize,
+    ) -> Result<ObjectiveLoss, TrainError> {
+        packed_loss(model, batch, dropout_seed, step)
+    }
+}
+
+/// SFT and pretraining with each micro-batch flattened into one row, no
+/// padding (`--padding-free`).
+pub struct PaddingFreeSftObjective;
+
+impl Objective for PaddingFreeSftObjective {
+    type Item = EncodedRow;
+
+    fn trainable(&self, item: &EncodedRow) -> bool {
+        trained_tokens(item) > 0
+    }
+
+    fn weight(&self, item: &EncodedRow) -> f64 {
+        trained_tokens(item) as f64
+    }
+
+    fn loss(
+        &self,
+        model: &LoadedModel,
+        batch: &[&EncodedRow],
+        dropout_seed: Option<u64>,
+        step: usize,
+    ) -> Result<ObjectiveLoss, TrainError> {
+        let packed = PackedRow::from_rows(batch).map_err(|message| TrainError::Data { step, message })?;
+        packed_loss(model, &[&packed], dropout_seed, step)
     }
 }

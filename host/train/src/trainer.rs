@@ -141,7 +141,8 @@ pub enum TrainError {
 pub struct StepMetrics {
     /// The step (1-based).
     pub step: usize,
-    /// Mean loss over the step's micro-batches.
+    /// The step's loss: its micro-batches' losses weighted by their share of
+    /// the step's trained tokens (rows, for row-level objectives).
     pub loss: f64,
     /// The learning rate used.
     pub lr: f64,
@@ -397,25 +398,35 @@ pub fn train_with<O: Objective>(
         // the micro-batches left, the last of them possibly partial, so every
         // row is trained once per epoch.
         let micro_batches = accum.min((order.len() - cursor).div_ceil(micro));
-        for micro_index in 0..micro_batches {
-            let batch: Vec<&O::Item> =
-                order[cursor..(cursor + micro).min(order.len())].iter().map(|&i| rows[i]).collect();
-            cursor = (cursor + micro).min(order.len());
+        let batches: Vec<Vec<&O::Item>> = (0..micro_batches)
+            .map(|m| {
+                let start = cursor + m * micro;
+                order[start..(start + micro).min(order.len())].iter().map(|&i| rows[i]).collect()
+            })
+            .collect();
+        cursor = (cursor + micro_batches * micro).min(order.len());
+        // Each micro-batch's loss counts by its share of the step's weight
+        // (trained tokens for token-level losses).
+        let weights: Vec<f64> = batches.iter().map(|b| b.iter().map(|i| objective.weight(i)).sum()).collect();
+        let total_weight: f64 = weights.iter().sum();
+        for (micro_index, batch) in batches.iter().enumerate() {
+            let share =
+                if total_weight > 0.0 { weights[micro_index] / total_weight } else { 1.0 / micro_batches as f64 };
             // Dropout masks depend on the seed, the step and the micro-batch
             // only, so a resumed run draws the same ones.
             let dropout_seed = config.seed ^ ((step as u64) << 20) ^ micro_index as u64;
-            let out = objective.loss(model, &batch, Some(dropout_seed), step)?;
+            let out = objective.loss(model, batch, Some(dropout_seed), step)?;
             tokens += out.tokens;
             for (key, value) in out.logged {
-                *extra.entry(key).or_insert(0.0) += value / micro_batches as f64;
+                *extra.entry(key).or_insert(0.0) += value * share;
             }
             let loss = out.loss;
             let value = loss.to_scalar::<f32>().map_err(compute)?;
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { what: "loss", value: value as f64, step, last_checkpoint });
             }
-            loss_sum += value as f64;
-            let mut grads = (loss / micro_batches as f64).and_then(|l| l.backward()).map_err(compute)?;
+            loss_sum += value as f64 * share;
+            let mut grads = (loss * share).and_then(|l| l.backward()).map_err(compute)?;
             model.merge_block_gradients(&mut grads).map_err(compute)?;
             for (slot, var) in summed.iter_mut().zip(&vars) {
                 if let Some(g) = grads.get(var.as_tensor()) {
@@ -444,7 +455,7 @@ pub fn train_with<O: Objective>(
         let eval_loss = if evaluate_now { Some(evaluate(model, objective, &eval_rows, micro)?) } else { None };
         let m = StepMetrics {
             step,
-            loss: loss_sum / micro_batches as f64,
+            loss: loss_sum,
             lr,
             grad_norm,
             tokens_per_s: tokens as f64 / train_seconds,
