@@ -75,6 +75,11 @@ pub struct TrainBenchArgs {
     /// and the ratio of the two is printed.
     #[arg(long, value_name = "PATH")]
     peer_python: Option<PathBuf>,
+    /// Compare padded batches with packing on rows of skewed lengths
+    /// (log-normal, 16 to --seq-len tokens): --batch-size rows per padded
+    /// step, the same rows packed into rows of --seq-len.
+    #[arg(long)]
+    packing: bool,
 }
 
 impl TrainBenchArgs {
@@ -139,6 +144,15 @@ fn measure_in_child((batch, seq): (usize, usize)) -> anyhow::Result<Value> {
 /// comparison) shape by shape in child processes.
 fn train(global: &GlobalArgs, args: &TrainBenchArgs) -> anyhow::Result<()> {
     let shapes = args.shapes();
+    if args.packing {
+        let registry = global.registry()?;
+        for shape in shapes {
+            let mut text = args.model.load(&registry)?;
+            let vocab = text.assets.tokenizer.vocab_size();
+            print([oxtune_bench::packing::packing(&registry, &mut text.model, vocab, &args.bench(shape))?]);
+        }
+        return Ok(());
+    }
     if let ([shape], None) = (shapes.as_slice(), &args.peer_python) {
         let registry = global.registry()?;
         let mut text = args.model.load(&registry)?;

@@ -21,6 +21,7 @@ use oxtune_train::align::objective::Reference;
 use oxtune_train::{TrainConfig, TrainError};
 use serde_json::{json, Value};
 
+pub mod packing;
 pub mod peer;
 pub mod vl;
 
@@ -50,7 +51,7 @@ impl From<ModelError> for BenchError {
     }
 }
 
-fn peak_memory_mb() -> Option<f64> {
+pub(crate) fn peak_memory_mb() -> Option<f64> {
     peak_resident_bytes().map(|b| b as f64 / 1e6)
 }
 
