@@ -21,11 +21,16 @@ pub struct InferArgs {
     /// One user message.
     #[arg(long, conflicts_with_all = ["messages", "dataset"])]
     pub prompt: Option<String>,
+    /// A prompt as token ids (`1,2,3`), sent as they are: no tokenizer, no
+    /// template (for checking a model against transformers token by token).
+    #[arg(long, value_name = "IDS", value_delimiter = ',', conflicts_with_all = ["prompt", "messages", "dataset"])]
+    pub prompt_ids: Vec<u32>,
     /// A conversation: a JSON list of {"role", "content"} messages, or a file holding one.
     #[arg(long, conflicts_with = "dataset")]
     pub messages: Option<String>,
     /// A JSONL or JSON-array dataset: one answer per row (any format a dataset
-    /// adapter reads — messages, ShareGPT, Alpaca, query/response — or raw `text`).
+    /// adapter reads — messages, ShareGPT, Alpaca, query/response — raw
+    /// `text`, or pre-tokenized `input_ids`).
     #[arg(long, value_name = "FILE")]
     pub dataset: Option<PathBuf>,
     /// Where dataset answers go (JSONL); stdout when absent.
@@ -102,6 +107,9 @@ pub fn run(global: &GlobalArgs, args: &InferArgs) -> anyhow::Result<()> {
             args.chat_with_flags(vec![json!({"role": "user", "content": prompt})])?
         };
         return answer_streaming(args, &text, &params, &p).map(|_| ());
+    }
+    if !args.prompt_ids.is_empty() {
+        return answer_streaming(args, &text, &params, &Prompt::Ids(args.prompt_ids.clone())).map(|_| ());
     }
     if let Some(messages) = &args.messages {
         let prompt = args.chat_with_flags(parse_messages(messages)?)?;

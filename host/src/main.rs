@@ -10,6 +10,7 @@ mod eval;
 mod export;
 mod grpo;
 mod infer;
+mod logits;
 mod model_args;
 mod plot;
 mod plugins;
@@ -103,6 +104,8 @@ pub enum Command {
     Rlhf(Box<rlhf::RlhfArgs>),
     /// Answer a prompt, a conversation or a dataset with a model, or chat in a terminal.
     Infer(Box<infer::InferArgs>),
+    /// Write a model's logits (or per-token log-probabilities) for token ids or text to a file.
+    Logits(Box<logits::LogitsArgs>),
     /// Evaluate a model: perplexity, or GSM8K, MMLU, ARC and HellaSwag from local files.
     Eval(Box<eval::EvalArgs>),
     /// Merge an adapter into its model, or write GGUF (llama.cpp) and Ollama files.
@@ -140,6 +143,7 @@ fn run_cli() -> ExitCode {
         Command::Rlhf(args) if args.algo == "grpo" => grpo::run(&cli.global, args),
         Command::Rlhf(args) => rlhf::run(&cli.global, args),
         Command::Infer(args) => infer::run(&cli.global, args),
+        Command::Logits(args) => logits::run(&cli.global, args),
         Command::Eval(args) => eval::run(&cli.global, args),
         Command::Export(args) => export::run(&cli.global, args),
         Command::Plot(args) => plot::run(args),

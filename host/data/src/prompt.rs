@@ -21,6 +21,9 @@ pub enum Prompt {
     Chat(Vec<Value>, Vec<MediaRef>),
     /// Text sent as is (no template).
     Raw(String),
+    /// Token ids sent as they are (no tokenizer, no template): a
+    /// pre-tokenized row, or `--prompt-ids`.
+    Ids(Vec<u32>),
 }
 
 /// How a prompt is rendered.
@@ -48,6 +51,16 @@ pub fn encode_prompt(
     let tokenizer = &assets.tokenizer;
     let (messages, media) = match prompt {
         Prompt::Raw(s) => return Ok(unlabelled(tokenizer.encode(s, true)?)),
+        Prompt::Ids(ids) => {
+            if ids.is_empty() {
+                bail!("the prompt has no token ids");
+            }
+            let vocab = model.vocab_size().unwrap_or(usize::MAX);
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+            }
+            return Ok(unlabelled(ids.clone()));
+        }
         Prompt::Chat(messages, media) => (messages, media),
     };
     let untemplated = options.raw || assets.template.is_none();
@@ -73,7 +86,8 @@ pub fn encode_prompt(
 }
 
 /// The prompt of a dataset row and its reference answer, if it has one: a
-/// raw `text` row (no messages, no images) is sent as is; any other row is
+/// pre-tokenized `input_ids` row or a raw `text` row (no messages, no
+/// images) is sent as is; any other row is
 /// read by the dataset adapter the registry detects for it, and a trailing
 /// assistant turn is the reference answer. Relative media paths are read
 /// from `dataset_dir` when they do not exist from the working folder.
@@ -83,6 +97,14 @@ pub fn prompt_of_row(
     dataset_dir: Option<&Path>,
 ) -> Result<(Prompt, Option<Value>), EncodeError> {
     let other_form = ["messages", "image", "images", "videos"].iter().any(|k| row.contains_key(*k));
+    if let (Some(Value::Array(ids)), false) = (row.get("input_ids"), other_form) {
+        let ids = ids
+            .iter()
+            .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| EncodeError::Invalid("`input_ids` must be a list of token ids".into()))?;
+        return Ok((Prompt::Ids(ids), None));
+    }
     if let (Some(text), false) = (row.get("text").and_then(Value::as_str), other_form) {
         return Ok((Prompt::Raw(text.to_owned()), None));
     }
