@@ -445,6 +445,16 @@ pub trait TunerInstance: Send + Sync {
     fn saved_config(&self) -> RResult<ROption<RString>, RString> {
         RResult::ROk(ROption::RNone)
     }
+
+    /// The bias `[out]` of the merged layer when the tuner changes it (IA³
+    /// scaling a layer's output scales its bias too); `None`: the base
+    /// bias, if any, stands.
+    ///
+    /// Added in 1.2: an older plugin's merges leave biases alone.
+    fn merge_bias(&self, graph: GraphRef<'_>, layer: RStr<'_>) -> RResult<ROption<TensorId>, RString> {
+        let _ = (graph, layer);
+        RResult::ROk(ROption::RNone)
+    }
 }
 
 /// An owned tuner instance crossing the boundary.

@@ -201,6 +201,12 @@ pub trait TunerLayers: Send + Sync + 'static {
     fn forward(&self, layer: &str, x: &Tensor, base: &Tensor) -> Result<Tensor>;
     /// The merged weight `[out, in]` of `layer` (base weight and tuner in one matrix).
     fn merge(&self, layer: &str) -> Result<Tensor>;
+    /// The merged layer's bias when the tuner changes it (a tuner scaling
+    /// the layer's output scales its bias); `None` keeps the base bias.
+    fn merge_bias(&self, layer: &str) -> Result<Option<Tensor>> {
+        let _ = layer;
+        Ok(None)
+    }
     /// Whether the base parameter `name` is trained in place (full
     /// fine-tuning, freeze); such a tuner is saved as a whole model.
     fn trains_base(&self, name: &str) -> bool {
@@ -515,6 +521,12 @@ impl<P: PluginSource> TunerInstance for TunerAdapter<P> {
     fn trains_base(&self, name: RStr<'_>) -> RResult<bool, RString> {
         guard(P::NAME, &|| format!("tuner `{}` on parameter `{name}`", self.name), || {
             Ok(self.layers.trains_base(name.as_str()))
+        })
+    }
+
+    fn merge_bias(&self, mut graph: GraphRef<'_>, layer: RStr<'_>) -> RResult<ROption<TensorId>, RString> {
+        guard(P::NAME, &|| format!("merging tuner `{}` into the bias of `{layer}`", self.name), || {
+            with_graph(&mut graph, || self.layers.merge_bias(layer.as_str())).map(|t| t.map(|t| t.id()).into())
         })
     }
 

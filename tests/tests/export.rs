@@ -326,3 +326,45 @@ fn the_export_command_writes_each_target_and_says_how_to_use_it() {
     let out = oxtune(&["export", "--model", m], &[]);
     assert!(!out.status.success() && text(&out).contains("--merge-lora, --to-gguf or --to-ollama"), "{}", text(&out));
 }
+
+#[test]
+fn a_merged_tuner_that_scales_outputs_scales_their_biases() {
+    // IA³ (the example plugin's tuner, linked in) on tiny-qwen2's biased k/v
+    // projections (outputs scaled) and down_proj (input scaled).
+    use oxtune_example_plugin as _;
+    let registry = Registry::with_builtins().unwrap();
+    // tiny-qwen2's biases are zeros (transformers' init): give them values.
+    let fixture = fixtures().join("models/tiny-qwen2");
+    let source = scratch("tiny-qwen2-biased");
+    std::fs::create_dir_all(&source).unwrap();
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(fixture.join(file), source.join(file)).unwrap();
+    }
+    let mut weights = candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, tensor) in weights.iter_mut() {
+        if name.ends_with(".bias") {
+            *tensor = Tensor::randn(0f32, 0.5, tensor.shape(), &Device::Cpu).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&weights, source.join("model.safetensors")).unwrap();
+    let mut model = load(&source);
+    let config =
+        serde_json::json!({"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]});
+    model.add_adapter(&registry, "ia3", config, 0).unwrap();
+    let mut scaled = 0;
+    for name in model.weights().names() {
+        if let (true, Some(var)) = (name.ends_with("ia3_l"), model.weights().var(name)) {
+            let noise = Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu).unwrap();
+            var.set(&(noise + 1.0).unwrap()).unwrap();
+            scaled += 1;
+        }
+    }
+    assert!(scaled >= 6, "{scaled} scaled layers");
+    let ids = reference_ids("models/tiny-qwen2");
+    let adapted = logits(&model, &ids);
+    let dir = scratch("merged-ia3");
+    write_merged(&mut model, &dir, usize::MAX).unwrap();
+    let merged = logits(&load(&dir), &ids);
+    let diff = max_abs(&(&merged - &adapted).unwrap()) / max_abs(&adapted);
+    assert!(diff < 1e-5, "the merged folder's logits differ from the adapter's by {diff} of their scale");
+}

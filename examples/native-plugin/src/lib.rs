@@ -152,6 +152,15 @@ impl TunerLayers for Ia3Layers {
         weight(&format!("{layer}.weight"))?.mul(&weight(&format!("{layer}.ia3_l"))?)
     }
 
+    fn merge_bias(&self, layer: &str) -> Result<Option<Tensor>> {
+        // Scaling a layer's output scales its bias; scaling its input does not.
+        let bias = format!("{layer}.bias");
+        if self.is_feedforward(layer) || !oxtune_plugin_api::has_weight(&bias)? {
+            return Ok(None);
+        }
+        Ok(Some(weight(&bias)?.mul(&weight(&format!("{layer}.ia3_l"))?.reshape(&[-1])?)?))
+    }
+
     fn saved_config(&self) -> Option<Value> {
         let mut saved = json!({
             "auto_mapping": null, "base_model_name_or_path": null, "exclude_modules": null, "fan_in_fan_out": false,

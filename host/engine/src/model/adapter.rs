@@ -97,7 +97,8 @@ impl LoadedModel {
     }
 
     /// Merges the attached adapter into the base weights (each adapted
-    /// layer's weight becomes the tuner's merged weight) and detaches it.
+    /// layer's weight becomes the tuner's merged weight, and its bias the
+    /// tuner's merged bias when the tuner changes it) and detaches it.
     pub fn merge_adapter(&mut self) -> Result<(), ModelError> {
         let Some(adapter) = self.adapter.take() else { return Ok(()) };
         self.adapter_config = None;
@@ -112,11 +113,15 @@ impl LoadedModel {
             for layer in &layers {
                 let out = adapter.instance.merge(session.as_graph_ref(), layer.as_str().into()).into_result();
                 let id = out.map_err(|e| forward_error(OpError::Plugin(e.into_string())))?;
-                merged.push((layer.clone(), session.get(id).map_err(forward_error)?.detach()));
+                merged.push((format!("{layer}.weight"), session.get(id).map_err(forward_error)?.detach()));
+                let bias = adapter.instance.merge_bias(session.as_graph_ref(), layer.as_str().into()).into_result();
+                if let Some(id) = bias.map_err(|e| forward_error(OpError::Plugin(e.into_string())))?.into_option() {
+                    merged.push((format!("{layer}.bias"), session.get(id).map_err(forward_error)?.detach()));
+                }
             }
         }
-        for (layer, weight) in merged {
-            self.weights.insert(format!("{layer}.weight"), weight);
+        for (name, tensor) in merged {
+            self.weights.insert(name, tensor);
         }
         let params: std::collections::HashSet<String> = std::mem::take(&mut self.adapter_params).into_iter().collect();
         self.weights.retain(|name| !params.contains(name));
