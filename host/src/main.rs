@@ -15,6 +15,7 @@ mod model_args;
 mod plot;
 mod plugins;
 mod rlhf;
+mod serve;
 mod sft;
 mod train_args;
 
@@ -104,6 +105,9 @@ pub enum Command {
     Rlhf(Box<rlhf::RlhfArgs>),
     /// Answer a prompt, a conversation or a dataset with a model, or chat in a terminal.
     Infer(Box<infer::InferArgs>),
+    /// Serve a model with an OpenAI-compatible API (chat completions, completions, models).
+    #[command(alias = "deploy")]
+    Serve(Box<serve::ServeArgs>),
     /// Write a model's logits (or per-token log-probabilities) for token ids or text to a file.
     Logits(Box<logits::LogitsArgs>),
     /// Evaluate a model: perplexity, or GSM8K, MMLU, ARC and HellaSwag from local files.
@@ -143,6 +147,7 @@ fn run_cli() -> ExitCode {
         Command::Rlhf(args) if args.algo == "grpo" => grpo::run(&cli.global, args),
         Command::Rlhf(args) => rlhf::run(&cli.global, args),
         Command::Infer(args) => infer::run(&cli.global, args),
+        Command::Serve(args) => serve::run(&cli.global, args),
         Command::Logits(args) => logits::run(&cli.global, args),
         Command::Eval(args) => eval::run(&cli.global, args),
         Command::Export(args) => export::run(&cli.global, args),

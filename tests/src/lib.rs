@@ -292,3 +292,46 @@ pub mod cli {
         dir
     }
 }
+
+/// A running `oxtune serve`, stopped (SIGKILL) when dropped.
+pub struct Server {
+    child: std::process::Child,
+    /// Its base URL (`http://127.0.0.1:PORT/v1`).
+    pub url: String,
+}
+
+impl Server {
+    /// Starts `oxtune serve` with `args` on a free loopback port and waits
+    /// until it says where it listens.
+    pub fn start(args: &[&str]) -> Server {
+        use std::io::BufRead;
+        let mut child = Command::new(oxtune_bin())
+            .arg("serve")
+            .args(args)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .env_remove("OXTUNE_PLUGIN_PATH")
+            .env_remove("OXTUNE_API_KEY")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("oxtune serve starts");
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let line = lines.next().and_then(Result::ok).unwrap_or_default();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("oxtune serve did not say where it listens: {line:?}"))
+            .to_owned();
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, url }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

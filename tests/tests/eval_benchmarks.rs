@@ -1,10 +1,8 @@
 //! `oxtune eval` on benchmarks: every task format read from the shipped
 //! samples, each choice's log-likelihood equal to a direct computation
-//! from the model's logits, the same numbers through an OpenAI-style
-//! `/v1/completions` server as in process, and bad input named.
+//! from the model's logits, the same numbers through `oxtune serve`'s
+//! `/v1/completions` as in process, and bad input named.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,7 +15,7 @@ use oxtune_eval::{
 };
 use oxtune_registry::Registry;
 use oxtune_tests::cli::oxtune;
-use oxtune_tests::fixtures;
+use oxtune_tests::{fixtures, Server};
 use serde_json::{json, Value};
 
 fn benchmark(name: &str) -> PathBuf {
@@ -95,82 +93,16 @@ fn few_shot_contexts_follow_lm_eval_and_never_show_the_question() {
     assert!((result.metrics["acc"] * 6.0).fract().abs() < 1e-9);
 }
 
-/// A minimal OpenAI-style `/v1/completions` server over `model` (echo
-/// with log-probabilities, and greedy generation), answering on a thread
-/// for the rest of the test process; returns its base URL.
-fn completions_server(m: LocalModel) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let mut m = m;
-        for stream in listener.incoming() {
-            let mut stream = stream.unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut length = 0;
-            loop {
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap();
-                }
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0; length];
-            reader.read_exact(&mut body).unwrap();
-            let request: Value = serde_json::from_slice(&body).unwrap();
-            let reply = answer(&mut m, &request);
-            let text = reply.to_string();
-            write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len()).unwrap();
-        }
-    });
-    url
-}
-
-fn answer(m: &mut LocalModel, request: &Value) -> Value {
-    let prompts: Vec<String> =
-        request["prompt"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect();
-    let choices: Vec<Value> = if request["echo"] == true {
-        prompts
-            .iter()
-            .enumerate()
-            .map(|(i, prompt)| {
-                let spans = m.assets.tokenizer.encode_with_offsets(prompt, false).unwrap();
-                let ids: Vec<u32> = spans.iter().map(|(id, _)| *id).collect();
-                let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-                let logits = m.model.forward(&input, &BatchInfo::default(), None, None).unwrap().squeeze(0).unwrap();
-                let rows = log_softmax_rows(&logits);
-                let token_logprobs: Vec<Value> =
-                    (0..ids.len()).map(|t| if t == 0 { Value::Null } else { json!(rows[t - 1][ids[t] as usize]) }).collect();
-                let offsets: Vec<usize> = spans.iter().map(|(_, (start, _))| prompt[..*start].chars().count()).collect();
-                json!({"index": i, "text": prompt, "logprobs": {"token_logprobs": token_logprobs, "text_offset": offsets}})
-            })
-            .collect()
-    } else {
-        let until: Vec<String> =
-            request["stop"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect();
-        let max = request["max_tokens"].as_u64().unwrap() as usize;
-        m.generate(&prompts, &until, max)
-            .unwrap()
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| json!({"index": i, "text": t}))
-            .collect()
-    };
-    json!({"object": "text_completion", "choices": choices})
-}
-
 #[test]
-fn a_completions_server_gives_the_in_process_numbers() {
+fn oxtune_serve_gives_the_in_process_numbers() {
     let arc = load_docs(TaskKind::Arc, &benchmark("arc")).unwrap();
     let gsm8k = load_docs(TaskKind::Gsm8k, &benchmark("gsm8k")).unwrap();
     let options = EvalOptions { num_fewshot: 1, max_gen_tokens: 12, ..Default::default() };
     let mut m = local(4);
     let here = evaluate(TaskKind::Arc, &arc, &arc, &mut m, &options).unwrap();
     let here_gen = evaluate(TaskKind::Gsm8k, &gsm8k, &gsm8k, &mut m, &options).unwrap();
-    let url = completions_server(local(4));
-    let mut api = ApiModel::new(&url, "tiny-qwen3", None, Duration::from_secs(60));
+    let server = Server::start(&["--model", fixtures().join("models/tiny-qwen3").to_str().unwrap()]);
+    let mut api = ApiModel::new(&server.url, "tiny-qwen3", None, Duration::from_secs(60));
     api.batch_size = 4;
     let there = evaluate(TaskKind::Arc, &arc, &arc, &mut api, &options).unwrap();
     let there_gen = evaluate(TaskKind::Gsm8k, &gsm8k, &gsm8k, &mut api, &options).unwrap();

@@ -197,6 +197,7 @@ fn strftime_now(format: &str) -> String {
 }
 
 /// A compiled chat template.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,

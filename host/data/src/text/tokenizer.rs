@@ -38,6 +38,7 @@ pub enum TextError {
 pub type TokenSpan = (u32, (usize, usize));
 
 /// A tokenizer (`tokenizers`' fast tokenizer).
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
 }
@@ -101,6 +102,7 @@ fn token_string(value: &serde_json::Value) -> Option<String> {
 
 /// Everything a model folder says about text: tokenizer, chat template,
 /// special tokens, end-of-sequence ids and generation defaults.
+#[derive(Clone)]
 pub struct TextAssets {
     /// The tokenizer.
     pub tokenizer: TextTokenizer,

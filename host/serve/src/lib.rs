@@ -1,0 +1,732 @@
+//! `oxtune-serve`: an OpenAI-compatible server over a loaded model —
+//! `GET /health`, `GET /v1/models`, `GET /metrics`, `POST /v1/completions`
+//! (string or token-id prompts, `echo` with `logprobs`, streaming) and
+//! `POST /v1/chat/completions` (the model's chat template, streaming with
+//! OpenAI's server-sent events). Errors are OpenAI's error objects; every
+//! endpoint but `/health` takes the API key when one is set; bodies,
+//! `max_tokens` and `n` are capped.
+//!
+//! The model runs on its own thread ([`worker`]) behind a bounded queue (a
+//! full queue answers 429); requests are answered one at a time in
+//! arrival order.
+
+pub mod error;
+pub mod worker;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use oxtune_data::TextAssets;
+use oxtune_engine::generate::SamplingParams;
+use oxtune_engine::model::LoadedModel;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+pub use error::ApiError;
+use worker::{Event, Job, Queue, Scored};
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The name clients ask for (`model` in requests).
+    pub served_model_name: String,
+    /// Required as `Authorization: Bearer KEY` when set.
+    pub api_key: Option<String>,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Largest `max_tokens` a request may ask.
+    pub max_tokens_limit: usize,
+    /// Largest `n`.
+    pub max_n: usize,
+    /// Requests waiting for the model before new ones get 429.
+    pub queue_capacity: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            served_model_name: "model".into(),
+            api_key: None,
+            max_body_bytes: 10 << 20,
+            max_tokens_limit: 4096,
+            max_n: 8,
+            queue_capacity: 64,
+        }
+    }
+}
+
+/// Counters behind `/metrics`.
+#[derive(Default)]
+struct Metrics {
+    ok: AtomicU64,
+    client_errors: AtomicU64,
+    server_errors: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    first_token_micros: AtomicU64,
+    first_tokens: AtomicU64,
+}
+
+struct AppState {
+    config: ServeConfig,
+    queue: Queue,
+    assets: Arc<TextAssets>,
+    /// The model's context length (`max_position_embeddings`), if stated.
+    context: Option<usize>,
+    vocab: Option<usize>,
+    created: u64,
+    metrics: Metrics,
+    next_id: AtomicU64,
+}
+
+type Shared = Arc<AppState>;
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The app: routes over `model` (moved to its own thread) and `assets`.
+pub fn app(model: LoadedModel, assets: TextAssets, config: ServeConfig) -> Router {
+    let context = model.config().get("max_position_embeddings").and_then(Value::as_u64).map(|v| v as usize);
+    let vocab = model.vocab_size();
+    let queue = worker::start(model, assets.clone(), config.queue_capacity);
+    let max_body = config.max_body_bytes;
+    let state = Arc::new(AppState {
+        config,
+        queue,
+        assets: Arc::new(assets),
+        context,
+        vocab,
+        created: now(),
+        metrics: Metrics::default(),
+        next_id: AtomicU64::new(1),
+    });
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", None, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until SIGTERM or Ctrl-C, then lets the
+/// requests in flight finish.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Binds `addr` and serves until a shutdown signal (blocking the thread).
+pub fn serve_blocking(addr: SocketAddr, app: Router, on_ready: impl FnOnce(SocketAddr)) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        on_ready(listener.local_addr()?);
+        serve(listener, app).await
+    })
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &state.config.api_key else { return Ok(()) };
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        return Ok(());
+    }
+    Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), "invalid API key"))
+}
+
+fn count(state: &AppState, status: StatusCode) {
+    let counter = match status.as_u16() {
+        200..=299 => &state.metrics.ok,
+        400..=499 => &state.metrics.client_errors,
+        _ => &state.metrics.server_errors,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn finish(state: &AppState, result: Result<Response, ApiError>) -> Response {
+    let response = result.unwrap_or_else(IntoResponse::into_response);
+    count(state, response.status());
+    response
+}
+
+async fn models(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    let result = authorize(&state, &headers).map(|()| {
+        let data = json!([{"id": state.config.served_model_name, "object": "model", "created": state.created,
+                           "owned_by": "oxtune", "root": state.config.served_model_name, "parent": null}]);
+        Json(json!({"object": "list", "data": data})).into_response()
+    });
+    finish(&state, result)
+}
+
+async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    let result = authorize(&state, &headers).map(|()| {
+        let m = &state.metrics;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let ttft = load(&m.first_token_micros) as f64 / 1e6;
+        let text = format!(
+            "# TYPE oxtune_requests_total counter\n\
+             oxtune_requests_total{{status=\"2xx\"}} {}\noxtune_requests_total{{status=\"4xx\"}} {}\n\
+             oxtune_requests_total{{status=\"5xx\"}} {}\n\
+             # TYPE oxtune_prompt_tokens_total counter\noxtune_prompt_tokens_total {}\n\
+             # TYPE oxtune_completion_tokens_total counter\noxtune_completion_tokens_total {}\n\
+             # TYPE oxtune_time_to_first_token_seconds summary\n\
+             oxtune_time_to_first_token_seconds_sum {ttft}\noxtune_time_to_first_token_seconds_count {}\n",
+            load(&m.ok),
+            load(&m.client_errors),
+            load(&m.server_errors),
+            load(&m.prompt_tokens),
+            load(&m.completion_tokens),
+            load(&m.first_tokens),
+        );
+        ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+    });
+    finish(&state, result)
+}
+
+/// The JSON body, or OpenAI's error for a malformed or oversized one.
+fn parse_body(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|e| {
+        let status = e.status();
+        ApiError::new(status, "invalid_request_error", None, format!("the request body could not be read: {e}"))
+    })?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid("body", format!("the body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::invalid("body", "the body must be a JSON object"));
+    }
+    Ok(value)
+}
+
+/// Typed readers of request fields, each error naming the field.
+fn opt_u64(body: &Value, key: &str) -> Result<Option<u64>, ApiError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid(key, format!("`{key}` must be a non-negative integer"))),
+    }
+}
+
+fn opt_f64(body: &Value, key: &str) -> Result<Option<f64>, ApiError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| ApiError::invalid(key, format!("`{key}` must be a number"))),
+    }
+}
+
+fn opt_bool(body: &Value, key: &str) -> Result<bool, ApiError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::invalid(key, format!("`{key}` must be true or false"))),
+    }
+}
+
+fn stops(body: &Value) -> Result<Vec<String>, ApiError> {
+    match body.get("stop") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(a)) if a.len() <= 4 => a
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned).ok_or_else(|| ApiError::invalid("stop", "`stop` must hold strings")))
+            .collect(),
+        Some(_) => Err(ApiError::invalid("stop", "`stop` must be a string or a list of at most 4 strings")),
+    }
+}
+
+/// The sampling settings of a request.
+fn sampling(state: &AppState, body: &Value, default_max: usize) -> Result<SamplingParams, ApiError> {
+    let check_model = body.get("model").and_then(Value::as_str);
+    match check_model {
+        Some(m) if m == state.config.served_model_name => {}
+        Some(m) => {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!(
+                    "the model `{m}` does not exist (this server serves `{}`)",
+                    state.config.served_model_name
+                ),
+                kind: "invalid_request_error",
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+            })
+        }
+        None => return Err(ApiError::invalid("model", "`model` is required")),
+    }
+    let max =
+        opt_u64(body, "max_completion_tokens")?.or(opt_u64(body, "max_tokens")?).map_or(default_max, |v| v as usize);
+    if max > state.config.max_tokens_limit {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            format!("`max_tokens` {max} is over this server's limit of {}", state.config.max_tokens_limit),
+        ));
+    }
+    let temperature = opt_f64(body, "temperature")?.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid("temperature", "`temperature` must be between 0 and 2"));
+    }
+    let top_p = opt_f64(body, "top_p")?.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+        return Err(ApiError::invalid("top_p", "`top_p` must be in (0, 1]"));
+    }
+    let repetition = match (
+        opt_f64(body, "repetition_penalty")?,
+        opt_f64(body, "presence_penalty")?,
+        opt_f64(body, "frequency_penalty")?,
+    ) {
+        (Some(r), _, _) => r,
+        // OpenAI's additive penalties, approximated by transformers' multiplicative one.
+        (None, p, f) => 1.0 + (p.unwrap_or(0.0) + f.unwrap_or(0.0)).max(0.0) / 2.0,
+    };
+    Ok(SamplingParams {
+        max_new_tokens: max,
+        temperature: temperature as f32,
+        top_k: opt_u64(body, "top_k")?.unwrap_or(0) as usize,
+        top_p: top_p as f32,
+        repetition_penalty: repetition as f32,
+        seed: opt_u64(body, "seed")?.unwrap_or(0),
+        eos_token_ids: state.assets.eos_token_ids.clone(),
+        stop: stops(body)?,
+        ..Default::default()
+    })
+}
+
+fn check_ids(state: &AppState, ids: &[u32], max_new: usize) -> Result<(), ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if let (Some(vocab), Some(bad)) = (state.vocab, ids.iter().find(|&&t| Some(t as usize) >= state.vocab)) {
+        return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}")));
+    }
+    if let Some(context) = state.context {
+        if ids.len() + max_new > context {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid(
+                    "messages",
+                    format!(
+                        "the prompt has {} tokens and asks for {max_new} more; the model's context is {context}",
+                        ids.len()
+                    ),
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What one prompt became.
+struct Answer {
+    text: String,
+    tokens: Vec<u32>,
+    finish_reason: &'static str,
+    scored: Option<Scored>,
+}
+
+/// Runs a job to its end.
+async fn run_job(
+    state: &AppState,
+    job_ids: Vec<u32>,
+    params: SamplingParams,
+    logprobs: Option<usize>,
+) -> Result<Answer, ApiError> {
+    let (tx, mut rx) = unbounded_channel();
+    let started = Instant::now();
+    state.queue.submit(Job { prompt: job_ids, params, logprobs, events: tx }).map_err(|m| {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded"), m)
+    })?;
+    let mut first = true;
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Delta(_) => {
+                if std::mem::take(&mut first) {
+                    record_first_token(state, started);
+                }
+            }
+            Event::Done { tokens, text, finish_reason, scored } => {
+                return Ok(Answer { text, tokens, finish_reason: finish_reason.as_str(), scored })
+            }
+            Event::Failed(m) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, m)),
+        }
+    }
+    Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, "the model worker stopped"))
+}
+
+fn record_first_token(state: &AppState, started: Instant) {
+    state.metrics.first_token_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    state.metrics.first_tokens.fetch_add(1, Ordering::Relaxed);
+}
+
+fn usage(state: &AppState, prompt: usize, completion: usize) -> Value {
+    state.metrics.prompt_tokens.fetch_add(prompt as u64, Ordering::Relaxed);
+    state.metrics.completion_tokens.fetch_add(completion as u64, Ordering::Relaxed);
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// The prompts of a completions request: token ids, and the text each stands for.
+fn completion_prompts(state: &AppState, body: &Value) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "prompt",
+            "`prompt` must be a string, a list of strings, a list of token ids or a list of such lists",
+        )
+    };
+    let tokenizer = &state.assets.tokenizer;
+    let of_text = |s: &str| -> Result<(Vec<u32>, String), ApiError> {
+        let ids = tokenizer.encode(s, true).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+        Ok((ids, s.to_owned()))
+    };
+    let of_ids = |a: &[Value]| -> Result<(Vec<u32>, String), ApiError> {
+        let ids = a.iter().map(|v| v.as_u64().map(|v| v as u32)).collect::<Option<Vec<u32>>>().ok_or_else(bad)?;
+        let text = tokenizer.decode(&ids, false).unwrap_or_default();
+        Ok((ids, text))
+    };
+    match body.get("prompt") {
+        Some(Value::String(s)) => Ok(vec![of_text(s)?]),
+        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::invalid("prompt", "`prompt` is empty")),
+        Some(Value::Array(items)) if items[0].is_number() => Ok(vec![of_ids(items)?]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => of_text(s),
+                Value::Array(a) => of_ids(a),
+                _ => Err(bad()),
+            })
+            .collect(),
+        _ => Err(bad()),
+    }
+}
+
+/// OpenAI's `logprobs` object of a completion choice: tokens, their
+/// log-probabilities, top alternatives and character offsets into the text.
+fn completion_logprobs(state: &AppState, scored: &Scored, from: usize, offsets: &[usize]) -> Value {
+    let tokenizer = &state.assets.tokenizer;
+    let range = from..scored.token_logprobs.len();
+    let tops: Vec<Value> = scored.top_logprobs[range.clone()]
+        .iter()
+        .map(|t| match t {
+            Some(list) => Value::Object(
+                list.iter().map(|(id, lp)| (tokenizer.decode(&[*id], false).unwrap_or_default(), json!(lp))).collect(),
+            ),
+            None => Value::Null,
+        })
+        .collect();
+    json!({
+        "tokens": scored.pieces[range.clone()],
+        "token_logprobs": scored.token_logprobs[range.clone()],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    })
+}
+
+/// Character offsets of each token in the echoed text: prompt tokens from
+/// the tokenizer's spans (string prompts) or their pieces, then the
+/// completion's pieces.
+fn text_offsets(state: &AppState, prompt_text: &str, prompt_ids: &[u32], scored: &Scored, echo: bool) -> Vec<usize> {
+    let mut offsets = Vec::new();
+    let spans = state.assets.tokenizer.encode_with_offsets(prompt_text, true).ok();
+    let prompt_chars = prompt_text.chars().count();
+    match spans {
+        Some(spans) if spans.iter().map(|s| s.0).eq(prompt_ids.iter().copied()) => {
+            for (_, (start, _)) in &spans {
+                offsets.push(prompt_text.get(..*start).map_or(0, |p| p.chars().count()));
+            }
+        }
+        _ => {
+            let mut at = 0;
+            for piece in &scored.pieces[..prompt_ids.len()] {
+                offsets.push(at);
+                at += piece.chars().count();
+            }
+        }
+    }
+    let mut at = prompt_chars;
+    for piece in &scored.pieces[prompt_ids.len()..] {
+        offsets.push(at);
+        at += piece.chars().count();
+    }
+    if echo {
+        offsets
+    } else {
+        offsets[prompt_ids.len()..].iter().map(|o| o - prompt_chars).collect()
+    }
+}
+
+async fn completions(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let result = completions_inner(&state, &headers, body).await;
+    finish(&state, result)
+}
+
+async fn completions_inner(
+    state: &Shared,
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(state, headers)?;
+    let body = parse_body(body)?;
+    let params = sampling(state, &body, 16)?;
+    let echo = opt_bool(&body, "echo")?;
+    let logprobs = opt_u64(&body, "logprobs")?.map(|n| n.min(20) as usize);
+    let n = opt_u64(&body, "n")?.unwrap_or(1) as usize;
+    if n == 0 || n > state.config.max_n {
+        return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}", state.config.max_n)));
+    }
+    if opt_bool(&body, "stream")? {
+        return Err(ApiError::invalid(
+            "stream",
+            "streaming completions are not served yet; use chat completions to stream",
+        ));
+    }
+    let prompts = completion_prompts(state, &body)?;
+    let mut choices = Vec::new();
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    for (ids, text) in &prompts {
+        check_ids(state, ids, params.max_new_tokens)?;
+        prompt_tokens += ids.len();
+        for i in 0..n {
+            let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
+            let answer = run_job(state, ids.clone(), params, logprobs).await?;
+            completion_tokens += answer.tokens.len();
+            let logprobs = answer.scored.as_ref().map(|scored| {
+                let offsets = text_offsets(state, text, ids, scored, echo);
+                completion_logprobs(state, scored, if echo { 0 } else { ids.len() }, &offsets)
+            });
+            let out_text = if echo { format!("{text}{}", answer.text) } else { answer.text };
+            choices.push(json!({"index": choices.len(), "text": out_text, "logprobs": logprobs, "finish_reason": answer.finish_reason}));
+        }
+    }
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    Ok(Json(json!({
+        "id": format!("cmpl-{id}"), "object": "text_completion", "created": now(), "model": state.config.served_model_name,
+        "choices": choices, "usage": usage(state, prompt_tokens, completion_tokens),
+    }))
+    .into_response())
+}
+
+/// The messages of a chat request as the chat template takes them: text
+/// content, or a list of text parts joined.
+fn chat_messages(body: &Value) -> Result<Vec<Value>, ApiError> {
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::invalid("messages", "`messages` must be a list"))?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "`messages` is empty"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
+                ApiError::invalid(&format!("messages[{i}].role"), "each message needs a string `role`")
+            })?;
+            let content = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match part.get("type").and_then(Value::as_str) {
+                            Some("text") => text.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default()),
+                            Some("image_url") => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content"),
+                                    "image inputs are not served yet",
+                                ))
+                            }
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content"),
+                                    "a content part needs a `type`",
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+                None | Some(Value::Null) if role == "assistant" => String::new(),
+                _ => {
+                    return Err(ApiError::invalid(
+                        &format!("messages[{i}].content"),
+                        "`content` must be a string or a list of parts",
+                    ))
+                }
+            };
+            let mut message = m.clone();
+            message["content"] = json!(content);
+            Ok(message)
+        })
+        .collect()
+}
+
+async fn chat_completions(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let result = chat_inner(&state, &headers, body).await;
+    finish(&state, result)
+}
+
+async fn chat_inner(
+    state: &Shared,
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(state, headers)?;
+    let body = parse_body(body)?;
+    let params = sampling(state, &body, 1024)?;
+    let messages = chat_messages(&body)?;
+    let n = opt_u64(&body, "n")?.unwrap_or(1) as usize;
+    if n == 0 || n > state.config.max_n {
+        return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}", state.config.max_n)));
+    }
+    let (template_messages, assets) = (messages, &state.assets);
+    if assets.template.is_none() {
+        return Err(ApiError::invalid("messages", "the model has no chat template; use /v1/completions"));
+    }
+    let rendered = assets
+        .render_chat(&oxtune_data::ChatRequest {
+            messages: &template_messages,
+            add_generation_prompt: true,
+            ..Default::default()
+        })
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let ids = assets.tokenizer.encode(&rendered, false).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    check_ids(state, &ids, params.max_new_tokens)?;
+    let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
+    let stream = opt_bool(&body, "stream")?;
+    if stream {
+        if n > 1 {
+            return Err(ApiError::invalid("n", "streaming serves one choice (`n` 1)"));
+        }
+        let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+        let (tx, rx) = unbounded_channel();
+        state.queue.submit(Job { prompt: ids.clone(), params, logprobs: None, events: tx }).map_err(|m| {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded"), m)
+        })?;
+        let stream = chat_stream(state.clone(), rx, id, ids.len(), include_usage);
+        return Ok(Sse::new(stream).into_response());
+    }
+    let mut choices = Vec::new();
+    let mut completion_tokens = 0;
+    for i in 0..n {
+        let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
+        let answer = run_job(state, ids.clone(), params, None).await?;
+        completion_tokens += answer.tokens.len();
+        choices.push(json!({"index": i, "message": {"role": "assistant", "content": answer.text},
+                            "logprobs": null, "finish_reason": answer.finish_reason}));
+    }
+    Ok(Json(json!({
+        "id": id, "object": "chat.completion", "created": now(), "model": state.config.served_model_name,
+        "choices": choices, "usage": usage(state, ids.len(), completion_tokens),
+    }))
+    .into_response())
+}
+
+/// The server-sent events of a streamed chat completion, as OpenAI sends
+/// them: a first chunk with the role, content deltas, a last chunk with
+/// the finish reason, a usage chunk when asked, then `[DONE]`.
+fn chat_stream(
+    state: Shared,
+    mut rx: UnboundedReceiver<Event>,
+    id: String,
+    prompt_tokens: usize,
+    include_usage: bool,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let created = now();
+    let model = state.config.served_model_name.clone();
+    let chunk = move |choices: Value, usage: Option<Value>| {
+        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        Ok(SseEvent::default().data(c.to_string()))
+    };
+    let started = Instant::now();
+    async_stream(move |yield_| async move {
+        yield_(chunk(
+            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+            None,
+        ));
+        let mut first = true;
+        while let Some(event) = rx.recv().await {
+            match event {
+                Event::Delta(text) => {
+                    if std::mem::take(&mut first) {
+                        record_first_token(&state, started);
+                    }
+                    yield_(chunk(
+                        json!([{"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]),
+                        None,
+                    ));
+                }
+                Event::Done { tokens, finish_reason, .. } => {
+                    yield_(chunk(
+                        json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason.as_str()}]),
+                        None,
+                    ));
+                    let used = usage(&state, prompt_tokens, tokens.len());
+                    if include_usage {
+                        yield_(chunk(json!([]), Some(used)));
+                    }
+                    break;
+                }
+                Event::Failed(message) => {
+                    let error = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, message);
+                    yield_(Ok(SseEvent::default().data(error.body().to_string())));
+                    break;
+                }
+            }
+        }
+        yield_(Ok(SseEvent::default().data("[DONE]")));
+    })
+}
+
+/// A stream fed by an async block through a `yield_` callback (a small
+/// stand-in for the `async-stream` crate over a channel).
+fn async_stream<F, Fut>(body: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(Box<dyn Fn(Result<SseEvent, Infallible>) + Send + Sync>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = unbounded_channel();
+    let send: Box<dyn Fn(Result<SseEvent, Infallible>) + Send + Sync> = Box::new(move |item| {
+        let _ = tx.send(item);
+    });
+    tokio::spawn(body(send));
+    tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+}

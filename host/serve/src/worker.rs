@@ -1,0 +1,150 @@
+//! The model's thread: it owns the model and answers jobs from a bounded
+//! queue one at a time — generation (streamed as text deltas) and the
+//! log-probabilities of given tokens (`echo` + `logprobs`, and the
+//! `logprobs` of generated tokens, scored by one teacher-forced pass).
+
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+
+use candle_core::{DType, Device, Tensor, D};
+use oxtune_data::TextAssets;
+use oxtune_engine::backend::BatchInfo;
+use oxtune_engine::generate::{generate, FinishReason, SamplingParams};
+use oxtune_engine::model::LoadedModel;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// The log-probabilities of a sequence: per token, its own (`None` for
+/// the first, which nothing predicts) and the `top` most likely tokens.
+#[derive(Clone, Debug, Default)]
+pub struct Scored {
+    /// Per token: log p(token | tokens before).
+    pub token_logprobs: Vec<Option<f64>>,
+    /// Per token: the most likely tokens at its position, with their log-probabilities.
+    pub top_logprobs: Vec<Option<Vec<(u32, f64)>>>,
+    /// Per token: its text alone.
+    pub pieces: Vec<String>,
+}
+
+/// What a job reports, in order: text deltas, then its end.
+#[derive(Debug)]
+pub enum Event {
+    /// More generated text.
+    Delta(String),
+    /// The job is done.
+    Done {
+        /// Generated token ids (an end token left out).
+        tokens: Vec<u32>,
+        /// Generated text.
+        text: String,
+        /// Why it stopped.
+        finish_reason: FinishReason,
+        /// Log-probabilities of prompt and generated tokens, when asked.
+        scored: Option<Scored>,
+    },
+    /// The job failed.
+    Failed(String),
+}
+
+/// One request for the model.
+#[derive(Debug)]
+pub struct Job {
+    /// The prompt's token ids.
+    pub prompt: Vec<u32>,
+    /// How to generate (`max_new_tokens` 0: only score).
+    pub params: SamplingParams,
+    /// Score prompt and output, keeping this many top tokens per position.
+    pub logprobs: Option<usize>,
+    /// Where its events go; a closed receiver (a client gone) is ignored.
+    pub events: UnboundedSender<Event>,
+}
+
+/// The sending end of the queue.
+#[derive(Clone)]
+pub struct Queue(SyncSender<Job>);
+
+impl Queue {
+    /// Queues `job`; `Err` when the queue is full (or the worker is gone).
+    pub fn submit(&self, job: Job) -> Result<(), &'static str> {
+        self.0.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => "the server's queue is full; retry later",
+            TrySendError::Disconnected(_) => "the model worker has stopped",
+        })
+    }
+}
+
+/// Starts the model's thread with a queue of `capacity` waiting jobs.
+pub fn start(model: LoadedModel, assets: TextAssets, capacity: usize) -> Queue {
+    let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(1));
+    std::thread::Builder::new()
+        .name("oxtune-model".into())
+        .spawn(move || run(model, assets, rx))
+        .expect("a thread can be started");
+    Queue(tx)
+}
+
+fn run(model: LoadedModel, assets: TextAssets, jobs: Receiver<Job>) {
+    while let Ok(job) = jobs.recv() {
+        let events = job.events.clone();
+        let done = answer(&model, &assets, job);
+        if let Err(message) = done {
+            let _ = events.send(Event::Failed(message));
+        }
+    }
+}
+
+fn answer(model: &LoadedModel, assets: &TextAssets, job: Job) -> Result<(), String> {
+    let (tokens, text, finish_reason) = if job.params.max_new_tokens > 0 {
+        let events = job.events.clone();
+        let mut generated =
+            generate(model, Some(&assets.tokenizer), std::slice::from_ref(&job.prompt), &job.params, |_, delta| {
+                let _ = events.send(Event::Delta(delta.to_owned()));
+            })
+            .map_err(|e| oxtune_engine::error_chain(&e))?;
+        let g = generated.remove(0);
+        let mut tokens = g.tokens;
+        if g.finish_reason == FinishReason::Eos {
+            tokens.pop();
+        }
+        (tokens, g.text, g.finish_reason)
+    } else {
+        (Vec::new(), String::new(), FinishReason::Length)
+    };
+    let scored = match job.logprobs {
+        Some(top) => {
+            let all: Vec<u32> = job.prompt.iter().chain(&tokens).copied().collect();
+            Some(score(model, assets, &all, top).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let _ = job.events.send(Event::Done { tokens, text, finish_reason, scored });
+    Ok(())
+}
+
+/// The log-probabilities of `ids` from one forward pass.
+pub fn score(model: &LoadedModel, assets: &TextAssets, ids: &[u32], top: usize) -> candle_core::Result<Scored> {
+    let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+    let logits = model
+        .forward(&input, &BatchInfo::default(), None, None)
+        .map_err(|e| candle_core::Error::Msg(oxtune_engine::error_chain(&e)))?
+        .squeeze(0)?
+        .to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let rows = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?.to_vec2::<f64>()?;
+    let mut scored = Scored::default();
+    for (t, &id) in ids.iter().enumerate() {
+        scored.pieces.push(assets.tokenizer.decode(&[id], false).unwrap_or_default());
+        if t == 0 {
+            scored.token_logprobs.push(None);
+            scored.top_logprobs.push(None);
+            continue;
+        }
+        let row = &rows[t - 1];
+        scored.token_logprobs.push(Some(row[id as usize]));
+        let mut best: Vec<(u32, f64)> = row.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+        best.sort_by(|a, b| b.1.total_cmp(&a.1));
+        best.truncate(top);
+        scored.top_logprobs.push((top > 0).then_some(best));
+    }
+    Ok(scored)
+}

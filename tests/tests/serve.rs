@@ -1,0 +1,221 @@
+//! `oxtune serve` end to end: the official `openai` Python client (chat,
+//! streamed and not, the same text at temperature 0; completions with
+//! echo and log-probabilities equal to oxtune's own; token-id prompts;
+//! errors as client exceptions), every kind of bad request answered with
+//! the right status and an OpenAI error object while the server goes on
+//! serving, the API key, and the 429 of a full queue.
+
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor, D};
+use oxtune_data::TextAssets;
+use oxtune_engine::backend::BatchInfo;
+use oxtune_engine::model::{LoadOptions, LoadedModel};
+use oxtune_registry::Registry;
+use oxtune_tests::{fixtures, workspace_root, Server};
+use serde_json::{json, Value};
+
+fn model_dir() -> String {
+    fixtures().join("models/tiny-qwen3").display().to_string()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// POSTs `body` (raw bytes) and returns the status and the JSON answer.
+fn post(url: &str, body: &[u8], key: Option<&str>) -> (u16, Value) {
+    let mut request = agent().post(url).header("content-type", "application/json");
+    if let Some(key) = key {
+        request = request.header("authorization", &format!("Bearer {key}"));
+    }
+    let mut response = request.send(body).unwrap();
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn chat(url: &str, body: Value) -> (u16, Value) {
+    post(&format!("{url}/chat/completions"), body.to_string().as_bytes(), None)
+}
+
+/// Asserts an OpenAI error object with `status`, naming `needle`.
+fn is_error(answer: &(u16, Value), status: u16, needle: &str) {
+    let (got, body) = answer;
+    assert_eq!(*got, status, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_else(|| panic!("not an OpenAI error: {body}"));
+    assert!(
+        body["error"]["type"].is_string()
+            && body["error"].get("param").is_some()
+            && body["error"].get("code").is_some()
+    );
+    assert!(message.contains(needle) || body["error"]["param"] == needle || body["error"]["code"] == needle, "{body}");
+}
+
+#[test]
+fn the_openai_client_chats_streams_and_scores() {
+    let found = std::process::Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the openai client is missing: .ci/run installs it (.ci/fetch-openai)"
+        );
+        eprintln!("skipping: the openai Python client is missing (run .ci/fetch-openai)");
+        return;
+    }
+    let server = Server::start(&["--model", &model_dir()]);
+    let script = workspace_root().join("tests/serve/openai_client.py");
+    let out = std::process::Command::new("python3").arg(&script).args([&server.url, "tiny-qwen3"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["models"], json!(["tiny-qwen3"]));
+    assert_eq!(seen["chat_role"], "assistant");
+    assert_eq!(seen["stream_first_role"], "assistant");
+    assert_eq!(seen["stream_text"], seen["chat_text"], "streamed and plain text at temperature 0");
+    assert_eq!(seen["stream_finish"], json!([seen["chat_finish"].clone()]));
+    assert_eq!(seen["stream_usage"], seen["chat_usage"], "the usage chunk");
+    assert_eq!(seen["stream_last_choices"], 0, "the usage chunk has no choices");
+    assert_eq!(seen["chat_usage"]["completion_tokens"], 8);
+    assert_eq!(seen["ids_completion_tokens"], 3);
+    assert_eq!(seen["errors"]["unknown_model"], json!([404, "model_not_found"]));
+    assert_eq!(seen["errors"]["empty_messages"], json!([400, "messages"]));
+
+    // Echoed log-probabilities are oxtune's own: log-softmax of the logits.
+    let prompt = "hello world, this is";
+    assert_eq!(seen["echo_text"], prompt);
+    let assets = TextAssets::load(std::path::Path::new(&model_dir())).unwrap();
+    let ids = assets.tokenizer.encode(prompt, true).unwrap();
+    let model = LoadedModel::load(
+        &Registry::with_builtins().unwrap(),
+        std::path::Path::new(&model_dir()),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = model
+        .forward(&input, &BatchInfo::default(), None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1).unwrap()).unwrap();
+    let rows = shifted
+        .broadcast_sub(&shifted.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap())
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let got = seen["echo_token_logprobs"].as_array().unwrap();
+    assert_eq!(got.len(), ids.len());
+    assert!(got[0].is_null(), "the first token has no log-probability");
+    for t in 1..ids.len() {
+        let want = rows[t - 1][ids[t] as usize];
+        assert!((got[t].as_f64().unwrap() - want).abs() < 1e-5, "token {t}: {} vs {want}", got[t]);
+        assert_eq!(seen["echo_top_logprobs"][t].as_object().unwrap().len(), 2);
+    }
+    let offsets: Vec<u64> = seen["echo_text_offset"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]) && *offsets.last().unwrap() < prompt.len() as u64);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_goes_on() {
+    let server = Server::start(&["--model", &model_dir(), "--max-body-bytes", "4000"]);
+    let url = &server.url;
+    let ok = json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    is_error(&post(&format!("{url}/chat/completions"), b"{not json", None), 400, "not valid JSON");
+    is_error(&chat(url, json!({"model": "tiny-qwen3", "messages": "hi"})), 400, "messages");
+    is_error(
+        &chat(url, json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "2"})),
+        400,
+        "max_tokens",
+    );
+    is_error(
+        &chat(url, json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})),
+        404,
+        "model_not_found",
+    );
+    is_error(&chat(url, json!({"model": "tiny-qwen3", "messages": []})), 400, "messages");
+    is_error(
+        &chat(url, json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 512})),
+        400,
+        "context_length_exceeded",
+    );
+    is_error(
+        &chat(url, json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "temperature": 5})),
+        400,
+        "temperature",
+    );
+    let big = json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "x".repeat(5000)}]});
+    is_error(&chat(url, big), 413, "body");
+    is_error(
+        &post(
+            &format!("{url}/completions"),
+            json!({"model": "tiny-qwen3", "prompt": [1, 999999]}).to_string().as_bytes(),
+            None,
+        ),
+        400,
+        "vocabulary",
+    );
+    let image = json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,xx"}}]}]});
+    is_error(&chat(url, image), 400, "image");
+    // After all that, a good request is answered.
+    let (status, body) = chat(url, ok);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 2);
+    let metrics = agent()
+        .get(&format!("{}/metrics", url.trim_end_matches("/v1")))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(metrics.contains("oxtune_requests_total{status=\"4xx\"} 10"), "{metrics}");
+}
+
+#[test]
+fn the_api_key_guards_every_endpoint_but_health() {
+    let server = Server::start(&["--model", &model_dir(), "--api-key", "sesame"]);
+    let base = server.url.trim_end_matches("/v1").to_owned();
+    let body =
+        json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).to_string();
+    is_error(&post(&format!("{}/chat/completions", server.url), body.as_bytes(), None), 401, "invalid_api_key");
+    is_error(
+        &post(&format!("{}/chat/completions", server.url), body.as_bytes(), Some("wrong")),
+        401,
+        "invalid_api_key",
+    );
+    assert_eq!(post(&format!("{}/chat/completions", server.url), body.as_bytes(), Some("sesame")).0, 200);
+    let models = agent().get(&format!("{}/models", server.url)).call().unwrap();
+    assert_eq!(models.status().as_u16(), 401);
+    let health = agent().get(&format!("{base}/health")).call().unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+}
+
+#[test]
+fn a_full_queue_answers_429() {
+    let server = Server::start(&["--model", &model_dir(), "--queue-capacity", "1"]);
+    let url = server.url.clone();
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let body = json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0});
+                let answer = chat(&url, body);
+                if answer.0 == 429 {
+                    is_error(&answer, 429, "rate_limit_exceeded");
+                }
+                answer.0
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert!(statuses.contains(&429) && statuses.contains(&200), "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+}
