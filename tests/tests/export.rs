@@ -368,3 +368,17 @@ fn a_merged_tuner_that_scales_outputs_scales_their_biases() {
     let diff = max_abs(&(&merged - &adapted).unwrap()) / max_abs(&adapted);
     assert!(diff < 1e-5, "the merged folder's logits differ from the adapter's by {diff} of their scale");
 }
+
+#[test]
+fn a_model_whose_plugin_has_no_gguf_form_is_refused_by_name() {
+    // Qwen2.5-VL's plugin (a cdylib) gives its model no GGUF layout.
+    let mut registry = Registry::with_builtins().unwrap();
+    let plugin = oxtune_tests::build_cdylib("oxtune-plugin-qwen2-5-vl", &["cdylib"]);
+    registry.load_path(&plugin, &oxtune_registry::SandboxConfig::default()).unwrap();
+    let source = fixtures().join("vlm/tiny-qwen2.5-vl");
+    let path = scratch("vl.gguf");
+    let err = write_model_gguf_streaming(&registry, &source, None, QuantType::F16, &path).unwrap_err();
+    let message = error_chain(&err);
+    assert!(message.contains("tiny-qwen2.5-vl") && message.contains("no GGUF form"), "{message}");
+    assert!(!path.exists() && !oxtune_export::writer::partial_path(&path).exists());
+}
