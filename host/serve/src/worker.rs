@@ -141,10 +141,34 @@ pub fn score(model: &LoadedModel, assets: &TextAssets, ids: &[u32], top: usize) 
         }
         let row = &rows[t - 1];
         scored.token_logprobs.push(Some(row[id as usize]));
-        let mut best: Vec<(u32, f64)> = row.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
-        best.sort_by(|a, b| b.1.total_cmp(&a.1));
-        best.truncate(top);
-        scored.top_logprobs.push((top > 0).then_some(best));
+        scored.top_logprobs.push((top > 0).then(|| top_k(row, top)));
     }
     Ok(scored)
+}
+
+/// The `k` largest entries of `row` with their indices, largest first
+/// (a linear-time selection, then a sort of the `k`).
+fn top_k(row: &[f64], k: usize) -> Vec<(u32, f64)> {
+    let mut all: Vec<(u32, f64)> = row.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    let k = k.min(all.len());
+    if k > 0 && k < all.len() {
+        all.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+    }
+    all.truncate(k);
+    all.sort_by(|a, b| b.1.total_cmp(&a.1));
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_k;
+
+    #[test]
+    fn top_k_keeps_the_largest_in_order() {
+        let row = [0.1, 0.7, -1.0, 0.5, 0.9];
+        assert_eq!(top_k(&row, 3), vec![(4, 0.9), (1, 0.7), (3, 0.5)]);
+        assert_eq!(top_k(&row, 1), vec![(4, 0.9)]);
+        assert!(top_k(&row, 0).is_empty());
+        assert_eq!(top_k(&row, 9).len(), 5);
+    }
 }
