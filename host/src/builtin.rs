@@ -4,6 +4,7 @@
 //! `use` lines below make sure the linker keeps each one.
 
 use oxtune_plugin_datasets as _;
+use oxtune_plugin_gemma3 as _;
 use oxtune_plugin_llama as _;
 use oxtune_plugin_qwen2 as _;
 use oxtune_plugin_qwen3 as _;

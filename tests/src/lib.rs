@@ -10,6 +10,7 @@
 // The built-in plugins, linked into every test binary that uses this
 // crate, so `Registry::with_builtins()` finds them as `oxtune` does.
 use oxtune_plugin_datasets as _;
+use oxtune_plugin_gemma3 as _;
 use oxtune_plugin_llama as _;
 use oxtune_plugin_qwen2 as _;
 use oxtune_plugin_qwen3 as _;

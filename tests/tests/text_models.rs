@@ -1,4 +1,4 @@
-//! The Llama, Qwen2 and Qwen3 architecture plugins against transformers:
+//! The Llama, Qwen2, Qwen3 and Gemma-3 architecture plugins against transformers:
 //! logits, greedy continuation with the KV cache, the loss with -100
 //! labels and the gradient of every parameter, for the tiny reference
 //! checkpoints in `tests/fixtures/models` (made with transformers 5.24).
@@ -15,7 +15,7 @@ use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::{Registry, SandboxConfig};
 use oxtune_tests::{build_cdylib, fixtures};
 
-const MODELS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"];
+const MODELS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"];
 
 fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
@@ -95,7 +95,9 @@ fn loss_and_every_gradient_match_transformers() {
 #[test]
 fn cdylib_builds_of_the_architectures_give_bit_identical_logits() {
     let builtin = Registry::with_builtins().unwrap();
-    for (name, package) in MODELS.iter().zip(["oxtune-plugin-llama", "oxtune-plugin-qwen2", "oxtune-plugin-qwen3"]) {
+    for (name, package) in
+        MODELS.iter().zip(["oxtune-plugin-llama", "oxtune-plugin-qwen2", "oxtune-plugin-qwen3", "oxtune-plugin-gemma3"])
+    {
         let mut dynamic = Registry::empty();
         dynamic.load_path(&build_cdylib(package, &["cdylib"]), &SandboxConfig::default()).unwrap();
         let r = reference(name);
@@ -220,4 +222,43 @@ fn bad_checkpoints_name_the_field_tensor_or_architecture() {
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let message = load_err(&dir);
     assert!(message.contains("model.safetensors"), "{message}");
+}
+
+#[test]
+fn gemma3_trains_with_all_linear_lora_and_full_fine_tuning() {
+    use oxtune_tests::cli::{fresh_dir, metrics, oxtune, scratch, succeeded};
+    let data = scratch(
+        "gemma3-chats.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n\
+         {\"messages\": [{\"role\": \"user\", \"content\": \"sky?\"}, {\"role\": \"assistant\", \"content\": \"blue\"}]}\n",
+    );
+    let model = model_dir("tiny-gemma3");
+    for (tuner, extra) in [("lora", ["--target-modules", "all-linear"]), ("full", ["--seed", "1"])] {
+        let out = fresh_dir(&format!("gemma3-{tuner}"));
+        let mut args = vec![
+            "sft",
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--tuner",
+            tuner,
+            "--max-steps",
+            "4",
+            "--learning-rate",
+            "1e-2",
+        ];
+        args.extend(extra);
+        succeeded(&oxtune(&args, &[]));
+        let losses: Vec<f64> = metrics(&out).iter().map(|m| m["loss"].as_f64().unwrap()).collect();
+        assert!(losses[3] < losses[0], "{tuner}: {losses:?}");
+        if tuner == "lora" {
+            let config = std::fs::read_to_string(out.join("checkpoint-4/adapter_config.json")).unwrap();
+            for module in ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] {
+                assert!(config.contains(module), "all-linear adapts {module}: {config}");
+            }
+        }
+    }
 }
