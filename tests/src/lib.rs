@@ -12,6 +12,7 @@
 use oxtune_plugin_datasets as _;
 use oxtune_plugin_gemma3 as _;
 use oxtune_plugin_llama as _;
+use oxtune_plugin_phi3 as _;
 use oxtune_plugin_qwen2 as _;
 use oxtune_plugin_qwen3 as _;
 use oxtune_plugin_rewards as _;

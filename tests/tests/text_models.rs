@@ -15,7 +15,7 @@ use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::{Registry, SandboxConfig};
 use oxtune_tests::{build_cdylib, fixtures};
 
-const MODELS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"];
+const MODELS: [&str; 5] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-phi3"];
 
 fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
@@ -95,9 +95,13 @@ fn loss_and_every_gradient_match_transformers() {
 #[test]
 fn cdylib_builds_of_the_architectures_give_bit_identical_logits() {
     let builtin = Registry::with_builtins().unwrap();
-    for (name, package) in
-        MODELS.iter().zip(["oxtune-plugin-llama", "oxtune-plugin-qwen2", "oxtune-plugin-qwen3", "oxtune-plugin-gemma3"])
-    {
+    for (name, package) in MODELS.iter().zip([
+        "oxtune-plugin-llama",
+        "oxtune-plugin-qwen2",
+        "oxtune-plugin-qwen3",
+        "oxtune-plugin-gemma3",
+        "oxtune-plugin-phi3",
+    ]) {
         let mut dynamic = Registry::empty();
         dynamic.load_path(&build_cdylib(package, &["cdylib"]), &SandboxConfig::default()).unwrap();
         let r = reference(name);
@@ -225,39 +229,60 @@ fn bad_checkpoints_name_the_field_tensor_or_architecture() {
 }
 
 #[test]
-fn gemma3_trains_with_all_linear_lora_and_full_fine_tuning() {
+fn gemma3_and_phi3_train_with_all_linear_lora_and_full_fine_tuning() {
     use oxtune_tests::cli::{fresh_dir, metrics, oxtune, scratch, succeeded};
     let data = scratch(
-        "gemma3-chats.jsonl",
+        "new-archs-chats.jsonl",
         "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n\
          {\"messages\": [{\"role\": \"user\", \"content\": \"sky?\"}, {\"role\": \"assistant\", \"content\": \"blue\"}]}\n",
     );
-    let model = model_dir("tiny-gemma3");
-    for (tuner, extra) in [("lora", ["--target-modules", "all-linear"]), ("full", ["--seed", "1"])] {
-        let out = fresh_dir(&format!("gemma3-{tuner}"));
-        let mut args = vec![
-            "sft",
-            "--model",
-            model.to_str().unwrap(),
-            "--dataset",
-            data.to_str().unwrap(),
-            "--output-dir",
-            out.to_str().unwrap(),
-            "--tuner",
-            tuner,
-            "--max-steps",
-            "4",
-            "--learning-rate",
-            "1e-2",
-        ];
-        args.extend(extra);
-        succeeded(&oxtune(&args, &[]));
-        let losses: Vec<f64> = metrics(&out).iter().map(|m| m["loss"].as_f64().unwrap()).collect();
-        assert!(losses[3] < losses[0], "{tuner}: {losses:?}");
-        if tuner == "lora" {
-            let config = std::fs::read_to_string(out.join("checkpoint-4/adapter_config.json")).unwrap();
-            for module in ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] {
-                assert!(config.contains(module), "all-linear adapts {module}: {config}");
+    // Phi-3's fused projections are adapted as the modules PEFT names.
+    let cases = [
+        ("tiny-gemma3", &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"][..]),
+        ("tiny-phi3", &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"][..]),
+    ];
+    for (name, modules) in cases {
+        let model = model_dir(name);
+        for (tuner, extra) in [("lora", ["--target-modules", "all-linear"]), ("full", ["--seed", "1"])] {
+            let out = fresh_dir(&format!("{name}-{tuner}"));
+            let mut args = vec![
+                "sft",
+                "--model",
+                model.to_str().unwrap(),
+                "--dataset",
+                data.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--tuner",
+                tuner,
+                "--max-steps",
+                "4",
+                "--learning-rate",
+                "1e-2",
+            ];
+            args.extend(extra);
+            succeeded(&oxtune(&args, &[]));
+            let losses: Vec<f64> = metrics(&out).iter().map(|m| m["loss"].as_f64().unwrap()).collect();
+            assert!(losses[3] < losses[0], "{name} {tuner}: {losses:?}");
+            if tuner == "lora" {
+                let config: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(out.join("checkpoint-4/adapter_config.json")).unwrap(),
+                )
+                .unwrap();
+                let mut targets: Vec<&str> =
+                    config["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+                targets.sort();
+                let mut want = modules.to_vec();
+                want.sort();
+                assert_eq!(targets, want, "{name}: all-linear");
+                let tensors =
+                    candle_core::safetensors::load(out.join("checkpoint-4/adapter_model.safetensors"), &Device::Cpu)
+                        .unwrap();
+                let a = format!(
+                    "base_model.model.model.layers.0.self_attn.{}.lora_A.weight",
+                    if name == "tiny-phi3" { "qkv_proj" } else { "q_proj" }
+                );
+                assert!(tensors.contains_key(&a), "{name}: {a} in {:?}", tensors.keys().take(4).collect::<Vec<_>>());
             }
         }
     }
