@@ -1,6 +1,7 @@
 //! Reading a Hugging Face model folder: `config.json` and the safetensors
 //! weights (one file, or shards listed in `model.safetensors.index.json`),
-//! memory-mapped and converted to the run's dtype.
+//! memory-mapped and converted to the run's dtype (bitsandbytes 4-bit
+//! weights dequantised, see [`super::bnb`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -109,10 +110,14 @@ pub fn load_weights(
         // checkpoints it is reading.
         let tensors = unsafe { MmapedSafetensors::new(path) }.map_err(|e| bad(e.to_string()))?;
         for (name, _) in tensors.tensors() {
-            let tensor = tensors
-                .load(&name, device)
-                .and_then(|t| t.to_dtype(dtype))
-                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            if super::bnb::is_quant_state(&name) {
+                continue;
+            }
+            let tensor = match super::bnb::dequantize(&tensors, &name).map_err(&bad)? {
+                Some(weight) => weight.to_device(device).and_then(|t| t.to_dtype(dtype)),
+                None => tensors.load(&name, device).and_then(|t| t.to_dtype(dtype)),
+            }
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
             match trainable {
                 Trainable::None => store.insert(name, tensor),
                 Trainable::All => {

@@ -130,6 +130,10 @@ impl LoadedModel {
         if let (Some(object), Ok(Some(_))) = (config.as_object_mut(), self.gguf_layout()) {
             object.remove(super::gguf::LEGACY_ARCHITECTURE_KEY);
         }
+        // Weights are held (and saved) in full precision, 4-bit bases included.
+        if let Some(object) = config.as_object_mut() {
+            object.remove("quantization_config");
+        }
         config["torch_dtype"] = serde_json::json!(match self.dtype {
             candle_core::DType::BF16 => "bfloat16",
             candle_core::DType::F16 => "float16",

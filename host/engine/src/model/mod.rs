@@ -3,6 +3,7 @@
 //! host's op backend.
 
 pub mod adapter;
+pub mod bnb;
 pub mod checkpoint;
 pub mod export;
 pub mod gguf;
@@ -139,6 +140,8 @@ fn resolve(
         Some(file) => file.hf_config()?,
         None => read_json(&config_path)?,
     };
+    bnb::check_quantization_config(&config)
+        .map_err(|message| CheckpointError::Field { path: config_path.clone(), message })?;
     let architecture_error = |source| ModelError::Architecture { path: config_path.clone(), source: Box::new(source) };
     let architecture = match model_type {
         Some(name) => registry.get(oxtune_plugin_api::ComponentKind::Model, name).map_err(architecture_error)?,
