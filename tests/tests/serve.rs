@@ -219,3 +219,46 @@ fn a_full_queue_answers_429() {
     assert!(statuses.contains(&429) && statuses.contains(&200), "{statuses:?}");
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
 }
+
+/// The value of a counter in the server's `/metrics`.
+fn counter(base: &str, name: &str) -> u64 {
+    let text = agent().get(&format!("{base}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn a_client_that_disconnects_stops_its_generation() {
+    use std::io::{BufRead, BufReader, Write};
+    let server = Server::start(&["--model", &model_dir()]);
+    let base = server.url.trim_end_matches("/v1").to_owned();
+    let address = base.trim_start_matches("http://").to_owned();
+    // A long streamed answer (480 tokens); the client reads the first chunk and leaves.
+    let body = json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 480,
+                      "temperature": 0, "stream": true})
+    .to_string();
+    {
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("data:") {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+        }
+    }
+    // The worker notices, stops, and counts it; wait for that (bounded).
+    let mut waited = 0;
+    while counter(&base, "oxtune_cancelled_total") == 0 {
+        assert!(waited < 600, "the generation was never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+    }
+    let tokens = counter(&base, "oxtune_cancelled_tokens_total");
+    assert!(tokens < 480, "it stopped early: {tokens} of 480 tokens");
+    // And the server goes on.
+    let (status, _) = chat(
+        &server.url,
+        json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+    );
+    assert_eq!(status, 200);
+}

@@ -182,7 +182,21 @@ pub fn generate_with_media(
     tokenizer: Option<&dyn Detokenizer>,
     prompt_rows: &[(&[u32], Option<&RowMedia>)],
     params: &SamplingParams,
+    on_text: impl FnMut(usize, &str),
+) -> Result<Vec<Generation>, ModelError> {
+    generate_until(model, tokenizer, prompt_rows, params, on_text, &|| false)
+}
+
+/// [`generate_with_media`] that stops early, between two tokens, once
+/// `cancelled` says so (a server's client went away): the rows keep what
+/// they have, finished for [`FinishReason::Length`].
+pub fn generate_until(
+    model: &LoadedModel,
+    tokenizer: Option<&dyn Detokenizer>,
+    prompt_rows: &[(&[u32], Option<&RowMedia>)],
+    params: &SamplingParams,
     mut on_text: impl FnMut(usize, &str),
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<Vec<Generation>, ModelError> {
     let prompts: Vec<Vec<u32>> = prompt_rows.iter().map(|(ids, _)| ids.to_vec()).collect();
     let rows = prompts.len();
@@ -285,7 +299,7 @@ pub fn generate_with_media(
                 }
             }
         }
-        if finished.iter().all(Option::is_some) {
+        if finished.iter().all(Option::is_some) || cancelled() {
             break;
         }
         for (r, m) in mask.iter_mut().enumerate() {

@@ -76,6 +76,8 @@ struct Metrics {
     completion_tokens: AtomicU64,
     first_token_micros: AtomicU64,
     first_tokens: AtomicU64,
+    /// Generations stopped because their client went away (the worker counts them).
+    cancelled: worker::Cancelled,
 }
 
 struct AppState {
@@ -100,7 +102,8 @@ fn now() -> u64 {
 pub fn app(model: LoadedModel, assets: TextAssets, config: ServeConfig) -> Router {
     let context = model.config().get("max_position_embeddings").and_then(Value::as_u64).map(|v| v as usize);
     let vocab = model.vocab_size();
-    let queue = worker::start(model, assets.clone(), config.queue_capacity);
+    let cancelled = worker::Cancelled::default();
+    let queue = worker::start(model, assets.clone(), config.queue_capacity, cancelled.clone());
     let max_body = config.max_body_bytes;
     let state = Arc::new(AppState {
         config,
@@ -109,7 +112,7 @@ pub fn app(model: LoadedModel, assets: TextAssets, config: ServeConfig) -> Route
         context,
         vocab,
         created: now(),
-        metrics: Metrics::default(),
+        metrics: Metrics { cancelled, ..Metrics::default() },
         next_id: AtomicU64::new(1),
     });
     Router::new()
@@ -199,13 +202,17 @@ async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
              # TYPE oxtune_prompt_tokens_total counter\noxtune_prompt_tokens_total {}\n\
              # TYPE oxtune_completion_tokens_total counter\noxtune_completion_tokens_total {}\n\
              # TYPE oxtune_time_to_first_token_seconds summary\n\
-             oxtune_time_to_first_token_seconds_sum {ttft}\noxtune_time_to_first_token_seconds_count {}\n",
+             oxtune_time_to_first_token_seconds_sum {ttft}\noxtune_time_to_first_token_seconds_count {}\n\
+             # TYPE oxtune_cancelled_total counter\noxtune_cancelled_total {}\n\
+             # TYPE oxtune_cancelled_tokens_total counter\noxtune_cancelled_tokens_total {}\n",
             load(&m.ok),
             load(&m.client_errors),
             load(&m.server_errors),
             load(&m.prompt_tokens),
             load(&m.completion_tokens),
             load(&m.first_tokens),
+            load(&m.cancelled.jobs),
+            load(&m.cancelled.tokens),
         );
         ([("content-type", "text/plain; version=0.0.4")], text).into_response()
     });
@@ -678,21 +685,23 @@ fn chat_stream(
     };
     let started = Instant::now();
     async_stream(move |yield_| async move {
-        yield_(chunk(
-            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-            None,
-        ));
+        let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+        if !yield_(chunk(role, None)) {
+            return;
+        }
         let mut first = true;
+        // Returning drops `rx`: the worker then sees the client gone and stops.
         while let Some(event) = rx.recv().await {
             match event {
                 Event::Delta(text) => {
                     if std::mem::take(&mut first) {
                         record_first_token(&state, started);
                     }
-                    yield_(chunk(
-                        json!([{"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]),
-                        None,
-                    ));
+                    let delta =
+                        json!([{"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]);
+                    if !yield_(chunk(delta, None)) {
+                        return;
+                    }
                 }
                 Event::Done { tokens, finish_reason, .. } => {
                     yield_(chunk(
@@ -717,16 +726,16 @@ fn chat_stream(
 }
 
 /// A stream fed by an async block through a `yield_` callback (a small
-/// stand-in for the `async-stream` crate over a channel).
+/// stand-in for the `async-stream` crate over a channel); `yield_` says
+/// false once the stream is gone (the client disconnected).
 fn async_stream<F, Fut>(body: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
 where
-    F: FnOnce(Box<dyn Fn(Result<SseEvent, Infallible>) + Send + Sync>) -> Fut,
+    F: FnOnce(Box<dyn Fn(Result<SseEvent, Infallible>) -> bool + Send + Sync>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = unbounded_channel();
-    let send: Box<dyn Fn(Result<SseEvent, Infallible>) + Send + Sync> = Box::new(move |item| {
-        let _ = tx.send(item);
-    });
+    let send: Box<dyn Fn(Result<SseEvent, Infallible>) -> bool + Send + Sync> =
+        Box::new(move |item| tx.send(item).is_ok());
     tokio::spawn(body(send));
     tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
 }

@@ -3,12 +3,14 @@
 //! log-probabilities of given tokens (`echo` + `logprobs`, and the
 //! `logprobs` of generated tokens, scored by one teacher-forced pass).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use oxtune_data::TextAssets;
 use oxtune_engine::backend::BatchInfo;
-use oxtune_engine::generate::{generate, FinishReason, SamplingParams};
+use oxtune_engine::generate::{generate_until, FinishReason, SamplingParams};
 use oxtune_engine::model::LoadedModel;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -71,34 +73,65 @@ impl Queue {
     }
 }
 
-/// Starts the model's thread with a queue of `capacity` waiting jobs.
-pub fn start(model: LoadedModel, assets: TextAssets, capacity: usize) -> Queue {
+/// Counters of the jobs whose client went away.
+#[derive(Clone, Default)]
+pub struct Cancelled {
+    /// Jobs stopped (or skipped) because their client went away.
+    pub jobs: Arc<AtomicU64>,
+    /// Tokens those jobs had generated when they stopped.
+    pub tokens: Arc<AtomicU64>,
+}
+
+/// Starts the model's thread with a queue of `capacity` waiting jobs,
+/// counting in `cancelled` the jobs whose client went away.
+pub fn start(model: LoadedModel, assets: TextAssets, capacity: usize, cancelled: Cancelled) -> Queue {
     let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(1));
     std::thread::Builder::new()
         .name("oxtune-model".into())
-        .spawn(move || run(model, assets, rx))
+        .spawn(move || run(model, assets, rx, cancelled))
         .expect("a thread can be started");
     Queue(tx)
 }
 
-fn run(model: LoadedModel, assets: TextAssets, jobs: Receiver<Job>) {
+fn run(model: LoadedModel, assets: TextAssets, jobs: Receiver<Job>, cancelled: Cancelled) {
     while let Ok(job) = jobs.recv() {
         let events = job.events.clone();
-        let done = answer(&model, &assets, job);
-        if let Err(message) = done {
-            let _ = events.send(Event::Failed(message));
+        if events.is_closed() {
+            // Its client left while it waited.
+            cancelled.jobs.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        match answer(&model, &assets, job) {
+            Ok(tokens) if events.is_closed() => {
+                cancelled.jobs.fetch_add(1, Ordering::Relaxed);
+                cancelled.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(message) => {
+                let _ = events.send(Event::Failed(message));
+            }
         }
     }
 }
 
-fn answer(model: &LoadedModel, assets: &TextAssets, job: Job) -> Result<(), String> {
+/// Answers `job`; returns how many tokens it generated.
+fn answer(model: &LoadedModel, assets: &TextAssets, job: Job) -> Result<usize, String> {
     let (tokens, text, finish_reason) = if job.params.max_new_tokens > 0 {
         let events = job.events.clone();
-        let mut generated =
-            generate(model, Some(&assets.tokenizer), std::slice::from_ref(&job.prompt), &job.params, |_, delta| {
+        let gone = job.events.clone();
+        let rows = [(job.prompt.as_slice(), None)];
+        // A client that went away (its receiver dropped) stops the generation.
+        let mut generated = generate_until(
+            model,
+            Some(&assets.tokenizer),
+            &rows,
+            &job.params,
+            |_, delta| {
                 let _ = events.send(Event::Delta(delta.to_owned()));
-            })
-            .map_err(|e| oxtune_engine::error_chain(&e))?;
+            },
+            &|| gone.is_closed(),
+        )
+        .map_err(|e| oxtune_engine::error_chain(&e))?;
         let g = generated.remove(0);
         let mut tokens = g.tokens;
         if g.finish_reason == FinishReason::Eos {
@@ -115,8 +148,9 @@ fn answer(model: &LoadedModel, assets: &TextAssets, job: Job) -> Result<(), Stri
         }
         None => None,
     };
+    let generated = tokens.len();
     let _ = job.events.send(Event::Done { tokens, text, finish_reason, scored });
-    Ok(())
+    Ok(generated)
 }
 
 /// The log-probabilities of `ids` from one forward pass.
