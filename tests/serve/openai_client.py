@@ -37,6 +37,12 @@ out["echo_token_logprobs"] = lp.token_logprobs
 out["echo_text_offset"] = lp.text_offset
 out["echo_top_logprobs"] = lp.top_logprobs
 
+plain_completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0)
+streamed_completion = list(client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True))
+out["completion_text"] = plain_completion.choices[0].text
+out["completion_stream_text"] = "".join(c.choices[0].text for c in streamed_completion if c.choices)
+out["completion_stream_finish"] = [c.choices[0].finish_reason for c in streamed_completion if c.choices and c.choices[0].finish_reason]
+
 ids = client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=3, temperature=0)
 out["ids_completion_tokens"] = ids.usage.completion_tokens
 

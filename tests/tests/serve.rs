@@ -1,5 +1,5 @@
-//! `oxtune serve` end to end: the official `openai` Python client (chat,
-//! streamed and not, the same text at temperature 0; completions with
+//! `oxtune serve` end to end: the official `openai` Python client (chat
+//! and completions, streamed and not, the same text at temperature 0; completions with
 //! echo and log-probabilities equal to oxtune's own; token-id prompts;
 //! errors as client exceptions), every kind of bad request answered with
 //! the right status and an OpenAI error object while the server goes on
@@ -81,6 +81,8 @@ fn the_openai_client_chats_streams_and_scores() {
     assert_eq!(seen["stream_last_choices"], 0, "the usage chunk has no choices");
     assert_eq!(seen["chat_usage"]["completion_tokens"], 8);
     assert_eq!(seen["ids_completion_tokens"], 3);
+    assert_eq!(seen["completion_stream_text"], seen["completion_text"], "streamed and plain completions");
+    assert_eq!(seen["completion_stream_finish"], json!(["length"]));
     assert_eq!(seen["errors"]["unknown_model"], json!([404, "model_not_found"]));
     assert_eq!(seen["errors"]["empty_messages"], json!([400, "messages"]));
 

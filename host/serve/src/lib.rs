@@ -512,13 +512,18 @@ async fn completions_inner(
     if n == 0 || n > state.config.max_n {
         return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}", state.config.max_n)));
     }
-    if opt_bool(&body, "stream")? {
-        return Err(ApiError::invalid(
-            "stream",
-            "streaming completions are not served yet; use chat completions to stream",
-        ));
-    }
     let prompts = completion_prompts(state, &body)?;
+    if opt_bool(&body, "stream")? {
+        let [(ids, _)] = prompts.as_slice() else {
+            return Err(ApiError::invalid("prompt", "streaming serves one prompt"));
+        };
+        if n > 1 || echo || logprobs.is_some() {
+            return Err(ApiError::invalid("stream", "streaming serves one choice, without echo or logprobs"));
+        }
+        check_ids(state, ids, params.max_new_tokens)?;
+        let id = format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
+        return start_stream(state, ids.clone(), params, StreamKind::Completion, id, &body);
+    }
     let mut choices = Vec::new();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
     for (ids, text) in &prompts {
@@ -640,13 +645,7 @@ async fn chat_inner(
         if n > 1 {
             return Err(ApiError::invalid("n", "streaming serves one choice (`n` 1)"));
         }
-        let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-        let (tx, rx) = unbounded_channel();
-        state.queue.submit(Job { prompt: ids.clone(), params, logprobs: None, events: tx }).map_err(|m| {
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded"), m)
-        })?;
-        let stream = chat_stream(state.clone(), rx, id, ids.len(), include_usage);
-        return Ok(Sse::new(stream).into_response());
+        return start_stream(state, ids, params, StreamKind::Chat, id, &body);
     }
     let mut choices = Vec::new();
     let mut completion_tokens = 0;
@@ -664,20 +663,46 @@ async fn chat_inner(
     .into_response())
 }
 
-/// The server-sent events of a streamed chat completion, as OpenAI sends
-/// them: a first chunk with the role, content deltas, a last chunk with
-/// the finish reason, a usage chunk when asked, then `[DONE]`.
-fn chat_stream(
+/// Which endpoint a stream answers: its chunks differ in shape.
+#[derive(Copy, Clone, PartialEq)]
+enum StreamKind {
+    /// `chat.completion.chunk`: a role chunk first, then `delta.content`.
+    Chat,
+    /// `text_completion`: `text` pieces.
+    Completion,
+}
+
+impl StreamKind {
+    fn choice(self, text: Option<&str>, finish_reason: Option<&str>) -> Value {
+        match self {
+            StreamKind::Chat => {
+                let delta = text.map_or(json!({}), |t| json!({"content": t}));
+                json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}])
+            }
+            StreamKind::Completion => {
+                json!([{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish_reason}])
+            }
+        }
+    }
+}
+
+/// The server-sent events of a streamed answer, as OpenAI sends them: for
+/// chat a first chunk with the role, then the text pieces, a last chunk
+/// with the finish reason, a usage chunk (`choices: []`) when asked, then
+/// `[DONE]`.
+fn answer_stream(
     state: Shared,
     mut rx: UnboundedReceiver<Event>,
+    kind: StreamKind,
     id: String,
     prompt_tokens: usize,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let created = now();
     let model = state.config.served_model_name.clone();
+    let object = if kind == StreamKind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = move |choices: Value, usage: Option<Value>| {
-        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
+        let mut c = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
         if let Some(u) = usage {
             c["usage"] = u;
         }
@@ -685,9 +710,11 @@ fn chat_stream(
     };
     let started = Instant::now();
     async_stream(move |yield_| async move {
-        let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
-        if !yield_(chunk(role, None)) {
-            return;
+        if kind == StreamKind::Chat {
+            let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+            if !yield_(chunk(role, None)) {
+                return;
+            }
         }
         let mut first = true;
         // Returning drops `rx`: the worker then sees the client gone and stops.
@@ -697,17 +724,12 @@ fn chat_stream(
                     if std::mem::take(&mut first) {
                         record_first_token(&state, started);
                     }
-                    let delta =
-                        json!([{"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]);
-                    if !yield_(chunk(delta, None)) {
+                    if !yield_(chunk(kind.choice(Some(&text), None), None)) {
                         return;
                     }
                 }
                 Event::Done { tokens, finish_reason, .. } => {
-                    yield_(chunk(
-                        json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason.as_str()}]),
-                        None,
-                    ));
+                    yield_(chunk(kind.choice(None, Some(finish_reason.as_str())), None));
                     let used = usage(&state, prompt_tokens, tokens.len());
                     if include_usage {
                         yield_(chunk(json!([]), Some(used)));
@@ -723,6 +745,24 @@ fn chat_stream(
         }
         yield_(Ok(SseEvent::default().data("[DONE]")));
     })
+}
+
+/// Queues a streamed answer to `ids` and returns its event stream.
+fn start_stream(
+    state: &Shared,
+    ids: Vec<u32>,
+    params: SamplingParams,
+    kind: StreamKind,
+    id: String,
+    body: &Value,
+) -> Result<Response, ApiError> {
+    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let (tx, rx) = unbounded_channel();
+    let prompt_tokens = ids.len();
+    state.queue.submit(Job { prompt: ids, params, logprobs: None, events: tx }).map_err(|m| {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded"), m)
+    })?;
+    Ok(Sse::new(answer_stream(state.clone(), rx, kind, id, prompt_tokens, include_usage)).into_response())
 }
 
 /// A stream fed by an async block through a `yield_` callback (a small
