@@ -264,3 +264,35 @@ fn a_client_that_disconnects_stops_its_generation() {
     );
     assert_eq!(status, 200);
 }
+
+#[test]
+fn chat_logprobs_and_tools_are_served() {
+    let server = Server::start(&["--model", &model_dir()]);
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let (status, body) = chat(
+        &server.url,
+        json!({"model": "tiny-qwen3", "messages": messages, "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let content = body["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 4, "one entry per generated token");
+    for entry in content {
+        let logprob = entry["logprob"].as_f64().unwrap();
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        // Greedy: the chosen token is the most likely one.
+        assert!((top[0]["logprob"].as_f64().unwrap() - logprob).abs() < 1e-9 && logprob <= 0.0, "{entry}");
+        assert_eq!(entry["bytes"].as_array().unwrap().len(), entry["token"].as_str().unwrap().len());
+    }
+    // Tools reach the template and are accepted; a bad tool_choice is named.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    let (status, body) =
+        chat(&server.url, json!({"model": "tiny-qwen3", "messages": messages, "max_tokens": 2, "tools": tools}));
+    assert_eq!(status, 200, "{body}");
+    let choice = json!({"type": "function", "function": {"name": "nope"}});
+    is_error(
+        &chat(&server.url, json!({"model": "tiny-qwen3", "messages": messages, "tools": tools, "tool_choice": choice})),
+        400,
+        "tool_choice",
+    );
+}

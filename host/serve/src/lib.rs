@@ -11,6 +11,7 @@
 //! arrival order.
 
 pub mod error;
+pub mod tools;
 pub mod worker;
 
 use std::convert::Infallible;
@@ -630,20 +631,27 @@ async fn chat_inner(
     if assets.template.is_none() {
         return Err(ApiError::invalid("messages", "the model has no chat template; use /v1/completions"));
     }
+    let tools = tools::request_tools(&body)?;
     let rendered = assets
         .render_chat(&oxtune_data::ChatRequest {
             messages: &template_messages,
+            tools: tools.as_deref(),
             add_generation_prompt: true,
             ..Default::default()
         })
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let top_logprobs = match (opt_bool(&body, "logprobs")?, opt_u64(&body, "top_logprobs")?) {
+        (true, top) => Some(top.unwrap_or(0).min(20) as usize),
+        (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`")),
+        (false, None) => None,
+    };
     let ids = assets.tokenizer.encode(&rendered, false).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     check_ids(state, &ids, params.max_new_tokens)?;
     let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
     let stream = opt_bool(&body, "stream")?;
     if stream {
-        if n > 1 {
-            return Err(ApiError::invalid("n", "streaming serves one choice (`n` 1)"));
+        if n > 1 || top_logprobs.is_some() || tools.is_some() {
+            return Err(ApiError::invalid("stream", "streaming serves one choice, without logprobs or tools"));
         }
         return start_stream(state, ids, params, StreamKind::Chat, id, &body);
     }
@@ -651,16 +659,44 @@ async fn chat_inner(
     let mut completion_tokens = 0;
     for i in 0..n {
         let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
-        let answer = run_job(state, ids.clone(), params, None).await?;
+        let answer = run_job(state, ids.clone(), params, top_logprobs).await?;
         completion_tokens += answer.tokens.len();
-        choices.push(json!({"index": i, "message": {"role": "assistant", "content": answer.text},
-                            "logprobs": null, "finish_reason": answer.finish_reason}));
+        let logprobs = answer.scored.as_ref().map(|scored| chat_logprobs(state, scored, ids.len()));
+        let mut message = json!({"role": "assistant", "content": answer.text});
+        let mut finish_reason = answer.finish_reason;
+        if tools.is_some() {
+            let (content, calls) = tools::parse_tool_calls(&answer.text, &format!("{id}_{i}"));
+            if !calls.is_empty() {
+                message = json!({"role": "assistant", "content": content, "tool_calls": calls});
+                finish_reason = "tool_calls";
+            }
+        }
+        choices.push(json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}));
     }
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": now(), "model": state.config.served_model_name,
         "choices": choices, "usage": usage(state, ids.len(), completion_tokens),
     }))
     .into_response())
+}
+
+/// OpenAI's chat `logprobs`: per generated token its text, log-probability,
+/// UTF-8 bytes and the most likely alternatives.
+fn chat_logprobs(state: &AppState, scored: &Scored, prompt_len: usize) -> Value {
+    let entry = |token: &str, logprob: f64| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    let content: Vec<Value> = (prompt_len..scored.token_logprobs.len())
+        .map(|t| {
+            let mut e = entry(&scored.pieces[t], scored.token_logprobs[t].unwrap_or(f64::NEG_INFINITY));
+            let top: Vec<Value> = scored.top_logprobs[t]
+                .iter()
+                .flatten()
+                .map(|(id, lp)| entry(&state.assets.tokenizer.decode(&[*id], false).unwrap_or_default(), *lp))
+                .collect();
+            e["top_logprobs"] = json!(top);
+            e
+        })
+        .collect();
+    json!({"content": content})
 }
 
 /// Which endpoint a stream answers: its chunks differ in shape.
