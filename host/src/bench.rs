@@ -21,6 +21,24 @@ pub enum BenchCommand {
     Grpo(GrpoBenchArgs),
     /// A vision-language training step: the vision encoder's and the language model's shares.
     Vl(VlBenchArgs),
+    /// `oxtune serve` under 1, 8, 32 concurrent streaming clients: time to first token, time per token, throughput.
+    Serve(ServeBenchArgs),
+}
+
+/// Arguments of `oxtune bench serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Concurrent streaming clients, one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    clients: Vec<usize>,
+    /// Tokens each request asks for.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// The user message every client sends.
+    #[arg(long, default_value = "Tell me a long story about a lighthouse keeper.")]
+    prompt: String,
 }
 
 /// Arguments of `oxtune bench grpo`.
@@ -219,6 +237,16 @@ fn print(records: impl IntoIterator<Item = Value>) {
 /// Runs `oxtune bench`.
 pub fn run(global: &GlobalArgs, command: &BenchCommand) -> anyhow::Result<()> {
     match command {
+        BenchCommand::Serve(args) => {
+            let registry = global.registry()?;
+            let text = args.model.load(&registry)?;
+            let bench = oxtune_bench::serve::ServeBench {
+                clients: args.clients.clone(),
+                max_tokens: args.max_tokens,
+                prompt: args.prompt.clone(),
+            };
+            print(oxtune_bench::serve::serve(text.model, text.assets, &bench)?);
+        }
         BenchCommand::Infer(args) => {
             let registry = global.registry()?;
             let text = args.model.load(&registry)?;

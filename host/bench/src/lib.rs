@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 pub mod packing;
 pub mod peer;
+pub mod serve;
 pub mod vl;
 
 /// A benchmark that could not run.
