@@ -296,3 +296,49 @@ fn chat_logprobs_and_tools_are_served() {
         "tool_choice",
     );
 }
+
+/// The text of a streamed chat answer, read from its server-sent events.
+fn streamed_text(url: &str, body: &Value) -> String {
+    use std::io::BufRead;
+    let mut response = agent().post(&format!("{url}/chat/completions")).send_json(body).unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut text = String::new();
+    for line in std::io::BufReader::new(response.body_mut().as_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        text.push_str(chunk.pointer("/choices/0/delta/content").and_then(Value::as_str).unwrap_or(""));
+    }
+    text
+}
+
+#[test]
+fn thirty_two_concurrent_streaming_clients_all_get_their_answer() {
+    let server = Server::start(&["--model", &model_dir()]);
+    let prompts: Vec<String> = (0..32).map(|i| format!("question number {i}")).collect();
+    // Each prompt's answer, asked alone and not streamed.
+    let expected: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let body = json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": p}], "max_tokens": 6, "temperature": 0});
+            let (status, answer) = chat(&server.url, body);
+            assert_eq!(status, 200, "{answer}");
+            answer["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let url = server.url.clone();
+            let body = json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": p}], "max_tokens": 6,
+                              "temperature": 0, "stream": true});
+            std::thread::spawn(move || streamed_text(&url, &body))
+        })
+        .collect();
+    for (i, (handle, want)) in handles.into_iter().zip(&expected).enumerate() {
+        assert_eq!(&handle.join().unwrap(), want, "client {i}");
+    }
+}
