@@ -65,14 +65,15 @@ pub struct GgufLayout {
 }
 
 impl GgufLayout {
-    /// The entry of the checkpoint weight `hf`.
-    pub fn by_hf_name(&self, hf: &str) -> Option<&GgufTensor> {
-        self.tensors.iter().find(|t| t.hf == hf)
+    /// Each tensor's position in [`GgufLayout::tensors`] by its checkpoint
+    /// name (build once, look up per weight).
+    pub fn index_by_hf_name(&self) -> std::collections::HashMap<&str, usize> {
+        self.tensors.iter().enumerate().map(|(i, t)| (t.hf.as_str(), i)).collect()
     }
 
-    /// The entry of the GGUF tensor `gguf`.
-    pub fn by_gguf_name(&self, gguf: &str) -> Option<&GgufTensor> {
-        self.tensors.iter().find(|t| t.gguf == gguf)
+    /// Each tensor's position by its GGUF name.
+    pub fn index_by_gguf_name(&self) -> std::collections::HashMap<&str, usize> {
+        self.tensors.iter().enumerate().map(|(i, t)| (t.gguf.as_str(), i)).collect()
     }
 }
 

@@ -101,23 +101,16 @@ fn packed_padding_free_padded_and_accumulated_runs_train_the_same() {
         ..Default::default()
     };
     // Every step sees all six samples: one padded batch of six.
-    let padded: Vec<f64> = train(&model(5), &rows, &[], &config(6, 1)).unwrap().iter().map(|m| m.loss).collect();
+    let losses = |metrics: Vec<oxtune_train::StepMetrics>| -> Vec<f64> { metrics.iter().map(|m| m.loss).collect() };
+    let padded = losses(train(&model(5), &rows, &[], &config(6, 1)).unwrap());
     // Three micro-batches of two, weighted by their tokens.
-    let accumulated: Vec<f64> = train(&model(5), &rows, &[], &config(2, 3)).unwrap().iter().map(|m| m.loss).collect();
-    let free: Vec<f64> = train_with(&model(5), &PaddingFreeSftObjective, &rows, &[], &config(6, 1))
-        .unwrap()
-        .iter()
-        .map(|m| m.loss)
-        .collect();
+    let accumulated = losses(train(&model(5), &rows, &[], &config(2, 3)).unwrap());
+    let free = losses(train_with(&model(5), &PaddingFreeSftObjective, &rows, &[], &config(6, 1)).unwrap());
     // Packed into rows of at most twice the longest sample, all of them in each step.
     let longest = rows.iter().map(|r| r.input_ids.len()).max().unwrap();
     let packs = pack_rows(&rows, 2 * longest).unwrap();
     assert!(packs.len() > 1 && packs.len() < rows.len(), "{} packs", packs.len());
-    let packed: Vec<f64> = train_with(&model(5), &PackedSftObjective, &packs, &[], &config(packs.len(), 1))
-        .unwrap()
-        .iter()
-        .map(|m| m.loss)
-        .collect();
+    let packed = losses(train_with(&model(5), &PackedSftObjective, &packs, &[], &config(packs.len(), 1)).unwrap());
     for step in 0..4 {
         for (name, run) in [("accumulated", &accumulated), ("padding-free", &free), ("packed", &packed)] {
             let (got, want) = (run[step], padded[step]);

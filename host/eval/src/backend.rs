@@ -65,8 +65,20 @@ impl LocalModel {
     /// lm-eval splits them: the continuation is what encoding the whole
     /// text adds after the context's own tokens.
     pub fn request_tokens(&self, request: &LoglikelihoodRequest) -> Result<(Vec<u32>, Vec<u32>), EvalError> {
-        let (context, continuation) = request.normalised();
+        let (context, _) = request.normalised();
         let context_ids = self.encode(&context)?;
+        self.split_tokens(request, &context_ids)
+    }
+
+    /// [`request_tokens`](Self::request_tokens) given the context's ids
+    /// (the choices of a question share them).
+    fn split_tokens(
+        &self,
+        request: &LoglikelihoodRequest,
+        context_ids: &[u32],
+    ) -> Result<(Vec<u32>, Vec<u32>), EvalError> {
+        let (context, continuation) = request.normalised();
+        let context_ids = context_ids.to_vec();
         let whole = self.encode(&format!("{context}{continuation}"))?;
         let split = context_ids.len().min(whole.len());
         let continuation_ids = whole[split..].to_vec();
@@ -108,7 +120,17 @@ impl LocalModel {
 
 impl LanguageModel for LocalModel {
     fn loglikelihoods(&mut self, requests: &[LoglikelihoodRequest]) -> Result<Vec<f64>, EvalError> {
-        let rows = requests.iter().map(|r| self.request_tokens(r)).collect::<Result<Vec<_>, _>>()?;
+        // A question's choices share their (long, few-shot) context: encode it once.
+        let mut contexts: std::collections::HashMap<String, Vec<u32>> = std::collections::HashMap::new();
+        let mut rows = Vec::with_capacity(requests.len());
+        for request in requests {
+            let (context, _) = request.normalised();
+            if !contexts.contains_key(&context) {
+                let ids = self.encode(&context)?;
+                contexts.insert(context.clone(), ids);
+            }
+            rows.push(self.split_tokens(request, &contexts[&context])?);
+        }
         // Longest first, so a batch pads little; answers go back in order.
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(rows[i].0.len() + rows[i].1.len()));

@@ -3,7 +3,16 @@
 //! (`strict-match`, `flexible-extract`) with its `exact_match`
 //! normalisation; plus EvalScope's `\boxed{}` extraction.
 
+use std::sync::LazyLock;
+
 use regex::Regex;
+
+/// The patterns, compiled once (they run for every GSM8K sample).
+static STRICT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"#### (\-?[0-9\.\,]+)").expect("a valid pattern"));
+static FLEXIBLE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(-?[$0-9.,]{2,})|(-?[0-9]+)").expect("a valid pattern"));
+static IGNORED: LazyLock<[Regex; 4]> =
+    LazyLock::new(|| [",", r"\$", r"(?s).*#### ", r"\.$"].map(|p| Regex::new(p).expect("a valid pattern")));
 
 /// What lm-eval's extraction filters give when nothing matches.
 pub const INVALID: &str = "[invalid]";
@@ -30,14 +39,13 @@ pub fn choice_scores(loglikelihoods: &[f64], choices: &[String], gold: usize) ->
 
 /// GSM8K's `strict-match`: the number after `#### `.
 pub fn strict_match(text: &str) -> String {
-    let re = Regex::new(r"#### (\-?[0-9\.\,]+)").expect("a valid pattern");
-    re.captures(text).map_or(INVALID.to_owned(), |c| c[1].trim().to_owned())
+    STRICT.captures(text).map_or(INVALID.to_owned(), |c| c[1].trim().to_owned())
 }
 
 /// GSM8K's `flexible-extract`: the last number in the text.
 pub fn flexible_extract(text: &str) -> String {
-    let re = Regex::new(r"(-?[$0-9.,]{2,})|(-?[0-9]+)").expect("a valid pattern");
-    re.captures_iter(text)
+    FLEXIBLE
+        .captures_iter(text)
         .last()
         .and_then(|c| c.get(1).or_else(|| c.get(2)))
         .map_or(INVALID.to_owned(), |m| m.as_str().trim().to_owned())
@@ -62,10 +70,9 @@ pub fn boxed(text: &str) -> String {
 /// GSM8K's `exact_match`: both sides lowercased, with commas, dollar
 /// signs, everything up to `#### ` and a final period removed.
 pub fn exact_match(prediction: &str, reference: &str) -> bool {
-    let patterns = [",", r"\$", r"(?s).*#### ", r"\.$"].map(|p| Regex::new(p).expect("a valid pattern"));
     let normalise = |s: &str| {
         let mut s = s.to_owned();
-        for re in &patterns {
+        for re in IGNORED.iter() {
             s = re.replace_all(&s, "").into_owned();
         }
         s.to_lowercase()

@@ -69,6 +69,7 @@ pub fn write_adapter_gguf(base: &LoadedModel, adapter_dir: &Path, path: &Path) -
         what: format!("{}: tensor `{name}`", weights_path.display()),
         message,
     };
+    let by_hf_name = layout.index_by_hf_name();
     let mut out: Vec<(usize, TensorEntry, Tensor)> = Vec::new();
     for (name, tensor) in &tensors {
         let inner = name.strip_prefix(PEFT_PREFIX).unwrap_or(name);
@@ -80,7 +81,7 @@ pub fn write_adapter_gguf(base: &LoadedModel, adapter_dir: &Path, path: &Path) -
             return Err(mismatch(name, "is not a LoRA A or B matrix, which is all a GGUF adapter holds".into()));
         };
         let weight = format!("{layer}.weight");
-        let position = layout.tensors.iter().position(|t| t.hf == weight);
+        let position = by_hf_name.get(weight.as_str()).copied();
         let (Some(position), Some(base_weight)) = (position, base.weights().get(&weight)) else {
             return Err(mismatch(name, format!("adapts `{weight}`, which the base model does not have")));
         };

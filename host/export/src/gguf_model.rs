@@ -127,9 +127,10 @@ fn unmapped(name: &str, layout: &GgufLayout) -> ExportError {
 pub fn write_model_gguf(model: &mut LoadedModel, quant: QuantType, path: &Path) -> Result<Written, ExportError> {
     let layout = layout_of(model)?;
     model.merge_adapter().map_err(|e| ExportError::source(model.dir(), e))?;
+    let by_hf_name = layout.index_by_hf_name();
     let mut planned = Vec::new();
     for name in model.weights().names() {
-        let position = layout.tensors.iter().position(|t| t.hf == name).ok_or_else(|| unmapped(name, &layout))?;
+        let position = *by_hf_name.get(name).ok_or_else(|| unmapped(name, &layout))?;
         let entry = &layout.tensors[position];
         let dims = model.weights().get(name).expect("listed by the store").dims().to_vec();
         planned.push(Planned {
@@ -170,10 +171,10 @@ pub fn write_model_gguf_streaming(
     if is_gguf(source) {
         // A GGUF source is already in llama.cpp's names and row order.
         let file = GgufFile::open(source).map_err(|e| ExportError::source(source, e))?;
+        let by_gguf_name = layout.index_by_gguf_name();
         let mut planned = Vec::new();
         for (stored, dims) in file.tensor_shapes() {
-            let position =
-                layout.tensors.iter().position(|t| t.gguf == stored).ok_or_else(|| unmapped(&stored, &layout))?;
+            let position = *by_gguf_name.get(stored.as_str()).ok_or_else(|| unmapped(&stored, &layout))?;
             planned.push(Planned { source_name: stored.clone(), gguf: stored, dims, position, permute_heads: None });
         }
         return write_planned(&layout, planned, name, source, quant, path, |stored| {
@@ -184,9 +185,10 @@ pub fn write_model_gguf_streaming(
     // SAFETY: the files are only read; a file changed while mapped gives
     // wrong values, as it would to any reader.
     let mapped = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ExportError::source(source, e))?;
+    let by_hf_name = layout.index_by_hf_name();
     let mut planned = Vec::new();
     for (stored, view) in mapped.tensors() {
-        let position = layout.tensors.iter().position(|t| t.hf == stored).ok_or_else(|| unmapped(&stored, &layout))?;
+        let position = *by_hf_name.get(stored.as_str()).ok_or_else(|| unmapped(&stored, &layout))?;
         let entry = &layout.tensors[position];
         planned.push(Planned {
             source_name: stored,

@@ -95,6 +95,9 @@ struct AppState {
 
 type Shared = Arc<AppState>;
 
+/// A request body as read, or why it could not be (too large, broken).
+type RawBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -221,7 +224,7 @@ async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
 }
 
 /// The JSON body, or OpenAI's error for a malformed or oversized one.
-fn parse_body(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Value, ApiError> {
+fn parse_body(body: RawBody) -> Result<Value, ApiError> {
     let bytes = body.map_err(|e| {
         let status = e.status();
         ApiError::new(status, "invalid_request_error", None, format!("the request body could not be read: {e}"))
@@ -270,6 +273,15 @@ fn stops(body: &Value) -> Result<Vec<String>, ApiError> {
             .collect(),
         Some(_) => Err(ApiError::invalid("stop", "`stop` must be a string or a list of at most 4 strings")),
     }
+}
+
+/// `n`, the choices asked for (1 by default), within the server's cap.
+fn choice_count(state: &AppState, body: &Value) -> Result<usize, ApiError> {
+    let n = opt_u64(body, "n")?.unwrap_or(1) as usize;
+    if n == 0 || n > state.config.max_n {
+        return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}", state.config.max_n)));
+    }
+    Ok(n)
 }
 
 /// The sampling settings of a request.
@@ -401,8 +413,19 @@ fn usage(state: &AppState, prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// The prompts of a completions request: token ids, and the text each stands for.
-fn completion_prompts(state: &AppState, body: &Value) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
+/// One prompt of a completions request.
+struct CompletionPrompt {
+    /// Its token ids.
+    ids: Vec<u32>,
+    /// The text it stands for (decoded, for a token-id prompt).
+    text: String,
+    /// Each token's character offset in `text`, from the tokenizer's spans
+    /// (string prompts only; token-id prompts use their decoded pieces).
+    char_offsets: Option<Vec<usize>>,
+}
+
+/// The prompts of a completions request, each tokenized once.
+fn completion_prompts(state: &AppState, body: &Value) -> Result<Vec<CompletionPrompt>, ApiError> {
     let bad = || {
         ApiError::invalid(
             "prompt",
@@ -410,14 +433,17 @@ fn completion_prompts(state: &AppState, body: &Value) -> Result<Vec<(Vec<u32>, S
         )
     };
     let tokenizer = &state.assets.tokenizer;
-    let of_text = |s: &str| -> Result<(Vec<u32>, String), ApiError> {
-        let ids = tokenizer.encode(s, true).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-        Ok((ids, s.to_owned()))
+    let of_text = |s: &str| -> Result<CompletionPrompt, ApiError> {
+        let spans = tokenizer.encode_with_offsets(s, true).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+        let char_offsets =
+            spans.iter().map(|(_, (start, _))| s.get(..*start).map_or(0, |p| p.chars().count())).collect();
+        let ids = spans.into_iter().map(|(id, _)| id).collect();
+        Ok(CompletionPrompt { ids, text: s.to_owned(), char_offsets: Some(char_offsets) })
     };
-    let of_ids = |a: &[Value]| -> Result<(Vec<u32>, String), ApiError> {
+    let of_ids = |a: &[Value]| -> Result<CompletionPrompt, ApiError> {
         let ids = a.iter().map(|v| v.as_u64().map(|v| v as u32)).collect::<Option<Vec<u32>>>().ok_or_else(bad)?;
         let text = tokenizer.decode(&ids, false).unwrap_or_default();
-        Ok((ids, text))
+        Ok(CompletionPrompt { ids, text, char_offsets: None })
     };
     match body.get("prompt") {
         Some(Value::String(s)) => Ok(vec![of_text(s)?]),
@@ -457,65 +483,53 @@ fn completion_logprobs(state: &AppState, scored: &Scored, from: usize, offsets: 
     })
 }
 
-/// Character offsets of each token in the echoed text: prompt tokens from
-/// the tokenizer's spans (string prompts) or their pieces, then the
-/// completion's pieces.
-fn text_offsets(state: &AppState, prompt_text: &str, prompt_ids: &[u32], scored: &Scored, echo: bool) -> Vec<usize> {
-    let mut offsets = Vec::new();
-    let spans = state.assets.tokenizer.encode_with_offsets(prompt_text, true).ok();
-    let prompt_chars = prompt_text.chars().count();
-    match spans {
-        Some(spans) if spans.iter().map(|s| s.0).eq(prompt_ids.iter().copied()) => {
-            for (_, (start, _)) in &spans {
-                offsets.push(prompt_text.get(..*start).map_or(0, |p| p.chars().count()));
-            }
-        }
-        _ => {
+/// Character offsets of each token in the echoed text: the prompt's
+/// (from its tokenizer spans, or its decoded pieces), then the completion's
+/// pieces after the prompt text.
+fn text_offsets(prompt: &CompletionPrompt, scored: &Scored, echo: bool) -> Vec<usize> {
+    let n = prompt.ids.len();
+    let mut offsets = match &prompt.char_offsets {
+        Some(spans) => spans.clone(),
+        None => {
             let mut at = 0;
-            for piece in &scored.pieces[..prompt_ids.len()] {
-                offsets.push(at);
-                at += piece.chars().count();
-            }
+            scored.pieces[..n]
+                .iter()
+                .map(|piece| {
+                    let start = at;
+                    at += piece.chars().count();
+                    start
+                })
+                .collect()
         }
-    }
+    };
+    let prompt_chars = prompt.text.chars().count();
     let mut at = prompt_chars;
-    for piece in &scored.pieces[prompt_ids.len()..] {
+    for piece in &scored.pieces[n..] {
         offsets.push(at);
         at += piece.chars().count();
     }
     if echo {
         offsets
     } else {
-        offsets[prompt_ids.len()..].iter().map(|o| o - prompt_chars).collect()
+        offsets[n..].iter().map(|o| o - prompt_chars).collect()
     }
 }
 
-async fn completions(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
+async fn completions(State(state): State<Shared>, headers: HeaderMap, body: RawBody) -> Response {
     let result = completions_inner(&state, &headers, body).await;
     finish(&state, result)
 }
 
-async fn completions_inner(
-    state: &Shared,
-    headers: &HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Response, ApiError> {
+async fn completions_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -> Result<Response, ApiError> {
     authorize(state, headers)?;
     let body = parse_body(body)?;
     let params = sampling(state, &body, 16)?;
     let echo = opt_bool(&body, "echo")?;
     let logprobs = opt_u64(&body, "logprobs")?.map(|n| n.min(20) as usize);
-    let n = opt_u64(&body, "n")?.unwrap_or(1) as usize;
-    if n == 0 || n > state.config.max_n {
-        return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}", state.config.max_n)));
-    }
+    let n = choice_count(state, &body)?;
     let prompts = completion_prompts(state, &body)?;
     if opt_bool(&body, "stream")? {
-        let [(ids, _)] = prompts.as_slice() else {
+        let [CompletionPrompt { ids, .. }] = prompts.as_slice() else {
             return Err(ApiError::invalid("prompt", "streaming serves one prompt"));
         };
         if n > 1 || echo || logprobs.is_some() {
@@ -527,7 +541,8 @@ async fn completions_inner(
     }
     let mut choices = Vec::new();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-    for (ids, text) in &prompts {
+    for prompt in &prompts {
+        let (ids, text) = (&prompt.ids, &prompt.text);
         check_ids(state, ids, params.max_new_tokens)?;
         prompt_tokens += ids.len();
         for i in 0..n {
@@ -535,7 +550,7 @@ async fn completions_inner(
             let answer = run_job(state, ids.clone(), params, logprobs).await?;
             completion_tokens += answer.tokens.len();
             let logprobs = answer.scored.as_ref().map(|scored| {
-                let offsets = text_offsets(state, text, ids, scored, echo);
+                let offsets = text_offsets(prompt, scored, echo);
                 completion_logprobs(state, scored, if echo { 0 } else { ids.len() }, &offsets)
             });
             let out_text = if echo { format!("{text}{}", answer.text) } else { answer.text };
@@ -605,36 +620,25 @@ fn chat_messages(body: &Value) -> Result<Vec<Value>, ApiError> {
         .collect()
 }
 
-async fn chat_completions(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
+async fn chat_completions(State(state): State<Shared>, headers: HeaderMap, body: RawBody) -> Response {
     let result = chat_inner(&state, &headers, body).await;
     finish(&state, result)
 }
 
-async fn chat_inner(
-    state: &Shared,
-    headers: &HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Response, ApiError> {
+async fn chat_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -> Result<Response, ApiError> {
     authorize(state, headers)?;
     let body = parse_body(body)?;
     let params = sampling(state, &body, 1024)?;
     let messages = chat_messages(&body)?;
-    let n = opt_u64(&body, "n")?.unwrap_or(1) as usize;
-    if n == 0 || n > state.config.max_n {
-        return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}", state.config.max_n)));
-    }
-    let (template_messages, assets) = (messages, &state.assets);
+    let n = choice_count(state, &body)?;
+    let assets = &state.assets;
     if assets.template.is_none() {
         return Err(ApiError::invalid("messages", "the model has no chat template; use /v1/completions"));
     }
     let tools = tools::request_tools(&body)?;
     let rendered = assets
         .render_chat(&oxtune_data::ChatRequest {
-            messages: &template_messages,
+            messages: &messages,
             tools: tools.as_deref(),
             add_generation_prompt: true,
             ..Default::default()

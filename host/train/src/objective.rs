@@ -211,11 +211,11 @@ impl Objective for PaddingFreeSftObjective {
     type Item = EncodedRow;
 
     fn trainable(&self, item: &EncodedRow) -> bool {
-        trained_tokens(item) > 0
+        SftObjective.trainable(item)
     }
 
     fn weight(&self, item: &EncodedRow) -> f64 {
-        trained_tokens(item) as f64
+        SftObjective.weight(item)
     }
 
     fn loss(

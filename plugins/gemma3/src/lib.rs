@@ -93,15 +93,16 @@ impl Gemma3 {
                 types.len()
             )));
         }
+        // One RoPE per layer type, shared by the layers of that type.
+        let sliding =
+            LayerKind { window: Some(window), inv_freq: rope_for(config, "sliding_attention", head_dim)?.inv_freq(0) };
+        let full = LayerKind { window: None, inv_freq: rope_for(config, "full_attention", head_dim)?.inv_freq(0) };
         let kinds = types
             .iter()
-            .map(|t| {
-                let rope = rope_for(config, t, head_dim)?;
-                match t.as_str() {
-                    "sliding_attention" => Ok(LayerKind { window: Some(window), inv_freq: rope.inv_freq(0) }),
-                    "full_attention" => Ok(LayerKind { window: None, inv_freq: rope.inv_freq(0) }),
-                    other => Err(Error::new(format!("config.json: unknown layer type `{other}` in `layer_types`"))),
-                }
+            .map(|t| match t.as_str() {
+                "sliding_attention" => Ok(sliding.clone()),
+                "full_attention" => Ok(full.clone()),
+                other => Err(Error::new(format!("config.json: unknown layer type `{other}` in `layer_types`"))),
             })
             .collect::<Result<Vec<_>>>()?;
         let softcap = |key: &str| r.get(key).and_then(Value::as_f64).map(|v| v as f32);

@@ -12,6 +12,8 @@
 //! double quantisation `absmax[i] = nested_quant_map[absmax_u8[i]] ·
 //! nested_absmax[i / nested_blocksize] + nested_offset`.
 
+use std::collections::HashSet;
+
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
@@ -43,9 +45,9 @@ fn u8s(tensors: &MmapedSafetensors, name: &str) -> Result<Vec<u8>, String> {
 }
 
 /// The dequantised weight `name` if it is stored in 4 bits in `tensors`
-/// (`None` for an ordinary tensor), as f32 on the CPU.
-pub fn dequantize(tensors: &MmapedSafetensors, name: &str) -> Result<Option<Tensor>, String> {
-    let names: Vec<String> = tensors.tensors().into_iter().map(|(n, _)| n).collect();
+/// (`None` for an ordinary tensor), as f32 on the CPU; `names` is the set
+/// of the file's tensor names (gathered once per file by the caller).
+pub fn dequantize(tensors: &MmapedSafetensors, names: &HashSet<String>, name: &str) -> Result<Option<Tensor>, String> {
     let Some(state_name) = state_names(name).into_iter().find(|s| names.contains(s)) else { return Ok(None) };
     let state: serde_json::Value = serde_json::from_slice(&u8s(tensors, &state_name)?)
         .map_err(|e| format!("`{state_name}` is not the JSON bitsandbytes writes: {e}"))?;

@@ -109,11 +109,13 @@ pub fn load_weights(
         // SAFETY: the file is mapped read-only; oxtune does not write
         // checkpoints it is reading.
         let tensors = unsafe { MmapedSafetensors::new(path) }.map_err(|e| bad(e.to_string()))?;
-        for (name, _) in tensors.tensors() {
+        let names: std::collections::HashSet<String> = tensors.tensors().into_iter().map(|(n, _)| n).collect();
+        for name in &names {
+            let name = name.clone();
             if super::bnb::is_quant_state(&name) {
                 continue;
             }
-            let tensor = match super::bnb::dequantize(&tensors, &name).map_err(&bad)? {
+            let tensor = match super::bnb::dequantize(&tensors, &names, &name).map_err(&bad)? {
                 Some(weight) => weight.to_device(device).and_then(|t| t.to_dtype(dtype)),
                 None => tensors.load(&name, device).and_then(|t| t.to_dtype(dtype)),
             }

@@ -168,6 +168,7 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
         names.sort();
+        let by_gguf_name = layout.map(GgufLayout::index_by_gguf_name);
         let mut store = WeightStore::new();
         for name in names {
             // llama.cpp's precomputed llama3 RoPE factors: the config's rope
@@ -175,14 +176,14 @@ impl GgufFile {
             if name == "rope_freqs.weight" {
                 continue;
             }
-            let (hf, permute_heads) = match layout {
-                Some(layout) => {
-                    let entry = layout.by_gguf_name(name).ok_or_else(|| {
+            let (hf, permute_heads) = match (layout, &by_gguf_name) {
+                (Some(layout), Some(index)) => {
+                    let entry = index.get(name.as_str()).map(|&i| &layout.tensors[i]).ok_or_else(|| {
                         corrupt(&self.path, format!("tensor `{name}` is not part of a `{}` model", layout.architecture))
                     })?;
                     (entry.hf.clone(), entry.permute_heads)
                 }
-                None => (
+                _ => (
                     hf_tensor_name(name).ok_or_else(|| {
                         corrupt(&self.path, format!("tensor `{name}` has no Hugging Face equivalent"))
                     })?,
