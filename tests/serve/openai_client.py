@@ -1,8 +1,14 @@
 """Drives `oxtune serve` with the official `openai` client, as users do.
 
 usage: python3 openai_client.py BASE_URL MODEL
+       python3 openai_client.py BASE_URL MODEL --adapter NAME
+       python3 openai_client.py BASE_URL MODEL --image FILE
 prints one JSON object with what the client saw; the Rust test asserts on it.
+With --adapter: the same chat from the base model and from the adapter NAME
+(plain and streamed). With --image: a chat about FILE sent as a data: URL
+(plain and streamed).
 """
+import base64
 import json
 import sys
 
@@ -11,6 +17,34 @@ import openai
 base_url, model = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=base_url, api_key="unused")
 out = {}
+
+
+def chat_both(model, messages):
+    """The text of a chat at temperature 0, plain and streamed."""
+    plain = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, seed=1)
+    chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, seed=1, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return plain.choices[0].message.content, streamed, plain.model
+
+
+if len(sys.argv) > 4 and sys.argv[3] == "--adapter":
+    messages = [{"role": "user", "content": "Say something."}]
+    out["models"] = {m.id: m.model_dump().get("parent") for m in client.models.list().data}
+    out["base_text"], out["base_stream_text"], out["base_model"] = chat_both(model, messages)
+    out["adapter_text"], out["adapter_stream_text"], out["adapter_model"] = chat_both(sys.argv[4], messages)
+    print(json.dumps(out))
+    sys.exit(0)
+
+if len(sys.argv) > 4 and sys.argv[3] == "--image":
+    with open(sys.argv[4], "rb") as f:
+        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "What is in the picture?"},
+    ]}]
+    out["image_text"], out["image_stream_text"], _ = chat_both(model, messages)
+    print(json.dumps(out))
+    sys.exit(0)
 
 out["models"] = [m.id for m in client.models.list().data]
 

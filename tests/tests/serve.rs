@@ -164,7 +164,7 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
         "vocabulary",
     );
     let image = json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,xx"}}]}]});
-    is_error(&chat(url, image), 400, "image");
+    is_error(&chat(url, image), 400, "base64");
     // After all that, a good request is answered.
     let (status, body) = chat(url, ok);
     assert_eq!(status, 200, "{body}");
@@ -315,6 +315,237 @@ fn streamed_text(url: &str, body: &Value) -> String {
     text
 }
 
+/// A copy of the fixture LoRA adapter with its B matrices scaled ×40, so
+/// that its greedy answers differ from the base model's.
+fn strong_adapter(test: &str) -> std::path::PathBuf {
+    let source = fixtures().join("peft/tiny-qwen3-lora");
+    let out = std::env::temp_dir().join(format!("oxtune-serve-{test}-{}/strong", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(source.join("adapter_config.json"), out.join("adapter_config.json")).unwrap();
+    let tensors = candle_core::safetensors::load(source.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let scaled: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if name.contains("lora_B") { (t * 40.0).unwrap() } else { t };
+            (name, t)
+        })
+        .collect();
+    candle_core::safetensors::save(&scaled, out.join("adapter_model.safetensors")).unwrap();
+    out
+}
+
+/// What oxtune itself answers to a one-message chat at temperature 0,
+/// alone, with the adapter in `adapter` attached.
+fn answer_alone(adapter: Option<&std::path::Path>, content: &str, max_tokens: usize) -> String {
+    let registry = Registry::with_builtins().unwrap();
+    let dir = std::path::PathBuf::from(model_dir());
+    let mut model = LoadedModel::load(&registry, &dir, &LoadOptions::default()).unwrap();
+    if let Some(adapter) = adapter {
+        model.attach_adapter(&registry, adapter, oxtune_engine::model::checkpoint::Trainable::None).unwrap();
+    }
+    let assets = TextAssets::load(&dir).unwrap();
+    let messages = [json!({"role": "user", "content": content})];
+    let request = oxtune_data::ChatRequest { messages: &messages, add_generation_prompt: true, ..Default::default() };
+    let ids = assets.tokenizer.encode(&assets.render_chat(&request).unwrap(), false).unwrap();
+    let params = oxtune_engine::generate::SamplingParams {
+        max_new_tokens: max_tokens,
+        eos_token_ids: assets.eos_token_ids.clone(),
+        ..Default::default()
+    };
+    oxtune_engine::generate::generate(&model, Some(&assets.tokenizer), &[ids], &params, |_, _| {})
+        .unwrap()
+        .remove(0)
+        .text
+}
+
+#[test]
+fn adapters_are_chosen_per_request_in_one_decode_batch() {
+    let adapter = strong_adapter("batch");
+    let server = Server::start(&["--model", &model_dir(), "--adapters", &format!("strong={}", adapter.display())]);
+    let base = server.url.trim_end_matches("/v1").to_owned();
+    let models: Value = agent().get(&format!("{}/models", server.url)).call().unwrap().body_mut().read_json().unwrap();
+    assert_eq!(models["data"][1]["id"], "strong");
+    assert_eq!(models["data"][1]["parent"], "tiny-qwen3");
+    let prompts: Vec<String> = (0..6).map(|i| format!("tell me about item {i}")).collect();
+    let max_tokens = 10;
+    // 12 requests at once: each prompt to the base model and to the adapter.
+    let steps_before = counter(&base, "oxtune_decode_steps_total");
+    let handles: Vec<_> = prompts
+        .iter()
+        .flat_map(|p| [("tiny-qwen3", p.clone()), ("strong", p.clone())])
+        .map(|(model, p)| {
+            let url = server.url.clone();
+            std::thread::spawn(move || {
+                let body = json!({"model": model, "messages": [{"role": "user", "content": p}],
+                                  "max_tokens": max_tokens, "temperature": 0});
+                let (status, answer) = chat(&url, body);
+                assert_eq!(status, 200, "{answer}");
+                assert_eq!(answer["model"], model);
+                (
+                    answer["choices"][0]["message"]["content"].as_str().unwrap().to_owned(),
+                    answer["usage"]["completion_tokens"].as_u64().unwrap(),
+                )
+            })
+        })
+        .collect();
+    let answers: Vec<(String, u64)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let steps = counter(&base, "oxtune_decode_steps_total") - steps_before;
+    let tokens: u64 = answers.iter().map(|a| a.1).sum();
+    // Decoded together: far fewer steps than tokens (one at a time takes one step per token).
+    assert!(steps * 3 < tokens, "{steps} decode steps for {tokens} tokens: the requests were not batched");
+    let mut differ = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        let want_base = answer_alone(None, p, max_tokens);
+        let want_adapter = answer_alone(Some(&adapter), p, max_tokens);
+        assert_eq!(answers[2 * i].0, want_base, "prompt {i}, base model");
+        assert_eq!(answers[2 * i + 1].0, want_adapter, "prompt {i}, adapter");
+        differ += usize::from(want_base != want_adapter);
+    }
+    assert!(differ > 0, "the adapter changes no answer: the test cannot tell adapters apart");
+}
+
+fn openai_client_found() -> bool {
+    let found = std::process::Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the openai client is missing: .ci/run installs it (.ci/fetch-openai)"
+        );
+        eprintln!("skipping: the openai Python client is missing (run .ci/fetch-openai)");
+    }
+    found
+}
+
+#[test]
+fn the_openai_client_selects_an_adapter_by_name() {
+    if !openai_client_found() {
+        return;
+    }
+    let adapter = strong_adapter("client");
+    let server = Server::start(&["--model", &model_dir(), "--adapters", &format!("strong={}", adapter.display())]);
+    let script = workspace_root().join("tests/serve/openai_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args([&server.url, "tiny-qwen3", "--adapter", "strong"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["models"], json!({"tiny-qwen3": null, "strong": "tiny-qwen3"}));
+    let content = "Say something.";
+    assert_eq!(seen["base_text"], answer_alone(None, content, 8));
+    assert_eq!(seen["adapter_text"], answer_alone(Some(&adapter), content, 8));
+    assert_ne!(seen["adapter_text"], seen["base_text"]);
+    assert_eq!(seen["adapter_stream_text"], seen["adapter_text"]);
+    assert_eq!(seen["adapter_model"], "strong");
+}
+
+fn vl_dir() -> std::path::PathBuf {
+    fixtures().join("vlm/tiny-qwen2.5-vl")
+}
+
+/// The Qwen2.5-VL plugin, built as a dynamic library (the server binary
+/// has no vision plugin built in).
+fn vl_plugin() -> String {
+    oxtune_tests::build_cdylib("oxtune-plugin-qwen2-5-vl", &["cdylib"]).display().to_string()
+}
+
+/// `oxtune serve` of the VL fixture with `extra` flags.
+fn vl_server(extra: &[&str]) -> Server {
+    let (plugin, dir) = (vl_plugin(), vl_dir().display().to_string());
+    let mut args = vec!["--plugin", &plugin, "--model", &dir];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// What oxtune itself answers, alone, to the VL fixture's picture and a question.
+fn image_answer_alone(question: &str, max_tokens: usize) -> String {
+    let mut registry = Registry::with_builtins().unwrap();
+    registry.load_path(std::path::Path::new(&vl_plugin()), &Default::default()).unwrap();
+    let model = LoadedModel::load(&registry, &vl_dir(), &LoadOptions::default()).unwrap();
+    let assets = TextAssets::load(&vl_dir()).unwrap();
+    let messages = vec![json!({"role": "user", "content": format!("<image>{question}")})];
+    let media = vec![oxtune_engine::media::MediaRef {
+        kind: oxtune_engine::media::MediaKind::Image,
+        sources: vec![vl_dir().join("test_image.png")],
+    }];
+    let prompt = oxtune_data::Prompt::Chat(messages, media);
+    let row = oxtune_data::encode_prompt(&model, &assets, &prompt, &Default::default()).unwrap();
+    let params = oxtune_engine::generate::SamplingParams {
+        max_new_tokens: max_tokens,
+        eos_token_ids: assets.eos_token_ids.clone(),
+        ..Default::default()
+    };
+    let rows = [(row.input_ids.as_slice(), row.media.as_ref())];
+    oxtune_engine::generate::generate_with_media(&model, Some(&assets.tokenizer), &rows, &params, |_, _| {})
+        .unwrap()
+        .remove(0)
+        .text
+}
+
+#[test]
+fn the_openai_client_sends_an_image() {
+    if !openai_client_found() {
+        return;
+    }
+    let server = vl_server(&[]);
+    let script = workspace_root().join("tests/serve/openai_client.py");
+    let image = vl_dir().join("test_image.png");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args([&server.url, "tiny-qwen2.5-vl", "--image", &image.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want = image_answer_alone("What is in the picture?", 8);
+    assert!(!want.is_empty());
+    assert_eq!(seen["image_text"], want, "the image chat equals oxtune's own answer");
+    assert_eq!(seen["image_stream_text"], want);
+}
+
+#[test]
+fn image_parts_are_checked_and_local_files_need_a_flag() {
+    use base64::Engine as _;
+    let image = vl_dir().join("test_image.png");
+    let png = std::fs::read(&image).unwrap();
+    let data_url =
+        |bytes: &[u8]| format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes));
+    let ask = |url: &str| {
+        json!({"model": "tiny-qwen2.5-vl", "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}]})
+    };
+    let server = vl_server(&["--max-image-pixels", "4096"]);
+    let url = &server.url;
+    let local = image.display().to_string();
+    is_error(&chat(url, ask(&local)), 400, "--allow-local-files");
+    is_error(&chat(url, ask(&format!("file://{local}"))), 400, "--allow-local-files");
+    is_error(&chat(url, ask("https://example.com/cat.png")), 400, "not fetched");
+    is_error(&chat(url, ask("data:image/png;base64,!!!")), 400, "base64");
+    is_error(&chat(url, ask(&data_url(b"not an image at all"))), 400, "not a PNG");
+    // A 4096-pixel cap refuses a larger picture from its header alone.
+    let (w, h) = image::image_dimensions(&image).unwrap();
+    assert!(w * h > 4096);
+    is_error(&chat(url, ask(&data_url(&png))), 400, "limit of 4096 pixels");
+    drop(server);
+
+    // With the flag a local file is read, and answers as the same image sent inline.
+    let server = vl_server(&["--allow-local-files"]);
+    let (status, from_file) = chat(&server.url, ask(&local));
+    assert_eq!(status, 200, "{from_file}");
+    let (status, inline) = chat(&server.url, ask(&data_url(&png)));
+    assert_eq!(status, 200, "{inline}");
+    assert_eq!(from_file["choices"][0]["message"], inline["choices"][0]["message"]);
+    assert!(from_file["usage"]["prompt_tokens"].as_u64().unwrap() > 10, "the image's tokens count in the prompt");
+    drop(server);
+
+    // A text-only model says so.
+    let server = Server::start(&["--model", &model_dir()]);
+    let mut body = ask(&data_url(&png));
+    body["model"] = json!("tiny-qwen3");
+    is_error(&chat(&server.url, body), 400, "reads text only");
+}
+
 #[test]
 fn thirty_two_concurrent_streaming_clients_all_get_their_answer() {
     let server = Server::start(&["--model", &model_dir()]);
@@ -341,4 +572,10 @@ fn thirty_two_concurrent_streaming_clients_all_get_their_answer() {
     for (i, (handle, want)) in handles.into_iter().zip(&expected).enumerate() {
         assert_eq!(&handle.join().unwrap(), want, "client {i}");
     }
+    // They decoded together: the batch ran far fewer steps than the 32 answers' tokens.
+    let base = server.url.trim_end_matches("/v1");
+    let tokens: u64 = expected.len() as u64 * 6;
+    let steps = counter(base, "oxtune_decode_steps_total");
+    let alone_steps: u64 = 32 * 5;
+    assert!(steps < alone_steps + tokens / 3, "{steps} steps: the 32 streams were not batched");
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use oxtune_data::{ChatRequest, TextAssets};
 use oxtune_engine::generate::{generate, SamplingParams};
 use oxtune_engine::LoadedModel;
-use oxtune_serve::{app, ServeConfig};
+use oxtune_serve::{app, Limits, ServeConfig};
 use serde_json::{json, Value};
 
 use crate::BenchError;
@@ -79,11 +79,10 @@ pub fn serve(model: LoadedModel, assets: TextAssets, bench: &ServeBench) -> Resu
     let sequential = sequential_tokens as f64 / started.elapsed().as_secs_f64();
     let mut out = vec![json!({"benchmark": "serve", "mode": "sequential in process", "requests": most,
                               "tokens": sequential_tokens, "tokens_per_s": sequential})];
-    let router = app(
-        model,
-        assets,
-        ServeConfig { served_model_name: "bench".into(), queue_capacity: most * 2, ..ServeConfig::default() },
-    );
+    let limits = Limits { queue_capacity: most * 2, ..Limits::default() };
+    let config = ServeConfig { served_model_name: "bench".into(), limits, ..ServeConfig::default() };
+    // No adapters: the registry only loads adapters asked for later.
+    let router = app(model, assets, oxtune_registry::Registry::empty(), Vec::new(), config);
     let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
     std::thread::spawn(move || {
         let runtime =

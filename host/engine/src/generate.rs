@@ -14,6 +14,9 @@ use crate::media::{batch_inputs, RowMedia};
 use crate::model::{LoadedModel, ModelError};
 use crate::rng::SplitMix64 as Rng;
 
+mod continuous;
+pub use continuous::{ContinuousBatch, RowRequest, StepEvent};
+
 /// Turns generated ids back into text, for streaming and stop strings.
 /// `oxtune-data`'s tokenizer implements it; the engine knows no tokenizer.
 pub trait Detokenizer {
@@ -150,9 +153,98 @@ fn choose(logits: &mut [f32], history: &[u32], params: &SamplingParams, rng: &mu
 
 /// A row's text so far: decoded in full each step, with a trailing
 /// incomplete UTF-8 sequence held back until its bytes arrive.
+#[derive(Default)]
 struct RowText {
     emitted: usize,
     text: String,
+}
+
+/// One row's decoding: its sampler, the tokens it saw and made, its text,
+/// and whether it has finished.
+struct RowState {
+    rng: Rng,
+    history: Vec<u32>,
+    outputs: Vec<u32>,
+    finished: Option<FinishReason>,
+    text: RowText,
+}
+
+impl RowState {
+    fn new(prompt: &[u32], seed: u64) -> RowState {
+        RowState {
+            rng: Rng::new(seed),
+            history: prompt.to_vec(),
+            outputs: Vec::new(),
+            finished: None,
+            text: RowText::default(),
+        }
+    }
+
+    /// Chooses the next token from `logits` and records it; returns the
+    /// token and the text it settled (empty when none yet: an incomplete
+    /// character, or what may be the start of a stop string).
+    fn advance(
+        &mut self,
+        logits: &mut [f32],
+        params: &SamplingParams,
+        tokenizer: Option<&dyn Detokenizer>,
+    ) -> Result<(u32, String), ModelError> {
+        let token = choose(logits, &self.history, params, &mut self.rng);
+        self.history.push(token);
+        self.outputs.push(token);
+        if params.eos_token_ids.contains(&token) {
+            self.finished = Some(FinishReason::Eos);
+        }
+        let Some(tok) = tokenizer else { return Ok((token, String::new())) };
+        let decoded = tok.detokenize(&self.outputs).map_err(|message| ModelError::Forward {
+            model: "generation".into(),
+            source: OpError::Invalid { op: "decode", message },
+        })?;
+        let row = &mut self.text;
+        row.text = decoded;
+        if let Some(cut) = params.stop.iter().filter_map(|s| row.text.find(s.as_str())).min() {
+            row.text.truncate(cut);
+            self.finished = Some(FinishReason::Stop);
+        }
+        // Hold back an incomplete character (U+FFFD) and a possible
+        // stop-string prefix until the next token settles them (there is
+        // none after the last token).
+        let last = self.finished.is_some() || self.outputs.len() >= params.max_new_tokens;
+        let mut ready = if last { row.text.len() } else { row.text.trim_end_matches('\u{FFFD}').len() };
+        if !last {
+            for s in &params.stop {
+                for k in (1..s.len()).rev() {
+                    if s.is_char_boundary(k) && row.text[..ready].ends_with(&s[..k]) {
+                        ready = ready.min(row.text.len() - k);
+                    }
+                }
+            }
+        }
+        if ready > row.emitted && row.text.is_char_boundary(ready) && row.text.is_char_boundary(row.emitted) {
+            let delta = row.text[row.emitted..ready].to_owned();
+            row.emitted = ready;
+            return Ok((token, delta));
+        }
+        Ok((token, String::new()))
+    }
+
+    /// Whether the row has produced `max` tokens or finished otherwise.
+    fn done(&self, max: usize) -> bool {
+        self.finished.is_some() || self.outputs.len() >= max
+    }
+
+    fn into_generation(self) -> Generation {
+        Generation {
+            tokens: self.outputs,
+            text: self.text.text,
+            finish_reason: self.finished.unwrap_or(FinishReason::Length),
+        }
+    }
+}
+
+/// The seed of row `r` of a batch generated with `seed`.
+fn row_seed(seed: u64, r: u64) -> u64 {
+    seed.wrapping_add(r.wrapping_mul(0x5851_F42D))
 }
 
 fn candle_error(source: candle_core::Error) -> ModelError {
@@ -238,12 +330,8 @@ pub fn generate_until(
     };
 
     let mut cache = KvCache::new();
-    let mut rngs: Vec<Rng> =
-        (0..rows as u64).map(|r| Rng::new(params.seed.wrapping_add(r.wrapping_mul(0x5851_F42D)))).collect();
-    let mut history: Vec<Vec<u32>> = prompts.to_vec();
-    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); rows];
-    let mut finished: Vec<Option<FinishReason>> = vec![None; rows];
-    let mut texts: Vec<RowText> = (0..rows).map(|_| RowText { emitted: 0, text: String::new() }).collect();
+    let mut states: Vec<RowState> =
+        prompts.iter().enumerate().map(|(r, p)| RowState::new(p, row_seed(params.seed, r as u64))).collect();
 
     for _ in 0..params.max_new_tokens {
         let attention_mask = mask_tensor(&mask, &device)?;
@@ -258,48 +346,18 @@ pub fn generate_until(
         let last = logits.squeeze(1).and_then(|l| l.to_dtype(DType::F32)?.to_vec2::<f32>()).map_err(candle_error)?;
         let mut next = vec![0u32; rows];
         for (r, mut row_logits) in last.into_iter().enumerate() {
-            if finished[r].is_some() {
+            let state = &mut states[r];
+            if state.finished.is_some() {
                 next[r] = params.eos_token_ids.first().copied().unwrap_or(0);
                 continue;
             }
-            let token = choose(&mut row_logits, &history[r], params, &mut rngs[r]);
+            let (token, delta) = state.advance(&mut row_logits, params, tokenizer)?;
             next[r] = token;
-            history[r].push(token);
-            outputs[r].push(token);
-            if params.eos_token_ids.contains(&token) {
-                finished[r] = Some(FinishReason::Eos);
-            }
-            if let Some(tok) = tokenizer {
-                let decoded = tok.detokenize(&outputs[r]).map_err(|message| ModelError::Forward {
-                    model: "generation".into(),
-                    source: OpError::Invalid { op: "decode", message },
-                })?;
-                let row = &mut texts[r];
-                row.text = decoded;
-                if let Some(cut) = params.stop.iter().filter_map(|s| row.text.find(s.as_str())).min() {
-                    row.text.truncate(cut);
-                    finished[r] = Some(FinishReason::Stop);
-                }
-                // Hold back an incomplete character (U+FFFD) and a possible
-                // stop-string prefix until the next token settles them.
-                let mut ready =
-                    if finished[r].is_some() { row.text.len() } else { row.text.trim_end_matches('\u{FFFD}').len() };
-                if finished[r].is_none() {
-                    for s in &params.stop {
-                        for k in (1..s.len()).rev() {
-                            if s.is_char_boundary(k) && row.text[..ready].ends_with(&s[..k]) {
-                                ready = ready.min(row.text.len() - k);
-                            }
-                        }
-                    }
-                }
-                if ready > row.emitted && row.text.is_char_boundary(ready) && row.text.is_char_boundary(row.emitted) {
-                    on_text(r, &row.text[row.emitted..ready]);
-                    row.emitted = ready;
-                }
+            if !delta.is_empty() {
+                on_text(r, &delta);
             }
         }
-        if finished.iter().all(Option::is_some) || cancelled() {
+        if states.iter().all(|s| s.finished.is_some()) || cancelled() {
             break;
         }
         for (r, m) in mask.iter_mut().enumerate() {
@@ -313,16 +371,7 @@ pub fn generate_until(
             position_ids = position_ids.unsqueeze(0).and_then(|p| p.repeat((axes, 1, 1))).map_err(candle_error)?;
         }
     }
-    Ok(outputs
-        .into_iter()
-        .zip(texts)
-        .zip(finished)
-        .map(|((tokens, text), finished)| Generation {
-            tokens,
-            text: text.text,
-            finish_reason: finished.unwrap_or(FinishReason::Length),
-        })
-        .collect())
+    Ok(states.into_iter().map(RowState::into_generation).collect())
 }
 
 fn mask_tensor(mask: &[Vec<u32>], device: &Device) -> Result<Tensor, ModelError> {

@@ -7,10 +7,14 @@
 //! `max_tokens` and `n` are capped.
 //!
 //! The model runs on its own thread ([`worker`]) behind a bounded queue (a
-//! full queue answers 429); requests are answered one at a time in
-//! arrival order.
+//! full queue answers 429) and decodes requests together: a request joins
+//! the running batch at the next step and leaves it when it finishes
+//! (continuous batching). The `model` field picks the base model or one of
+//! the served LoRA adapters per request, in the same batch. Chat messages
+//! may carry images (`data:` URLs; local files only when allowed).
 
 pub mod error;
+pub mod images;
 pub mod tools;
 pub mod worker;
 
@@ -29,13 +33,17 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
 use oxtune_data::TextAssets;
+use oxtune_engine::backend::ServedAdapter;
 use oxtune_engine::generate::SamplingParams;
+use oxtune_engine::media::RowMedia;
 use oxtune_engine::model::LoadedModel;
+use oxtune_registry::Registry;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 pub use error::ApiError;
-use worker::{Event, Job, Queue, Scored};
+pub use worker::Limits;
+use worker::{Event, Job, Queue, Request, Scored};
 
 /// How the server runs.
 #[derive(Clone, Debug)]
@@ -50,8 +58,14 @@ pub struct ServeConfig {
     pub max_tokens_limit: usize,
     /// Largest `n`.
     pub max_n: usize,
-    /// Requests waiting for the model before new ones get 429.
-    pub queue_capacity: usize,
+    /// The queue and the decode batch's size.
+    pub limits: Limits,
+    /// Whether image parts may name files on the server's disk.
+    pub allow_local_files: bool,
+    /// Largest image a request may send, in bytes.
+    pub max_image_bytes: usize,
+    /// Largest image a request may send, in pixels (width × height).
+    pub max_image_pixels: u64,
 }
 
 impl Default for ServeConfig {
@@ -62,7 +76,10 @@ impl Default for ServeConfig {
             max_body_bytes: 10 << 20,
             max_tokens_limit: 4096,
             max_n: 8,
-            queue_capacity: 64,
+            limits: Limits::default(),
+            allow_local_files: false,
+            max_image_bytes: 20 << 20,
+            max_image_pixels: 4096 * 4096,
         }
     }
 }
@@ -77,8 +94,6 @@ struct Metrics {
     completion_tokens: AtomicU64,
     first_token_micros: AtomicU64,
     first_tokens: AtomicU64,
-    /// Generations stopped because their client went away (the worker counts them).
-    cancelled: worker::Cancelled,
 }
 
 struct AppState {
@@ -91,6 +106,8 @@ struct AppState {
     created: u64,
     metrics: Metrics,
     next_id: AtomicU64,
+    /// Where images sent inline wait while the worker reads them.
+    images: images::ImageStore,
 }
 
 type Shared = Arc<AppState>;
@@ -102,13 +119,50 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The app: routes over `model` (moved to its own thread) and `assets`.
-pub fn app(model: LoadedModel, assets: TextAssets, config: ServeConfig) -> Router {
+/// Loads more adapters into a running server (the web UI's "chat with
+/// this checkpoint").
+#[derive(Clone)]
+pub struct AdapterLoader(Queue);
+
+impl AdapterLoader {
+    /// Loads the PEFT adapter in `dir` and serves it as `name` (it then
+    /// appears in `/v1/models`).
+    pub async fn load(&self, name: &str, dir: &std::path::Path) -> Result<(), String> {
+        if name == "" || self.0.status().adapters.read().expect("not poisoned").iter().any(|n| n == name) {
+            return Err(format!("an adapter named `{name}` is already served (or the name is empty)"));
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.0.ask(Request::LoadAdapter { name: name.to_owned(), dir: dir.to_owned(), reply })?;
+        answer.await.map_err(|_| "the model worker has stopped".to_owned())?.map(|_| ())
+    }
+}
+
+/// The app: routes over `model` (moved to its own thread with `registry`,
+/// which loads adapters later) and `assets`, serving `adapters` by name
+/// beside the base model.
+pub fn app(
+    model: LoadedModel,
+    assets: TextAssets,
+    registry: Registry,
+    adapters: Vec<(String, ServedAdapter)>,
+    config: ServeConfig,
+) -> Router {
+    app_with_loader(model, assets, registry, adapters, config).0
+}
+
+/// [`app`], with a handle that loads more adapters into it.
+pub fn app_with_loader(
+    model: LoadedModel,
+    assets: TextAssets,
+    registry: Registry,
+    adapters: Vec<(String, ServedAdapter)>,
+    config: ServeConfig,
+) -> (Router, AdapterLoader) {
     let context = model.config().get("max_position_embeddings").and_then(Value::as_u64).map(|v| v as usize);
     let vocab = model.vocab_size();
-    let cancelled = worker::Cancelled::default();
-    let queue = worker::start(model, assets.clone(), config.queue_capacity, cancelled.clone());
+    let queue = worker::start(model, assets.clone(), registry, adapters, config.limits.clone());
     let max_body = config.max_body_bytes;
+    let loader = AdapterLoader(queue.clone());
     let state = Arc::new(AppState {
         config,
         queue,
@@ -116,10 +170,11 @@ pub fn app(model: LoadedModel, assets: TextAssets, config: ServeConfig) -> Route
         context,
         vocab,
         created: now(),
-        metrics: Metrics { cancelled, ..Metrics::default() },
+        metrics: Metrics::default(),
         next_id: AtomicU64::new(1),
+        images: images::ImageStore::new(),
     });
-    Router::new()
+    let router = Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
@@ -127,7 +182,8 @@ pub fn app(model: LoadedModel, assets: TextAssets, config: ServeConfig) -> Route
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", None, "no such endpoint") })
         .layer(DefaultBodyLimit::max(max_body))
-        .with_state(state)
+        .with_state(state);
+    (router, loader)
 }
 
 /// Serves `app` on `listener` until SIGTERM or Ctrl-C, then lets the
@@ -187,8 +243,13 @@ fn finish(state: &AppState, result: Result<Response, ApiError>) -> Response {
 
 async fn models(State(state): State<Shared>, headers: HeaderMap) -> Response {
     let result = authorize(&state, &headers).map(|()| {
-        let data = json!([{"id": state.config.served_model_name, "object": "model", "created": state.created,
-                           "owned_by": "oxtune", "root": state.config.served_model_name, "parent": null}]);
+        let base = &state.config.served_model_name;
+        let mut data = vec![json!({"id": base, "object": "model", "created": state.created,
+                           "owned_by": "oxtune", "root": base, "parent": null})];
+        for name in state.queue.status().adapters.read().expect("not poisoned").iter() {
+            data.push(json!({"id": name, "object": "model", "created": state.created,
+                             "owned_by": "oxtune", "root": base, "parent": base}));
+        }
         Json(json!({"object": "list", "data": data})).into_response()
     });
     finish(&state, result)
@@ -197,6 +258,7 @@ async fn models(State(state): State<Shared>, headers: HeaderMap) -> Response {
 async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
     let result = authorize(&state, &headers).map(|()| {
         let m = &state.metrics;
+        let worker = state.queue.status();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let ttft = load(&m.first_token_micros) as f64 / 1e6;
         let text = format!(
@@ -208,15 +270,21 @@ async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
              # TYPE oxtune_time_to_first_token_seconds summary\n\
              oxtune_time_to_first_token_seconds_sum {ttft}\noxtune_time_to_first_token_seconds_count {}\n\
              # TYPE oxtune_cancelled_total counter\noxtune_cancelled_total {}\n\
-             # TYPE oxtune_cancelled_tokens_total counter\noxtune_cancelled_tokens_total {}\n",
+             # TYPE oxtune_cancelled_tokens_total counter\noxtune_cancelled_tokens_total {}\n\
+             # TYPE oxtune_queue_length gauge\noxtune_queue_length {}\n\
+             # TYPE oxtune_running_batch_size gauge\noxtune_running_batch_size {}\n\
+             # TYPE oxtune_decode_steps_total counter\noxtune_decode_steps_total {}\n",
             load(&m.ok),
             load(&m.client_errors),
             load(&m.server_errors),
             load(&m.prompt_tokens),
             load(&m.completion_tokens),
             load(&m.first_tokens),
-            load(&m.cancelled.jobs),
-            load(&m.cancelled.tokens),
+            load(&worker.cancelled_jobs),
+            load(&worker.cancelled_tokens),
+            load(&worker.queued),
+            load(&worker.running),
+            load(&worker.steps),
         );
         ([("content-type", "text/plain; version=0.0.4")], text).into_response()
     });
@@ -284,25 +352,33 @@ fn choice_count(state: &AppState, body: &Value) -> Result<usize, ApiError> {
     Ok(n)
 }
 
+/// The adapter a request's `model` names (`None`: the base model).
+fn requested_adapter(state: &AppState, body: &Value) -> Result<Option<usize>, ApiError> {
+    let base = &state.config.served_model_name;
+    match body.get("model").and_then(Value::as_str) {
+        Some(m) if m == base => Ok(None),
+        Some(m) => {
+            let adapters = state.queue.status().adapters.read().expect("not poisoned");
+            match adapters.iter().position(|a| a == m) {
+                Some(index) => Ok(Some(index)),
+                None => Err(ApiError {
+                    status: StatusCode::NOT_FOUND,
+                    message: format!(
+                        "the model `{m}` does not exist (this server serves `{base}`{})",
+                        adapters.iter().map(|a| format!(", `{a}`")).collect::<String>()
+                    ),
+                    kind: "invalid_request_error",
+                    param: Some("model".into()),
+                    code: Some("model_not_found"),
+                }),
+            }
+        }
+        None => Err(ApiError::invalid("model", "`model` is required")),
+    }
+}
+
 /// The sampling settings of a request.
 fn sampling(state: &AppState, body: &Value, default_max: usize) -> Result<SamplingParams, ApiError> {
-    let check_model = body.get("model").and_then(Value::as_str);
-    match check_model {
-        Some(m) if m == state.config.served_model_name => {}
-        Some(m) => {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!(
-                    "the model `{m}` does not exist (this server serves `{}`)",
-                    state.config.served_model_name
-                ),
-                kind: "invalid_request_error",
-                param: Some("model".into()),
-                code: Some("model_not_found"),
-            })
-        }
-        None => return Err(ApiError::invalid("model", "`model` is required")),
-    }
     let max =
         opt_u64(body, "max_completion_tokens")?.or(opt_u64(body, "max_tokens")?).map_or(default_max, |v| v as usize);
     if max > state.config.max_tokens_limit {
@@ -373,18 +449,67 @@ struct Answer {
     scored: Option<Scored>,
 }
 
-/// Runs a job to its end.
-async fn run_job(
+/// What a request asks the model, less its sampling settings.
+#[derive(Clone)]
+struct Target {
+    /// The prompt's token ids.
+    ids: Vec<u32>,
+    /// Its laid-out images, if any.
+    media: Option<RowMedia>,
+    /// The served adapter, if any.
+    adapter: Option<usize>,
+}
+
+/// Queues a job; its events arrive on the returned receiver.
+fn submit(
     state: &AppState,
-    job_ids: Vec<u32>,
+    target: &Target,
     params: SamplingParams,
     logprobs: Option<usize>,
-) -> Result<Answer, ApiError> {
-    let (tx, mut rx) = unbounded_channel();
-    let started = Instant::now();
-    state.queue.submit(Job { prompt: job_ids, params, logprobs, events: tx }).map_err(|m| {
+) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let (tx, rx) = unbounded_channel();
+    let job = Job {
+        prompt: target.ids.clone(),
+        media: target.media.clone(),
+        adapter: target.adapter,
+        params,
+        logprobs,
+        events: tx,
+    };
+    state.queue.submit(job).map_err(|m| {
         ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded"), m)
     })?;
+    Ok(rx)
+}
+
+/// Queues `n` samples of `target` (seeds `seed`, `seed + 1`, ...), all at
+/// once so they decode together, and waits for their answers in order.
+async fn run_jobs(
+    state: &AppState,
+    target: &Target,
+    params: &SamplingParams,
+    n: usize,
+    logprobs: Option<usize>,
+) -> Result<Vec<Answer>, ApiError> {
+    let started = Instant::now();
+    let mut receivers = Vec::with_capacity(n);
+    for i in 0..n {
+        let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
+        receivers.push(submit(state, target, params, logprobs)?);
+    }
+    let mut answers = Vec::with_capacity(n);
+    for rx in receivers {
+        answers.push(collect_answer(state, rx, started).await?);
+    }
+    Ok(answers)
+}
+
+/// Waits for a job's end.
+async fn collect_answer(
+    state: &AppState,
+    mut rx: UnboundedReceiver<Event>,
+    started: Instant,
+) -> Result<Answer, ApiError> {
     let mut first = true;
     while let Some(event) = rx.recv().await {
         match event {
@@ -524,6 +649,7 @@ async fn completions_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -
     authorize(state, headers)?;
     let body = parse_body(body)?;
     let params = sampling(state, &body, 16)?;
+    let adapter = requested_adapter(state, &body)?;
     let echo = opt_bool(&body, "echo")?;
     let logprobs = opt_u64(&body, "logprobs")?.map(|n| n.min(20) as usize);
     let n = choice_count(state, &body)?;
@@ -537,17 +663,29 @@ async fn completions_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -
         }
         check_ids(state, ids, params.max_new_tokens)?;
         let id = format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
-        return start_stream(state, ids.clone(), params, StreamKind::Completion, id, &body);
+        let target = Target { ids: ids.clone(), media: None, adapter };
+        return start_stream(state, &target, params, StreamKind::Completion, id, &body);
     }
     let mut choices = Vec::new();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    // Every prompt's samples are queued at once: they decode together.
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(prompts.len() * n);
     for prompt in &prompts {
-        let (ids, text) = (&prompt.ids, &prompt.text);
-        check_ids(state, ids, params.max_new_tokens)?;
-        prompt_tokens += ids.len();
+        check_ids(state, &prompt.ids, params.max_new_tokens)?;
+        let target = Target { ids: prompt.ids.clone(), media: None, adapter };
         for i in 0..n {
             let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
-            let answer = run_job(state, ids.clone(), params, logprobs).await?;
+            pending.push(submit(state, &target, params, logprobs)?);
+        }
+    }
+    let mut pending = pending.into_iter();
+    for prompt in &prompts {
+        let (ids, text) = (&prompt.ids, &prompt.text);
+        prompt_tokens += ids.len();
+        for _ in 0..n {
+            let rx = pending.next().expect("one receiver per prompt and sample");
+            let answer = collect_answer(state, rx, started).await?;
             completion_tokens += answer.tokens.len();
             let logprobs = answer.scored.as_ref().map(|scored| {
                 let offsets = text_offsets(prompt, scored, echo);
@@ -559,15 +697,16 @@ async fn completions_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -
     }
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     Ok(Json(json!({
-        "id": format!("cmpl-{id}"), "object": "text_completion", "created": now(), "model": state.config.served_model_name,
+        "id": format!("cmpl-{id}"), "object": "text_completion", "created": now(), "model": body["model"],
         "choices": choices, "usage": usage(state, prompt_tokens, completion_tokens),
     }))
     .into_response())
 }
 
-/// The messages of a chat request as the chat template takes them: text
-/// content, or a list of text parts joined.
-fn chat_messages(body: &Value) -> Result<Vec<Value>, ApiError> {
+/// The messages of a chat request as the chat template takes them (text
+/// content; a list of parts joined, each image part becoming an `<image>`
+/// tag) and the request's images, in tag order.
+fn chat_messages(state: &AppState, body: &Value) -> Result<(Vec<Value>, images::RequestImages), ApiError> {
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -575,49 +714,46 @@ fn chat_messages(body: &Value) -> Result<Vec<Value>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "`messages` is empty"));
     }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
-                ApiError::invalid(&format!("messages[{i}].role"), "each message needs a string `role`")
-            })?;
-            let content = match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => {
-                    let mut text = String::new();
-                    for part in parts {
-                        match part.get("type").and_then(Value::as_str) {
-                            Some("text") => text.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default()),
-                            Some("image_url") => {
-                                return Err(ApiError::invalid(
-                                    &format!("messages[{i}].content"),
-                                    "image inputs are not served yet",
-                                ))
-                            }
-                            _ => {
-                                return Err(ApiError::invalid(
-                                    &format!("messages[{i}].content"),
-                                    "a content part needs a `type`",
-                                ))
-                            }
+    let limits = images::ImageLimits {
+        allow_local_files: state.config.allow_local_files,
+        max_bytes: state.config.max_image_bytes,
+        max_pixels: state.config.max_image_pixels,
+    };
+    let mut found = images::RequestImages::default();
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::invalid(&format!("messages[{i}].role"), "each message needs a string `role`"))?;
+        let param = format!("messages[{i}].content");
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match part.get("type").and_then(Value::as_str) {
+                        Some("text") => text.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default()),
+                        Some("image_url") => {
+                            let url = part.get("image_url").unwrap_or(&Value::Null);
+                            found.push(&state.images, limits, url, &param)?;
+                            text.push_str("<image>");
+                        }
+                        _ => {
+                            return Err(ApiError::invalid(&param, "a content part needs a `type` (text or image_url)"))
                         }
                     }
-                    text
                 }
-                None | Some(Value::Null) if role == "assistant" => String::new(),
-                _ => {
-                    return Err(ApiError::invalid(
-                        &format!("messages[{i}].content"),
-                        "`content` must be a string or a list of parts",
-                    ))
-                }
-            };
-            let mut message = m.clone();
-            message["content"] = json!(content);
-            Ok(message)
-        })
-        .collect()
+                text
+            }
+            None | Some(Value::Null) if role == "assistant" => String::new(),
+            _ => return Err(ApiError::invalid(&param, "`content` must be a string or a list of parts")),
+        };
+        let mut message = m.clone();
+        message["content"] = json!(content);
+        out.push(message);
+    }
+    Ok((out, found))
 }
 
 async fn chat_completions(State(state): State<Shared>, headers: HeaderMap, body: RawBody) -> Response {
@@ -629,41 +765,52 @@ async fn chat_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -> Resul
     authorize(state, headers)?;
     let body = parse_body(body)?;
     let params = sampling(state, &body, 1024)?;
-    let messages = chat_messages(&body)?;
+    let adapter = requested_adapter(state, &body)?;
+    let (messages, images) = chat_messages(state, &body)?;
     let n = choice_count(state, &body)?;
     let assets = &state.assets;
     if assets.template.is_none() {
         return Err(ApiError::invalid("messages", "the model has no chat template; use /v1/completions"));
     }
     let tools = tools::request_tools(&body)?;
-    let rendered = assets
-        .render_chat(&oxtune_data::ChatRequest {
-            messages: &messages,
-            tools: tools.as_deref(),
-            add_generation_prompt: true,
-            ..Default::default()
-        })
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let top_logprobs = match (opt_bool(&body, "logprobs")?, opt_u64(&body, "top_logprobs")?) {
         (true, top) => Some(top.unwrap_or(0).min(20) as usize),
         (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`")),
         (false, None) => None,
     };
-    let ids = assets.tokenizer.encode(&rendered, false).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    check_ids(state, &ids, params.max_new_tokens)?;
+    let target = if images.is_empty() {
+        let rendered = assets
+            .render_chat(&oxtune_data::ChatRequest {
+                messages: &messages,
+                tools: tools.as_deref(),
+                add_generation_prompt: true,
+                ..Default::default()
+            })
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let ids =
+            assets.tokenizer.encode(&rendered, false).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        Target { ids, media: None, adapter }
+    } else {
+        if tools.is_some() {
+            return Err(ApiError::invalid("tools", "tools with images are not served"));
+        }
+        let encoded = images.encode(state, messages).await?;
+        Target { ids: encoded.ids, media: encoded.media, adapter }
+    };
+    let ids = &target.ids;
+    check_ids(state, ids, params.max_new_tokens)?;
     let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
     let stream = opt_bool(&body, "stream")?;
     if stream {
         if n > 1 || top_logprobs.is_some() || tools.is_some() {
             return Err(ApiError::invalid("stream", "streaming serves one choice, without logprobs or tools"));
         }
-        return start_stream(state, ids, params, StreamKind::Chat, id, &body);
+        return start_stream(state, &target, params, StreamKind::Chat, id, &body);
     }
     let mut choices = Vec::new();
     let mut completion_tokens = 0;
-    for i in 0..n {
-        let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
-        let answer = run_job(state, ids.clone(), params, top_logprobs).await?;
+    let answers = run_jobs(state, &target, &params, n, top_logprobs).await?;
+    for (i, answer) in answers.into_iter().enumerate() {
         completion_tokens += answer.tokens.len();
         let logprobs = answer.scored.as_ref().map(|scored| chat_logprobs(state, scored, ids.len()));
         let mut message = json!({"role": "assistant", "content": answer.text});
@@ -678,7 +825,7 @@ async fn chat_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -> Resul
         choices.push(json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}));
     }
     Ok(Json(json!({
-        "id": id, "object": "chat.completion", "created": now(), "model": state.config.served_model_name,
+        "id": id, "object": "chat.completion", "created": now(), "model": body["model"],
         "choices": choices, "usage": usage(state, ids.len(), completion_tokens),
     }))
     .into_response())
@@ -735,11 +882,11 @@ fn answer_stream(
     mut rx: UnboundedReceiver<Event>,
     kind: StreamKind,
     id: String,
+    model: String,
     prompt_tokens: usize,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let created = now();
-    let model = state.config.served_model_name.clone();
     let object = if kind == StreamKind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = move |choices: Value, usage: Option<Value>| {
         let mut c = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
@@ -787,22 +934,20 @@ fn answer_stream(
     })
 }
 
-/// Queues a streamed answer to `ids` and returns its event stream.
+/// Queues a streamed answer to `target` and returns its event stream.
 fn start_stream(
     state: &Shared,
-    ids: Vec<u32>,
+    target: &Target,
     params: SamplingParams,
     kind: StreamKind,
     id: String,
     body: &Value,
 ) -> Result<Response, ApiError> {
     let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-    let (tx, rx) = unbounded_channel();
-    let prompt_tokens = ids.len();
-    state.queue.submit(Job { prompt: ids, params, logprobs: None, events: tx }).map_err(|m| {
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded"), m)
-    })?;
-    Ok(Sse::new(answer_stream(state.clone(), rx, kind, id, prompt_tokens, include_usage)).into_response())
+    let prompt_tokens = target.ids.len();
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let rx = submit(state, target, params, None)?;
+    Ok(Sse::new(answer_stream(state.clone(), rx, kind, id, model, prompt_tokens, include_usage)).into_response())
 }
 
 /// A stream fed by an async block through a `yield_` callback (a small

@@ -58,6 +58,69 @@ impl KvCache {
         self.layers[layer] = Some((k.detach(), v.detach()));
         Ok((k, v))
     }
+
+    /// Rows in the cache (those of layer 0; 0 when empty).
+    pub fn rows(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(0).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Keeps only the rows `keep` (in that order): the rows of a
+    /// continuous batch that are still decoding.
+    pub fn select_rows(&mut self, keep: &[usize]) -> Result<()> {
+        for layer in self.layers.iter_mut().flatten() {
+            let index = Tensor::from_iter(keep.iter().map(|&r| r as u32), layer.0.device())?;
+            *layer = (layer.0.contiguous()?.index_select(&index, 0)?, layer.1.contiguous()?.index_select(&index, 0)?);
+        }
+        Ok(())
+    }
+
+    /// Drops the first `n` cached positions of every row (columns that
+    /// are padding in all of them).
+    pub fn drop_leading(&mut self, n: usize) -> Result<()> {
+        for layer in self.layers.iter_mut().flatten() {
+            let len = layer.0.dim(2)?;
+            *layer = (layer.0.narrow(2, n, len - n)?.contiguous()?, layer.1.narrow(2, n, len - n)?.contiguous()?);
+        }
+        Ok(())
+    }
+
+    /// Appends the rows of `other` after this cache's, both left-padded
+    /// with zeros to the longer of the two lengths (the padding is what
+    /// the callers' attention masks leave out).
+    pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
+        if self.layers.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        let width = self.seq_len().max(other.seq_len());
+        if self.layers.len() != other.layers.len() {
+            candle_core::bail!("KV caches of {} and {} layers cannot be joined", self.layers.len(), other.layers.len());
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            *mine = match (mine.take(), theirs) {
+                (Some((k, v)), Some((k2, v2))) => Some((
+                    Tensor::cat(&[&left_pad(&k, width)?, &left_pad(&k2, width)?], 0)?,
+                    Tensor::cat(&[&left_pad(&v, width)?, &left_pad(&v2, width)?], 0)?,
+                )),
+                (None, None) => None,
+                _ => candle_core::bail!("KV caches with different cached layers cannot be joined"),
+            };
+        }
+        Ok(())
+    }
+}
+
+/// `t` (`[b, h, s, d]`) with zeros before its `s` positions to make `width`.
+fn left_pad(t: &Tensor, width: usize) -> Result<Tensor> {
+    let (b, h, s, d) = t.dims4()?;
+    if s == width {
+        return Ok(t.clone());
+    }
+    let zeros = Tensor::zeros((b, h, width - s, d), t.dtype(), t.device())?;
+    Tensor::cat(&[&zeros, t], 2)
 }
 
 /// Which keys query `i` (absolute position `offset + i`) may see.

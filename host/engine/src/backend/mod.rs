@@ -15,5 +15,7 @@ pub mod weights;
 
 pub use batch::{BatchInfo, KvCache};
 pub use checkpoint::{BlockGradients, Checkpointing};
-pub use session::{ForwardContext, GraphSession, Head, OpError, TargetModules, TunerBinding};
+pub use session::{
+    ForwardContext, GraphSession, Head, OpError, RowAdapters, ServedAdapter, TargetModules, TunerBinding,
+};
 pub use weights::WeightStore;

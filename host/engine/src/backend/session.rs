@@ -93,6 +93,24 @@ impl TunerBinding {
     }
 }
 
+/// An adapter served beside others: its tuner and its own parameters,
+/// kept apart from the model's weight store so that the rows of one
+/// batch can each use a different adapter (a server's per-request LoRA).
+pub struct ServedAdapter {
+    /// The tuner and the layers it adapts.
+    pub binding: TunerBinding,
+    /// The adapter's parameters, by the names its tuner reads.
+    pub weights: WeightStore,
+}
+
+/// The adapters of a batch's rows: each adapted layer's output is the
+/// base output, plus, on the rows of each group, what that group's tuner
+/// adds (computed on those rows only).
+pub struct RowAdapters<'a> {
+    /// Each adapter in use with the batch rows (`u32` indices) it serves.
+    pub groups: Vec<(&'a ServedAdapter, Tensor)>,
+}
+
 /// What one forward pass runs against.
 pub struct ForwardContext<'a> {
     /// The parameters, by Hugging Face name.
@@ -153,6 +171,11 @@ pub struct GraphSession<'a> {
     tuner_depth: u32,
     /// The weights, shared by the replays of this session's blocks.
     weights_snapshot: Option<Arc<WeightStore>>,
+    /// Per-row adapters at the linear hook, when rows differ.
+    row_adapters: Option<&'a RowAdapters<'a>>,
+    /// The parameters of the per-row adapter whose hook is running: its
+    /// tuner's weight reads resolve here first.
+    overlay: Option<&'a WeightStore>,
     /// The trainable scalar every checkpointed block hangs from (see
     /// [`checkpoint`](super::checkpoint)).
     block_anchor: Option<Tensor>,
@@ -214,6 +237,8 @@ impl<'a> GraphSession<'a> {
             tuner_depth: 0,
             weights_snapshot: None,
             block_anchor: None,
+            row_adapters: None,
+            overlay: None,
         }
     }
 
@@ -242,6 +267,13 @@ impl<'a> GraphSession<'a> {
         }
         self.arena.push(Some(input.clone()));
         self.dropouts = dropouts;
+    }
+
+    /// This session with `adapters` chosen per row at the linear hook
+    /// (instead of one tuner for the whole batch).
+    pub fn with_row_adapters(mut self, adapters: Option<&'a RowAdapters<'a>>) -> GraphSession<'a> {
+        self.row_adapters = adapters;
+        self
     }
 
     /// This session with the output head computing `head`.
@@ -286,7 +318,10 @@ impl<'a> GraphSession<'a> {
     }
 
     fn weight(&self, name: &str) -> Result<&Tensor, OpError> {
-        self.ctx.weights.get(name).ok_or_else(|| OpError::MissingWeight(name.to_owned()))
+        self.overlay
+            .and_then(|o| o.get(name))
+            .or_else(|| self.ctx.weights.get(name))
+            .ok_or_else(|| OpError::MissingWeight(name.to_owned()))
     }
 
     /// Executes one op and returns its result's handle.
@@ -608,8 +643,51 @@ impl<'a> GraphSession<'a> {
                 let id = out.map_err(|e| OpError::Plugin(e.into_string()))?;
                 self.get(id).cloned()
             }
-            _ => Ok(base),
+            _ => match self.row_adapters {
+                Some(rows) => self.row_adapted(name, x, base, rows),
+                None => Ok(base),
+            },
         }
+    }
+
+    /// `base` (the output of linear layer `name` for `x`) plus, on each
+    /// group's rows, what the group's adapter adds there.
+    fn row_adapted(
+        &mut self,
+        name: &str,
+        x: TensorId,
+        base: Tensor,
+        rows: &'a RowAdapters<'a>,
+    ) -> Result<Tensor, OpError> {
+        let candle = |source| OpError::Candle { op: "linear", source: source };
+        let input = self.get(x)?.clone();
+        let mut out = base.clone();
+        for (adapter, index) in &rows.groups {
+            if !adapter.binding.targets(name) {
+                continue;
+            }
+            let picked_x = self.insert(input.index_select(index, 0).map_err(candle)?);
+            let base_id = self.insert(base.index_select(index, 0).map_err(candle)?);
+            self.tuner_depth += 1;
+            self.overlay = Some(&adapter.weights);
+            let result =
+                adapter.binding.instance.forward(self.as_graph_ref(), name.into(), picked_x, base_id).into_result();
+            self.overlay = None;
+            self.tuner_depth -= 1;
+            let id = result.map_err(|e| OpError::Plugin(e.into_string()))?;
+            // The group's rows become the tuner's output exactly: zeroed,
+            // then its rows added.
+            let rows = out.dim(0).map_err(candle)?;
+            let mut shape = vec![1usize; out.rank()];
+            shape[0] = rows;
+            let ones = Tensor::ones(index.elem_count(), out.dtype(), out.device()).map_err(candle)?;
+            let others = Tensor::ones(rows, out.dtype(), out.device())
+                .and_then(|all| all.index_add(index, &ones.neg()?, 0)?.reshape(shape))
+                .map_err(candle)?;
+            let tuned = self.get(id)?.clone();
+            out = out.broadcast_mul(&others).and_then(|o| o.index_add(index, &tuned, 0)).map_err(candle)?;
+        }
+        Ok(out)
     }
 
     fn output_head(&mut self, name: &str, x: TensorId, softcap: f32) -> Result<Tensor, OpError> {
@@ -878,7 +956,7 @@ impl GraphHost for GraphSession<'_> {
     }
 
     fn has_weight(&self, name: RStr<'_>) -> bool {
-        self.ctx.weights.contains(name.as_str())
+        self.overlay.is_some_and(|o| o.contains(name.as_str())) || self.ctx.weights.contains(name.as_str())
     }
 
     fn read_f32(&self, x: TensorId) -> RResult<RVec<f32>, RString> {

@@ -8,8 +8,18 @@ use candle_core::Var;
 
 use super::checkpoint::{read_json, CheckpointError, Trainable};
 use super::{LoadedModel, ModelError};
-use crate::backend::{ForwardContext, GraphSession, OpError, TargetModules, TunerBinding};
+use crate::backend::{ForwardContext, GraphSession, OpError, ServedAdapter, TargetModules, TunerBinding, WeightStore};
 use oxtune_registry::Registry;
+
+/// An adapter folder as read: the tuner's name and configuration, its
+/// binding, and its tensors.
+struct ReadAdapter {
+    tuner: String,
+    config: serde_json::Value,
+    binding: TunerBinding,
+    tensors: Vec<(String, candle_core::Tensor)>,
+    file: std::path::PathBuf,
+}
 
 /// The prefix PEFT puts before module names in saved adapters.
 const PEFT_PREFIX: &str = "base_model.model.";
@@ -42,31 +52,45 @@ pub fn target_modules(config: &serde_json::Value, path: &Path) -> Result<TargetM
 }
 
 impl LoadedModel {
+    /// Reads the PEFT adapter in folder `dir`: its tuner (loaded from
+    /// `registry`), the layers it targets, and its tensors by the names
+    /// its tuner reads (PEFT's prefix dropped), checked against the model.
+    fn read_adapter(&self, registry: &Registry, dir: &Path) -> Result<ReadAdapter, ModelError> {
+        let config_path = dir.join("adapter_config.json");
+        let config = read_json(&config_path)?;
+        let tuner = tuner_name(&config);
+        let targets = target_modules(&config, &config_path)?;
+        let instance = registry.load_tuner(&tuner, &config.to_string()).map_err(|e| {
+            let peft_type = config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
+            config_error(&config_path, format!("peft_type `{peft_type}` needs the tuner `{tuner}`: {e}"))
+        })?;
+        let file = dir.join("adapter_model.safetensors");
+        let bad = |message: String| CheckpointError::Safetensors { path: file.clone(), message };
+        let mut saved = candle_core::safetensors::load(&file, &self.device).map_err(|e| bad(e.to_string()))?;
+        let mut names: Vec<String> = saved.keys().cloned().collect();
+        names.sort();
+        let mut tensors = Vec::with_capacity(names.len());
+        for saved_name in names {
+            let name = saved_name.strip_prefix(PEFT_PREFIX).unwrap_or(&saved_name).to_owned();
+            if self.adapted_layer(&name).is_none() {
+                return Err(bad(format!("`{saved_name}` adapts a layer the model does not have")).into());
+            }
+            let tensor = saved.remove(&saved_name).expect("listed above");
+            tensors.push((name, tensor.to_dtype(self.dtype).map_err(|e| bad(e.to_string()))?));
+        }
+        let binding = TunerBinding { instance, target_modules: targets };
+        Ok(ReadAdapter { tuner, config, binding, tensors, file })
+    }
+
     /// Attaches the PEFT adapter in folder `dir`: its tensors join the
     /// model's parameters (trainable or not), and its tuner plugin adapts
     /// the targeted layers of every later forward pass.
     pub fn attach_adapter(&mut self, registry: &Registry, dir: &Path, trainable: Trainable) -> Result<(), ModelError> {
-        let config_path = dir.join("adapter_config.json");
-        let config = read_json(&config_path)?;
-        let name = tuner_name(&config);
-        let targets = target_modules(&config, &config_path)?;
-        let instance = registry.load_tuner(&name, &config.to_string()).map_err(|e| {
-            let peft_type = config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
-            config_error(&config_path, format!("peft_type `{peft_type}` needs the tuner `{name}`: {e}"))
-        })?;
-        let file = dir.join("adapter_model.safetensors");
+        let ReadAdapter { tuner, config, binding, tensors, file } = self.read_adapter(registry, dir)?;
         let bad = |message: String| CheckpointError::Safetensors { path: file.clone(), message };
-        let tensors = candle_core::safetensors::load(&file, &self.device).map_err(|e| bad(e.to_string()))?;
-        let mut names: Vec<String> = tensors.keys().cloned().collect();
-        names.sort();
-        let mut adapter_params = Vec::with_capacity(names.len());
-        for saved in names {
-            let name = saved.strip_prefix(PEFT_PREFIX).unwrap_or(&saved).to_owned();
-            if self.adapted_layer(&name).is_none() {
-                return Err(bad(format!("`{saved}` adapts a layer the model does not have")).into());
-            }
+        let mut adapter_params = Vec::with_capacity(tensors.len());
+        for (name, tensor) in tensors {
             adapter_params.push(name.clone());
-            let tensor = tensors[&saved].to_dtype(self.dtype).map_err(|e| bad(e.to_string()))?;
             match trainable {
                 Trainable::None => self.weights.insert(name, tensor),
                 Trainable::All => {
@@ -74,10 +98,22 @@ impl LoadedModel {
                 }
             }
         }
-        self.adapter = Some(Arc::new(TunerBinding { instance, target_modules: targets }));
-        self.adapter_config = Some((name, config));
+        self.adapter = Some(Arc::new(binding));
+        self.adapter_config = Some((tuner, config));
         self.adapter_params = adapter_params;
         Ok(())
+    }
+
+    /// Reads the PEFT adapter in folder `dir` for serving beside others
+    /// (see [`forward_per_row`](Self::forward_per_row)): the
+    /// model itself is left as it is.
+    pub fn load_served_adapter(&self, registry: &Registry, dir: &Path) -> Result<ServedAdapter, ModelError> {
+        let read = self.read_adapter(registry, dir)?;
+        let mut weights = WeightStore::new();
+        for (name, tensor) in read.tensors {
+            weights.insert(name, tensor);
+        }
+        Ok(ServedAdapter { binding: read.binding, weights })
     }
 
     /// The layer an adapter parameter belongs to: the shortest dotted

@@ -20,8 +20,8 @@ use oxtune_plugin_api::gguf::GgufLayout;
 use oxtune_registry::{Registry, RegistryError};
 
 use crate::backend::{
-    BatchInfo, BlockGradients, Checkpointing, ForwardContext, GraphSession, Head, KvCache, OpError, TunerBinding,
-    WeightStore,
+    BatchInfo, BlockGradients, Checkpointing, ForwardContext, GraphSession, Head, KvCache, OpError, RowAdapters,
+    TunerBinding, WeightStore,
 };
 use crate::media::{MediaInput, MediaRef, MediaSpec};
 use checkpoint::{load_weights, read_json, weight_files, CheckpointError, Trainable};
@@ -399,6 +399,29 @@ impl LoadedModel {
         logits.narrow(1, s.saturating_sub(1), 1).map_err(|e| self.head_error(e))
     }
 
+    /// Logits with an adapter chosen per row (`adapters`: each served
+    /// adapter with the rows it serves; rows in no group get the base
+    /// model; the attached adapter is ignored): of the last position only
+    /// (`[batch, 1, vocab]`) when `last_only`, as
+    /// [`forward_last`](Self::forward_last), else of every position, as
+    /// [`forward`](Self::forward).
+    pub fn forward_per_row(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        cache: Option<&mut KvCache>,
+        adapters: &RowAdapters<'_>,
+        last_only: bool,
+    ) -> Result<Tensor, ModelError> {
+        let head = if last_only { Head::LastLogits } else { Head::Logits };
+        let (logits, ran_head) = self.run_with(input_ids, batch, cache, None, Some(adapters), head)?;
+        if ran_head || !last_only {
+            return Ok(logits);
+        }
+        let s = logits.dim(1).map_err(|e| self.head_error(e))?;
+        logits.narrow(1, s.saturating_sub(1), 1).map_err(|e| self.head_error(e))
+    }
+
     /// Per position `t` of `input_ids`, the log-probability of
     /// `labels[:, t + 1]` (`[batch, seq − 1]`, f32, differentiable; 0
     /// where the label is [`IGNORE_INDEX`](crate::loss::IGNORE_INDEX)) and
@@ -474,6 +497,19 @@ impl LoadedModel {
         tuner: Option<&TunerBinding>,
         head: Head<'_>,
     ) -> Result<(Tensor, bool), ModelError> {
+        self.run_with(input_ids, batch, cache, tuner, None, head)
+    }
+
+    /// [`run`](Self::run) with, optionally, adapters chosen per row.
+    fn run_with(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        cache: Option<&mut KvCache>,
+        tuner: Option<&TunerBinding>,
+        row_adapters: Option<&RowAdapters<'_>>,
+        head: Head<'_>,
+    ) -> Result<(Tensor, bool), ModelError> {
         let forward_error = |source| ModelError::Forward { model: self.dir.clone(), source: source };
         let candle_error = |source| forward_error(OpError::Candle { op: "positions", source: source });
         let (b, s) = input_ids.dims2().map_err(candle_error)?;
@@ -499,7 +535,8 @@ impl LoadedModel {
         };
         let mut session = GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner })
             .with_head(head)
-            .with_checkpointing(checkpointing);
+            .with_checkpointing(checkpointing)
+            .with_row_adapters(row_adapters);
         let mut inputs: Vec<(&str, Tensor)> = vec![("input_ids", ids), ("position_ids", positions)];
         inputs.extend(batch.media.iter().map(|(name, t)| (name.as_str(), t.clone())));
         let out = session.run_model(&self.instance, &inputs).map_err(forward_error)?;
