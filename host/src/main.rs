@@ -18,6 +18,7 @@ mod rlhf;
 mod serve;
 mod sft;
 mod train_args;
+mod webui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -108,6 +109,9 @@ pub enum Command {
     /// Serve a model with an OpenAI-compatible API (chat completions, completions, models).
     #[command(alias = "deploy")]
     Serve(Box<serve::ServeArgs>),
+    /// A browser UI: chat with the model and its adapters, launch and watch training runs in a workspace folder.
+    #[command(name = "web-ui")]
+    WebUi(Box<webui::WebUiArgs>),
     /// Write a model's logits (or per-token log-probabilities) for token ids or text to a file.
     Logits(Box<logits::LogitsArgs>),
     /// Evaluate a model: perplexity, or GSM8K, MMLU, ARC and HellaSwag from local files.
@@ -148,6 +152,7 @@ fn run_cli() -> ExitCode {
         Command::Rlhf(args) => rlhf::run(&cli.global, args),
         Command::Infer(args) => infer::run(&cli.global, args),
         Command::Serve(args) => serve::run(&cli.global, args),
+        Command::WebUi(args) => webui::run(&cli.global, args),
         Command::Logits(args) => logits::run(&cli.global, args),
         Command::Eval(args) => eval::run(&cli.global, args),
         Command::Export(args) => export::run(&cli.global, args),

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 
-use oxtune_serve::{app, serve_blocking, Limits, ServeConfig};
+use oxtune_serve::{api, serve_blocking, with_not_found, AdapterLoader, Limits, Router, ServeConfig};
 
 use super::model_args::ModelArgs;
 use super::GlobalArgs;
@@ -83,8 +83,20 @@ pub fn adapter_list(adapters: &[String], adapter: Option<&Path>) -> anyhow::Resu
     Ok(list)
 }
 
-/// Runs `oxtune serve` until SIGTERM or Ctrl-C.
-pub fn run(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<()> {
+/// The OpenAI API of `args`' model and adapters, loaded.
+pub struct LoadedApi {
+    /// Its routes (no fallback).
+    pub router: Router,
+    /// Loads more adapters into it.
+    pub loader: AdapterLoader,
+    /// The base model's served name.
+    pub name: String,
+    /// The adapters' names.
+    pub adapters: Vec<String>,
+}
+
+/// Loads the model and adapters of `args` into the server's API routes.
+pub fn load_api(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<LoadedApi> {
     let registry = global.registry()?;
     let text = args.model.load_with(&registry, false)?;
     let mut adapters = Vec::new();
@@ -116,13 +128,27 @@ pub fn run(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<()> {
         max_image_bytes: args.max_image_bytes,
         max_image_pixels: args.max_image_pixels,
     };
-    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+    let served: Vec<String> = adapters.iter().map(|(n, _)| n.clone()).collect();
+    let (router, loader) = api(text.model, text.assets, registry, adapters, config);
+    Ok(LoadedApi { router, loader, name, adapters: served })
+}
+
+/// `host:port` of `args`.
+pub fn address(args: &ServeArgs) -> anyhow::Result<SocketAddr> {
+    format!("{}:{}", args.host, args.port)
         .parse()
-        .with_context(|| format!("--host {} --port {}: not an address", args.host, args.port))?;
-    let served: Vec<String> = adapters.iter().map(|(n, _)| format!("`{n}`")).collect();
-    let router = app(text.model, text.assets, registry, adapters, config);
-    serve_blocking(addr, router, |bound| {
-        let adapters = if served.is_empty() { String::new() } else { format!(" with adapters {}", served.join(", ")) };
+        .with_context(|| format!("--host {} --port {}: not an address", args.host, args.port))
+}
+
+/// Runs `oxtune serve` until SIGTERM or Ctrl-C.
+pub fn run(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<()> {
+    let LoadedApi { router, name, adapters, .. } = load_api(global, args)?;
+    let addr = address(args)?;
+    serve_blocking(addr, with_not_found(router), |bound| {
+        let adapters = match adapters.is_empty() {
+            true => String::new(),
+            false => format!(" with adapters {}", adapters.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")),
+        };
         println!(
             "serving `{name}`{adapters} on http://{bound}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models)"
         );

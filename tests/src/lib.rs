@@ -295,10 +295,10 @@ pub mod cli {
     }
 }
 
-/// A running `oxtune serve`, stopped (SIGKILL) when dropped.
+/// A running `oxtune serve` (or `web-ui`), stopped (SIGKILL) when dropped.
 pub struct Server {
     child: std::process::Child,
-    /// Its base URL (`http://127.0.0.1:PORT/v1`).
+    /// Its base URL as it printed it (`http://127.0.0.1:PORT/v1` for `serve`).
     pub url: String,
 }
 
@@ -306,9 +306,15 @@ impl Server {
     /// Starts `oxtune serve` with `args` on a free loopback port and waits
     /// until it says where it listens.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_subcommand("serve", args)
+    }
+
+    /// Starts `oxtune SUBCOMMAND` (`serve` or `web-ui`) with `args` on a
+    /// free loopback port and waits until it says where it listens.
+    pub fn start_subcommand(subcommand: &str, args: &[&str]) -> Server {
         use std::io::BufRead;
         let mut child = Command::new(oxtune_bin())
-            .arg("serve")
+            .arg(subcommand)
             .args(args)
             .args(["--host", "127.0.0.1", "--port", "0"])
             .env_remove("OXTUNE_PLUGIN_PATH")
@@ -323,7 +329,7 @@ impl Server {
         let url = line
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("oxtune serve did not say where it listens: {line:?}"))
+            .unwrap_or_else(|| panic!("oxtune {subcommand} did not say where it listens: {line:?}"))
             .to_owned();
         // Keep draining its output so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});

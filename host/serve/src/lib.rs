@@ -30,7 +30,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
+pub use axum::Router;
 use futures_util::Stream;
 use oxtune_data::TextAssets;
 use oxtune_engine::backend::ServedAdapter;
@@ -139,7 +140,7 @@ impl AdapterLoader {
 
 /// The app: routes over `model` (moved to its own thread with `registry`,
 /// which loads adapters later) and `assets`, serving `adapters` by name
-/// beside the base model.
+/// beside the base model; unknown paths get OpenAI's 404 error.
 pub fn app(
     model: LoadedModel,
     assets: TextAssets,
@@ -147,11 +148,18 @@ pub fn app(
     adapters: Vec<(String, ServedAdapter)>,
     config: ServeConfig,
 ) -> Router {
-    app_with_loader(model, assets, registry, adapters, config).0
+    with_not_found(api(model, assets, registry, adapters, config).0)
 }
 
-/// [`app`], with a handle that loads more adapters into it.
-pub fn app_with_loader(
+/// `router` answering unknown paths with OpenAI's 404 error object.
+pub fn with_not_found(router: Router) -> Router {
+    router
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", None, "no such endpoint") })
+}
+
+/// The routes of [`app`] without a fallback (to merge into a larger app,
+/// as the web UI does), with a handle that loads more adapters into it.
+pub fn api(
     model: LoadedModel,
     assets: TextAssets,
     registry: Registry,
@@ -180,7 +188,6 @@ pub fn app_with_loader(
         .route("/metrics", get(metrics))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", None, "no such endpoint") })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state);
     (router, loader)

@@ -141,6 +141,8 @@ pub enum TrainError {
 pub struct StepMetrics {
     /// The step (1-based).
     pub step: usize,
+    /// The steps the run will take in all.
+    pub total_steps: usize,
     /// The step's loss: its micro-batches' losses weighted by their share of
     /// the step's trained tokens (rows, for row-level objectives).
     pub loss: f64,
@@ -455,6 +457,7 @@ pub fn train_with<O: Objective>(
         let eval_loss = if evaluate_now { Some(evaluate(model, objective, &eval_rows, micro)?) } else { None };
         let m = StepMetrics {
             step,
+            total_steps: total,
             loss: loss_sum,
             lr,
             grad_norm,
