@@ -105,7 +105,10 @@ fn only_working_subcommands_are_offered() {
         .collect();
     assert_eq!(
         commands,
-        vec!["sft", "pt", "rlhf", "infer", "serve", "logits", "eval", "export", "bench", "plot", "plugins", "help"],
+        vec![
+            "sft", "pt", "rlhf", "infer", "serve", "web-ui", "logits", "eval", "export", "bench", "plot", "plugins",
+            "help"
+        ],
         "{help}"
     );
 }

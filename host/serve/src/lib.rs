@@ -823,7 +823,8 @@ async fn chat_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -> Resul
         let mut message = json!({"role": "assistant", "content": answer.text});
         let mut finish_reason = answer.finish_reason;
         if tools.is_some() {
-            let (content, calls) = tools::parse_tool_calls(&answer.text, &format!("{id}_{i}"));
+            let format = tools::ToolFormat::of_template(assets.template.as_ref().map_or("", |t| t.source()));
+            let (content, calls) = tools::parse_tool_calls(&answer.text, &format!("{id}_{i}"), format);
             if !calls.is_empty() {
                 message = json!({"role": "assistant", "content": content, "tool_calls": calls});
                 finish_reason = "tool_calls";

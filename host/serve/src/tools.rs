@@ -1,8 +1,12 @@
 //! Tool calls in chat completions: the request's `tools` go to the model's
 //! chat template (which renders them the family's way), and calls in the
-//! model's answer are parsed into OpenAI's `tool_calls`. The call format
-//! parsed is the Hermes one that Qwen2.5/Qwen3 and many fine-tunes emit:
-//! `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+//! model's answer are parsed into OpenAI's `tool_calls`, in the format the
+//! template teaches ([`ToolFormat::of_template`]): Hermes'
+//! `<tool_call>{"name", "arguments"}</tool_call>` (Qwen2.5/Qwen3 and many
+//! fine-tunes), Llama 3.1's JSON `{"name", "parameters"}` (after
+//! `<|python_tag|>` or alone, several joined by `;`), or Mistral's
+//! `[TOOL_CALLS] [{"name", "arguments"}, ...]` (and its newer
+//! `[TOOL_CALLS]name[ARGS]{...}`).
 
 use serde_json::{json, Value};
 
@@ -40,9 +44,55 @@ pub fn request_tools(body: &Value) -> Result<Option<Vec<Value>>, ApiError> {
     }
 }
 
+/// How a model family writes tool calls.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+    Hermes,
+    /// `{"name": ..., "parameters": {...}}`, maybe after `<|python_tag|>`.
+    Llama3Json,
+    /// `[TOOL_CALLS] [{"name": ..., "arguments": {...}}]` or `[TOOL_CALLS]name[ARGS]{...}`.
+    Mistral,
+}
+
+impl ToolFormat {
+    /// The format a chat template's source teaches (Hermes unless it
+    /// names Mistral's or Llama 3's markers).
+    pub fn of_template(source: &str) -> ToolFormat {
+        if source.contains("[TOOL_CALLS]") {
+            ToolFormat::Mistral
+        } else if source.contains("<|python_tag|>") || source.contains("\"parameters\": dictionary of argument") {
+            ToolFormat::Llama3Json
+        } else {
+            ToolFormat::Hermes
+        }
+    }
+}
+
+/// One call in OpenAI's form (arguments as a JSON string).
+fn openai_call(id: String, name: &str, arguments: Option<&Value>) -> Value {
+    let arguments = match arguments {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => "{}".into(),
+    };
+    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+}
+
 /// The answer's text outside tool calls (`None` when nothing else), and
-/// its tool calls in OpenAI's form, ids `call_{prefix}_{i}`.
-pub fn parse_tool_calls(text: &str, prefix: &str) -> (Option<String>, Vec<Value>) {
+/// its tool calls in OpenAI's form, ids `call_{prefix}_{i}`, read in
+/// `format`.
+pub fn parse_tool_calls(text: &str, prefix: &str, format: ToolFormat) -> (Option<String>, Vec<Value>) {
+    let (rest, calls) = match format {
+        ToolFormat::Hermes => parse_hermes(text, prefix),
+        ToolFormat::Llama3Json => parse_llama3(text, prefix),
+        ToolFormat::Mistral => parse_mistral(text, prefix),
+    };
+    let content = rest.trim();
+    ((!content.is_empty()).then(|| content.to_owned()), calls)
+}
+
+fn parse_hermes(text: &str, prefix: &str) -> (String, Vec<Value>) {
     let (open, close) = ("<tool_call>", "</tool_call>");
     let mut calls = Vec::new();
     let mut rest = String::new();
@@ -54,13 +104,7 @@ pub fn parse_tool_calls(text: &str, prefix: &str) -> (Option<String>, Vec<Value>
         let parsed: Option<Value> = serde_json::from_str(after[..end].trim()).ok();
         match parsed.as_ref().and_then(|v| v.get("name").and_then(Value::as_str).map(|n| (n, v))) {
             Some((name, call)) => {
-                let arguments = match call.get("arguments") {
-                    Some(Value::String(s)) => s.clone(),
-                    Some(v) => v.to_string(),
-                    None => "{}".into(),
-                };
-                calls.push(json!({"id": format!("call_{prefix}_{}", calls.len()), "type": "function",
-                                  "function": {"name": name, "arguments": arguments}}));
+                calls.push(openai_call(format!("call_{prefix}_{}", calls.len()), name, call.get("arguments")))
             }
             // Not a call after all: keep the text as it was.
             None => rest.push_str(&remaining[start..start + open.len() + end + close.len()]),
@@ -68,8 +112,51 @@ pub fn parse_tool_calls(text: &str, prefix: &str) -> (Option<String>, Vec<Value>
         remaining = &after[end + close.len()..];
     }
     rest.push_str(remaining);
-    let content = rest.trim();
-    ((!content.is_empty()).then(|| content.to_owned()), calls)
+    (rest, calls)
+}
+
+/// Llama 3.1: the whole answer (after an optional `<|python_tag|>`, an
+/// end-of-message marker dropped) is one call or several joined by `;`;
+/// anything else is plain text.
+fn parse_llama3(text: &str, prefix: &str) -> (String, Vec<Value>) {
+    let body = text.trim().trim_start_matches("<|python_tag|>").trim_end_matches("<|eom_id|>").trim();
+    let mut calls = Vec::new();
+    for part in body.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let parsed: Option<Value> = serde_json::from_str(part).ok();
+        let Some(name) = parsed.as_ref().and_then(|v| v.get("name")?.as_str()) else {
+            return (text.to_owned(), Vec::new());
+        };
+        let call = parsed.as_ref().expect("parsed above");
+        let arguments = call.get("parameters").or_else(|| call.get("arguments"));
+        calls.push(openai_call(format!("call_{prefix}_{}", calls.len()), name, arguments));
+    }
+    (String::new(), calls)
+}
+
+/// Mistral: text before `[TOOL_CALLS]`, then a JSON list of calls, or
+/// (newer tokenizers) `name[ARGS]{json}` pairs each after its own marker.
+fn parse_mistral(text: &str, prefix: &str) -> (String, Vec<Value>) {
+    let marker = "[TOOL_CALLS]";
+    let Some(start) = text.find(marker) else { return (text.to_owned(), Vec::new()) };
+    let (before, after) = (&text[..start], &text[start..]);
+    let mut calls = Vec::new();
+    for chunk in after.split(marker).map(str::trim).filter(|c| !c.is_empty()) {
+        if let Some((name, arguments)) = chunk.split_once("[ARGS]") {
+            let arguments: Option<Value> = serde_json::from_str(arguments.trim()).ok();
+            match arguments {
+                Some(a) => calls.push(openai_call(format!("call_{prefix}_{}", calls.len()), name.trim(), Some(&a))),
+                None => return (text.to_owned(), Vec::new()),
+            }
+            continue;
+        }
+        let list: Option<Vec<Value>> = serde_json::from_str(chunk).ok();
+        let Some(list) = list else { return (text.to_owned(), Vec::new()) };
+        for call in &list {
+            let Some(name) = call.get("name").and_then(Value::as_str) else { return (text.to_owned(), Vec::new()) };
+            calls.push(openai_call(format!("call_{prefix}_{}", calls.len()), name, call.get("arguments")));
+        }
+    }
+    (before.to_owned(), calls)
 }
 
 #[cfg(test)]
@@ -79,7 +166,8 @@ mod tests {
     #[test]
     fn hermes_calls_become_openai_tool_calls() {
         let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
-        let (content, calls) = parse_tool_calls(text, "7");
+        let hermes = |t: &str, p: &str| parse_tool_calls(t, p, ToolFormat::Hermes);
+        let (content, calls) = hermes(text, "7");
         assert_eq!(content.as_deref(), Some("Let me check."));
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0]["id"], "call_7_0");
@@ -89,13 +177,38 @@ mod tests {
         // Two calls and nothing else: no content.
         let two =
             "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"b\"}</tool_call>";
-        let (content, calls) = parse_tool_calls(two, "x");
+        let (content, calls) = hermes(two, "x");
         assert_eq!((content, calls.len()), (None, 2));
         assert_eq!(calls[1]["function"]["arguments"], "{}");
         // Not JSON: left as text, no call.
-        let (content, calls) = parse_tool_calls("<tool_call>oops</tool_call> fine", "x");
+        let (content, calls) = hermes("<tool_call>oops</tool_call> fine", "x");
         assert_eq!((content.as_deref(), calls.len()), (Some("<tool_call>oops</tool_call> fine"), 0));
-        assert_eq!(parse_tool_calls("plain answer", "x"), (Some("plain answer".into()), vec![]));
+        assert_eq!(hermes("plain answer", "x"), (Some("plain answer".into()), vec![]));
+    }
+
+    #[test]
+    fn llama3_and_mistral_calls_become_openai_tool_calls() {
+        let llama = |t: &str| parse_tool_calls(t, "1", ToolFormat::Llama3Json);
+        let (content, calls) = llama("<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}");
+        assert_eq!((content, calls.len()), (None, 1));
+        assert_eq!(calls[0]["function"]["arguments"], "{\"city\":\"Oslo\"}");
+        let (_, calls) = llama("{\"name\": \"a\", \"parameters\": {}}; {\"name\": \"b\", \"parameters\": {\"x\": 1}}");
+        assert_eq!(calls.iter().map(|c| c["function"]["name"].as_str().unwrap()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(llama("The weather is fine."), (Some("The weather is fine.".into()), vec![]));
+
+        let mistral = |t: &str| parse_tool_calls(t, "2", ToolFormat::Mistral);
+        let (content, calls) =
+            mistral("Checking. [TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}]");
+        assert_eq!((content.as_deref(), calls.len()), (Some("Checking."), 1));
+        assert_eq!(calls[0]["id"], "call_2_0");
+        let (_, calls) = mistral("[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Rome\"}[TOOL_CALLS]get_time[ARGS]{}");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1]["function"]["name"], "get_time");
+        assert_eq!(mistral("[TOOL_CALLS] not json").1.len(), 0);
+
+        assert_eq!(ToolFormat::of_template("{{ '[TOOL_CALLS]' }}"), ToolFormat::Mistral);
+        assert_eq!(ToolFormat::of_template("{{- '<|python_tag|>' }}"), ToolFormat::Llama3Json);
+        assert_eq!(ToolFormat::of_template("<tool_call>"), ToolFormat::Hermes);
     }
 
     #[test]
