@@ -3,10 +3,12 @@
 usage: python3 openai_client.py BASE_URL MODEL
        python3 openai_client.py BASE_URL MODEL --adapter NAME
        python3 openai_client.py BASE_URL MODEL --image FILE
+       python3 openai_client.py BASE_URL MODEL --tools CITY
 prints one JSON object with what the client saw; the Rust test asserts on it.
 With --adapter: the same chat from the base model and from the adapter NAME
 (plain and streamed). With --image: a chat about FILE sent as a data: URL
-(plain and streamed).
+(plain and streamed). With --tools: the weather in CITY asked with a
+`get_weather` tool (plain and streamed), the calls as the client reads them.
 """
 import base64
 import json
@@ -32,6 +34,35 @@ if len(sys.argv) > 4 and sys.argv[3] == "--adapter":
     out["models"] = {m.id: m.model_dump().get("parent") for m in client.models.list().data}
     out["base_text"], out["base_stream_text"], out["base_model"] = chat_both(model, messages)
     out["adapter_text"], out["adapter_stream_text"], out["adapter_model"] = chat_both(sys.argv[4], messages)
+    print(json.dumps(out))
+    sys.exit(0)
+
+if len(sys.argv) > 4 and sys.argv[3] == "--tools":
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": f"What is the weather in {sys.argv[4]}?"}]
+    plain = client.chat.completions.create(model=model, messages=messages, tools=tools, temperature=0, max_tokens=120)
+    choice = plain.choices[0]
+    out["finish"] = choice.finish_reason
+    out["content"] = choice.message.content
+    out["calls"] = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                    for c in choice.message.tool_calls or []]
+    calls, content, finish = {}, "", None
+    for chunk in client.chat.completions.create(model=model, messages=messages, tools=tools, temperature=0,
+                                                max_tokens=120, stream=True):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for c in delta.tool_calls or []:
+            call = calls.setdefault(c.index, {"name": "", "arguments": ""})
+            call["name"] += c.function.name or ""
+            call["arguments"] += c.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    out["stream_finish"] = finish
+    out["stream_content"] = content
+    out["stream_calls"] = [calls[i] for i in sorted(calls)]
     print(json.dumps(out))
     sys.exit(0)
 

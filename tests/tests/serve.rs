@@ -579,3 +579,84 @@ fn thirty_two_concurrent_streaming_clients_all_get_their_answer() {
     let alone_steps: u64 = 32 * 5;
     assert!(steps < alone_steps + tokens / 3, "{steps} steps: the 32 streams were not batched");
 }
+
+/// The quick-start model taught, by a short full fine-tune with the CLI,
+/// to answer a weather question with a Hermes tool call.
+fn model_that_calls_tools() -> std::path::PathBuf {
+    use oxtune_tests::cli::{fresh_dir, oxtune, succeeded};
+    let dir = fresh_dir("serve-tool-model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows: String = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Berlin", "Madrid"]
+        .iter()
+        .map(|city| {
+            let call = format!(
+                "<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"{city}\"}}}}\n</tool_call>"
+            );
+            let row = json!({"messages": [{"role": "user", "content": format!("What is the weather in {city}?")},
+                                          {"role": "assistant", "content": call}]});
+            format!("{row}\n")
+        })
+        .collect();
+    let data = dir.join("tools.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    let model = workspace_root().join("examples/quickstart/model");
+    let out = dir.join("run");
+    let (model, data, out_dir) = (model.display().to_string(), data.display().to_string(), out.display().to_string());
+    succeeded(&oxtune(
+        &[
+            "sft",
+            "--model",
+            &model,
+            "--dataset",
+            &data,
+            "--output-dir",
+            &out_dir,
+            "--tuner",
+            "full",
+            "--learning-rate",
+            "3e-3",
+            "--warmup-ratio",
+            "0",
+            "--max-steps",
+            "250",
+            "--save-steps",
+            "250",
+            "--per-device-train-batch-size",
+            "8",
+            "--gradient-checkpointing",
+            "false",
+            "--split-ratio",
+            "0",
+        ],
+        &[],
+    ));
+    out.join("checkpoint-250")
+}
+
+#[test]
+fn the_openai_client_gets_tool_calls_plain_and_streamed() {
+    if !openai_client_found() {
+        return;
+    }
+    let model = model_that_calls_tools();
+    let server = Server::start(&["--model", &model.display().to_string()]);
+    let script = workspace_root().join("tests/serve/openai_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args([&server.url, "checkpoint-250", "--tools", "Oslo"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["finish"], "tool_calls", "{seen}");
+    assert_eq!(seen["content"], Value::Null, "nothing but the call");
+    assert_eq!(seen["calls"].as_array().unwrap().len(), 1, "{seen}");
+    assert_eq!(seen["calls"][0]["name"], "get_weather");
+    assert!(seen["calls"][0]["id"].as_str().unwrap().starts_with("call_"));
+    let arguments: Value = serde_json::from_str(seen["calls"][0]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(arguments, json!({"city": "Oslo"}));
+    // Streamed: the same call, no content leaked from the held-back markup.
+    assert_eq!(seen["stream_finish"], "tool_calls");
+    assert_eq!(seen["stream_content"], "");
+    assert_eq!(seen["stream_calls"], json!([{"name": "get_weather", "arguments": seen["calls"][0]["arguments"]}]));
+}

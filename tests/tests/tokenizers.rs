@@ -61,6 +61,28 @@ fn the_qwen_template_renders_tools_as_transformers_does() {
 }
 
 #[test]
+fn whitespace_only_tokens_of_an_answer_are_labelled() {
+    // Byte-level tokenizers give a lone space or an indentation token an
+    // empty (trimmed) offset span; the answer's tokens are all labelled
+    // anyway, so a model learns to write `": "` and indented code.
+    let answer = "{\"city\": \"Paris\"}\ndef f():\n        return  1";
+    let messages = [
+        serde_json::json!({"role": "user", "content": "Go."}),
+        serde_json::json!({"role": "assistant", "content": answer}),
+    ];
+    // The quick-start tokenizer trims offsets (`trim_offsets` in its byte-level pre-tokenizer).
+    let quickstart = oxtune_tests::workspace_root().join("examples/quickstart/model");
+    for dir in [fixtures().join("tokenizers/qwen2.5"), fixtures().join("tokenizers/smollm2"), quickstart] {
+        let assets = TextAssets::load(&dir).unwrap();
+        let row = oxtune_data::text::encode_chat(&assets, &messages, None).unwrap();
+        let labelled: Vec<u32> =
+            row.input_ids.iter().zip(&row.labels).filter(|(_, l)| **l >= 0).map(|(id, _)| *id).collect();
+        let text = assets.tokenizer.decode(&labelled, false).unwrap();
+        assert_eq!(text, format!("{answer}<|im_end|>"), "{}: every token of the answer is labelled", dir.display());
+    }
+}
+
+#[test]
 fn loss_masks_cover_exactly_the_assistant_turns_and_their_end_token() {
     let messages = [
         serde_json::json!({"role": "system", "content": "You are terse."}),

@@ -671,7 +671,7 @@ async fn completions_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -
         check_ids(state, ids, params.max_new_tokens)?;
         let id = format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
         let target = Target { ids: ids.clone(), media: None, adapter };
-        return start_stream(state, &target, params, StreamKind::Completion, id, &body);
+        return start_stream(state, &target, params, StreamKind::Completion, id, &body, None);
     }
     let mut choices = Vec::new();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
@@ -809,10 +809,11 @@ async fn chat_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -> Resul
     let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
     let stream = opt_bool(&body, "stream")?;
     if stream {
-        if n > 1 || top_logprobs.is_some() || tools.is_some() {
-            return Err(ApiError::invalid("stream", "streaming serves one choice, without logprobs or tools"));
+        if n > 1 || top_logprobs.is_some() {
+            return Err(ApiError::invalid("stream", "streaming serves one choice, without logprobs"));
         }
-        return start_stream(state, &target, params, StreamKind::Chat, id, &body);
+        let format = tools.as_ref().map(|_| tool_format(state));
+        return start_stream(state, &target, params, StreamKind::Chat, id, &body, format);
     }
     let mut choices = Vec::new();
     let mut completion_tokens = 0;
@@ -823,8 +824,7 @@ async fn chat_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -> Resul
         let mut message = json!({"role": "assistant", "content": answer.text});
         let mut finish_reason = answer.finish_reason;
         if tools.is_some() {
-            let format = tools::ToolFormat::of_template(assets.template.as_ref().map_or("", |t| t.source()));
-            let (content, calls) = tools::parse_tool_calls(&answer.text, &format!("{id}_{i}"), format);
+            let (content, calls) = tools::parse_tool_calls(&answer.text, &format!("{id}_{i}"), tool_format(state));
             if !calls.is_empty() {
                 message = json!({"role": "assistant", "content": content, "tool_calls": calls});
                 finish_reason = "tool_calls";
@@ -858,6 +858,22 @@ fn chat_logprobs(state: &AppState, scored: &Scored, prompt_len: usize) -> Value 
     json!({"content": content})
 }
 
+/// How the served model writes tool calls (from its chat template).
+fn tool_format(state: &AppState) -> tools::ToolFormat {
+    tools::ToolFormat::of_template(state.assets.template.as_ref().map_or("", |t| t.source()))
+}
+
+/// What a stream's chunks say besides the text.
+struct StreamMeta {
+    kind: StreamKind,
+    id: String,
+    model: String,
+    prompt_tokens: usize,
+    include_usage: bool,
+    /// Tool calls to read from the answer, in this format.
+    tools: Option<tools::ToolFormat>,
+}
+
 /// Which endpoint a stream answers: its chunks differ in shape.
 #[derive(Copy, Clone, PartialEq)]
 enum StreamKind {
@@ -888,12 +904,10 @@ impl StreamKind {
 fn answer_stream(
     state: Shared,
     mut rx: UnboundedReceiver<Event>,
-    kind: StreamKind,
-    id: String,
-    model: String,
-    prompt_tokens: usize,
-    include_usage: bool,
+    meta: StreamMeta,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let StreamMeta { kind, id, model, prompt_tokens, include_usage, tools } = meta;
+    let call_prefix = id.clone();
     let created = now();
     let object = if kind == StreamKind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = move |choices: Value, usage: Option<Value>| {
@@ -912,19 +926,43 @@ fn answer_stream(
             }
         }
         let mut first = true;
+        let mut calls = tools.map(tools::StreamedCalls::new);
         // Returning drops `rx`: the worker then sees the client gone and stops.
         while let Some(event) = rx.recv().await {
             match event {
-                Event::Delta(text) => {
+                Event::Delta(mut text) => {
                     if std::mem::take(&mut first) {
                         record_first_token(&state, started);
                     }
-                    if !yield_(chunk(kind.choice(Some(&text), None), None)) {
+                    if let Some(calls) = calls.as_mut() {
+                        text = calls.push(&text);
+                    }
+                    if !text.is_empty() && !yield_(chunk(kind.choice(Some(&text), None), None)) {
                         return;
                     }
                 }
-                Event::Done { tokens, finish_reason, .. } => {
-                    yield_(chunk(kind.choice(None, Some(finish_reason.as_str())), None));
+                Event::Done { tokens, finish_reason, text, .. } => {
+                    let mut finish = finish_reason.as_str();
+                    if let Some(streamed) = calls.take() {
+                        let (rest, found) = streamed.finish(&text, &call_prefix);
+                        if !rest.is_empty() {
+                            yield_(chunk(kind.choice(Some(&rest), None), None));
+                        }
+                        if !found.is_empty() {
+                            let deltas: Vec<Value> = found
+                                .into_iter()
+                                .enumerate()
+                                .map(|(i, mut call)| {
+                                    call["index"] = json!(i);
+                                    call
+                                })
+                                .collect();
+                            let delta = json!([{"index": 0, "delta": {"tool_calls": deltas}, "logprobs": null, "finish_reason": null}]);
+                            yield_(chunk(delta, None));
+                            finish = "tool_calls";
+                        }
+                    }
+                    yield_(chunk(kind.choice(None, Some(finish)), None));
                     let used = usage(&state, prompt_tokens, tokens.len());
                     if include_usage {
                         yield_(chunk(json!([]), Some(used)));
@@ -942,7 +980,8 @@ fn answer_stream(
     })
 }
 
-/// Queues a streamed answer to `target` and returns its event stream.
+/// Queues a streamed answer to `target` and returns its event stream
+/// (with tool calls read in `tools`' format, when the request has tools).
 fn start_stream(
     state: &Shared,
     target: &Target,
@@ -950,12 +989,13 @@ fn start_stream(
     kind: StreamKind,
     id: String,
     body: &Value,
+    tools: Option<tools::ToolFormat>,
 ) -> Result<Response, ApiError> {
     let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-    let prompt_tokens = target.ids.len();
     let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let meta = StreamMeta { kind, id, model, prompt_tokens: target.ids.len(), include_usage, tools };
     let rx = submit(state, target, params, None)?;
-    Ok(Sse::new(answer_stream(state.clone(), rx, kind, id, model, prompt_tokens, include_usage)).into_response())
+    Ok(Sse::new(answer_stream(state.clone(), rx, meta)).into_response())
 }
 
 /// A stream fed by an async block through a `yield_` callback (a small

@@ -159,6 +159,71 @@ fn parse_mistral(text: &str, prefix: &str) -> (String, Vec<Value>) {
     (before.to_owned(), calls)
 }
 
+/// A streamed answer that may hold tool calls: text is passed on as it
+/// comes until it may be the start of a call (the format's marker, or
+/// for Llama 3 an answer opening with `{`), which is held back; at the end
+/// the held text is parsed into calls (or passed on after all).
+pub struct StreamedCalls {
+    format: ToolFormat,
+    text: String,
+    emitted: usize,
+}
+
+impl StreamedCalls {
+    /// Nothing streamed yet, calls read in `format`.
+    pub fn new(format: ToolFormat) -> StreamedCalls {
+        StreamedCalls { format, text: String::new(), emitted: 0 }
+    }
+
+    /// Adds generated text; returns what can be sent as content now.
+    pub fn push(&mut self, delta: &str) -> String {
+        self.text.push_str(delta);
+        let ready = self.safe_len();
+        let out = self.text[self.emitted..ready].to_owned();
+        self.emitted = ready;
+        out
+    }
+
+    /// How much of the text cannot start a call.
+    fn safe_len(&self) -> usize {
+        let marker = match self.format {
+            ToolFormat::Hermes => "<tool_call>",
+            ToolFormat::Mistral => "[TOOL_CALLS]",
+            ToolFormat::Llama3Json => {
+                let start = self.text.trim_start();
+                let tag = "<|python_tag|>";
+                let maybe_call =
+                    start.is_empty() || start.starts_with('{') || start.starts_with(tag) || tag.starts_with(start);
+                return if maybe_call { self.emitted } else { self.text.len() };
+            }
+        };
+        if let Some(at) = self.text[self.emitted..].find(marker) {
+            return self.emitted + at;
+        }
+        // Hold back a tail that may be the marker's beginning.
+        let tail = (1..marker.len())
+            .rev()
+            .find(|&k| {
+                self.text.len() >= k
+                    && self.text.is_char_boundary(self.text.len() - k)
+                    && self.text.ends_with(&marker[..k])
+            })
+            .unwrap_or(0);
+        (self.text.len() - tail).max(self.emitted)
+    }
+
+    /// The answer is complete (`text`: its final text, of which the pushed
+    /// text is a prefix): the content still to send and the calls.
+    pub fn finish(self, text: &str, prefix: &str) -> (String, Vec<Value>) {
+        let held = text.get(self.emitted..).unwrap_or_default();
+        let (content, calls) = parse_tool_calls(held, prefix, self.format);
+        if calls.is_empty() {
+            return (held.to_owned(), calls);
+        }
+        (content.unwrap_or_default(), calls)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,7 +270,31 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[1]["function"]["name"], "get_time");
         assert_eq!(mistral("[TOOL_CALLS] not json").1.len(), 0);
+    }
 
+    #[test]
+    fn streamed_calls_hold_back_only_what_may_be_a_call() {
+        let mut s = StreamedCalls::new(ToolFormat::Hermes);
+        let pieces = ["Let me ", "check.<to", "ol_call>{\"name\": \"f\", ", "\"arguments\": {}}</tool_call>"];
+        let sent: Vec<String> = pieces.iter().map(|p| s.push(p)).collect();
+        assert_eq!(sent, ["Let me ", "check.", "", ""]);
+        let (rest, calls) = s.finish(&pieces.concat(), "c");
+        assert_eq!((rest.as_str(), calls.len()), ("", 1));
+        // No call after all: the held text goes out at the end.
+        let mut s = StreamedCalls::new(ToolFormat::Hermes);
+        assert_eq!(s.push("a <tool"), "a ");
+        assert_eq!(s.push("box> b"), "<toolbox> b");
+        assert_eq!(s.finish("a <toolbox> b", "c"), (String::new(), vec![]));
+        // Llama 3: an answer opening with `{` is held whole.
+        let mut s = StreamedCalls::new(ToolFormat::Llama3Json);
+        assert_eq!(s.push("{\"name\": \"f\", \"parameters\": {}}"), "");
+        assert_eq!(s.finish("{\"name\": \"f\", \"parameters\": {}}", "c").1.len(), 1);
+        let mut s = StreamedCalls::new(ToolFormat::Llama3Json);
+        assert_eq!(s.push("Sunny."), "Sunny.");
+    }
+
+    #[test]
+    fn formats_are_told_apart_by_their_templates() {
         assert_eq!(ToolFormat::of_template("{{ '[TOOL_CALLS]' }}"), ToolFormat::Mistral);
         assert_eq!(ToolFormat::of_template("{{- '<|python_tag|>' }}"), ToolFormat::Llama3Json);
         assert_eq!(ToolFormat::of_template("<tool_call>"), ToolFormat::Hermes);

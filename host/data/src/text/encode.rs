@@ -85,7 +85,13 @@ pub fn encode_chat(assets: &TextAssets, messages: &[Value], tools: Option<&[Valu
     let labels = encoding
         .iter()
         .map(|&(id, (start, end))| {
-            let inside = spans.iter().any(|&(s, e)| start >= s && end <= e && end > start);
+            // Byte-level tokenizers trim the offsets of whitespace-only
+            // tokens (`Ġ`, indentation) to the empty point after them:
+            // such a token is inside when the character before that point is.
+            let inside = spans.iter().any(|&(s, e)| match end > start {
+                true => start >= s && end <= e,
+                false => start > s && start <= e,
+            });
             if inside {
                 i64::from(id)
             } else {
