@@ -27,7 +27,12 @@ pub struct WebUiArgs {
 pub fn run(global: &GlobalArgs, args: &WebUiArgs) -> anyhow::Result<()> {
     let api = load_api(global, &args.serve)?;
     let exe = std::env::current_exe().context("finding the oxtune binary to launch runs with")?;
-    let config = WebUiConfig { workspace: args.workspace.clone(), exe, version: env!("CARGO_PKG_VERSION").to_owned() };
+    let config = WebUiConfig {
+        workspace: args.workspace.clone(),
+        exe,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        api_key: args.serve.api_key.clone(),
+    };
     let router =
         app(config, (api.router, api.loader)).with_context(|| format!("--workspace {}", args.workspace.display()))?;
     let addr = address(&args.serve)?;

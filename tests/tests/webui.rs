@@ -191,3 +191,26 @@ fn the_ui_api_confines_runs_to_the_workspace_and_serves_checkpoints() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_api_key_guards_the_ui_api_but_not_the_page() {
+    let dir = workspace("key");
+    let (model, ws) = (dir.join("model").display().to_string(), dir.display().to_string());
+    let server = Server::start_subcommand("web-ui", &["--model", &model, "--workspace", &ws, "--api-key", "sesame"]);
+    let status = |path: &str, key: Option<&str>| {
+        let mut request = agent().get(&format!("{}{path}", server.url));
+        if let Some(key) = key {
+            request = request.header("authorization", &format!("Bearer {key}"));
+        }
+        request.call().unwrap().status().as_u16()
+    };
+    assert_eq!(status("", None), 200, "the page loads, so the key can be typed in");
+    assert_eq!(status("app.js", None), 200);
+    for path in ["api/runs", "api/info", "v1/models"] {
+        assert_eq!(status(path, None), 401, "{path}");
+        assert_eq!(status(path, Some("wrong")), 401, "{path}");
+        assert_eq!(status(path, Some("sesame")), 200, "{path}");
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

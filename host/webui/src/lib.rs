@@ -42,6 +42,9 @@ pub struct WebUiConfig {
     pub exe: PathBuf,
     /// Shown in the page's header.
     pub version: String,
+    /// Required as `Authorization: Bearer KEY` by the UI's API (the page
+    /// itself loads without it), as by the OpenAI routes.
+    pub api_key: Option<String>,
 }
 
 struct UiState {
@@ -90,10 +93,11 @@ pub fn app(config: WebUiConfig, chat: (Router, AdapterLoader)) -> std::io::Resul
         version: config.version,
     });
     let asset = |body: &'static str, kind: &'static str| move || async move { ([(header::CONTENT_TYPE, kind)], body) };
-    let ui = Router::new()
+    let page = Router::new()
         .route("/", get(asset(include_str!("../assets/index.html"), "text/html; charset=utf-8")))
         .route("/app.js", get(asset(include_str!("../assets/app.js"), "text/javascript; charset=utf-8")))
-        .route("/app.css", get(asset(include_str!("../assets/app.css"), "text/css; charset=utf-8")))
+        .route("/app.css", get(asset(include_str!("../assets/app.css"), "text/css; charset=utf-8")));
+    let api = Router::new()
         .route("/api/info", get(info))
         .route("/api/command", post(preview))
         .route("/api/runs", get(list_runs).post(launch))
@@ -102,8 +106,24 @@ pub fn app(config: WebUiConfig, chat: (Router, AdapterLoader)) -> std::io::Resul
         .route("/api/runs/{id}/stop", post(stop))
         .route("/api/adapters", post(load_adapter))
         .route("/api/export", post(export))
+        .route_layer(axum::middleware::from_fn_with_state(config.api_key.map(Arc::new), require_key))
         .with_state(state);
-    Ok(ui.merge(chat).fallback(|| async { not_found("such page") }))
+    Ok(page.merge(api).merge(chat).fallback(|| async { not_found("such page") }))
+}
+
+/// Lets a request through when no key is set or it carries the key.
+async fn require_key(
+    State(key): State<Option<Arc<String>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match key {
+        Some(key) if given.and_then(|g| g.strip_prefix("Bearer ")) != Some(key.as_str()) => {
+            UiError(StatusCode::UNAUTHORIZED, "invalid API key".into()).into_response()
+        }
+        _ => next.run(request).await,
+    }
 }
 
 async fn info(State(state): State<Shared>) -> Json<Value> {
