@@ -660,3 +660,34 @@ fn the_openai_client_gets_tool_calls_plain_and_streamed() {
     assert_eq!(seen["stream_content"], "");
     assert_eq!(seen["stream_calls"], json!([{"name": "get_weather", "arguments": seen["calls"][0]["arguments"]}]));
 }
+
+#[test]
+fn n_sampled_choices_stream_with_their_indices_as_they_answer_plainly() {
+    use std::io::BufRead;
+    let server = Server::start(&["--model", &model_dir()]);
+    let body = json!({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                      "temperature": 1.0, "seed": 3, "n": 3});
+    let (status, plain) = chat(&server.url, body.clone());
+    assert_eq!(status, 200, "{plain}");
+    let want: Vec<&str> = (0..3).map(|i| plain["choices"][i]["message"]["content"].as_str().unwrap()).collect();
+    assert!(want[0] != want[1] || want[1] != want[2], "different seeds sample differently: {want:?}");
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let mut response = agent().post(&format!("{}/chat/completions", server.url)).send_json(&streamed).unwrap();
+    let (mut texts, mut roles, mut finishes) = (vec![String::new(); 3], 0, 0);
+    for line in std::io::BufReader::new(response.body_mut().as_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        let choice = &chunk["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        roles += usize::from(choice["delta"]["role"] == "assistant");
+        finishes += usize::from(choice["finish_reason"].is_string());
+        texts[i].push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!((roles, finishes), (3, 3));
+    assert_eq!(texts, want, "each streamed choice is the plain choice with the same seed");
+}

@@ -665,13 +665,13 @@ async fn completions_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -
         let [CompletionPrompt { ids, .. }] = prompts.as_slice() else {
             return Err(ApiError::invalid("prompt", "streaming serves one prompt"));
         };
-        if n > 1 || echo || logprobs.is_some() {
-            return Err(ApiError::invalid("stream", "streaming serves one choice, without echo or logprobs"));
+        if echo || logprobs.is_some() {
+            return Err(ApiError::invalid("stream", "streaming serves no echo or logprobs"));
         }
         check_ids(state, ids, params.max_new_tokens)?;
         let id = format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
         let target = Target { ids: ids.clone(), media: None, adapter };
-        return start_stream(state, &target, params, StreamKind::Completion, id, &body, None);
+        return start_stream(state, &target, params, n, StreamKind::Completion, id, &body, None);
     }
     let mut choices = Vec::new();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
@@ -809,11 +809,11 @@ async fn chat_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -> Resul
     let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
     let stream = opt_bool(&body, "stream")?;
     if stream {
-        if n > 1 || top_logprobs.is_some() {
-            return Err(ApiError::invalid("stream", "streaming serves one choice, without logprobs"));
+        if top_logprobs.is_some() {
+            return Err(ApiError::invalid("stream", "streaming serves no logprobs"));
         }
         let format = tools.as_ref().map(|_| tool_format(state));
-        return start_stream(state, &target, params, StreamKind::Chat, id, &body, format);
+        return start_stream(state, &target, params, n, StreamKind::Chat, id, &body, format);
     }
     let mut choices = Vec::new();
     let mut completion_tokens = 0;
@@ -884,26 +884,28 @@ enum StreamKind {
 }
 
 impl StreamKind {
-    fn choice(self, text: Option<&str>, finish_reason: Option<&str>) -> Value {
+    /// The `choices` of a chunk for choice `index`.
+    fn choice(self, index: usize, text: Option<&str>, finish_reason: Option<&str>) -> Value {
         match self {
             StreamKind::Chat => {
                 let delta = text.map_or(json!({}), |t| json!({"content": t}));
-                json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}])
+                json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason}])
             }
             StreamKind::Completion => {
-                json!([{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish_reason}])
+                json!([{"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish_reason}])
             }
         }
     }
 }
 
-/// The server-sent events of a streamed answer, as OpenAI sends them: for
-/// chat a first chunk with the role, then the text pieces, a last chunk
-/// with the finish reason, a usage chunk (`choices: []`) when asked, then
-/// `[DONE]`.
+/// The server-sent events of a streamed answer with one choice per
+/// receiver, as OpenAI sends them: for chat a first chunk with the role
+/// per choice, then the text pieces as they come (each naming its choice's
+/// `index`), a last chunk per choice with its finish reason, a usage chunk
+/// (`choices: []`) when asked, then `[DONE]`.
 fn answer_stream(
     state: Shared,
-    mut rx: UnboundedReceiver<Event>,
+    receivers: Vec<UnboundedReceiver<Event>>,
     meta: StreamMeta,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let StreamMeta { kind, id, model, prompt_tokens, include_usage, tools } = meta;
@@ -918,56 +920,69 @@ fn answer_stream(
         Ok(SseEvent::default().data(c.to_string()))
     };
     let started = Instant::now();
+    let n = receivers.len();
+    // The choices' events, each tagged with its choice's index.
+    let mut events = futures_util::stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| {
+        futures_util::StreamExt::map(tokio_stream::wrappers::UnboundedReceiverStream::new(rx), move |e| (i, e))
+    }));
     async_stream(move |yield_| async move {
         if kind == StreamKind::Chat {
-            let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
-            if !yield_(chunk(role, None)) {
-                return;
+            for i in 0..n {
+                let role = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+                if !yield_(chunk(role, None)) {
+                    return;
+                }
             }
         }
         let mut first = true;
-        let mut calls = tools.map(tools::StreamedCalls::new);
-        // Returning drops `rx`: the worker then sees the client gone and stops.
-        while let Some(event) = rx.recv().await {
+        let mut calls: Vec<Option<tools::StreamedCalls>> =
+            (0..n).map(|_| tools.map(tools::StreamedCalls::new)).collect();
+        let (mut finished, mut completion_tokens) = (0, 0);
+        // Returning drops the receivers: the worker then sees the client gone and stops.
+        while let Some((i, event)) = futures_util::StreamExt::next(&mut events).await {
             match event {
                 Event::Delta(mut text) => {
                     if std::mem::take(&mut first) {
                         record_first_token(&state, started);
                     }
-                    if let Some(calls) = calls.as_mut() {
+                    if let Some(calls) = calls[i].as_mut() {
                         text = calls.push(&text);
                     }
-                    if !text.is_empty() && !yield_(chunk(kind.choice(Some(&text), None), None)) {
+                    if !text.is_empty() && !yield_(chunk(kind.choice(i, Some(&text), None), None)) {
                         return;
                     }
                 }
                 Event::Done { tokens, finish_reason, text, .. } => {
                     let mut finish = finish_reason.as_str();
-                    if let Some(streamed) = calls.take() {
-                        let (rest, found) = streamed.finish(&text, &call_prefix);
+                    if let Some(streamed) = calls[i].take() {
+                        let (rest, found) = streamed.finish(&text, &format!("{call_prefix}_{i}"));
                         if !rest.is_empty() {
-                            yield_(chunk(kind.choice(Some(&rest), None), None));
+                            yield_(chunk(kind.choice(i, Some(&rest), None), None));
                         }
                         if !found.is_empty() {
                             let deltas: Vec<Value> = found
                                 .into_iter()
                                 .enumerate()
-                                .map(|(i, mut call)| {
-                                    call["index"] = json!(i);
+                                .map(|(k, mut call)| {
+                                    call["index"] = json!(k);
                                     call
                                 })
                                 .collect();
-                            let delta = json!([{"index": 0, "delta": {"tool_calls": deltas}, "logprobs": null, "finish_reason": null}]);
+                            let delta = json!([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": null, "finish_reason": null}]);
                             yield_(chunk(delta, None));
                             finish = "tool_calls";
                         }
                     }
-                    yield_(chunk(kind.choice(None, Some(finish)), None));
-                    let used = usage(&state, prompt_tokens, tokens.len());
-                    if include_usage {
-                        yield_(chunk(json!([]), Some(used)));
+                    yield_(chunk(kind.choice(i, None, Some(finish)), None));
+                    completion_tokens += tokens.len();
+                    finished += 1;
+                    if finished == n {
+                        let used = usage(&state, prompt_tokens, completion_tokens);
+                        if include_usage {
+                            yield_(chunk(json!([]), Some(used)));
+                        }
+                        break;
                     }
-                    break;
                 }
                 Event::Failed(message) => {
                     let error = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, message);
@@ -980,12 +995,15 @@ fn answer_stream(
     })
 }
 
-/// Queues a streamed answer to `target` and returns its event stream
-/// (with tool calls read in `tools`' format, when the request has tools).
+/// Queues `n` streamed answers to `target` (seeds `seed`, `seed + 1`, ...)
+/// and returns their event stream, choices told apart by `index` (with
+/// tool calls read in `tools`' format, when the request has tools).
+#[allow(clippy::too_many_arguments)]
 fn start_stream(
     state: &Shared,
     target: &Target,
     params: SamplingParams,
+    n: usize,
     kind: StreamKind,
     id: String,
     body: &Value,
@@ -994,8 +1012,12 @@ fn start_stream(
     let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     let meta = StreamMeta { kind, id, model, prompt_tokens: target.ids.len(), include_usage, tools };
-    let rx = submit(state, target, params, None)?;
-    Ok(Sse::new(answer_stream(state.clone(), rx, meta)).into_response())
+    let mut receivers = Vec::with_capacity(n);
+    for i in 0..n {
+        let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
+        receivers.push(submit(state, target, params, None)?);
+    }
+    Ok(Sse::new(answer_stream(state.clone(), receivers, meta)).into_response())
 }
 
 /// A stream fed by an async block through a `yield_` callback (a small
