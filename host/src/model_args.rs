@@ -9,6 +9,7 @@ use oxtune_registry::Registry;
 use oxtune_data::TextAssets;
 use oxtune_engine::generate::SamplingParams;
 use oxtune_engine::model::checkpoint::Trainable;
+use oxtune_engine::quant::{Bnb4Type, QuantizeOnLoad};
 use oxtune_engine::{LoadOptions, LoadedModel};
 
 /// Which model to load, and how.
@@ -44,6 +45,24 @@ pub struct ModelArgs {
     /// `metal`; the GPU ones need oxtune built with that cargo feature.
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: String,
+    /// Quantise the linear layers as the model loads, for QLoRA: `bnb`
+    /// (bitsandbytes' 4-bit NF4/FP4, kept 4-bit in memory; the codes are
+    /// bitsandbytes' own).
+    #[arg(long, value_name = "METHOD")]
+    pub quant_method: Option<String>,
+    /// Bits of `--quant-method` (4).
+    #[arg(long, value_name = "BITS")]
+    pub quant_bits: Option<u32>,
+    /// The 4-bit code: `nf4` or `fp4`.
+    #[arg(long, value_name = "TYPE", default_value = "nf4")]
+    pub bnb_4bit_quant_type: String,
+    /// Store the 4-bit block scales in 8 bits too (double quantisation).
+    #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1, default_missing_value = "true")]
+    pub bnb_4bit_use_double_quant: bool,
+    /// The dtype the 4-bit layers compute in (`float32`, `bfloat16`,
+    /// `float16`): the model's compute dtype (`--dtype`).
+    #[arg(long, value_name = "DTYPE")]
+    pub bnb_4bit_compute_dtype: Option<String>,
 }
 
 /// A model with its tokenizer and template.
@@ -55,6 +74,25 @@ pub struct LoadedText {
 }
 
 impl ModelArgs {
+    /// What `--quant-method`, `--quant-bits` and the `--bnb-4bit-*` flags ask.
+    fn quantize_on_load(&self) -> anyhow::Result<Option<QuantizeOnLoad>> {
+        match (self.quant_method.as_deref(), self.quant_bits) {
+            (None, None) => Ok(None),
+            (Some("bnb"), Some(4) | None) => {
+                let kind = Bnb4Type::parse(&self.bnb_4bit_quant_type)
+                    .with_context(|| format!("--bnb-4bit-quant-type {}: use nf4 or fp4", self.bnb_4bit_quant_type))?;
+                Ok(Some(QuantizeOnLoad { kind, double_quant: self.bnb_4bit_use_double_quant }))
+            }
+            (Some("bnb"), Some(bits)) => {
+                anyhow::bail!("--quant-bits {bits}: bitsandbytes quantisation here is 4-bit (NF4 or FP4)")
+            }
+            (Some(other), _) => anyhow::bail!(
+                "--quant-method {other}: `bnb` is supported (a GGUF file loads with its own quantisation)"
+            ),
+            (None, Some(_)) => anyhow::bail!("--quant-bits needs --quant-method bnb"),
+        }
+    }
+
     /// Loads the model (with `--adapter` applied) and its text assets.
     pub fn load(&self, registry: &Registry) -> anyhow::Result<LoadedText> {
         self.load_with(registry, true)
@@ -62,12 +100,13 @@ impl ModelArgs {
 
     /// Loads the model and its text assets, applying `--adapter` only if asked.
     pub fn load_with(&self, registry: &Registry, apply_adapter: bool) -> anyhow::Result<LoadedText> {
-        let dtype = match self.dtype.as_str() {
+        let dtype = match self.bnb_4bit_compute_dtype.as_deref().unwrap_or(self.dtype.as_str()) {
             "f32" | "float32" => DType::F32,
             "bf16" | "bfloat16" => DType::BF16,
             "f16" | "float16" => DType::F16,
-            other => anyhow::bail!("--dtype {other}: use f32, bf16 or f16"),
+            other => anyhow::bail!("--dtype / --bnb-4bit-compute-dtype {other}: use f32, bf16 or f16"),
         };
+        let quantize = self.quantize_on_load()?;
         let device = self.device()?;
         // A dtype the device cannot compute in fails here, not mid-run.
         let probe = Tensor::ones((2, 2), dtype, &device).and_then(|t| t.matmul(&t)?.sum_all()?.to_dtype(DType::F32));
@@ -80,7 +119,8 @@ impl ModelArgs {
                 first_line(&cause)
             );
         }
-        let options = LoadOptions { dtype, device, trainable: Trainable::None, model_type: self.model_type.clone() };
+        let options =
+            LoadOptions { dtype, device, trainable: Trainable::None, model_type: self.model_type.clone(), quantize };
         let mut model = LoadedModel::load(registry, &self.model, &options)?;
         if let Some(adapter) = self.adapter.as_ref().filter(|_| apply_adapter) {
             model

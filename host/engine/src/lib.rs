@@ -17,6 +17,7 @@ pub mod loss;
 pub mod media;
 pub mod memory;
 pub mod model;
+pub mod quant;
 pub mod rng;
 
 pub use model::{LoadOptions, LoadedModel, ModelError};

@@ -82,10 +82,12 @@ pub fn write_adapter_gguf(base: &LoadedModel, adapter_dir: &Path, path: &Path) -
         };
         let weight = format!("{layer}.weight");
         let position = by_hf_name.get(weight.as_str()).copied();
-        let (Some(position), Some(base_weight)) = (position, base.weights().get(&weight)) else {
+        let (Some(position), Some(dims)) = (position, base.weights().dims(&weight)) else {
             return Err(mismatch(name, format!("adapts `{weight}`, which the base model does not have")));
         };
-        let (out_features, in_features) = base_weight.dims2().map_err(|e| mismatch(name, e.to_string()))?;
+        let [out_features, in_features] = dims[..] else {
+            return Err(mismatch(name, format!("adapts `{weight}`, which is not a matrix")));
+        };
         let (rows, cols) = tensor.dims2().map_err(|e| mismatch(name, e.to_string()))?;
         let fits = if is_b { rows == out_features } else { cols == in_features };
         if !fits {

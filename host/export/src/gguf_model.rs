@@ -132,7 +132,7 @@ pub fn write_model_gguf(model: &mut LoadedModel, quant: QuantType, path: &Path) 
     for name in model.weights().names() {
         let position = *by_hf_name.get(name).ok_or_else(|| unmapped(name, &layout))?;
         let entry = &layout.tensors[position];
-        let dims = model.weights().get(name).expect("listed by the store").dims().to_vec();
+        let dims = model.weights().dims(name).expect("listed by the store");
         planned.push(Planned {
             source_name: name.to_owned(),
             gguf: entry.gguf.clone(),
@@ -143,7 +143,11 @@ pub fn write_model_gguf(model: &mut LoadedModel, quant: QuantType, path: &Path) 
     }
     let weights = model.weights();
     write_planned(&layout, planned, model_name(model.dir()), model.dir(), quant, path, |name| {
-        Ok(weights.get(name).expect("listed by the store").clone())
+        // A 4-bit base is written from its dequantised values.
+        weights
+            .dense(name, candle_core::DType::F32)
+            .expect("listed by the store")
+            .map_err(|e| ExportError::source(model.dir(), e))
     })
 }
 

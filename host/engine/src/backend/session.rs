@@ -19,6 +19,7 @@ use super::batch::{build_mask, key_mask, BatchInfo, KvCache, MaskShape, MaskSpec
 use super::checkpoint::{Block, Checkpointing, Recording, Replay};
 use super::ops;
 use super::weights::WeightStore;
+use crate::quant::QuantizedWeight;
 
 /// An error while executing an op; its message reaches the plugin and the user.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +140,12 @@ pub enum Head<'a> {
     /// where the label is [`IGNORE_INDEX`](crate::loss::IGNORE_INDEX)),
     /// computed without the logits on the CPU.
     LabelLogProbs(&'a Tensor),
+}
+
+/// The weight of a linear layer: a tensor, or kept quantised.
+enum LinearWeight {
+    Dense(Tensor),
+    Quantized(Arc<QuantizedWeight>),
 }
 
 static NEXT_TAG: AtomicU32 = AtomicU32::new(1);
@@ -317,11 +324,17 @@ impl<'a> GraphSession<'a> {
         }
     }
 
-    fn weight(&self, name: &str) -> Result<&Tensor, OpError> {
-        self.overlay
-            .and_then(|o| o.get(name))
-            .or_else(|| self.ctx.weights.get(name))
-            .ok_or_else(|| OpError::MissingWeight(name.to_owned()))
+    /// The parameter `name` (a served adapter's first, then the model's; a
+    /// quantised weight dequantised).
+    fn weight(&self, name: &str) -> Result<Tensor, OpError> {
+        if let Some(t) = self.overlay.and_then(|o| o.get(name)) {
+            return Ok(t.clone());
+        }
+        let weights = self.ctx.weights;
+        match weights.dense(name, weights.dtype()) {
+            Some(t) => t.map_err(|source| OpError::Candle { op: "weight", source: source }),
+            None => Err(OpError::MissingWeight(name.to_owned())),
+        }
     }
 
     /// Executes one op and returns its result's handle.
@@ -439,7 +452,7 @@ impl<'a> GraphSession<'a> {
         let name = op_name(op);
         let candle = |source| OpError::Candle { op: name, source: source };
         match op {
-            Op::Weight { name } => Ok(self.weight(name)?.clone()),
+            Op::Weight { name } => self.weight(name),
             Op::Embedding { name, ids } => {
                 let table = self.weight(&format!("{name}.weight"))?;
                 let ids = self.get(*ids)?;
@@ -458,14 +471,14 @@ impl<'a> GraphSession<'a> {
                 let kernel =
                     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && w.dtype() == x.dtype();
                 match kernel {
-                    true => oxtune_kernels::rms_norm(x, w, *eps).map_err(candle),
-                    false => ops::rms_norm(x, w, *eps).map_err(candle),
+                    true => oxtune_kernels::rms_norm(x, &w, *eps).map_err(candle),
+                    false => ops::rms_norm(x, &w, *eps).map_err(candle),
                 }
             }
             Op::LayerNorm { name, x, eps } => {
                 let w = self.weight(&format!("{name}.weight"))?;
                 let b = self.ctx.weights.get(&format!("{name}.bias"));
-                ops::layer_norm(self.get(*x)?, w, b, *eps).map_err(candle)
+                ops::layer_norm(self.get(*x)?, &w, b, *eps).map_err(candle)
             }
             Op::Neg { x } => self.get(*x)?.neg().map_err(candle),
             Op::Exp { x } => self.get(*x)?.exp().map_err(candle),
@@ -600,12 +613,19 @@ impl<'a> GraphSession<'a> {
 
     fn linear(&mut self, name: &str, x: TensorId) -> Result<Tensor, OpError> {
         let candle = |source| OpError::Candle { op: "linear", source: source };
-        let w = self.weight(&format!("{name}.weight"))?;
+        let weight_name = format!("{name}.weight");
+        let weight = match self.ctx.weights.quantized(&weight_name) {
+            Some(q) => LinearWeight::Quantized(q.clone()),
+            None => LinearWeight::Dense(self.weight(&weight_name)?),
+        };
         let b = self.ctx.weights.get(&format!("{name}.bias"));
         let input = self.get(x)?;
         let dims = input.dims().to_vec();
         let in_features = *dims.last().ok_or(OpError::Invalid { op: "linear", message: "scalar input".into() })?;
-        let (out_features, weight_in) = w.dims2().map_err(candle)?;
+        let (out_features, weight_in) = match &weight {
+            LinearWeight::Quantized(q) => q.dims(),
+            LinearWeight::Dense(w) => w.dims2().map_err(candle)?,
+        };
         if weight_in != in_features {
             return Err(OpError::Invalid {
                 op: "linear",
@@ -618,15 +638,21 @@ impl<'a> GraphSession<'a> {
         let x2 = input.reshape((rows, in_features)).map_err(candle)?;
         // The two kernels below are CPU code; other devices run candle's matmul.
         let cpu = x2.device().is_cpu();
-        // Decoding (a few rows, no gradient): a streaming kernel instead of gemm.
-        let fast = cpu && rows <= 8 && w.dtype() == DType::F32 && !input.track_op() && !w.track_op();
-        let mut y = if fast {
-            oxtune_kernels::matvec(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
-        } else if cpu && input.track_op() && !w.track_op() {
-            // Training through a frozen weight: no gradient for the weight.
-            oxtune_kernels::frozen_linear(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
-        } else {
-            x2.matmul(&w.t().map_err(candle)?).map_err(candle)?
+        let mut y = match &weight {
+            // A quantised (frozen) weight: dequantised a panel at a time.
+            LinearWeight::Quantized(q) => crate::quant::linear(&x2, q).map_err(candle)?,
+            LinearWeight::Dense(w) => {
+                // Decoding (a few rows, no gradient): a streaming kernel instead of gemm.
+                let fast = cpu && rows <= 8 && w.dtype() == DType::F32 && !input.track_op() && !w.track_op();
+                if fast {
+                    oxtune_kernels::matvec(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
+                } else if cpu && input.track_op() && !w.track_op() {
+                    // Training through a frozen weight: no gradient for the weight.
+                    oxtune_kernels::frozen_linear(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
+                } else {
+                    x2.matmul(&w.t().map_err(candle)?).map_err(candle)?
+                }
+            }
         };
         if let Some(b) = b {
             y = y.broadcast_add(b).map_err(candle)?;
@@ -703,7 +729,7 @@ impl<'a> GraphSession<'a> {
             }
             Head::LabelLogProbs(labels) => labels,
         };
-        let w = self.weight(&format!("{name}.weight"))?.clone();
+        let w = self.weight(&format!("{name}.weight"))?;
         let targets = crate::loss::next_token_targets(labels, (b, s), w.dim(0).map_err(candle)?).map_err(candle)?;
         let flat = input.reshape((b * s, hidden)).map_err(candle)?;
         let tuned = self.ctx.tuner.is_some_and(|t| t.targets(name));

@@ -231,8 +231,10 @@ impl LoadedModel {
         };
         let mut created = Vec::new();
         for layer in layers {
-            let base = &self.weights.get(&format!("{layer}.weight")).expect("listed above");
-            let (out_features, in_features) = base.dims2().map_err(init_error)?;
+            let dims = self.weights.dims(&format!("{layer}.weight")).expect("listed above");
+            let [out_features, in_features] = dims[..] else {
+                return Err(init_error(candle_core::Error::Msg(format!("`{layer}.weight` is not a matrix"))));
+            };
             let specs =
                 instance.params(layer.as_str().into(), in_features as u64, out_features as u64).into_result().map_err(
                     |e| ModelError::Forward { model: self.dir.clone(), source: OpError::Plugin(e.into_string()) },
@@ -249,8 +251,12 @@ impl LoadedModel {
                     Ok(oxtune_plugin_api::ParamInit::Uniform { bound }) => {
                         (0..count).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
                     }
-                    Ok(oxtune_plugin_api::ParamInit::WeightRowNorm) => base
-                        .sqr()
+                    // DoRA's magnitude (a 4-bit base dequantised for it).
+                    Ok(oxtune_plugin_api::ParamInit::WeightRowNorm) => self
+                        .weights
+                        .dense(&format!("{layer}.weight"), self.dtype)
+                        .expect("listed above")
+                        .and_then(|base| base.sqr())
                         .and_then(|t| t.sum(1))
                         .and_then(|t| t.sqrt())
                         .and_then(|t| t.to_dtype(candle_core::DType::F32))

@@ -3,19 +3,16 @@
 //! or without double quantisation): each quantised `<layer>.weight` is a
 //! packed `uint8` tensor with its block scales and code table beside it
 //! (`.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant_map`,
-//! `.quant_state.bitsandbytes__nf4|fp4`). The weight is dequantised on
-//! load exactly as bitsandbytes' `dequantize_4bit` does.
-//!
-//! Layout (checked byte for byte against bitsandbytes 0.50): element `2p`
-//! of the row-major weight is the high nibble of byte `p`, element `2p+1`
-//! the low one; blocks of `blocksize` elements share `absmax[block]`; with
-//! double quantisation `absmax[i] = nested_quant_map[absmax_u8[i]] ·
-//! nested_absmax[i / nested_blocksize] + nested_offset`.
+//! `.quant_state.bitsandbytes__nf4|fp4`). The parts are read as they are
+//! ([`Bnb4Parts`]) and the weight is kept in 4 bits (see
+//! [`crate::quant::bnb4`] for the layout).
 
 use std::collections::HashSet;
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+
+use crate::quant::bnb4::{Bnb4Parts, Bnb4Type, Scales};
 
 /// The suffixes of the tensors that describe a quantised weight.
 const STATE_SUFFIXES: [&str; 4] = [".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"];
@@ -44,10 +41,14 @@ fn u8s(tensors: &MmapedSafetensors, name: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("`{name}`: {e}"))
 }
 
-/// The dequantised weight `name` if it is stored in 4 bits in `tensors`
-/// (`None` for an ordinary tensor), as f32 on the CPU; `names` is the set
-/// of the file's tensor names (gathered once per file by the caller).
-pub fn dequantize(tensors: &MmapedSafetensors, names: &HashSet<String>, name: &str) -> Result<Option<Tensor>, String> {
+/// The 4-bit parts of weight `name` if it is stored in 4 bits in
+/// `tensors` (`None` for an ordinary tensor); `names` is the set of the
+/// file's tensor names (gathered once per file by the caller).
+pub fn read_parts(
+    tensors: &MmapedSafetensors,
+    names: &HashSet<String>,
+    name: &str,
+) -> Result<Option<Bnb4Parts>, String> {
     let Some(state_name) = state_names(name).into_iter().find(|s| names.contains(s)) else { return Ok(None) };
     let state: serde_json::Value = serde_json::from_slice(&u8s(tensors, &state_name)?)
         .map_err(|e| format!("`{state_name}` is not the JSON bitsandbytes writes: {e}"))?;
@@ -57,48 +58,35 @@ pub fn dequantize(tensors: &MmapedSafetensors, names: &HashSet<String>, name: &s
         .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
         .ok_or_else(|| format!("`{state_name}`: `shape` must be a list of sizes"))?;
     let blocksize = field("blocksize")?.as_u64().filter(|&b| b > 0).ok_or("`blocksize` must be positive")? as usize;
+    let kind = field("quant_type")?
+        .as_str()
+        .and_then(Bnb4Type::parse)
+        .ok_or_else(|| format!("`{state_name}`: `quant_type` must be nf4 or fp4"))?;
     let count: usize = shape.iter().product();
     let packed = u8s(tensors, name)?;
     if packed.len() * 2 < count {
         return Err(format!("`{name}` holds {} values, its state says {count}", packed.len() * 2));
     }
-    let quant_map = f32s(tensors, &format!("{name}.quant_map"))?;
-    if quant_map.len() != 16 {
-        return Err(format!("`{name}.quant_map` has {} entries, not 16", quant_map.len()));
-    }
+    let code: [f32; 16] = f32s(tensors, &format!("{name}.quant_map"))?
+        .try_into()
+        .map_err(|v: Vec<f32>| format!("`{name}.quant_map` has {} entries, not 16", v.len()))?;
     let absmax_name = format!("{name}.absmax");
-    let absmax: Vec<f32> = if names.contains(&format!("{name}.nested_absmax")) {
-        let codes = u8s(tensors, &absmax_name)?;
-        let nested = f32s(tensors, &format!("{name}.nested_absmax"))?;
-        let nested_map = f32s(tensors, &format!("{name}.nested_quant_map"))?;
-        let nested_block = state.get("nested_blocksize").and_then(|v| v.as_u64()).unwrap_or(256).max(1) as usize;
-        let offset = state.get("nested_offset").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32;
-        codes
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| {
-                let scale = nested.get(i / nested_block).copied().unwrap_or(0.0);
-                nested_map.get(c as usize).copied().unwrap_or(0.0) * scale + offset
-            })
-            .collect()
+    let scales = if names.contains(&format!("{name}.nested_absmax")) {
+        Scales::Nested {
+            codes: u8s(tensors, &absmax_name)?,
+            nested_absmax: f32s(tensors, &format!("{name}.nested_absmax"))?,
+            nested_code: f32s(tensors, &format!("{name}.nested_quant_map"))?,
+            nested_blocksize: state.get("nested_blocksize").and_then(|v| v.as_u64()).unwrap_or(256).max(1) as usize,
+            offset: state.get("nested_offset").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32,
+        }
     } else {
-        f32s(tensors, &absmax_name)?
+        Scales::Plain(f32s(tensors, &absmax_name)?)
     };
-    if absmax.len() < count.div_ceil(blocksize) {
-        return Err(format!("`{absmax_name}` has {} scales for {} blocks", absmax.len(), count.div_ceil(blocksize)));
-    }
-    let values: Vec<f32> = (0..count)
-        .map(|i| {
-            let byte = packed[i / 2];
-            let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
-            quant_map[code as usize] * absmax[i / blocksize]
-        })
-        .collect();
-    Tensor::from_vec(values, shape, &Device::Cpu).map(Some).map_err(|e| format!("`{name}`: {e}"))
+    Ok(Some(Bnb4Parts { kind, shape, blocksize, packed, code, scales }))
 }
 
 /// Checks a config's `quantization_config`: bitsandbytes 4-bit is read
-/// (and dequantised); anything else is refused with its name.
+/// (and kept in 4 bits); anything else is refused with its name.
 pub fn check_quantization_config(config: &serde_json::Value) -> Result<(), String> {
     let Some(q) = config.get("quantization_config").filter(|q| !q.is_null()) else { return Ok(()) };
     let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown");

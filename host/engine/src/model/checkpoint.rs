@@ -10,6 +10,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Var};
 
 use crate::backend::WeightStore;
+use crate::quant::{Bnb4Weight, QuantizedWeight};
 
 /// An error reading a checkpoint; each names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -115,8 +116,18 @@ pub fn load_weights(
             if super::bnb::is_quant_state(&name) {
                 continue;
             }
-            let tensor = match super::bnb::dequantize(&tensors, &names, &name).map_err(&bad)? {
-                Some(weight) => weight.to_device(device).and_then(|t| t.to_dtype(dtype)),
+            let tensor = match super::bnb::read_parts(&tensors, &names, &name).map_err(&bad)? {
+                Some(parts) => {
+                    let weight = Bnb4Weight::new(&parts).map_err(|e| bad(format!("`{name}`: {e}")))?;
+                    let weight = QuantizedWeight::Bnb4(weight);
+                    if trainable == Trainable::None {
+                        // Frozen: kept in 4 bits.
+                        store.insert_quantized(name, weight);
+                        continue;
+                    }
+                    // Trained in full: dequantised, as its parameter.
+                    weight.dequantize(dtype, device)
+                }
                 None => tensors.load(&name, device).and_then(|t| t.to_dtype(dtype)),
             }
             .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;

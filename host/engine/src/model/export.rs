@@ -117,13 +117,18 @@ impl LoadedModel {
         extra: impl FnOnce(&Path) -> std::io::Result<()>,
     ) -> Result<(), ModelError> {
         let adapter: std::collections::HashSet<&str> = self.adapter_params.iter().map(String::as_str).collect();
+        // A 4-bit base is written dequantised: a full-precision folder.
         let tensors: BTreeMap<String, Tensor> = self
             .weights
             .names()
             .into_iter()
             .filter(|n| !adapter.contains(n))
-            .filter_map(|n| self.weights.get(n).map(|t| (n.to_owned(), t.detach())))
-            .collect();
+            .filter_map(|n| self.weights.dense(n, self.dtype).map(|t| t.map(|t| (n.to_owned(), t.detach()))))
+            .collect::<candle_core::Result<_>>()
+            .map_err(|e| ModelError::Forward {
+                model: self.dir.clone(),
+                source: crate::backend::OpError::Candle { op: "save", source: e },
+            })?;
         let mut config = self.config.clone();
         // Weights loaded from GGUF through a plugin's layout are in the
         // checkpoint's row order: the folder is an ordinary checkpoint.

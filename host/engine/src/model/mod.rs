@@ -24,6 +24,7 @@ use crate::backend::{
     TunerBinding, WeightStore,
 };
 use crate::media::{MediaInput, MediaRef, MediaSpec};
+use crate::quant::{bnb4, Bnb4Weight, QuantizeOnLoad, QuantizedWeight};
 use checkpoint::{load_weights, read_json, weight_files, CheckpointError, Trainable};
 
 /// An error loading or running a model.
@@ -69,11 +70,20 @@ pub struct LoadOptions {
     pub trainable: Trainable,
     /// An explicit architecture (`--model-type`), overriding `config.json`.
     pub model_type: Option<String>,
+    /// Quantise the linear layers to 4 bits as they load (QLoRA's base;
+    /// ms-swift's `--quant-method bnb --quant-bits 4`).
+    pub quantize: Option<QuantizeOnLoad>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, trainable: Trainable::None, model_type: None }
+        LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            trainable: Trainable::None,
+            model_type: None,
+            quantize: None,
+        }
     }
 }
 
@@ -222,7 +232,7 @@ impl LoadedModel {
             }
             None => load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable)?,
         };
-        Ok(LoadedModel {
+        let mut model = LoadedModel {
             dir: dir.to_owned(),
             architecture,
             config,
@@ -238,7 +248,40 @@ impl LoadedModel {
             media_spec,
             processor_config,
             frozen_prefixes: Vec::new(),
-        })
+        };
+        if let Some(quantize) = options.quantize {
+            if options.trainable != Trainable::None {
+                return Err(ModelError::Forward {
+                    model: dir.to_owned(),
+                    source: OpError::Invalid {
+                        op: "quantize",
+                        message: "4-bit weights are frozen: train an adapter on them (QLoRA), not the weights".into(),
+                    },
+                });
+            }
+            model.quantize_linear_layers(quantize)?;
+        }
+        Ok(model)
+    }
+
+    /// Quantises every linear layer but the output layer to 4 bits, as
+    /// transformers + bitsandbytes do on load (`load_in_4bit`); the
+    /// layers then stay 4-bit in memory.
+    fn quantize_linear_layers(&mut self, quantize: QuantizeOnLoad) -> Result<(), ModelError> {
+        let error = |e: candle_core::Error| ModelError::Forward {
+            model: self.dir.clone(),
+            source: OpError::Candle { op: "quantize", source: e },
+        };
+        for layer in self.linear_layers().into_iter().filter(|l| l != OUTPUT_LAYER) {
+            let name = format!("{layer}.weight");
+            let Some(tensor) = self.weights.get(&name) else { continue };
+            let shape = tensor.dims().to_vec();
+            let values = tensor.to_dtype(DType::F32).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).map_err(error)?;
+            let parts = bnb4::quantize(&values, &shape, quantize.kind, quantize.double_quant);
+            let weight = Bnb4Weight::new(&parts).map_err(|m| error(candle_core::Error::Msg(m)))?;
+            self.weights.insert_quantized(name, QuantizedWeight::Bnb4(weight));
+        }
+        Ok(())
     }
 
     /// How the model is stored in a llama.cpp GGUF file, as its plugin
@@ -312,7 +355,7 @@ impl LoadedModel {
             .names()
             .iter()
             .filter_map(|n| n.strip_suffix(".weight"))
-            .filter(|layer| self.weights.get(&format!("{layer}.weight")).is_some_and(|w| w.rank() == 2))
+            .filter(|layer| self.weights.dims(&format!("{layer}.weight")).is_some_and(|d| d.len() == 2))
             .filter(|layer| !layer.ends_with("embed_tokens") && !layer.contains(".lora_"))
             .filter(|layer| !self.adapter_params.iter().any(|p| p.starts_with(&format!("{layer}."))))
             .map(str::to_owned)

@@ -1,0 +1,133 @@
+//! Weights kept quantised in memory, and the linear layer over them.
+//!
+//! A quantised weight is frozen (QLoRA trains adapters beside it). Its
+//! linear layer computes `y = x · Wᵀ` by dequantising `W` a panel of rows
+//! at a time, and its backward pass gives the input's gradient `g · W`
+//! the same way (bitsandbytes' QLoRA maths), so no full-precision copy of
+//! the weight lives beyond one panel, in the forward pass or in the graph
+//! kept for the backward pass.
+
+pub mod bnb4;
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+
+pub use bnb4::{Bnb4Parts, Bnb4Type, Bnb4Weight};
+
+/// Values dequantised at once: a panel of rows of about this many values.
+const PANEL_VALUES: usize = 1 << 20;
+
+/// How to quantise a model's linear layers as it loads.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct QuantizeOnLoad {
+    /// NF4 or FP4.
+    pub kind: Bnb4Type,
+    /// Store the block scales in 8 bits too (bitsandbytes' double quantisation).
+    pub double_quant: bool,
+}
+
+/// A frozen weight matrix kept quantised.
+#[derive(Clone, Debug)]
+pub enum QuantizedWeight {
+    /// bitsandbytes 4-bit (NF4 or FP4).
+    Bnb4(Bnb4Weight),
+}
+
+impl QuantizedWeight {
+    /// `[out, in]`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            QuantizedWeight::Bnb4(w) => (w.rows, w.cols),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            QuantizedWeight::Bnb4(w) => w.bytes(),
+        }
+    }
+
+    /// Rows `start..end`, dequantised to f32, row-major.
+    fn rows(&self, start: usize, end: usize) -> Vec<f32> {
+        match self {
+            QuantizedWeight::Bnb4(w) => w.dequantize_rows(start, end),
+        }
+    }
+
+    /// Row ranges of about [`PANEL_VALUES`] values each.
+    fn panels(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (rows, cols) = self.dims();
+        let step = (PANEL_VALUES / cols.max(1)).max(1);
+        (0..rows).step_by(step).map(move |start| (start, (start + step).min(rows)))
+    }
+
+    fn panel(&self, (start, end): (usize, usize), device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(self.rows(start, end), (end - start, self.dims().1), device)
+    }
+
+    /// The whole weight dequantised as `dtype` on `device` (merging,
+    /// exporting, a tuner that reads the base weight).
+    pub fn dequantize(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let (rows, _) = self.dims();
+        self.panel((0, rows), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+    }
+}
+
+/// `x · Wᵀ` for `x` `[rows, in]` over a quantised `W`, differentiable in `x`.
+pub fn linear(x: &Tensor, weight: &Arc<QuantizedWeight>) -> Result<Tensor> {
+    let (_, cols) = weight.dims();
+    if x.dim(1)? != cols {
+        candle_core::bail!("a quantised linear layer of {cols} inputs got {:?}", x.dims());
+    }
+    if !x.device().is_cpu() {
+        // Other devices: the dequantised weight on the device, through matmul.
+        let w = weight.dequantize(x.dtype(), x.device())?;
+        return x.matmul(&w.t()?);
+    }
+    let dtype = x.dtype();
+    let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1(QuantLinear(weight.clone()))?;
+    y.to_dtype(dtype)
+}
+
+/// The custom op behind [`linear`] on the CPU.
+struct QuantLinear(Arc<QuantizedWeight>);
+
+impl CustomOp1 for QuantLinear {
+    fn name(&self) -> &'static str {
+        "quantized-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("quantized-linear takes f32 inputs") };
+        let (rows, cols) = layout.shape().dims2()?;
+        let start = layout.start_offset();
+        if !layout.is_contiguous() {
+            candle_core::bail!("quantized-linear takes a contiguous input");
+        }
+        let x = Tensor::from_slice(&data[start..start + rows * cols], (rows, cols), &Device::Cpu)?;
+        let outs = self
+            .0
+            .panels()
+            .map(|panel| x.matmul(&self.0.panel(panel, &Device::Cpu)?.t()?))
+            .collect::<Result<Vec<_>>>()?;
+        let y = Tensor::cat(&outs, 1)?;
+        let out = y.dim(1)?;
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), Shape::from((rows, out))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.to_dtype(DType::F32)?;
+        let mut sum: Option<Tensor> = None;
+        for (start, end) in self.0.panels() {
+            let part = grad.narrow(1, start, end - start)?.matmul(&self.0.panel((start, end), &Device::Cpu)?)?;
+            sum = Some(match sum {
+                Some(s) => (s + part)?,
+                None => part,
+            });
+        }
+        let zero = || Tensor::zeros(arg.shape(), DType::F32, &Device::Cpu);
+        Ok(Some(sum.map_or_else(zero, Ok)?.to_dtype(arg.dtype())?))
+    }
+}
