@@ -133,7 +133,7 @@ fn k_quants_dequantize_within_their_error() {
         gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &[("blk.0.ffn_up.weight", &q)]).unwrap();
         let file = oxtune_engine::model::gguf::GgufFile::open(&path).unwrap();
         let store = file
-            .load_weights(None, DType::F32, &Device::Cpu, oxtune_engine::model::checkpoint::Trainable::None)
+            .load_weights(None, DType::F32, &Device::Cpu, oxtune_engine::model::checkpoint::Trainable::None, None)
             .unwrap();
         let back = store.get("model.layers.0.mlp.up_proj.weight").expect("renamed to the HF name");
         let rms = (back - &w).unwrap().sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();

@@ -18,4 +18,4 @@ pub use checkpoint::{BlockGradients, Checkpointing};
 pub use session::{
     ForwardContext, GraphSession, Head, OpError, RowAdapters, ServedAdapter, TargetModules, TunerBinding,
 };
-pub use weights::WeightStore;
+pub use weights::{is_linear_weight, WeightStore, OUTPUT_LAYER};

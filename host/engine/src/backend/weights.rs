@@ -5,7 +5,17 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::quant::QuantizedWeight;
+use crate::quant::{bnb4, Bnb4Weight, QuantizeOnLoad, QuantizedWeight};
+
+/// The output layer's name, which quantisation leaves in full precision.
+pub const OUTPUT_LAYER: &str = "lm_head";
+
+/// Whether the parameter `name` of shape `dims` is a linear layer's
+/// weight: a matrix `….weight` that is not an embedding table. The one
+/// rule the host uses (adapters' targets, `all-linear`, quantisation).
+pub fn is_linear_weight(name: &str, dims: &[usize]) -> bool {
+    dims.len() == 2 && name.strip_suffix(".weight").is_some_and(|layer| !layer.ends_with("embed_tokens"))
+}
 
 /// The parameters of one run, by name. Trainable ones are [`Var`]s so the
 /// backward pass reaches them; frozen ones are plain tensors, or frozen
@@ -36,6 +46,28 @@ impl WeightStore {
         self.tensors.remove(&name);
         self.vars.remove(&name);
         self.quantized.insert(name, Arc::new(weight));
+    }
+
+    /// Adds a frozen parameter as it is loaded, quantised to 4 bits when
+    /// `quantize` asks and it is a linear layer's weight (see
+    /// [`is_linear_weight`]): one tensor at a time, so the model's full
+    /// precision copy never exists at once.
+    pub fn insert_loaded(
+        &mut self,
+        name: String,
+        tensor: Tensor,
+        quantize: Option<QuantizeOnLoad>,
+    ) -> candle_core::Result<()> {
+        match quantize {
+            Some(q) if is_linear_weight(&name, tensor.dims()) && !name.starts_with(OUTPUT_LAYER) => {
+                let values = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let parts = bnb4::quantize(&values, tensor.dims(), q.kind, q.double_quant);
+                let weight = Bnb4Weight::new(&parts).map_err(candle_core::Error::Msg)?;
+                self.insert_quantized(name, QuantizedWeight::Bnb4(weight));
+            }
+            _ => self.insert(name, tensor),
+        }
+        Ok(())
     }
 
     /// The quantised weight `name`, if it is one.

@@ -10,7 +10,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Var};
 
 use crate::backend::WeightStore;
-use crate::quant::{Bnb4Weight, QuantizedWeight};
+use crate::quant::{Bnb4Weight, QuantizeOnLoad, QuantizedWeight};
 
 /// An error reading a checkpoint; each names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +94,14 @@ pub enum Trainable {
     All,
 }
 
-/// Loads every tensor of `files` (memory-mapped) as `dtype` on `device`.
+/// Loads every tensor of `files` (memory-mapped) as `dtype` on `device`,
+/// linear layers quantised to 4 bits one by one when `quantize` asks.
 pub fn load_weights(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
     trainable: Trainable,
+    quantize: Option<QuantizeOnLoad>,
 ) -> Result<WeightStore, CheckpointError> {
     let mut store = WeightStore::new();
     for path in files {
@@ -132,7 +134,9 @@ pub fn load_weights(
             }
             .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
             match trainable {
-                Trainable::None => store.insert(name, tensor),
+                Trainable::None => {
+                    store.insert_loaded(name.clone(), tensor, quantize).map_err(|e| bad(format!("`{name}`: {e}")))?
+                }
                 Trainable::All => {
                     store.insert_var(name.clone(), Var::from_tensor(&tensor).map_err(|e| bad(e.to_string()))?)
                 }

@@ -180,7 +180,7 @@ mod tests {
         assert_eq!(index["weight_map"]["w4"], "model-00003-of-00003.safetensors");
         let files = weight_files(&dir).unwrap();
         assert_eq!(files.len(), 3);
-        let store = load_weights(&files, DType::F32, &Device::Cpu, Trainable::None).unwrap();
+        let store = load_weights(&files, DType::F32, &Device::Cpu, Trainable::None, None).unwrap();
         for (name, tensor) in &tensors {
             let back = store.get(name).unwrap();
             assert_eq!(back.to_vec2::<f32>().unwrap(), tensor.to_vec2::<f32>().unwrap(), "{name}");

@@ -24,6 +24,7 @@ use serde_json::json;
 
 use super::checkpoint::{CheckpointError, Trainable};
 use crate::backend::WeightStore;
+use crate::quant::QuantizeOnLoad;
 
 /// The config key naming the GGUF file's architecture, for plugins that
 /// read llama.cpp's row order themselves (API 1.1).
@@ -155,13 +156,15 @@ impl GgufFile {
 
     /// Every tensor, dequantized to `dtype`, under its checkpoint name and
     /// in the checkpoint's row order as `layout` says (without one: under
-    /// llama.cpp's standard names, rows as stored).
+    /// llama.cpp's standard names, rows as stored); linear layers
+    /// requantised to 4 bits one by one when `quantize` asks.
     pub fn load_weights(
         &self,
         layout: Option<&GgufLayout>,
         dtype: DType,
         device: &Device,
         trainable: Trainable,
+        quantize: Option<QuantizeOnLoad>,
     ) -> Result<WeightStore, CheckpointError> {
         let file =
             File::open(&self.path).map_err(|cause| CheckpointError::Io { path: self.path.clone(), source: cause })?;
@@ -201,7 +204,9 @@ impl GgufFile {
                 .and_then(|t| t.to_dtype(dtype))
                 .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
             match trainable {
-                Trainable::None => store.insert(hf, tensor),
+                Trainable::None => store
+                    .insert_loaded(hf, tensor, quantize)
+                    .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?,
                 Trainable::All => {
                     let var = Var::from_tensor(&tensor).map_err(|e| corrupt(&self.path, e.to_string()))?;
                     store.insert_var(hf, var)

@@ -20,11 +20,11 @@ use oxtune_plugin_api::gguf::GgufLayout;
 use oxtune_registry::{Registry, RegistryError};
 
 use crate::backend::{
-    BatchInfo, BlockGradients, Checkpointing, ForwardContext, GraphSession, Head, KvCache, OpError, RowAdapters,
-    TunerBinding, WeightStore,
+    is_linear_weight, BatchInfo, BlockGradients, Checkpointing, ForwardContext, GraphSession, Head, KvCache, OpError,
+    RowAdapters, TunerBinding, WeightStore,
 };
 use crate::media::{MediaInput, MediaRef, MediaSpec};
-use crate::quant::{bnb4, Bnb4Weight, QuantizeOnLoad, QuantizedWeight};
+use crate::quant::QuantizeOnLoad;
 use checkpoint::{load_weights, read_json, weight_files, CheckpointError, Trainable};
 
 /// An error loading or running a model.
@@ -192,7 +192,7 @@ fn instance_gguf_layout(instance: &ModelBox) -> Result<Option<GgufLayout>, Regis
 
 /// The output layer's name in Hugging Face checkpoints; PEFT's
 /// `all-linear` leaves it out.
-pub const OUTPUT_LAYER: &str = "lm_head";
+pub use crate::backend::OUTPUT_LAYER;
 
 /// Whether `path` names a GGUF file rather than a model folder.
 pub fn is_gguf(path: &Path) -> bool {
@@ -210,6 +210,15 @@ impl LoadedModel {
     /// Loads a Hugging Face model folder, or a `.gguf` file, with the
     /// architecture the registry resolves for it.
     pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+        if options.quantize.is_some() && options.trainable != Trainable::None {
+            return Err(ModelError::Forward {
+                model: dir.to_owned(),
+                source: OpError::Invalid {
+                    op: "quantize",
+                    message: "4-bit weights are frozen: train an adapter on them (QLoRA), not the weights".into(),
+                },
+            });
+        }
         let gguf = if is_gguf(dir) { Some(gguf::GgufFile::open(dir)?) } else { None };
         let ResolvedModel { config, config_path, architecture, instance } =
             resolve(registry, dir, gguf.as_ref(), options.model_type.as_deref())?;
@@ -228,11 +237,13 @@ impl LoadedModel {
         let weights = match &gguf {
             Some(file) => {
                 let layout = instance_gguf_layout(&instance).map_err(architecture_error)?;
-                file.load_weights(layout.as_ref(), options.dtype, &options.device, options.trainable)?
+                file.load_weights(layout.as_ref(), options.dtype, &options.device, options.trainable, options.quantize)?
             }
-            None => load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable)?,
+            None => {
+                load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable, options.quantize)?
+            }
         };
-        let mut model = LoadedModel {
+        Ok(LoadedModel {
             dir: dir.to_owned(),
             architecture,
             config,
@@ -248,40 +259,7 @@ impl LoadedModel {
             media_spec,
             processor_config,
             frozen_prefixes: Vec::new(),
-        };
-        if let Some(quantize) = options.quantize {
-            if options.trainable != Trainable::None {
-                return Err(ModelError::Forward {
-                    model: dir.to_owned(),
-                    source: OpError::Invalid {
-                        op: "quantize",
-                        message: "4-bit weights are frozen: train an adapter on them (QLoRA), not the weights".into(),
-                    },
-                });
-            }
-            model.quantize_linear_layers(quantize)?;
-        }
-        Ok(model)
-    }
-
-    /// Quantises every linear layer but the output layer to 4 bits, as
-    /// transformers + bitsandbytes do on load (`load_in_4bit`); the
-    /// layers then stay 4-bit in memory.
-    fn quantize_linear_layers(&mut self, quantize: QuantizeOnLoad) -> Result<(), ModelError> {
-        let error = |e: candle_core::Error| ModelError::Forward {
-            model: self.dir.clone(),
-            source: OpError::Candle { op: "quantize", source: e },
-        };
-        for layer in self.linear_layers().into_iter().filter(|l| l != OUTPUT_LAYER) {
-            let name = format!("{layer}.weight");
-            let Some(tensor) = self.weights.get(&name) else { continue };
-            let shape = tensor.dims().to_vec();
-            let values = tensor.to_dtype(DType::F32).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).map_err(error)?;
-            let parts = bnb4::quantize(&values, &shape, quantize.kind, quantize.double_quant);
-            let weight = Bnb4Weight::new(&parts).map_err(|m| error(candle_core::Error::Msg(m)))?;
-            self.weights.insert_quantized(name, QuantizedWeight::Bnb4(weight));
-        }
-        Ok(())
+        })
     }
 
     /// How the model is stored in a llama.cpp GGUF file, as its plugin
@@ -354,9 +332,9 @@ impl LoadedModel {
         self.weights
             .names()
             .iter()
+            .filter(|n| self.weights.dims(n).is_some_and(|d| is_linear_weight(n, &d)))
             .filter_map(|n| n.strip_suffix(".weight"))
-            .filter(|layer| self.weights.dims(&format!("{layer}.weight")).is_some_and(|d| d.len() == 2))
-            .filter(|layer| !layer.ends_with("embed_tokens") && !layer.contains(".lora_"))
+            .filter(|layer| !layer.contains(".lora_"))
             .filter(|layer| !self.adapter_params.iter().any(|p| p.starts_with(&format!("{layer}."))))
             .map(str::to_owned)
             .collect()
