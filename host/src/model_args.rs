@@ -59,6 +59,11 @@ pub struct ModelArgs {
     /// Store the 4-bit block scales in 8 bits too (double quantisation).
     #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1, default_missing_value = "true")]
     pub bnb_4bit_use_double_quant: bool,
+    /// A GGUF file: keep its Q4_0 / Q4_1 / Q8_0 weights quantised in memory
+    /// (decoding by integer dot products; training through dequantised
+    /// panels); `false` dequantises the model as it loads.
+    #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1, default_missing_value = "true")]
+    pub keep_quantized: bool,
     /// The dtype the 4-bit layers compute in (`float32`, `bfloat16`,
     /// `float16`): the model's compute dtype (`--dtype`).
     #[arg(long, value_name = "DTYPE")]
@@ -119,8 +124,14 @@ impl ModelArgs {
                 first_line(&cause)
             );
         }
-        let options =
-            LoadOptions { dtype, device, trainable: Trainable::None, model_type: self.model_type.clone(), quantize };
+        let options = LoadOptions {
+            dtype,
+            device,
+            trainable: Trainable::None,
+            model_type: self.model_type.clone(),
+            quantize,
+            keep_gguf_quantized: self.keep_quantized,
+        };
         let mut model = LoadedModel::load(registry, &self.model, &options)?;
         if let Some(adapter) = self.adapter.as_ref().filter(|_| apply_adapter) {
             model

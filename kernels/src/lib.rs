@@ -25,10 +25,15 @@
 //!   log-probability without the `[tokens, vocab]` logits, skipping
 //!   unlabelled rows (see [`head`]).
 //!
+//! - [`blocks::BlockMatrix`]: weights in llama.cpp's Q4_0 / Q4_1 / Q8_0
+//!   blocks, multiplied by a few rows of activations with integer dot
+//!   products (decoding from a GGUF file kept quantised).
+//!
 //! The crate is compiled at full optimisation even in dev builds (see the
 //! workspace's `Cargo.toml`).
 
 pub mod attention;
+pub mod blocks;
 mod float;
 pub mod head;
 pub mod norm;

@@ -454,7 +454,18 @@ impl<'a> GraphSession<'a> {
         match op {
             Op::Weight { name } => self.weight(name),
             Op::Embedding { name, ids } => {
-                let table = self.weight(&format!("{name}.weight"))?;
+                let table_name = format!("{name}.weight");
+                if let Some(table) = self.ctx.weights.quantized(&table_name).cloned() {
+                    // A quantised table: only the rows looked up are dequantised.
+                    let ids = self.get(*ids)?;
+                    let mut out_shape = ids.dims().to_vec();
+                    out_shape.push(table.dims().1);
+                    let flat =
+                        ids.flatten_all().and_then(|t| t.to_dtype(DType::U32)?.to_vec1::<u32>()).map_err(candle)?;
+                    let dtype = self.ctx.weights.dtype();
+                    return table.gather(&flat, dtype, ids.device()).and_then(|t| t.reshape(out_shape)).map_err(candle);
+                }
+                let table = self.weight(&table_name)?;
                 let ids = self.get(*ids)?;
                 let mut out_shape = ids.dims().to_vec();
                 out_shape.push(table.dim(1).map_err(candle)?);

@@ -24,7 +24,8 @@ use serde_json::json;
 
 use super::checkpoint::{CheckpointError, Trainable};
 use crate::backend::WeightStore;
-use crate::quant::QuantizeOnLoad;
+use crate::quant::{QuantizeOnLoad, QuantizedWeight};
+use oxtune_kernels::blocks::{BlockKind, BlockMatrix};
 
 /// The config key naming the GGUF file's architecture, for plugins that
 /// read llama.cpp's row order themselves (API 1.1).
@@ -157,7 +158,9 @@ impl GgufFile {
     /// Every tensor, dequantized to `dtype`, under its checkpoint name and
     /// in the checkpoint's row order as `layout` says (without one: under
     /// llama.cpp's standard names, rows as stored); linear layers
-    /// requantised to 4 bits one by one when `quantize` asks.
+    /// requantised to 4 bits one by one when `quantize` asks. With
+    /// `keep_quantized`, frozen Q4_0 / Q4_1 / Q8_0 matrices stay in their
+    /// blocks (other formats are dequantised).
     pub fn load_weights(
         &self,
         layout: Option<&GgufLayout>,
@@ -165,6 +168,7 @@ impl GgufFile {
         device: &Device,
         trainable: Trainable,
         quantize: Option<QuantizeOnLoad>,
+        keep_quantized: bool,
     ) -> Result<WeightStore, CheckpointError> {
         let file =
             File::open(&self.path).map_err(|cause| CheckpointError::Io { path: self.path.clone(), source: cause })?;
@@ -193,9 +197,28 @@ impl GgufFile {
                     None,
                 ),
             };
-            let tensor = self
+            let stored = self
                 .content
                 .tensor(&mut reader, name, device)
+                .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
+            if let (true, Trainable::None, Some(kind)) = (keep_quantized, trainable, block_kind(stored.dtype())) {
+                // Kept in its blocks: rows reordered as the checkpoint has them.
+                let (rows, cols) =
+                    stored.shape().dims2().map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
+                let order = permute_heads.map(|heads| {
+                    let mut inverse = vec![0; rows];
+                    for (gguf_row, hf_row) in gguf_row_order(rows, heads as usize).into_iter().enumerate() {
+                        inverse[hf_row] = gguf_row;
+                    }
+                    inverse
+                });
+                let raw = stored.data().map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
+                let blocks = BlockMatrix::from_ggml(kind, rows, cols, &raw, order.as_deref())
+                    .map_err(|m| corrupt(&self.path, format!("tensor `{name}`: {m}")))?;
+                store.insert_quantized(hf, QuantizedWeight::Blocks(blocks));
+                continue;
+            }
+            let tensor = Ok(stored)
                 .and_then(|q| q.dequantize(device))
                 .and_then(|t| match permute_heads {
                     Some(heads) => checkpoint_rows(&t, heads as usize),
@@ -323,6 +346,17 @@ pub fn pre_tokenizer_json(pre: &str) -> Option<serde_json::Value> {
 /// The pre-tokenizer types [`pre_tokenizer_json`] knows, one name per
 /// distinct pre-tokenizer (the name llama.cpp's converter writes).
 pub const PRE_TOKENIZERS: [&str; 4] = ["gpt-2", "smollm", "qwen2", "llama-bpe"];
+
+/// The block format of a ggml dtype the decoding kernels read.
+fn block_kind(dtype: candle_core::quantized::GgmlDType) -> Option<BlockKind> {
+    use candle_core::quantized::GgmlDType;
+    match dtype {
+        GgmlDType::Q4_0 => Some(BlockKind::Q4_0),
+        GgmlDType::Q4_1 => Some(BlockKind::Q4_1),
+        GgmlDType::Q8_0 => Some(BlockKind::Q8_0),
+        _ => None,
+    }
+}
 
 /// `stored` (rows in llama.cpp's order, grouped in `heads` heads) with its
 /// rows in the checkpoint's order.

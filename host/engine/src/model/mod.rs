@@ -73,6 +73,10 @@ pub struct LoadOptions {
     /// Quantise the linear layers to 4 bits as they load (QLoRA's base;
     /// ms-swift's `--quant-method bnb --quant-bits 4`).
     pub quantize: Option<QuantizeOnLoad>,
+    /// A GGUF file's frozen Q4_0 / Q4_1 / Q8_0 weights stay quantised in
+    /// memory (decoding by integer dot products; training reaches the
+    /// input through dequantised panels).
+    pub keep_gguf_quantized: bool,
 }
 
 impl Default for LoadOptions {
@@ -83,6 +87,7 @@ impl Default for LoadOptions {
             trainable: Trainable::None,
             model_type: None,
             quantize: None,
+            keep_gguf_quantized: true,
         }
     }
 }
@@ -237,7 +242,16 @@ impl LoadedModel {
         let weights = match &gguf {
             Some(file) => {
                 let layout = instance_gguf_layout(&instance).map_err(architecture_error)?;
-                file.load_weights(layout.as_ref(), options.dtype, &options.device, options.trainable, options.quantize)?
+                // Requantising to 4 bits (`quantize`) starts from the dequantised values.
+                let keep = options.keep_gguf_quantized && options.quantize.is_none();
+                file.load_weights(
+                    layout.as_ref(),
+                    options.dtype,
+                    &options.device,
+                    options.trainable,
+                    options.quantize,
+                    keep,
+                )?
             }
             None => {
                 load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable, options.quantize)?

@@ -5,18 +5,25 @@
 //! at a time, and its backward pass gives the input's gradient `g · W`
 //! the same way (bitsandbytes' QLoRA maths), so no full-precision copy of
 //! the weight lives beyond one panel, in the forward pass or in the graph
-//! kept for the backward pass.
+//! kept for the backward pass. Decoding (a few rows, no gradient) from
+//! llama.cpp's block formats reads the blocks directly instead
+//! ([`oxtune_kernels::blocks`]).
 
 pub mod bnb4;
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use oxtune_kernels::blocks::BlockMatrix;
 
 pub use bnb4::{Bnb4Parts, Bnb4Type, Bnb4Weight};
 
 /// Values dequantised at once: a panel of rows of about this many values.
 const PANEL_VALUES: usize = 1 << 20;
+
+/// Most rows of activations multiplied straight from the blocks (decoding,
+/// a batch of requests); more go through dequantised panels and gemm.
+const DECODE_ROWS: usize = 32;
 
 /// How to quantise a model's linear layers as it loads.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -32,6 +39,8 @@ pub struct QuantizeOnLoad {
 pub enum QuantizedWeight {
     /// bitsandbytes 4-bit (NF4 or FP4).
     Bnb4(Bnb4Weight),
+    /// llama.cpp's Q4_0, Q4_1 or Q8_0 blocks (a GGUF file kept quantised).
+    Blocks(BlockMatrix),
 }
 
 impl QuantizedWeight {
@@ -39,6 +48,7 @@ impl QuantizedWeight {
     pub fn dims(&self) -> (usize, usize) {
         match self {
             QuantizedWeight::Bnb4(w) => (w.rows, w.cols),
+            QuantizedWeight::Blocks(w) => (w.rows, w.cols),
         }
     }
 
@@ -46,14 +56,31 @@ impl QuantizedWeight {
     pub fn bytes(&self) -> usize {
         match self {
             QuantizedWeight::Bnb4(w) => w.bytes(),
+            QuantizedWeight::Blocks(w) => w.bytes(),
         }
     }
 
     /// Rows `start..end`, dequantised to f32, row-major.
-    fn rows(&self, start: usize, end: usize) -> Vec<f32> {
+    pub fn rows(&self, start: usize, end: usize) -> Vec<f32> {
         match self {
             QuantizedWeight::Bnb4(w) => w.dequantize_rows(start, end),
+            QuantizedWeight::Blocks(w) => w.dequantize_rows(start, end),
         }
+    }
+
+    /// The rows `ids` (an embedding lookup), dequantised as `dtype` on
+    /// `device`, `[ids, cols]`.
+    pub fn gather(&self, ids: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
+        let (rows, cols) = self.dims();
+        let mut values = Vec::with_capacity(ids.len() * cols);
+        for &id in ids {
+            let id = id as usize;
+            if id >= rows {
+                candle_core::bail!("index {id} is outside a table of {rows} rows");
+            }
+            values.extend(self.rows(id, id + 1));
+        }
+        Tensor::from_vec(values, (ids.len(), cols), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
     }
 
     /// Row ranges of about [`PANEL_VALUES`] values each.
@@ -85,6 +112,13 @@ pub fn linear(x: &Tensor, weight: &Arc<QuantizedWeight>) -> Result<Tensor> {
         // Other devices: the dequantised weight on the device, through matmul.
         let w = weight.dequantize(x.dtype(), x.device())?;
         return x.matmul(&w.t()?);
+    }
+    let rows = x.dim(0)?;
+    if let (QuantizedWeight::Blocks(blocks), false, true) = (weight.as_ref(), x.track_op(), rows <= DECODE_ROWS) {
+        // Decoding: straight from the blocks.
+        let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = blocks.matmul(&values, rows);
+        return Tensor::from_vec(y, (rows, blocks.rows), &Device::Cpu)?.to_dtype(x.dtype());
     }
     let dtype = x.dtype();
     let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1(QuantLinear(weight.clone()))?;
