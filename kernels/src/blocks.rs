@@ -143,8 +143,9 @@ impl BlockMatrix {
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let activations: Vec<ActivationRow> = x.chunks(self.cols).take(rows).map(ActivationRow::new).collect();
         let mut out = vec![0f32; rows * self.rows];
-        // Each task: a chunk of weight rows for every activation row.
-        let chunk = 32;
+        // One task per thread (a chunk of weight rows for every activation
+        // row): these products are small, and each extra task costs a wake-up.
+        let chunk = self.rows.div_ceil(rayon::current_num_threads()).max(1);
         let mut by_weight_row = vec![0f32; self.rows * rows];
         by_weight_row.par_chunks_mut(chunk * rows).enumerate().for_each(|(c, slot)| {
             let first = c * chunk;

@@ -133,7 +133,14 @@ fn k_quants_dequantize_within_their_error() {
         gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &[("blk.0.ffn_up.weight", &q)]).unwrap();
         let file = oxtune_engine::model::gguf::GgufFile::open(&path).unwrap();
         let store = file
-            .load_weights(None, DType::F32, &Device::Cpu, oxtune_engine::model::checkpoint::Trainable::None, None)
+            .load_weights(
+                None,
+                DType::F32,
+                &Device::Cpu,
+                oxtune_engine::model::checkpoint::Trainable::None,
+                None,
+                false,
+            )
             .unwrap();
         let back = store.get("model.layers.0.mlp.up_proj.weight").expect("renamed to the HF name");
         let rms = (back - &w).unwrap().sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
@@ -249,5 +256,84 @@ fn gcd(a: usize, b: usize) -> usize {
         a
     } else {
         gcd(b, a % b)
+    }
+}
+
+fn max_abs_f32(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// SmolLM2 loaded with its Q4_1 / Q8_0 weights kept in their blocks, or dequantised.
+fn smollm2_as(path: &Path, keep: bool) -> LoadedModel {
+    let options = LoadOptions { keep_gguf_quantized: keep, ..LoadOptions::default() };
+    LoadedModel::load(&Registry::with_builtins().unwrap(), path, &options).unwrap()
+}
+
+#[test]
+fn smollm2_kept_quantised_matches_the_dequantised_model_in_logits_generation_and_lora_gradients() {
+    let Some(path) = smollm2() else { return };
+    let kept = smollm2_as(&path, true);
+    let dense = smollm2_as(&path, false);
+    // Every Q4_1 matrix and the Q8_0 embedding stay quantised: 4x smaller and more.
+    let quantized: Vec<&str> =
+        kept.weights().names().into_iter().filter(|n| kept.weights().quantized(n).is_some()).collect();
+    assert_eq!(quantized.len(), 211, "210 Q4_1 linear layers and the Q8_0 embedding");
+    let dense_bytes: usize = quantized.iter().map(|n| dense.weights().get(n).unwrap().elem_count() * 4).sum();
+    assert!(
+        kept.weights().quantized_bytes() * 4 < dense_bytes,
+        "{} vs {dense_bytes}",
+        kept.weights().quantized_bytes()
+    );
+
+    // Prefill (dequantised panels) and short inputs (straight from the blocks).
+    for len in [40usize, 5] {
+        let ids: Vec<u32> = (0..len as u32).map(|i| 100 + i * 37).collect();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let a = kept.forward(&input, &BatchInfo::default(), None, None).unwrap();
+        let b = dense.forward(&input, &BatchInfo::default(), None, None).unwrap();
+        let diff = max_abs_f32(&(&a - &b).unwrap());
+        assert!(diff < 1e-3 * max_abs_f32(&b), "{len} tokens: logits differ by {diff}");
+    }
+    let params = SamplingParams { max_new_tokens: 24, ..Default::default() };
+    let prompt = vec![vec![1u32, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2, 198]];
+    let a = generate(&kept, None, &prompt, &params, |_, _| {}).unwrap();
+    let b = generate(&dense, None, &prompt, &params, |_, _| {}).unwrap();
+    assert_eq!(a[0].tokens, b[0].tokens, "greedy decoding from the blocks");
+
+    // A LoRA step on the kept model: the gradients of the dequantised model's.
+    let registry = Registry::with_builtins().unwrap();
+    let grads = |mut model: LoadedModel| {
+        let config = serde_json::json!({"r": 4, "lora_alpha": 8, "init_lora_weights": "gaussian",
+                                        "target_modules": ["q_proj", "v_proj"]});
+        model.add_adapter(&registry, "lora", config, 3).unwrap();
+        for name in model.weights().names() {
+            if name.contains("lora_B") {
+                let var = model.weights().var(name).unwrap();
+                // The same values in both models (a fixed pattern, not a random draw).
+                let count = var.elem_count();
+                let pattern: Vec<f32> = (0..count).map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.01).collect();
+                let values = Tensor::from_vec(pattern, var.shape(), &Device::Cpu).unwrap();
+                var.set(&values).unwrap();
+            }
+        }
+        let ids = Tensor::new(&[[1u32, 504, 3575, 282, 4649, 314, 7042, 30, 2, 198, 504, 3575]], &Device::Cpu).unwrap();
+        let logits = model.forward(&ids, &BatchInfo::default(), None, None).unwrap();
+        let loss = oxtune_engine::loss::causal_lm_loss(&logits, &ids.to_dtype(DType::I64).unwrap()).unwrap();
+        let store = loss.backward().unwrap();
+        let mut out: Vec<(String, Tensor)> = model
+            .weights()
+            .names()
+            .into_iter()
+            .filter_map(|n| model.weights().var(n).map(|v| (n.to_owned(), store.get(v.as_tensor()).unwrap().clone())))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    };
+    let (a, b) = (grads(kept), grads(dense));
+    assert_eq!(a.len(), 120, "A and B of q_proj and v_proj in 30 layers");
+    for ((name, ga), (_, gb)) in a.iter().zip(&b) {
+        let diff = max_abs_f32(&(ga - gb).unwrap());
+        // The blocks and the dequantised matrix sum in other orders: 1e-3 of the gradient's scale.
+        assert!(diff <= 1e-3 * max_abs_f32(gb).max(1e-12), "{name}: gradients differ by {diff}");
     }
 }

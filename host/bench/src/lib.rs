@@ -96,8 +96,12 @@ fn bytes_per_step(model: &LoadedModel) -> u64 {
         .names()
         .into_iter()
         .filter(|n| tied || *n != "model.embed_tokens.weight")
-        .filter_map(|n| store.get(n))
-        .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+        .map(|n| match (store.get(n), store.quantized(n)) {
+            (Some(t), _) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            // Kept quantised: its blocks are what a step reads.
+            (None, Some(q)) => q.bytes() as u64,
+            (None, None) => 0,
+        })
         .sum()
 }
 
