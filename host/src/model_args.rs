@@ -105,11 +105,15 @@ impl ModelArgs {
 
     /// Loads the model and its text assets, applying `--adapter` only if asked.
     pub fn load_with(&self, registry: &Registry, apply_adapter: bool) -> anyhow::Result<LoadedText> {
-        let dtype = match self.bnb_4bit_compute_dtype.as_deref().unwrap_or(self.dtype.as_str()) {
+        let (flag, name) = match &self.bnb_4bit_compute_dtype {
+            Some(compute) => ("--bnb-4bit-compute-dtype", compute.as_str()),
+            None => ("--dtype", self.dtype.as_str()),
+        };
+        let dtype = match name {
             "f32" | "float32" => DType::F32,
             "bf16" | "bfloat16" => DType::BF16,
             "f16" | "float16" => DType::F16,
-            other => anyhow::bail!("--dtype / --bnb-4bit-compute-dtype {other}: use f32, bf16 or f16"),
+            other => anyhow::bail!("{flag} {other}: use f32, bf16 or f16"),
         };
         let quantize = self.quantize_on_load()?;
         let device = self.device()?;
