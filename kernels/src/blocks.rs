@@ -14,6 +14,9 @@ use rayon::prelude::*;
 /// Values per block.
 pub const QK: usize = 32;
 
+/// Multiply-adds below which a product runs on the calling thread.
+const PARALLEL_MIN_PRODUCTS: usize = 1 << 16;
+
 /// A block format.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum BlockKind {
@@ -143,16 +146,20 @@ impl BlockMatrix {
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let activations: Vec<ActivationRow> = x.chunks(self.cols).take(rows).map(ActivationRow::new).collect();
         let mut out = vec![0f32; rows * self.rows];
-        // One task per thread (a chunk of weight rows for every activation
-        // row): these products are small, and each extra task costs a wake-up.
-        let chunk = self.rows.div_ceil(rayon::current_num_threads()).max(1);
         let mut by_weight_row = vec![0f32; self.rows * rows];
-        by_weight_row.par_chunks_mut(chunk * rows).enumerate().for_each(|(c, slot)| {
-            let first = c * chunk;
+        let work = |first: usize, slot: &mut [f32]| {
             for (i, y) in slot.chunks_mut(rows).enumerate() {
                 self.dot_row_best(first + i, &activations, y);
             }
-        });
+        };
+        if self.rows * self.cols * rows < PARALLEL_MIN_PRODUCTS {
+            // Small: handing it to the pool (a wake-up and a wait) costs more than it saves.
+            work(0, &mut by_weight_row);
+        } else {
+            // One task per thread, a chunk of weight rows for every activation row.
+            let chunk = self.rows.div_ceil(rayon::current_num_threads()).max(1);
+            by_weight_row.par_chunks_mut(chunk * rows).enumerate().for_each(|(c, slot)| work(c * chunk, slot));
+        }
         for (o, ys) in by_weight_row.chunks(rows).enumerate() {
             for (r, &v) in ys.iter().enumerate() {
                 out[r * self.rows + o] = v;
