@@ -14,6 +14,9 @@ use rayon::prelude::*;
 /// Values per block.
 pub const QK: usize = 32;
 
+/// Activation rows one pass over a weight row serves.
+const ROWS_AT_ONCE: usize = 16;
+
 /// Multiply-adds below which a product runs on the calling thread.
 const PARALLEL_MIN_PRODUCTS: usize = 1 << 16;
 
@@ -196,53 +199,85 @@ impl BlockMatrix {
         assert!(self.kind != BlockKind::Q4_1 || self.mins.len() >= first + per_row);
         let quants = self.quants.as_ptr().add(first * qb);
         let scales = self.scales.as_ptr().add(first);
-        let nibbles = _mm_set1_epi8(0x0f);
+        if xs.len() == 1 {
+            return self.dot_one_row_avx2(row, xs, out);
+        }
+        for (xs, out) in xs.chunks(ROWS_AT_ONCE).zip(out.chunks_mut(ROWS_AT_ONCE)) {
+            for x in xs {
+                assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row && x.sums.len() >= per_row);
+            }
+            // Four accumulators per activation row, one per block in turn
+            // (one alone would wait on the previous block's FMA); each
+            // block's quants are widened once for all the rows.
+            let mut accs = [_mm256_setzero_ps(); 4 * ROWS_AT_ONCE];
+            for b in 0..per_row {
+                let (w0, w1) = widen(self.kind, quants.add(b * qb));
+                let d = *scales.add(b);
+                for (r, x) in xs.iter().enumerate() {
+                    let xq = x.quants.as_ptr().add(b * QK);
+                    let x0 = _mm256_loadu_si256(xq as *const __m256i);
+                    let x1 = _mm256_loadu_si256(xq.add(16) as *const __m256i);
+                    let sums = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                    let scale = _mm256_set1_ps(d * *x.scales.get_unchecked(b));
+                    let k = r * 4 + b % 4;
+                    accs[k] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), accs[k]);
+                }
+            }
+            for (r, (x, y)) in xs.iter().zip(out.iter_mut()).enumerate() {
+                *y = sum_lanes(&accs[r * 4..r * 4 + 4]) + self.offsets(first, per_row, x);
+            }
+        }
+    }
+
+    /// [`Self::dot_row_avx2`] for one activation row (decoding one
+    /// sequence), its four accumulators kept in registers.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_one_row_avx2(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let per_row = self.cols / QK;
+        let first = row * per_row;
+        let qb = self.kind.quant_bytes();
+        // The pointer reads below stay inside these bounds.
+        assert!(self.quants.len() >= (first + per_row) * qb && self.scales.len() >= first + per_row);
+        assert!(self.kind != BlockKind::Q4_1 || self.mins.len() >= first + per_row);
+        let quants = self.quants.as_ptr().add(first * qb);
+        let scales = self.scales.as_ptr().add(first);
         for (x, y) in xs.iter().zip(out.iter_mut()) {
             assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row && x.sums.len() >= per_row);
             let xq = x.quants.as_ptr();
             // Four accumulators, one per block in turn: one would wait on
             // the previous block's FMA every block.
             let mut accs = [_mm256_setzero_ps(); 4];
-            let mut offsets = 0f32;
             for b in 0..per_row {
-                let q = quants.add(b * qb);
-                let (w0, w1) = match self.kind {
-                    BlockKind::Q8_0 => (
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(q as *const __m128i)),
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(16) as *const __m128i)),
-                    ),
-                    BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                        let packed = _mm_loadu_si128(q as *const __m128i);
-                        (
-                            _mm256_cvtepu8_epi16(_mm_and_si128(packed, nibbles)),
-                            _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nibbles)),
-                        )
-                    }
-                };
+                let (w0, w1) = widen(self.kind, quants.add(b * qb));
                 let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
                 let x1 = _mm256_loadu_si256(xq.add(b * QK + 16) as *const __m256i);
                 let sums = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
                 let scale = *scales.add(b) * *x.scales.get_unchecked(b);
                 accs[b % 4] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), accs[b % 4]);
             }
-            // The blocks' offsets (Σ min·Σx, or -8·Σ d·Σx), apart: added in
-            // the loop above they would chain every block on one scalar.
-            let per_block: &[f32] = match self.kind {
-                BlockKind::Q8_0 => &[],
-                BlockKind::Q4_0 => &self.scales[first..first + per_row],
-                BlockKind::Q4_1 => &self.mins[first..first + per_row],
-            };
-            let mut lanes = [0f32; 8];
-            for (i, (m, s)) in per_block.iter().zip(&x.sums).enumerate() {
-                lanes[i % 8] += m * s;
-            }
-            offsets += lanes.iter().sum::<f32>() * if self.kind == BlockKind::Q4_0 { -8.0 } else { 1.0 };
-            let acc = _mm256_add_ps(_mm256_add_ps(accs[0], accs[1]), _mm256_add_ps(accs[2], accs[3]));
-            let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            let one = _mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1));
-            *y = _mm_cvtss_f32(one) + offsets;
+            *y = sum_lanes(&accs) + self.offsets(first, per_row, x);
         }
+    }
+
+    /// The blocks' offsets of weight row from block `first` for `x`
+    /// (`Σ min·Σx` for Q4_1, `-8·Σ d·Σx` for Q4_0), summed apart from the
+    /// products: in their loop they would chain every block on one scalar.
+    fn offsets(&self, first: usize, per_row: usize, x: &ActivationRow) -> f32 {
+        let (per_block, factor): (&[f32], f32) = match self.kind {
+            BlockKind::Q8_0 => return 0.0,
+            BlockKind::Q4_0 => (&self.scales[first..first + per_row], -8.0),
+            BlockKind::Q4_1 => (&self.mins[first..first + per_row], 1.0),
+        };
+        let mut lanes = [0f32; 8];
+        for (i, (m, s)) in per_block.iter().zip(&x.sums).enumerate() {
+            lanes[i % 8] += m * s;
+        }
+        lanes.iter().sum::<f32>() * factor
     }
 
     /// `out[r] = W[row] · x[r]` for every activation row.
@@ -268,6 +303,45 @@ impl BlockMatrix {
             *y = sum;
         }
     }
+}
+
+/// One block's 32 quants widened to 16-bit integers (two 16-lane vectors,
+/// elements 0..16 and 16..32).
+///
+/// # Safety
+/// The CPU must support AVX2, and `q` point at a whole block's quants.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen(kind: BlockKind, q: *const u8) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    match kind {
+        BlockKind::Q8_0 => (
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(q as *const __m128i)),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(16) as *const __m128i)),
+        ),
+        BlockKind::Q4_0 | BlockKind::Q4_1 => {
+            let nibbles = _mm_set1_epi8(0x0f);
+            let packed = _mm_loadu_si128(q as *const __m128i);
+            (
+                _mm256_cvtepu8_epi16(_mm_and_si128(packed, nibbles)),
+                _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nibbles)),
+            )
+        }
+    }
+}
+
+/// The sum of every lane of four 8-lane accumulators.
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn sum_lanes(accs: &[std::arch::x86_64::__m256]) -> f32 {
+    use std::arch::x86_64::*;
+    let acc = _mm256_add_ps(_mm256_add_ps(accs[0], accs[1]), _mm256_add_ps(accs[2], accs[3]));
+    let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)))
 }
 
 /// `Σ q[i] · x[i]` over 32 signed bytes.
@@ -356,7 +430,7 @@ mod tests {
     fn integer_dots_match_the_dequantised_product() {
         let (rows, cols) = (70, 96);
         let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
-        let x: Vec<f32> = (0..3 * cols).map(|i| ((i * 104_729 % 997) as f32 / 498.0 - 1.0)).collect();
+        let x: Vec<f32> = (0..3 * cols).map(|i| (i * 104_729 % 997) as f32 / 498.0 - 1.0).collect();
         for kind in [BlockKind::Q4_0, BlockKind::Q4_1, BlockKind::Q8_0] {
             let raw: Vec<u8> = w.chunks(cols).flat_map(|r| ggml_bytes(kind, r)).collect();
             let m = BlockMatrix::from_ggml(kind, rows, cols, &raw, None).unwrap();
