@@ -191,14 +191,7 @@ impl BlockMatrix {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_row_avx2(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
         use std::arch::x86_64::*;
-        let per_row = self.cols / QK;
-        let first = row * per_row;
-        let qb = self.kind.quant_bytes();
-        // The pointer reads below stay inside these bounds.
-        assert!(self.quants.len() >= (first + per_row) * qb && self.scales.len() >= first + per_row);
-        assert!(self.kind != BlockKind::Q4_1 || self.mins.len() >= first + per_row);
-        let quants = self.quants.as_ptr().add(first * qb);
-        let scales = self.scales.as_ptr().add(first);
+        let RowBlocks { first, per_row, qb, quants, scales } = self.row_blocks(row);
         if xs.len() == 1 {
             return self.dot_one_row_avx2(row, xs, out);
         }
@@ -238,14 +231,7 @@ impl BlockMatrix {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_one_row_avx2(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
         use std::arch::x86_64::*;
-        let per_row = self.cols / QK;
-        let first = row * per_row;
-        let qb = self.kind.quant_bytes();
-        // The pointer reads below stay inside these bounds.
-        assert!(self.quants.len() >= (first + per_row) * qb && self.scales.len() >= first + per_row);
-        assert!(self.kind != BlockKind::Q4_1 || self.mins.len() >= first + per_row);
-        let quants = self.quants.as_ptr().add(first * qb);
-        let scales = self.scales.as_ptr().add(first);
+        let RowBlocks { first, per_row, qb, quants, scales } = self.row_blocks(row);
         for (x, y) in xs.iter().zip(out.iter_mut()) {
             assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row && x.sums.len() >= per_row);
             let xq = x.quants.as_ptr();
@@ -261,6 +247,23 @@ impl BlockMatrix {
                 accs[b % 4] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), accs[b % 4]);
             }
             *y = sum_lanes(&accs) + self.offsets(first, per_row, x);
+        }
+    }
+
+    /// Where weight row `row`'s blocks are, checked against the arrays'
+    /// lengths (the kernels read through these pointers).
+    fn row_blocks(&self, row: usize) -> RowBlocks {
+        let per_row = self.cols / QK;
+        let first = row * per_row;
+        let qb = self.kind.quant_bytes();
+        assert!(self.quants.len() >= (first + per_row) * qb && self.scales.len() >= first + per_row);
+        assert!(self.kind != BlockKind::Q4_1 || self.mins.len() >= first + per_row);
+        RowBlocks {
+            first,
+            per_row,
+            qb,
+            quants: self.quants[first * qb..].as_ptr(),
+            scales: self.scales[first..].as_ptr(),
         }
     }
 
@@ -303,6 +306,16 @@ impl BlockMatrix {
             *y = sum;
         }
     }
+}
+
+/// A weight row's blocks: the first block's index, blocks per row, quant
+/// bytes per block, and pointers to its first quant and scale.
+struct RowBlocks {
+    first: usize,
+    per_row: usize,
+    qb: usize,
+    quants: *const u8,
+    scales: *const f32,
 }
 
 /// One block's 32 quants widened to 16-bit integers (two 16-lane vectors,
