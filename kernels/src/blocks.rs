@@ -441,7 +441,8 @@ mod tests {
 
     #[test]
     fn integer_dots_match_the_dequantised_product() {
-        let (rows, cols) = (70, 96);
+        // Large enough (700 × 96 × 3 products) to be split across threads.
+        let (rows, cols) = (700, 96);
         let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
         let x: Vec<f32> = (0..3 * cols).map(|i| (i * 104_729 % 997) as f32 / 498.0 - 1.0).collect();
         for kind in [BlockKind::Q4_0, BlockKind::Q4_1, BlockKind::Q8_0] {

