@@ -14,6 +14,9 @@ use super::GlobalArgs;
 /// Runs `oxtune rlhf --algo grpo`.
 pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
     let run = &args.run;
+    if run.data.packing || run.data.padding_free {
+        anyhow::bail!("--packing and --padding-free train sft, pt and preference pairs; grpo scores whole rollouts");
+    }
     let config = grpo_config(args)?;
     let mut setup = set_up(global, run, "rlhf", args.knobs())?;
     let before = sample_answers_of(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;

@@ -182,8 +182,14 @@ pub fn grpo_config(args: &RlhfArgs) -> anyhow::Result<GrpoConfig> {
 pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
     let method = if args.algo == "kto" { None } else { Some(args.pair_loss()?) };
     let run = &args.run;
-    if run.data.packing || run.data.padding_free {
-        anyhow::bail!("--packing and --padding-free train sft and pt; rlhf keeps each pair in its own row");
+    if run.data.packing {
+        anyhow::bail!(
+            "--packing trains sft and pt; for preference pairs use --padding-free (each micro-batch's chosen and \
+             rejected rows laid end to end in one row)"
+        );
+    }
+    if run.data.padding_free && method.is_none() {
+        anyhow::bail!("--padding-free trains pairs (dpo, cpo, simpo, orpo); kto compares completions across its batch");
     }
     let mut setup = set_up(global, run, "rlhf", args.knobs())?;
     let before = sample_answers_of(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;
@@ -202,7 +208,7 @@ pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
                 data.eval.len(),
                 run.tuner.name
             );
-            let objective = PairObjective { method: method.clone(), reference };
+            let objective = PairObjective { method: method.clone(), reference, padding_free: run.data.padding_free };
             train_with(&setup.text.model, &objective, &data.train, &data.eval, &config)?
         }
         None => {

@@ -90,6 +90,20 @@ fn dpo_matches_trl_at_both_steps() {
 }
 
 #[test]
+fn padding_free_pairs_match_trl_padded_numbers() {
+    // Each micro-batch's two pairs (four rows) laid end to end in one row:
+    // the same losses, gradients and log-probabilities as TRL's padded
+    // batch — which only holds if attention stays within each row.
+    let trl = reference();
+    let ours = run("dpo", "pairs.jsonl", &["--beta", "0.1", "--padding-free", "true"]);
+    compare("dpo padding-free", &ours, &steps(&trl, "dpo_sigmoid"), &PAIR_KEYS, 1e-4);
+    // SimPO averages per completion: the per-sequence token counts must come out right too.
+    let simpo = ["--beta", "2", "--simpo-gamma", "1", "--cpo-alpha", "0", "--padding-free", "true"];
+    let ours = run("simpo", "pairs.jsonl", &simpo);
+    compare("simpo padding-free", &ours, &steps(&trl, "simpo"), &PAIR_KEYS, 1e-4);
+}
+
+#[test]
 fn cpo_and_simpo_match_trl_at_both_steps() {
     let trl = reference();
     let ours = run("cpo", "pairs.jsonl", &["--beta", "0.1", "--cpo-alpha", "1"]);

@@ -6,10 +6,11 @@
 
 use candle_core::{Tensor, D};
 
-use super::logps::completion_logps;
+use super::logps::{completion_logps, segment_logps};
 use super::losses::{kto_loss, pair_loss, KtoLoss, PairInputs, PairLoss};
-use crate::objective::collate;
+use crate::objective::{collate, collate_packed};
 use crate::{Objective, ObjectiveLoss, TrainError};
+use oxtune_data::packing::PackedRow;
 use oxtune_data::preference::{join, split_prompt, LabelledCompletion, PreferencePair};
 use oxtune_data::text::EncodedRow;
 use oxtune_engine::backend::BatchInfo;
@@ -24,24 +25,38 @@ pub enum Reference<'a> {
     Model(&'a LoadedModel),
 }
 
-/// Summed log-probabilities `[n]` and token counts `[n]` of `rows`' completions.
+/// Summed log-probabilities `[n]` and token counts `[n]` of `rows`'
+/// completions: from a right-padded batch, or (`padding_free`) from the
+/// rows laid end to end in one row, positions restarting and attention
+/// kept within each (TRL's `padding_free`).
 fn logps(
     model: &LoadedModel,
     reference: Option<&Reference<'_>>,
     rows: &[&EncodedRow],
     dropout_seed: Option<u64>,
+    padding_free: bool,
     step: usize,
 ) -> Result<(Tensor, Tensor), TrainError> {
     let compute = |cause| TrainError::Compute { step, source: cause };
-    let (ids, labels, mask) = collate(rows, model.device()).map_err(compute)?;
-    let info = BatchInfo { attention_mask: Some(mask), dropout_seed, ..Default::default() };
+    let (ids, labels, info, segments) = if padding_free {
+        let packed = PackedRow::from_rows(rows).map_err(|m| compute(candle_core::Error::Msg(m)))?;
+        let (ids, labels, info) = collate_packed(&[&packed], dropout_seed, model.device()).map_err(compute)?;
+        (ids, labels, info, Some(packed.segment_ids))
+    } else {
+        let (ids, labels, mask) = collate(rows, model.device()).map_err(compute)?;
+        (ids, labels, BatchInfo { attention_mask: Some(mask), dropout_seed, ..Default::default() }, None)
+    };
     let (picked, label_mask) = match reference {
         None => model.label_logps(&ids, &info, &labels),
         Some(Reference::AdapterOff) => model.label_logps_without_adapter(&ids, &info, &labels),
         Some(Reference::Model(frozen)) => frozen.label_logps(&ids, &info, &labels),
     }
     .map_err(Box::new)?;
-    let (sum, count) = completion_logps(&picked, &label_mask).map_err(compute)?;
+    let (sum, count) = match &segments {
+        Some(segments) => segment_logps(&picked, &label_mask, segments, rows.len()),
+        None => completion_logps(&picked, &label_mask),
+    }
+    .map_err(compute)?;
     match reference {
         None => Ok((sum, count)),
         Some(_) => Ok((sum.detach(), count)),
@@ -54,6 +69,9 @@ pub struct PairObjective<'a> {
     pub method: PairLoss,
     /// The reference, for methods that compare with one.
     pub reference: Reference<'a>,
+    /// Each micro-batch's chosen and rejected rows laid end to end in one
+    /// row (`--padding-free`), no padding computed.
+    pub padding_free: bool,
 }
 
 impl Objective for PairObjective<'_> {
@@ -73,7 +91,7 @@ impl Objective for PairObjective<'_> {
         let compute = |cause| TrainError::Compute { step, source: cause };
         let n = batch.len();
         let rows: Vec<&EncodedRow> = batch.iter().map(|p| &p.chosen).chain(batch.iter().map(|p| &p.rejected)).collect();
-        let (sum, count) = logps(model, None, &rows, dropout_seed, step)?;
+        let (sum, count) = logps(model, None, &rows, dropout_seed, self.padding_free, step)?;
         // NLL of the chosen tokens, over all of them (TRL's `nll_loss`).
         let chosen_nll = (sum.narrow(0, 0, n).and_then(|s| s.sum_all()).map_err(compute)?.neg().map_err(compute)?
             / count.narrow(0, 0, n).and_then(|c| c.sum_all()?.to_scalar::<f32>()).map_err(compute)? as f64)
@@ -87,7 +105,7 @@ impl Objective for PairObjective<'_> {
         };
         let policy = per_pair(&sum).map_err(compute)?;
         let reference = if self.method.needs_reference() {
-            let (sum, _) = logps(model, Some(&self.reference), &rows, None, step)?;
+            let (sum, _) = logps(model, Some(&self.reference), &rows, None, self.padding_free, step)?;
             Some(per_pair(&sum).map_err(compute)?)
         } else {
             None
@@ -147,8 +165,8 @@ impl Objective for KtoObjective<'_> {
             })
             .collect();
         let rows: Vec<&EncodedRow> = batch.iter().map(|c| &c.row).chain(mismatched.iter()).collect();
-        let (policy, _) = logps(model, None, &rows, dropout_seed, step)?;
-        let (reference, _) = logps(model, Some(&self.reference), &rows, None, step)?;
+        let (policy, _) = logps(model, None, &rows, dropout_seed, false, step)?;
+        let (reference, _) = logps(model, Some(&self.reference), &rows, None, false, step)?;
         let split =
             |t: &Tensor| -> candle_core::Result<(Tensor, Tensor)> { Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?)) };
         let (policy, kl_policy) = split(&policy).map_err(compute)?;
