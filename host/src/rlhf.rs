@@ -8,7 +8,7 @@ use oxtune_data::Objective;
 use oxtune_engine::LoadedModel;
 use oxtune_train::align::grpo::{GrpoConfig, GrpoLossType, RewardOnError, ScaleRewards};
 use oxtune_train::align::losses::{DpoVariant, KtoLoss, PairLoss};
-use oxtune_train::align::objective::{KtoObjective, PairObjective, Reference};
+use oxtune_train::align::objective::{pack_pairs, KtoObjective, PackedPairObjective, PairObjective, Reference};
 use oxtune_train::run::needs_frozen_reference;
 use oxtune_train::train_with;
 use serde_json::{json, Value};
@@ -182,14 +182,10 @@ pub fn grpo_config(args: &RlhfArgs) -> anyhow::Result<GrpoConfig> {
 pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
     let method = if args.algo == "kto" { None } else { Some(args.pair_loss()?) };
     let run = &args.run;
-    if run.data.packing {
+    if (run.data.packing || run.data.padding_free) && method.is_none() {
         anyhow::bail!(
-            "--packing trains sft and pt; for preference pairs use --padding-free (each micro-batch's chosen and \
-             rejected rows laid end to end in one row)"
+            "--packing and --padding-free train pairs (dpo, cpo, simpo, orpo); kto compares completions across its batch"
         );
-    }
-    if run.data.padding_free && method.is_none() {
-        anyhow::bail!("--padding-free trains pairs (dpo, cpo, simpo, orpo); kto compares completions across its batch");
     }
     let mut setup = set_up(global, run, "rlhf", args.knobs())?;
     let before = sample_answers_of(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;
@@ -209,7 +205,17 @@ pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
                 run.tuner.name
             );
             let objective = PairObjective { method: method.clone(), reference, padding_free: run.data.padding_free };
-            train_with(&setup.text.model, &objective, &data.train, &data.eval, &config)?
+            if run.data.packing {
+                let max = run.data.max_length;
+                let too_long = |i: usize| anyhow::anyhow!("pair {i} is longer than --max-length {max} with both rows");
+                let train = pack_pairs(data.train, max).map_err(too_long)?;
+                let eval = pack_pairs(data.eval, max).map_err(too_long)?;
+                let pairs: usize = train.iter().map(Vec::len).sum();
+                eprintln!("packed {pairs} pair(s) into {} row(s) of at most {max} tokens", train.len());
+                train_with(&setup.text.model, &PackedPairObjective(objective), &train, &eval, &config)?
+            } else {
+                train_with(&setup.text.model, &objective, &data.train, &data.eval, &config)?
+            }
         }
         None => {
             let beta = args.beta.unwrap_or(0.1);

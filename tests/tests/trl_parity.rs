@@ -90,7 +90,7 @@ fn dpo_matches_trl_at_both_steps() {
 }
 
 #[test]
-fn padding_free_pairs_match_trl_padded_numbers() {
+fn padding_free_and_packed_pairs_match_trl_padded_numbers() {
     // Each micro-batch's two pairs (four rows) laid end to end in one row:
     // the same losses, gradients and log-probabilities as TRL's padded
     // batch — which only holds if attention stays within each row.
@@ -101,6 +101,12 @@ fn padding_free_pairs_match_trl_padded_numbers() {
     let simpo = ["--beta", "2", "--simpo-gamma", "1", "--cpo-alpha", "0", "--padding-free", "true"];
     let ours = run("simpo", "pairs.jsonl", &simpo);
     compare("simpo padding-free", &ours, &steps(&trl, "simpo"), &PAIR_KEYS, 1e-4);
+    // Packed: both pairs in one row (4096), or one pair per row (120 tokens:
+    // two packed rows, padded to one width) — each pair whole either way.
+    for max_length in ["4096", "120"] {
+        let ours = run("dpo", "pairs.jsonl", &["--beta", "0.1", "--packing", "true", "--max-length", max_length]);
+        compare(&format!("dpo packed {max_length}"), &ours, &steps(&trl, "dpo_sigmoid"), &PAIR_KEYS, 1e-4);
+    }
 }
 
 #[test]

@@ -11,22 +11,23 @@ pub fn completion_logps(picked: &Tensor, mask: &Tensor) -> Result<(Tensor, Tenso
     Ok((picked.sum(1)?, mask.sum(1)?))
 }
 
-/// [`completion_logps`] of the sequences laid end to end in one row
-/// (padding-free): per-position label log-probabilities `[1, s − 1]` and
-/// their mask, and the sequence each row token belongs to (`segments`,
-/// `[s]`): per sequence `[n]`, the summed log-probability of its labelled
-/// tokens and their count.
-pub fn segment_logps(picked: &Tensor, mask: &Tensor, segments: &[u32], n: usize) -> Result<(Tensor, Tensor)> {
-    // Position t predicts token t + 1: it counts for token t + 1's sequence.
-    let positions = segments.len().saturating_sub(1);
+/// [`completion_logps`] of sequences laid end to end in packed rows:
+/// per-position label log-probabilities `[g, p]` and their mask, and which
+/// sequence owns each position's label (`owners[g·p + t]`, `None` for
+/// padding): per sequence `[n]`, the summed log-probability of its
+/// labelled tokens and their count.
+pub fn segment_logps(picked: &Tensor, mask: &Tensor, owners: &[Option<usize>], n: usize) -> Result<(Tensor, Tensor)> {
+    let positions = owners.len();
     let mut indicator = vec![0f32; n * positions];
-    for (t, &segment) in segments.iter().skip(1).enumerate() {
-        if (segment as usize) < n {
-            indicator[segment as usize * positions + t] = 1.0;
+    for (t, owner) in owners.iter().enumerate() {
+        if let Some(row) = owner.filter(|&r| r < n) {
+            indicator[row * positions + t] = 1.0;
         }
     }
     let indicator = Tensor::from_vec(indicator, (n, positions), picked.device())?.to_dtype(picked.dtype())?;
-    let sums = picked.matmul(&indicator.t()?)?.squeeze(0)?;
-    let counts = mask.to_dtype(picked.dtype())?.matmul(&indicator.t()?)?.squeeze(0)?.to_dtype(mask.dtype())?;
+    let flat = picked.reshape((1, positions))?;
+    let sums = flat.matmul(&indicator.t()?)?.squeeze(0)?;
+    let flat_mask = mask.reshape((1, positions))?.to_dtype(picked.dtype())?;
+    let counts = flat_mask.matmul(&indicator.t()?)?.squeeze(0)?.to_dtype(mask.dtype())?;
     Ok((sums, counts))
 }

@@ -26,25 +26,43 @@ pub enum Reference<'a> {
 }
 
 /// Summed log-probabilities `[n]` and token counts `[n]` of `rows`'
-/// completions: from a right-padded batch, or (`padding_free`) from the
-/// rows laid end to end in one row, positions restarting and attention
-/// kept within each (TRL's `padding_free`).
+/// completions: from a right-padded batch, or, given `groups` (row
+/// indices), from one row per group with its rows laid end to end,
+/// positions restarting and attention kept within each (TRL's
+/// `padding_free`, and packing).
 fn logps(
     model: &LoadedModel,
     reference: Option<&Reference<'_>>,
     rows: &[&EncodedRow],
+    groups: Option<&[Vec<usize>]>,
     dropout_seed: Option<u64>,
-    padding_free: bool,
     step: usize,
 ) -> Result<(Tensor, Tensor), TrainError> {
     let compute = |cause| TrainError::Compute { step, source: cause };
-    let (ids, labels, info, segments) = if padding_free {
-        let packed = PackedRow::from_rows(rows).map_err(|m| compute(candle_core::Error::Msg(m)))?;
-        let (ids, labels, info) = collate_packed(&[&packed], dropout_seed, model.device()).map_err(compute)?;
-        (ids, labels, info, Some(packed.segment_ids))
-    } else {
-        let (ids, labels, mask) = collate(rows, model.device()).map_err(compute)?;
-        (ids, labels, BatchInfo { attention_mask: Some(mask), dropout_seed, ..Default::default() }, None)
+    let (ids, labels, info, owners) = match groups {
+        Some(groups) => {
+            let packs = groups
+                .iter()
+                .map(|g| PackedRow::from_rows(&g.iter().map(|&i| rows[i]).collect::<Vec<_>>()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| compute(candle_core::Error::Msg(m)))?;
+            let refs: Vec<&PackedRow> = packs.iter().collect();
+            let (ids, labels, info) = collate_packed(&refs, dropout_seed, model.device()).map_err(compute)?;
+            // Which row each predicted label belongs to: position t of pack g
+            // predicts its token t + 1.
+            let width = ids.dim(1).map_err(compute)?;
+            let mut owners = vec![None; packs.len() * width.saturating_sub(1)];
+            for (g, (pack, group)) in packs.iter().zip(groups).enumerate() {
+                for (t, &segment) in pack.segment_ids.iter().enumerate().skip(1) {
+                    owners[g * (width - 1) + t - 1] = Some(group[segment as usize]);
+                }
+            }
+            (ids, labels, info, Some(owners))
+        }
+        None => {
+            let (ids, labels, mask) = collate(rows, model.device()).map_err(compute)?;
+            (ids, labels, BatchInfo { attention_mask: Some(mask), dropout_seed, ..Default::default() }, None)
+        }
     };
     let (picked, label_mask) = match reference {
         None => model.label_logps(&ids, &info, &labels),
@@ -52,8 +70,8 @@ fn logps(
         Some(Reference::Model(frozen)) => frozen.label_logps(&ids, &info, &labels),
     }
     .map_err(Box::new)?;
-    let (sum, count) = match &segments {
-        Some(segments) => segment_logps(&picked, &label_mask, segments, rows.len()),
+    let (sum, count) = match &owners {
+        Some(owners) => segment_logps(&picked, &label_mask, owners, rows.len()),
         None => completion_logps(&picked, &label_mask),
     }
     .map_err(compute)?;
@@ -74,24 +92,26 @@ pub struct PairObjective<'a> {
     pub padding_free: bool,
 }
 
-impl Objective for PairObjective<'_> {
-    type Item = PreferencePair;
-
-    fn trainable(&self, _item: &PreferencePair) -> bool {
-        true
-    }
-
-    fn loss(
+impl PairObjective<'_> {
+    /// The method's loss over `pairs`, their rows laid out one per row or,
+    /// with `groups` (indices of pairs), one row per group holding its
+    /// pairs' chosen and rejected rows.
+    fn pairs_loss(
         &self,
         model: &LoadedModel,
-        batch: &[&PreferencePair],
+        pairs: &[&PreferencePair],
+        groups: Option<&[Vec<usize>]>,
         dropout_seed: Option<u64>,
         step: usize,
     ) -> Result<ObjectiveLoss, TrainError> {
         let compute = |cause| TrainError::Compute { step, source: cause };
-        let n = batch.len();
-        let rows: Vec<&EncodedRow> = batch.iter().map(|p| &p.chosen).chain(batch.iter().map(|p| &p.rejected)).collect();
-        let (sum, count) = logps(model, None, &rows, dropout_seed, self.padding_free, step)?;
+        let n = pairs.len();
+        let rows: Vec<&EncodedRow> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
+        // Pair i's rows are i (chosen) and n + i (rejected): a group keeps them together.
+        let row_groups: Option<Vec<Vec<usize>>> =
+            groups.map(|groups| groups.iter().map(|g| g.iter().flat_map(|&i| [i, n + i]).collect()).collect());
+        let row_groups = row_groups.as_deref();
+        let (sum, count) = logps(model, None, &rows, row_groups, dropout_seed, step)?;
         // NLL of the chosen tokens, over all of them (TRL's `nll_loss`).
         let chosen_nll = (sum.narrow(0, 0, n).and_then(|s| s.sum_all()).map_err(compute)?.neg().map_err(compute)?
             / count.narrow(0, 0, n).and_then(|c| c.sum_all()?.to_scalar::<f32>()).map_err(compute)? as f64)
@@ -105,7 +125,7 @@ impl Objective for PairObjective<'_> {
         };
         let policy = per_pair(&sum).map_err(compute)?;
         let reference = if self.method.needs_reference() {
-            let (sum, _) = logps(model, Some(&self.reference), &rows, None, self.padding_free, step)?;
+            let (sum, _) = logps(model, Some(&self.reference), &rows, row_groups, None, step)?;
             Some(per_pair(&sum).map_err(compute)?)
         } else {
             None
@@ -123,6 +143,69 @@ impl Objective for PairObjective<'_> {
         let (loss, logged) = pair_loss(&self.method, &inputs).map_err(compute)?;
         Ok(ObjectiveLoss { loss, tokens: rows.iter().map(|r| r.input_ids.len()).sum(), weight: n as f64, logged })
     }
+}
+
+impl Objective for PairObjective<'_> {
+    type Item = PreferencePair;
+
+    fn trainable(&self, _item: &PreferencePair) -> bool {
+        true
+    }
+
+    fn loss(
+        &self,
+        model: &LoadedModel,
+        batch: &[&PreferencePair],
+        dropout_seed: Option<u64>,
+        step: usize,
+    ) -> Result<ObjectiveLoss, TrainError> {
+        let one_row = [(0..batch.len()).collect::<Vec<usize>>()];
+        let groups = self.padding_free.then_some(&one_row[..]);
+        self.pairs_loss(model, batch, groups, dropout_seed, step)
+    }
+}
+
+/// Preference pairs packed before training (`--packing`): each item is a
+/// bin of whole pairs that fills a row of `--max-length` tokens.
+pub struct PackedPairObjective<'a>(pub PairObjective<'a>);
+
+impl Objective for PackedPairObjective<'_> {
+    type Item = Vec<PreferencePair>;
+
+    fn trainable(&self, item: &Vec<PreferencePair>) -> bool {
+        !item.is_empty()
+    }
+
+    fn weight(&self, item: &Vec<PreferencePair>) -> f64 {
+        item.len() as f64
+    }
+
+    fn loss(
+        &self,
+        model: &LoadedModel,
+        batch: &[&Vec<PreferencePair>],
+        dropout_seed: Option<u64>,
+        step: usize,
+    ) -> Result<ObjectiveLoss, TrainError> {
+        let pairs: Vec<&PreferencePair> = batch.iter().flat_map(|bin| bin.iter()).collect();
+        let mut groups = Vec::with_capacity(batch.len());
+        let mut next = 0;
+        for bin in batch {
+            groups.push((next..next + bin.len()).collect());
+            next += bin.len();
+        }
+        self.0.pairs_loss(model, &pairs, Some(&groups), dropout_seed, step)
+    }
+}
+
+/// Bins whole pairs best-fit-decreasing into rows of `max_length` tokens
+/// (a pair's chosen and rejected rows together); the too-long pair's index
+/// when one does not fit alone.
+pub fn pack_pairs(pairs: Vec<PreferencePair>, max_length: usize) -> Result<Vec<Vec<PreferencePair>>, usize> {
+    let lengths: Vec<usize> = pairs.iter().map(|p| p.chosen.input_ids.len() + p.rejected.input_ids.len()).collect();
+    let bins = oxtune_data::pack_best_fit_decreasing(&lengths, max_length)?;
+    let mut slots: Vec<Option<PreferencePair>> = pairs.into_iter().map(Some).collect();
+    Ok(bins.into_iter().map(|bin| bin.into_iter().filter_map(|i| slots[i].take()).collect()).collect())
 }
 
 /// KTO over labelled completions.
@@ -165,8 +248,8 @@ impl Objective for KtoObjective<'_> {
             })
             .collect();
         let rows: Vec<&EncodedRow> = batch.iter().map(|c| &c.row).chain(mismatched.iter()).collect();
-        let (policy, _) = logps(model, None, &rows, dropout_seed, false, step)?;
-        let (reference, _) = logps(model, Some(&self.reference), &rows, None, false, step)?;
+        let (policy, _) = logps(model, None, &rows, None, dropout_seed, step)?;
+        let (reference, _) = logps(model, Some(&self.reference), &rows, None, None, step)?;
         let split =
             |t: &Tensor| -> candle_core::Result<(Tensor, Tensor)> { Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?)) };
         let (policy, kl_policy) = split(&policy).map_err(compute)?;
