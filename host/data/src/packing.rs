@@ -2,7 +2,9 @@
 //! samples are laid end to end in one row, never split; positions restart
 //! at each sample; each sample is its own attention segment (the host's
 //! attention never crosses one); and each sample's first label is masked,
-//! so no sample is trained to predict from the one before it.
+//! so no sample is trained to predict from the one before it. Samples with
+//! images or videos keep their media items and their M-RoPE positions,
+//! restarted per sample on every axis.
 //!
 //! [`pack_best_fit_decreasing`] bins samples into rows of at most
 //! `--max-length` tokens (`--packing`); [`PackedRow::from_rows`] lays out
@@ -11,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use oxtune_engine::loss::IGNORE_INDEX;
+use oxtune_engine::media::RowMedia;
 
 use crate::text::EncodedRow;
 
@@ -25,29 +28,64 @@ pub struct PackedRow {
     pub position_ids: Vec<u32>,
     /// Each token's sample (0, 1, 2, ... along the row).
     pub segment_ids: Vec<u32>,
+    /// With images or videos: the samples' media items in token order and
+    /// every token's position on each axis (M-RoPE), restarting per sample
+    /// (text samples count up on every axis).
+    pub media: Option<RowMedia>,
 }
 
 impl PackedRow {
-    /// `rows` laid end to end. Rows with images or videos cannot be packed
-    /// yet: their positions come from the model's media layout.
+    /// `rows` laid end to end.
     pub fn from_rows(rows: &[&EncodedRow]) -> Result<PackedRow, String> {
-        let mut packed =
-            PackedRow { input_ids: Vec::new(), labels: Vec::new(), position_ids: Vec::new(), segment_ids: Vec::new() };
+        let mut packed = PackedRow {
+            input_ids: Vec::new(),
+            labels: Vec::new(),
+            position_ids: Vec::new(),
+            segment_ids: Vec::new(),
+            media: None,
+        };
+        let axes = rows.iter().find_map(|r| r.media.as_ref()).map(|m| m.positions.len());
+        let mut media =
+            axes.map(|axes| RowMedia { items: Vec::new(), positions: vec![Vec::new(); axes], sources: None });
+        // Released pixels are read again from every sample's files, in order.
+        let released = rows.iter().filter_map(|r| r.media.as_ref()).map(|m| m.sources.is_some()).collect::<Vec<_>>();
+        if released.iter().any(|&r| r) != released.iter().all(|&r| r) {
+            return Err("samples with held and released pixels cannot share a packed row".into());
+        }
         for (segment, row) in rows.iter().enumerate() {
-            if row.media.is_some() {
-                return Err(
-                    "rows with images or videos cannot be packed yet (leave --packing and --padding-free off)".into()
-                );
-            }
             let start = packed.labels.len();
+            let len = row.input_ids.len();
             packed.input_ids.extend(&row.input_ids);
             packed.labels.extend(&row.labels);
             if let Some(first) = packed.labels.get_mut(start) {
                 *first = IGNORE_INDEX;
             }
-            packed.position_ids.extend(0..row.input_ids.len() as u32);
-            packed.segment_ids.extend(std::iter::repeat_n(segment as u32, row.input_ids.len()));
+            packed.position_ids.extend(0..len as u32);
+            packed.segment_ids.extend(std::iter::repeat_n(segment as u32, len));
+            let Some(merged) = media.as_mut() else { continue };
+            match &row.media {
+                Some(m) if m.positions.len() != merged.positions.len() => {
+                    return Err("samples with different position axes cannot share a packed row".into());
+                }
+                Some(m) => {
+                    for (axis, positions) in merged.positions.iter_mut().zip(&m.positions) {
+                        axis.extend(positions);
+                    }
+                    merged.items.extend(m.items.iter().cloned());
+                    if let Some((refs, options)) = &m.sources {
+                        let (all, merged_options) = merged.sources.get_or_insert_with(|| (Vec::new(), options.clone()));
+                        if merged_options != options {
+                            return Err(
+                                "samples prepared with different media options cannot share a packed row".into()
+                            );
+                        }
+                        all.extend(refs.iter().cloned());
+                    }
+                }
+                None => merged.positions.iter_mut().for_each(|axis| axis.extend(0..len as u32)),
+            }
         }
+        packed.media = media;
         Ok(packed)
     }
 

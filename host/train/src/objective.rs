@@ -13,7 +13,7 @@ use oxtune_data::text::EncodedRow;
 use oxtune_data::PackedRow;
 use oxtune_engine::backend::BatchInfo;
 use oxtune_engine::loss::{mean_token_nll, IGNORE_INDEX};
-use oxtune_engine::media::{batch_inputs, with_pixels, RowMedia};
+use oxtune_engine::media::{batch_inputs, with_pixels, NamedInputs, RowMedia};
 use oxtune_engine::model::LoadedModel;
 
 /// The loss of one micro-batch and what comes with it.
@@ -159,6 +159,39 @@ pub fn collate_packed(
     Ok((Tensor::from_vec(ids, shape, device)?, Tensor::from_vec(labels, shape, device)?, info))
 }
 
+/// The positions on every axis and the media inputs of packed rows when
+/// any holds images or videos (`None` when none does): pixels read again
+/// where they were released, text-only rows counting up on every axis
+/// from each sample's start.
+fn packed_media(
+    model: &LoadedModel,
+    packs: &[&PackedRow],
+    width: usize,
+    step: usize,
+) -> Result<Option<(Option<Tensor>, NamedInputs)>, TrainError> {
+    if packs.iter().all(|p| p.media.is_none()) {
+        return Ok(None);
+    }
+    let axes = model.position_axes();
+    let with_pixel_rows: Vec<std::borrow::Cow<'_, RowMedia>> = packs
+        .iter()
+        .map(|p| match &p.media {
+            Some(m) => with_pixels(model, m),
+            None => Ok(std::borrow::Cow::Owned(RowMedia {
+                items: Vec::new(),
+                positions: vec![p.position_ids.clone(); axes],
+                sources: None,
+            })),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| TrainError::Data { step, message: oxtune_engine::error_chain(&e) })?;
+    let rows: Vec<(usize, Option<&RowMedia>)> =
+        packs.iter().zip(&with_pixel_rows).map(|(p, m)| (p.input_ids.len(), Some(m.as_ref()))).collect();
+    let inputs = batch_inputs(&rows, width, false, axes, model.device())
+        .map_err(|cause| TrainError::Compute { step, source: cause })?;
+    Ok(Some(inputs))
+}
+
 /// The mean next-token loss over the labelled tokens of packed rows.
 fn packed_loss(
     model: &LoadedModel,
@@ -167,7 +200,11 @@ fn packed_loss(
     step: usize,
 ) -> Result<ObjectiveLoss, TrainError> {
     let compute = |cause| TrainError::Compute { step, source: cause };
-    let (ids, labels, info) = collate_packed(packs, dropout_seed, model.device()).map_err(compute)?;
+    let (ids, labels, mut info) = collate_packed(packs, dropout_seed, model.device()).map_err(compute)?;
+    if let Some((positions, media)) = packed_media(model, packs, ids.dim(1).map_err(compute)?, step)? {
+        info.position_ids = positions;
+        info.media = media;
+    }
     let (logps, label_mask) = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
     let loss = mean_token_nll(&logps, &label_mask).map_err(compute)?;
     Ok(ObjectiveLoss {
