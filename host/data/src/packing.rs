@@ -49,7 +49,7 @@ impl PackedRow {
             axes.map(|axes| RowMedia { items: Vec::new(), positions: vec![Vec::new(); axes], sources: None });
         // Released pixels are read again from every sample's files, in order.
         let released = rows.iter().filter_map(|r| r.media.as_ref()).map(|m| m.sources.is_some()).collect::<Vec<_>>();
-        if released.iter().any(|&r| r) != released.iter().all(|&r| r) {
+        if released.contains(&true) && released.contains(&false) {
             return Err("samples with held and released pixels cannot share a packed row".into());
         }
         for (segment, row) in rows.iter().enumerate() {
