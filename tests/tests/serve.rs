@@ -56,8 +56,10 @@ fn is_error(answer: &(u16, Value), status: u16, needle: &str) {
     assert!(message.contains(needle) || body["error"]["param"] == needle || body["error"]["code"] == needle, "{body}");
 }
 
-#[test]
-fn the_openai_client_chats_streams_and_scores() {
+/// What `tests/serve/openai_client.py URL ARGS...` saw (the official
+/// client against the server at `url`); `None` when the client is missing
+/// (which CI must not be).
+fn openai_client(url: &str, args: &[&str]) -> Option<Value> {
     let found = std::process::Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
     if !found {
         assert!(
@@ -65,13 +67,18 @@ fn the_openai_client_chats_streams_and_scores() {
             "the openai client is missing: .ci/run installs it (.ci/fetch-openai)"
         );
         eprintln!("skipping: the openai Python client is missing (run .ci/fetch-openai)");
-        return;
+        return None;
     }
-    let server = Server::start(&["--model", &model_dir()]);
     let script = workspace_root().join("tests/serve/openai_client.py");
-    let out = std::process::Command::new("python3").arg(&script).args([&server.url, "tiny-qwen3"]).output().unwrap();
+    let out = std::process::Command::new("python3").arg(&script).arg(url).args(args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[test]
+fn the_openai_client_chats_streams_and_scores() {
+    let server = Server::start(&["--model", &model_dir()]);
+    let Some(seen) = openai_client(&server.url, &["tiny-qwen3"]) else { return };
     assert_eq!(seen["models"], json!(["tiny-qwen3"]));
     assert_eq!(seen["chat_role"], "assistant");
     assert_eq!(seen["stream_first_role"], "assistant");
@@ -404,33 +411,11 @@ fn adapters_are_chosen_per_request_in_one_decode_batch() {
     assert!(differ > 0, "the adapter changes no answer: the test cannot tell adapters apart");
 }
 
-fn openai_client_found() -> bool {
-    let found = std::process::Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the openai client is missing: .ci/run installs it (.ci/fetch-openai)"
-        );
-        eprintln!("skipping: the openai Python client is missing (run .ci/fetch-openai)");
-    }
-    found
-}
-
 #[test]
 fn the_openai_client_selects_an_adapter_by_name() {
-    if !openai_client_found() {
-        return;
-    }
     let adapter = strong_adapter("client");
     let server = Server::start(&["--model", &model_dir(), "--adapters", &format!("strong={}", adapter.display())]);
-    let script = workspace_root().join("tests/serve/openai_client.py");
-    let out = std::process::Command::new("python3")
-        .arg(&script)
-        .args([&server.url, "tiny-qwen3", "--adapter", "strong"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let Some(seen) = openai_client(&server.url, &["tiny-qwen3", "--adapter", "strong"]) else { return };
     assert_eq!(seen["models"], json!({"tiny-qwen3": null, "strong": "tiny-qwen3"}));
     let content = "Say something.";
     assert_eq!(seen["base_text"], answer_alone(None, content, 8));
@@ -485,19 +470,9 @@ fn image_answer_alone(question: &str, max_tokens: usize) -> String {
 
 #[test]
 fn the_openai_client_sends_an_image() {
-    if !openai_client_found() {
-        return;
-    }
     let server = vl_server(&[]);
-    let script = workspace_root().join("tests/serve/openai_client.py");
-    let image = vl_dir().join("test_image.png");
-    let out = std::process::Command::new("python3")
-        .arg(&script)
-        .args([&server.url, "tiny-qwen2.5-vl", "--image", &image.display().to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let image = vl_dir().join("test_image.png").display().to_string();
+    let Some(seen) = openai_client(&server.url, &["tiny-qwen2.5-vl", "--image", &image]) else { return };
     let want = image_answer_alone("What is in the picture?", 8);
     assert!(!want.is_empty());
     assert_eq!(seen["image_text"], want, "the image chat equals oxtune's own answer");
@@ -635,19 +610,9 @@ fn model_that_calls_tools() -> std::path::PathBuf {
 
 #[test]
 fn the_openai_client_gets_tool_calls_plain_and_streamed() {
-    if !openai_client_found() {
-        return;
-    }
     let model = model_that_calls_tools();
     let server = Server::start(&["--model", &model.display().to_string()]);
-    let script = workspace_root().join("tests/serve/openai_client.py");
-    let out = std::process::Command::new("python3")
-        .arg(&script)
-        .args([&server.url, "checkpoint-250", "--tools", "Oslo"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let Some(seen) = openai_client(&server.url, &["checkpoint-250", "--tools", "Oslo"]) else { return };
     assert_eq!(seen["finish"], "tool_calls", "{seen}");
     assert_eq!(seen["content"], Value::Null, "nothing but the call");
     assert_eq!(seen["calls"].as_array().unwrap().len(), 1, "{seen}");

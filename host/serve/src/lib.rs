@@ -489,8 +489,24 @@ fn submit(
     Ok(rx)
 }
 
-/// Queues `n` samples of `target` (seeds `seed`, `seed + 1`, ...), all at
-/// once so they decode together, and waits for their answers in order.
+/// Queues `n` samples of `target` (seeds `seed`, `seed + 1`, ...) at
+/// once, so they decode together.
+fn submit_samples(
+    state: &AppState,
+    target: &Target,
+    params: &SamplingParams,
+    n: usize,
+    logprobs: Option<usize>,
+) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    (0..n)
+        .map(|i| {
+            let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
+            submit(state, target, params, logprobs)
+        })
+        .collect()
+}
+
+/// [`submit_samples`], then waits for their answers in order.
 async fn run_jobs(
     state: &AppState,
     target: &Target,
@@ -499,11 +515,7 @@ async fn run_jobs(
     logprobs: Option<usize>,
 ) -> Result<Vec<Answer>, ApiError> {
     let started = Instant::now();
-    let mut receivers = Vec::with_capacity(n);
-    for i in 0..n {
-        let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
-        receivers.push(submit(state, target, params, logprobs)?);
-    }
+    let receivers = submit_samples(state, target, params, n, logprobs)?;
     let mut answers = Vec::with_capacity(n);
     for rx in receivers {
         answers.push(collect_answer(state, rx, started).await?);
@@ -681,10 +693,7 @@ async fn completions_inner(state: &Shared, headers: &HeaderMap, body: RawBody) -
     for prompt in &prompts {
         check_ids(state, &prompt.ids, params.max_new_tokens)?;
         let target = Target { ids: prompt.ids.clone(), media: None, adapter };
-        for i in 0..n {
-            let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
-            pending.push(submit(state, &target, params, logprobs)?);
-        }
+        pending.extend(submit_samples(state, &target, &params, n, logprobs)?);
     }
     let mut pending = pending.into_iter();
     for prompt in &prompts {
@@ -1012,11 +1021,7 @@ fn start_stream(
     let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     let meta = StreamMeta { kind, id, model, prompt_tokens: target.ids.len(), include_usage, tools };
-    let mut receivers = Vec::with_capacity(n);
-    for i in 0..n {
-        let params = SamplingParams { seed: params.seed.wrapping_add(i as u64), ..params.clone() };
-        receivers.push(submit(state, target, params, None)?);
-    }
+    let receivers = submit_samples(state, target, &params, n, None)?;
     Ok(Sse::new(answer_stream(state.clone(), receivers, meta)).into_response())
 }
 
