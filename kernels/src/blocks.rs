@@ -7,7 +7,8 @@
 //! Only the quantised bytes are read. (llama.cpp quantises activations to
 //! 8 bits; on SmolLM2 that lost up to 8% of a `v_proj` output here and
 //! changed its answers.) Split across threads by weight rows, AVX2+FMA
-//! where the CPU has it (chosen at run time), f32 otherwise.
+//! where the CPU has it (chosen at run time), the same integer sums in
+//! portable code otherwise.
 
 use rayon::prelude::*;
 
@@ -293,17 +294,14 @@ impl BlockMatrix {
             let mut sum = 0f32;
             for b in 0..per_row {
                 let q: &[u8] = &self.quants[(first + b) * qb..(first + b + 1) * qb];
-                let xb: &[f32; QK] = x.values[b * QK..(b + 1) * QK].try_into().expect("a whole block");
-                let d = self.scales[first + b];
-                sum += match self.kind {
-                    BlockKind::Q8_0 => d * dot_i8(q.try_into().expect("32 bytes"), xb),
-                    BlockKind::Q4_0 => d * (dot_nibbles(q.try_into().expect("16 bytes"), xb) - 8.0 * x.sums[b]),
-                    BlockKind::Q4_1 => {
-                        d * dot_nibbles(q.try_into().expect("16 bytes"), xb) + self.mins[first + b] * x.sums[b]
-                    }
+                let xb: &[i16; QK] = x.quants[b * QK..(b + 1) * QK].try_into().expect("a whole block");
+                let products = match self.kind {
+                    BlockKind::Q8_0 => dot_i8(q.try_into().expect("32 bytes"), xb),
+                    BlockKind::Q4_0 | BlockKind::Q4_1 => dot_nibbles(q.try_into().expect("16 bytes"), xb),
                 };
+                sum += self.scales[first + b] * x.scales[b] * products as f32;
             }
-            *y = sum;
+            *y = sum + self.offsets(first, per_row, x);
         }
     }
 }
@@ -357,33 +355,24 @@ unsafe fn sum_lanes(accs: &[std::arch::x86_64::__m256]) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)))
 }
 
-/// `Σ q[i] · x[i]` over 32 signed bytes.
+/// `Σ q[i] · x[i]` over 32 signed bytes and 16-bit activations (exact).
 #[inline(always)]
-fn dot_i8(q: &[u8; QK], x: &[f32; QK]) -> f32 {
-    let mut acc = [0f32; 8];
-    for i in 0..QK {
-        acc[i % 8] += q[i] as i8 as f32 * x[i];
-    }
-    acc.iter().sum()
+fn dot_i8(q: &[u8; QK], x: &[i16; QK]) -> i32 {
+    q.iter().zip(x).map(|(&q, &x)| q as i8 as i32 * x as i32).sum()
 }
 
-/// `Σ n[i] · x[i]` over 32 nibbles (byte `j`: element `j` low, `j + 16` high).
+/// `Σ n[i] · x[i]` over 32 nibbles (byte `j`: element `j` low, `j + 16`
+/// high) and 16-bit activations (exact).
 #[inline(always)]
-fn dot_nibbles(q: &[u8; QK / 2], x: &[f32; QK]) -> f32 {
-    let mut acc = [0f32; 8];
-    for j in 0..QK / 2 {
-        acc[j % 8] += (q[j] & 0x0f) as f32 * x[j] + (q[j] >> 4) as f32 * x[j + 16];
-    }
-    acc.iter().sum()
+fn dot_nibbles(q: &[u8; QK / 2], x: &[i16; QK]) -> i32 {
+    (0..QK / 2).map(|j| (q[j] & 0x0f) as i32 * x[j] as i32 + (q[j] >> 4) as i32 * x[j + 16] as i32).sum()
 }
 
-/// A row of activations: as f32 (the portable path), and in 16 bits per
-/// block (`x ≈ q · scale`, `scale = amax / 32767`: a relative error of
+/// A row of activations in 16 bits per block (`x ≈ q · scale`, `scale = amax / 32767`: a relative error of
 /// 2^-15 of the block's largest value; int8, as llama.cpp uses, loses 2^-7
 /// and visibly changed SmolLM2's answers), with each block's f32 sum (for
 /// the blocks' offsets).
 struct ActivationRow {
-    values: Vec<f32>,
     quants: Vec<i16>,
     scales: Vec<f32>,
     sums: Vec<f32>,
@@ -400,7 +389,7 @@ impl ActivationRow {
             quants.extend(block.iter().map(|&v| (v * inverse).round() as i16));
             scales.push(scale);
         }
-        ActivationRow { values: x.to_vec(), quants, scales, sums: x.chunks(QK).map(|b| b.iter().sum()).collect() }
+        ActivationRow { quants, scales, sums: x.chunks(QK).map(|b| b.iter().sum()).collect() }
     }
 }
 
@@ -461,6 +450,18 @@ mod tests {
                     let scale: f32 = (0..cols).map(|i| (dense[o * cols + i] * x[r * cols + i]).abs()).sum();
                     assert!((got - exact).abs() <= 1e-4 * scale + 1e-6, "{kind:?} [{r}, {o}]: {got} vs {exact}");
                 }
+            }
+        }
+        // The portable path (CPUs without AVX2) gives what the vector one gives.
+        let raw: Vec<u8> = w.chunks(cols).flat_map(|r| ggml_bytes(BlockKind::Q4_1, r)).collect();
+        let m = BlockMatrix::from_ggml(BlockKind::Q4_1, rows, cols, &raw, None).unwrap();
+        let acts: Vec<ActivationRow> = x.chunks(cols).map(ActivationRow::new).collect();
+        for o in [0, 1, rows - 1] {
+            let (mut best, mut portable) = ([0f32; 3], [0f32; 3]);
+            m.dot_row_best(o, &acts, &mut best);
+            m.dot_row(o, &acts, &mut portable);
+            for (a, b) in best.iter().zip(&portable) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "row {o}: {a} vs {b}");
             }
         }
         // Rows taken in another order.

@@ -83,6 +83,21 @@ pub fn read_metrics(path: &Path) -> Vec<Value> {
     text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(Value::is_object).collect()
 }
 
+/// The last whole record of a `metrics.jsonl`, read from the file's end.
+fn last_metrics(path: &Path) -> Option<Value> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    // A record is a few hundred bytes; 64 KiB holds the last whole ones.
+    file.seek(SeekFrom::Start(len.saturating_sub(64 << 10))).ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok().filter(Value::is_object))
+}
+
 /// The complete `checkpoint-<step>` folders of `dir`, by step.
 fn checkpoints(dir: &Path) -> Vec<String> {
     let mut found: Vec<(u64, String)> = std::fs::read_dir(dir)
@@ -151,8 +166,9 @@ impl Runs {
 
     fn summary(&self, run: &mut Run) -> Value {
         run.poll();
-        let records = run.output_dir.as_ref().map(|d| read_metrics(&d.join("metrics.jsonl"))).unwrap_or_default();
-        let last = records.last();
+        // The list is polled every second: only the last record is parsed.
+        let last = run.output_dir.as_ref().and_then(|d| last_metrics(&d.join("metrics.jsonl")));
+        let last = last.as_ref();
         let step = last.and_then(|r| r["step"].as_u64()).unwrap_or(0);
         let total = last.and_then(|r| r["total_steps"].as_u64());
         let elapsed = run.ended.unwrap_or_else(Instant::now).duration_since(run.started).as_secs_f64();
