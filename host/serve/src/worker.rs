@@ -430,7 +430,7 @@ pub fn score(
     let logits = match adapter {
         None => model.forward(&input, &BatchInfo::default(), None, None).map_err(chain)?,
         Some(adapter) => {
-            let rows = RowAdapters { groups: vec![(adapter, Tensor::new(&[0u32], model.device())?)] };
+            let rows = RowAdapters::new(vec![(adapter, vec![0])], 1, model.device())?;
             model.forward_per_row(&input, &BatchInfo::default(), None, &rows, false).map_err(chain)?
         }
     };

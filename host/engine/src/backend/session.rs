@@ -108,8 +108,30 @@ pub struct ServedAdapter {
 /// base output, plus, on the rows of each group, what that group's tuner
 /// adds (computed on those rows only).
 pub struct RowAdapters<'a> {
-    /// Each adapter in use with the batch rows (`u32` indices) it serves.
-    pub groups: Vec<(&'a ServedAdapter, Tensor)>,
+    /// Each adapter in use with the batch rows (`u32` indices) it serves,
+    /// and the batch's row mask `[batch]` (f32: 0 on those rows, 1
+    /// elsewhere), built once per forward pass, not once per layer.
+    groups: Vec<(&'a ServedAdapter, Tensor, Tensor)>,
+}
+
+impl<'a> RowAdapters<'a> {
+    /// `groups` (each adapter with the batch rows it serves) of a batch of
+    /// `batch` rows on `device`.
+    pub fn new(
+        groups: Vec<(&'a ServedAdapter, Vec<u32>)>,
+        batch: usize,
+        device: &Device,
+    ) -> candle_core::Result<RowAdapters<'a>> {
+        let groups = groups
+            .into_iter()
+            .map(|(adapter, rows)| {
+                let mut others = vec![1f32; batch];
+                rows.iter().for_each(|&r| others[r as usize] = 0.0);
+                Ok((adapter, Tensor::new(rows, device)?, Tensor::from_vec(others, batch, device)?))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(RowAdapters { groups })
+    }
 }
 
 /// What one forward pass runs against.
@@ -699,7 +721,7 @@ impl<'a> GraphSession<'a> {
         let candle = |source| OpError::Candle { op: "linear", source: source };
         let input = self.get(x)?.clone();
         let mut out = base.clone();
-        for (adapter, index) in &rows.groups {
+        for (adapter, index, others) in &rows.groups {
             if !adapter.binding.targets(name) {
                 continue;
             }
@@ -714,13 +736,9 @@ impl<'a> GraphSession<'a> {
             let id = result.map_err(|e| OpError::Plugin(e.into_string()))?;
             // The group's rows become the tuner's output exactly: zeroed,
             // then its rows added.
-            let rows = out.dim(0).map_err(candle)?;
             let mut shape = vec![1usize; out.rank()];
-            shape[0] = rows;
-            let ones = Tensor::ones(index.elem_count(), out.dtype(), out.device()).map_err(candle)?;
-            let others = Tensor::ones(rows, out.dtype(), out.device())
-                .and_then(|all| all.index_add(index, &ones.neg()?, 0)?.reshape(shape))
-                .map_err(candle)?;
+            shape[0] = others.elem_count();
+            let others = others.to_dtype(out.dtype()).and_then(|o| o.reshape(shape)).map_err(candle)?;
             let tuned = self.get(id)?.clone();
             out = out.broadcast_mul(&others).and_then(|o| o.index_add(index, &tuned, 0)).map_err(candle)?;
         }

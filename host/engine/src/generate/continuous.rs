@@ -259,10 +259,11 @@ impl<'m, K: Clone + PartialEq> ContinuousBatch<'m, K> {
             for (a, adapter) in adapters.iter().enumerate() {
                 let rows: Vec<u32> = (0..routes.len() as u32).filter(|&i| routes[i as usize] == Some(a)).collect();
                 if !rows.is_empty() {
-                    groups.push((adapter, Tensor::new(rows, self.model.device()).map_err(candle_error)?));
+                    groups.push((adapter, rows));
                 }
             }
-            self.model.forward_per_row(input, batch, Some(cache), &RowAdapters { groups }, true)?
+            let rows = RowAdapters::new(groups, routes.len(), self.model.device()).map_err(candle_error)?;
+            self.model.forward_per_row(input, batch, Some(cache), &rows, true)?
         };
         logits.to_dtype(DType::F32).map_err(candle_error)
     }
