@@ -9,5 +9,6 @@ use oxtune_plugin_llama as _;
 use oxtune_plugin_phi3 as _;
 use oxtune_plugin_qwen2 as _;
 use oxtune_plugin_qwen3 as _;
+use oxtune_plugin_qwen3_moe as _;
 use oxtune_plugin_rewards as _;
 use oxtune_plugin_tuners as _;

@@ -144,6 +144,7 @@ impl RunSetup {
                 .with_context(|| format!("--tuner {}", args.tuner.name))?,
         }
         self.text.model.set_gradient_checkpointing(args.train.gradient_checkpointing);
+        self.text.model.set_aux_gradients(args.train.router_aux_loss_coef != 0.0);
         let out = &args.output_dir;
         write_args(out, &self.recorded)?;
         let mut config = args.train.train_config()?;

@@ -157,6 +157,12 @@ pub struct LoopArgs {
     /// Global gradient-norm clip (0: none).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
+    /// Weight of a mixture of experts' router load-balancing loss added to
+    /// the loss (transformers' and ms-swift's `router_aux_loss_coef`; the
+    /// model's config says 0.001–0.01); 0 leaves it out. Refused for a
+    /// model without a router.
+    #[arg(long, default_value_t = 0.0)]
+    pub router_aux_loss_coef: f64,
     /// Share of the steps spent warming up.
     #[arg(long, default_value_t = 0.0)]
     pub warmup_ratio: f64,
@@ -253,6 +259,7 @@ impl LoopArgs {
             save_total_limit: self.save_total_limit,
             eval_steps: self.eval_steps,
             progress: true,
+            router_aux_loss_coef: self.router_aux_loss_coef,
             ..TrainConfig::default()
         })
     }

@@ -248,6 +248,68 @@ pub enum Op {
     /// handle to use after it. Handles made inside the block are released
     /// (as [`Op::Release`] does). Added in 1.2.
     BlockEnd { x: TensorId },
+    /// Indices (`u32`) of the `k` largest entries along the last dim, the
+    /// largest first: `[.., k]`. Not differentiable; take the values with
+    /// [`Op::Gather`]. Added in 1.2 (mixture-of-experts routing).
+    TopK { x: TensorId, k: u32 },
+    /// `out[i][j] = x[i][ids[i][j]]` along `dim` (PyTorch's `gather`):
+    /// `ids` has `x`'s shape except along `dim`. Differentiable in `x`.
+    /// Added in 1.2.
+    Gather { x: TensorId, ids: TensorId, dim: i64 },
+    /// `x` with the slices of `src` added at the 1-D integer positions
+    /// `ids` along `dim` (PyTorch's `index_add`; repeated ids add up).
+    /// Differentiable in `x` and `src`. Added in 1.2.
+    IndexAdd { x: TensorId, ids: TensorId, src: TensorId, dim: i64 },
+    /// Element-wise comparison `a <cmp> b`, broadcasting, as a `u8` mask
+    /// (1 where it holds); `cmp` is one of the [`Compare`] codes. Not
+    /// differentiable. Added in 1.2.
+    Compare { a: TensorId, b: TensorId, cmp: Compare },
+    /// `a` where `cond` (a `u8` mask) is non-zero, else `b`, broadcasting
+    /// all three. Differentiable in `a` and `b`. Added in 1.2.
+    Where { cond: TensorId, a: TensorId, b: TensorId },
+    /// A grouped linear layer (a mixture of experts): row `r` of `x`
+    /// (`[rows, in]`) goes through the linear layer `names[groups[r]]`,
+    /// each through the tuner hook like [`Op::Linear`] (so LoRA can adapt
+    /// single experts); `groups` is `[rows]`, integer. Returns `[rows,
+    /// out]` in the rows' order. The host groups the rows itself: the
+    /// plugin needs no read-back of the routing. Added in 1.2.
+    GroupedLinear { names: RVec<RString>, x: TensorId, groups: TensorId },
+    /// Keeps `x` under `key` until the forward pass ends, past the end of
+    /// the block it was made in (a layer's router logits); returns `x`.
+    /// [`Op::Collected`] concatenates what was kept. Added in 1.2.
+    Collect { key: RString, x: TensorId },
+    /// Everything [`Op::Collect`] kept under `key`, in order, concatenated
+    /// along dim 0; an error when nothing was. Added in 1.2.
+    Collected { key: RString },
+    /// Reports the scalar `x` as the forward pass's auxiliary output
+    /// `name` (`aux_loss`: the router's load-balancing loss, which the
+    /// trainer adds to the loss with `--router-aux-loss-coef`); returns
+    /// `x`. Added in 1.2.
+    AuxOutput { name: RString, x: TensorId },
+    /// `[batch, seq]` f32: 1 at the batch's real tokens, 0 at padding (the
+    /// attention mask of the new tokens), for statistics over tokens such
+    /// as the router's load balance. Added in 1.2.
+    TokenMask {},
+}
+
+/// The comparisons of [`Op::Compare`].
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Compare(pub u8);
+
+impl Compare {
+    /// `a == b`
+    pub const EQ: Compare = Compare(0);
+    /// `a != b`
+    pub const NE: Compare = Compare(1);
+    /// `a < b`
+    pub const LT: Compare = Compare(2);
+    /// `a <= b`
+    pub const LE: Compare = Compare(3);
+    /// `a > b`
+    pub const GT: Compare = Compare(4);
+    /// `a >= b`
+    pub const GE: Compare = Compare(5);
 }
 
 /// An [`Op`] as it crosses the boundary.
@@ -372,6 +434,17 @@ pub trait ModelInstance: Send + Sync {
     ///
     /// Added in 1.2: an older plugin's models have no GGUF form.
     fn gguf_layout(&self) -> RResult<ROption<RString>, RString> {
+        RResult::ROk(ROption::RNone)
+    }
+
+    /// The model's linear layers, as a JSON list of `{"name", "role"}`
+    /// objects (see [`crate::plugin::LinearLayer`]): which weights PEFT's
+    /// `all-linear` adapts (not a router, not the output head), and how
+    /// tensor parallelism may split them. `None`: the host infers them
+    /// from the weights' shapes and names.
+    ///
+    /// Added in 1.2: an older plugin declares none.
+    fn linear_layers(&self) -> RResult<ROption<RString>, RString> {
         RResult::ROk(ROption::RNone)
     }
 }

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::gguf::{GgufLayout, GgufTensor, GgufValue};
 use crate::graph::{attention, block, has_weight, output_head, AttentionSpec, Tensor};
 use crate::nn::{Embedding, Linear, RmsNorm};
-use crate::plugin::{Inputs, Model};
+use crate::plugin::{Inputs, LinearLayer, LinearRole, Model};
 use crate::rope::Rope;
 use crate::vision::layers::apply_rotary;
 use crate::{Error, Result};
@@ -241,16 +241,104 @@ pub struct GgufNaming {
     pub permute_qk: bool,
 }
 
+/// The feed-forward part of a decoder layer, after the post-attention
+/// norm: the dense gated MLP ([`GatedMlp`]) unless a plugin gives another
+/// (a mixture of experts, [`crate::moe::SparseMoe`]).
+pub trait FeedForward: Send + Sync {
+    /// The output for `x` (`[batch, seq, hidden]`, normed) in layer
+    /// `layer`, whose weights live under `prefix` (`model.layers.3.mlp`).
+    fn forward(&self, layer: usize, prefix: &str, x: &Tensor) -> Result<Tensor>;
+
+    /// The linear layers of layer `layer` under `prefix`.
+    fn linear_layers(&self, layer: usize, prefix: &str) -> Vec<LinearLayer>;
+}
+
+/// The dense gated MLP of Llama-family decoders:
+/// `down_proj(act(gate_proj(x)) * up_proj(x))`.
+#[derive(Copy, Clone, Debug)]
+pub struct GatedMlp {
+    /// The gate's activation.
+    pub activation: Activation,
+    /// Whether the projections have biases (checked against the weights).
+    pub bias: bool,
+}
+
+impl FeedForward for GatedMlp {
+    fn forward(&self, _layer: usize, p: &str, x: &Tensor) -> Result<Tensor> {
+        if self.bias && !has_weight(&format!("{p}.gate_proj.bias"))? {
+            return Err(Error::new(format!(
+                "config.json sets `mlp_bias` but the checkpoint has no `{p}.gate_proj.bias`"
+            )));
+        }
+        let gate = Linear::new(format!("{p}.gate_proj")).forward(x)?;
+        let gate = self.activation.apply(&gate)?;
+        let up = Linear::new(format!("{p}.up_proj")).forward(x)?;
+        Linear::new(format!("{p}.down_proj")).forward(&gate.mul(&up)?)
+    }
+
+    fn linear_layers(&self, _layer: usize, p: &str) -> Vec<LinearLayer> {
+        vec![
+            LinearLayer::new(format!("{p}.gate_proj"), LinearRole::MlpGate),
+            LinearLayer::new(format!("{p}.up_proj"), LinearRole::MlpUp),
+            LinearLayer::new(format!("{p}.down_proj"), LinearRole::MlpDown),
+        ]
+    }
+}
+
+impl Activation {
+    /// The activation of `x`.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Silu => x.silu(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::Gelu => x.gelu_erf(),
+        }
+    }
+}
+
 /// A decoder-only transformer language model.
 pub struct Decoder {
     cfg: DecoderConfig,
     gguf: Option<(GgufNaming, Value)>,
+    feed_forward: Box<dyn FeedForward>,
 }
 
 impl Decoder {
-    /// The model for `cfg`.
+    /// The model for `cfg`, with the dense gated MLP.
     pub fn new(cfg: DecoderConfig) -> Decoder {
-        Decoder { cfg, gguf: None }
+        let mlp = GatedMlp { activation: cfg.activation, bias: cfg.mlp_bias };
+        Decoder { cfg, gguf: None, feed_forward: Box::new(mlp) }
+    }
+
+    /// The same model with another feed-forward part in every layer (a
+    /// mixture of experts).
+    pub fn with_feed_forward(mut self, feed_forward: Box<dyn FeedForward>) -> Decoder {
+        self.feed_forward = feed_forward;
+        self
+    }
+
+    /// Every linear layer, with its role: the attention projections, the
+    /// feed-forward part's layers and, when not tied to the embedding,
+    /// the output head.
+    pub fn linear_layers(&self) -> Vec<LinearLayer> {
+        let c = &self.cfg;
+        let mut layers = Vec::new();
+        for layer in 0..c.num_layers {
+            let p = format!("{}.layers.{layer}", c.prefix);
+            for (name, role) in [
+                ("q_proj", LinearRole::AttentionQ),
+                ("k_proj", LinearRole::AttentionK),
+                ("v_proj", LinearRole::AttentionV),
+                ("o_proj", LinearRole::AttentionO),
+            ] {
+                layers.push(LinearLayer::new(format!("{p}.self_attn.{name}"), role));
+            }
+            layers.extend(self.feed_forward.linear_layers(layer, &format!("{p}.mlp")));
+        }
+        if !c.tie_word_embeddings {
+            layers.push(LinearLayer::new(c.lm_head.clone(), LinearRole::Head));
+        }
+        layers
     }
 
     /// The same model, with a GGUF form under `naming`; `config` is the
@@ -302,23 +390,6 @@ impl Decoder {
         Linear::new(format!("{p}.o_proj")).forward(&a)
     }
 
-    fn mlp(&self, layer: usize, x: &Tensor) -> Result<Tensor> {
-        let p = format!("{}.layers.{layer}.mlp", self.cfg.prefix);
-        if self.cfg.mlp_bias && !has_weight(&format!("{p}.gate_proj.bias"))? {
-            return Err(Error::new(format!(
-                "config.json sets `mlp_bias` but the checkpoint has no `{p}.gate_proj.bias`"
-            )));
-        }
-        let gate = Linear::new(format!("{p}.gate_proj")).forward(x)?;
-        let gate = match self.cfg.activation {
-            Activation::Silu => gate.silu()?,
-            Activation::GeluTanh => gate.gelu()?,
-            Activation::Gelu => gate.gelu_erf()?,
-        };
-        let up = Linear::new(format!("{p}.up_proj")).forward(x)?;
-        Linear::new(format!("{p}.down_proj")).forward(&gate.mul(&up)?)
-    }
-
     fn inv_freq(&self, inputs: &Inputs, ids: &Tensor) -> Result<Vec<f32>> {
         if !self.cfg.rope.depends_on_length() {
             return Ok(self.cfg.rope.inv_freq(0));
@@ -352,7 +423,8 @@ impl Decoder {
                 let x = x.add(&self.attention_block(layer, &h, rotary)?)?;
                 let norm = format!("{}.layers.{layer}.post_attention_layernorm", c.prefix);
                 let h = RmsNorm::new(norm, c.rms_norm_eps).forward(&x)?;
-                x.add(&self.mlp(layer, &h)?)
+                let mlp = format!("{}.layers.{layer}.mlp", c.prefix);
+                x.add(&self.feed_forward.forward(layer, &mlp, &h)?)
             })?;
             x = after_layer(layer, y)?;
         }
@@ -372,6 +444,10 @@ impl Model for Decoder {
     fn gguf_layout(&self) -> Option<Result<GgufLayout>> {
         let (naming, config) = self.gguf.as_ref()?;
         Some(gguf_layout(&self.cfg, naming, config))
+    }
+
+    fn linear_layers(&self) -> Option<Vec<LinearLayer>> {
+        Some(Decoder::linear_layers(self))
     }
 }
 

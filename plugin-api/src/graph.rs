@@ -18,7 +18,7 @@ use std::ptr;
 use abi_stable::nonexhaustive_enum::NonExhaustive;
 use abi_stable::std_types::{RString, RVec};
 
-use crate::abi::{DType, GraphRef, Op, TensorId};
+use crate::abi::{Compare, DType, GraphRef, Op, TensorId};
 use crate::{Error, Result};
 
 thread_local! {
@@ -314,6 +314,64 @@ impl Tensor {
     pub fn rope(&self, inv_freq: &[f32], interleaved: bool, scale: f32) -> Result<Tensor> {
         apply(Op::Rope { x: self.0, inv_freq: RVec::from(inv_freq), interleaved, scale })
     }
+
+    /// Indices (`u32`, `[.., k]`) of the `k` largest entries along the
+    /// last dim, largest first (see [`Op::TopK`]).
+    pub fn topk_indices(&self, k: usize) -> Result<Tensor> {
+        apply(Op::TopK { x: self.0, k: k as u32 })
+    }
+
+    /// Entries picked along `dim` by the integer tensor `ids` (PyTorch's
+    /// `gather`, see [`Op::Gather`]).
+    pub fn gather(&self, ids: &Tensor, dim: i64) -> Result<Tensor> {
+        apply(Op::Gather { x: self.0, ids: ids.0, dim })
+    }
+
+    /// This tensor with the slices of `src` added at positions `ids`
+    /// along `dim` (PyTorch's `index_add`, see [`Op::IndexAdd`]).
+    pub fn index_add(&self, ids: &Tensor, src: &Tensor, dim: i64) -> Result<Tensor> {
+        apply(Op::IndexAdd { x: self.0, ids: ids.0, src: src.0, dim })
+    }
+
+    /// The `u8` mask of `self <cmp> other`, broadcasting (see [`Op::Compare`]).
+    pub fn compare(&self, other: &Tensor, cmp: Compare) -> Result<Tensor> {
+        apply(Op::Compare { a: self.0, b: other.0, cmp })
+    }
+
+    /// `on_true` where this `u8` mask is non-zero, else `on_false` (see [`Op::Where`]).
+    pub fn where_cond(&self, on_true: &Tensor, on_false: &Tensor) -> Result<Tensor> {
+        apply(Op::Where { cond: self.0, a: on_true.0, b: on_false.0 })
+    }
+}
+
+/// Row `r` of `x` (`[rows, in]`) through the linear layer
+/// `names[groups[r]]`, each through the tuner hook (see
+/// [`Op::GroupedLinear`]): the experts of a mixture of experts.
+pub fn grouped_linear(names: &[String], x: &Tensor, groups: &Tensor) -> Result<Tensor> {
+    let names: RVec<RString> = names.iter().map(|n| RString::from(n.as_str())).collect();
+    apply(Op::GroupedLinear { names, x: x.0, groups: groups.0 })
+}
+
+/// Keeps `x` under `key` until the forward pass ends, past the end of its
+/// block (see [`Op::Collect`]); returns `x`.
+pub fn collect(key: &str, x: &Tensor) -> Result<Tensor> {
+    apply(Op::Collect { key: RString::from(key), x: x.0 })
+}
+
+/// What [`collect`] kept under `key`, concatenated along dim 0.
+pub fn collected(key: &str) -> Result<Tensor> {
+    apply(Op::Collected { key: RString::from(key) })
+}
+
+/// Reports the scalar `x` as the auxiliary output `name` of the forward
+/// pass (`aux_loss`, see [`Op::AuxOutput`]); returns `x`.
+pub fn aux_output(name: &str, x: &Tensor) -> Result<Tensor> {
+    apply(Op::AuxOutput { name: RString::from(name), x: x.0 })
+}
+
+/// `[batch, seq]` f32, 1 at real tokens and 0 at padding (see [`Op::TokenMask`]).
+pub fn token_mask() -> Result<Tensor> {
+    apply(Op::TokenMask {})
 }
 
 /// A tensor of `shape` holding `values` (row-major) as `dtype` (see

@@ -16,6 +16,7 @@ pub mod data;
 pub mod decoder;
 pub mod gguf;
 pub mod graph;
+pub mod moe;
 pub mod nn;
 pub mod plugin;
 pub mod rope;
@@ -30,8 +31,8 @@ pub use abi::{ComponentKind, DType, Modality, ParamInit};
 pub use data::RewardSample;
 pub use graph::{attention, constant, has_weight, scope, weight, AttentionSpec, Tensor};
 pub use plugin::{
-    DatasetAdapter, Descriptor, InPlace, Inputs, Model, ModelArchitecture, Plugin, RewardFunction, Tuner, TunerLayers,
-    TunerParam,
+    DatasetAdapter, Descriptor, InPlace, Inputs, LinearLayer, LinearRole, Model, ModelArchitecture, Plugin,
+    RewardFunction, Tuner, TunerLayers, TunerParam,
 };
 pub use serde_json;
 

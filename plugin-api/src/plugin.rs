@@ -162,6 +162,64 @@ pub trait Model: Send + Sync + 'static {
     fn gguf_layout(&self) -> Option<Result<GgufLayout>> {
         None
     }
+
+    /// The model's linear layers and their roles; `None` lets the host
+    /// infer them from the weights (every rank-2 weight but embeddings).
+    /// Declare them when a weight of that shape is not one a tuner
+    /// should adapt (a mixture of experts' router).
+    fn linear_layers(&self) -> Option<Vec<LinearLayer>> {
+        None
+    }
+}
+
+/// One linear layer of a model, as [`Model::linear_layers`] declares it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinearLayer {
+    /// The layer's name: its weight without `.weight`
+    /// (`model.layers.0.self_attn.q_proj`).
+    pub name: String,
+    /// What it does.
+    pub role: LinearRole,
+}
+
+impl LinearLayer {
+    /// The layer `name` in `role`.
+    pub fn new(name: impl Into<String>, role: LinearRole) -> LinearLayer {
+        LinearLayer { name: name.into(), role }
+    }
+}
+
+/// The role of a linear layer (see [`LinearLayer`]): tuners' `all-linear`
+/// adapts every role but [`Router`](Self::Router) and [`Head`](Self::Head);
+/// tensor parallelism splits `*Q/K/V/Gate/Up` by output rows and `*O/Down`
+/// by input columns.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearRole {
+    /// An attention query projection.
+    AttentionQ,
+    /// An attention key projection.
+    AttentionK,
+    /// An attention value projection.
+    AttentionV,
+    /// Fused query, key and value projections (Phi-3's `qkv_proj`).
+    AttentionQkv,
+    /// An attention output projection.
+    AttentionO,
+    /// An MLP's gate projection (also an expert's).
+    MlpGate,
+    /// An MLP's up projection (also an expert's).
+    MlpUp,
+    /// Fused gate and up projections (Phi-3's `gate_up_proj`).
+    MlpGateUp,
+    /// An MLP's down projection (also an expert's).
+    MlpDown,
+    /// A mixture of experts' router: never adapted by `all-linear`.
+    Router,
+    /// The output head over the vocabulary.
+    Head,
+    /// Any other linear layer (a vision projector, ...).
+    Other,
 }
 
 /// The named inputs of one forward pass.
@@ -462,6 +520,15 @@ impl<P: PluginSource> ModelInstance for ModelAdapter<P> {
         guard(P::NAME, &|| format!("the GGUF layout of model `{}`", self.name), || match self.model.gguf_layout() {
             None => Ok(ROption::RNone),
             Some(layout) => Ok(ROption::RSome(serde_json::to_string(&layout?)?.into())),
+        })
+    }
+
+    fn linear_layers(&self) -> RResult<ROption<RString>, RString> {
+        guard(P::NAME, &|| format!("the linear layers of model `{}`", self.name), || {
+            Ok(match self.model.linear_layers() {
+                None => ROption::RNone,
+                Some(layers) => ROption::RSome(serde_json::to_string(&layers)?.into()),
+            })
         })
     }
 }

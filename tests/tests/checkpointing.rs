@@ -42,7 +42,7 @@ fn same_gradients(mut model: LoadedModel) {
         model.weights().names().into_iter().filter(|n| model.weights().var(n).is_some()).map(str::to_owned).collect();
     assert!(!trainable.is_empty());
     let step = |model: &LoadedModel| {
-        let (logps, mask) = model.label_logps(&ids, &info, &labels).unwrap();
+        let oxtune_engine::model::LabelLogps { logps, mask, .. } = model.label_logps(&ids, &info, &labels).unwrap();
         let loss = mean_token_nll(&logps, &mask).unwrap();
         (loss.to_scalar::<f32>().unwrap(), loss.backward().unwrap())
     };

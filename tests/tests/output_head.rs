@@ -37,7 +37,7 @@ fn max_abs(t: &Tensor) -> f64 {
 fn compare(model: &LoadedModel, trainable: &[&str]) -> usize {
     let vocab = model.vocab_size().unwrap();
     let (ids, labels, info) = batch(vocab);
-    let (logps, mask) = model.label_logps(&ids, &info, &labels).unwrap();
+    let oxtune_engine::model::LabelLogps { logps, mask, .. } = model.label_logps(&ids, &info, &labels).unwrap();
     let fast = mean_token_nll(&logps, &mask).unwrap();
     let slow = causal_lm_loss(&model.forward(&ids, &info, None, None).unwrap(), &labels).unwrap();
     let (f, s) = (fast.to_scalar::<f32>().unwrap() as f64, slow.to_scalar::<f32>().unwrap() as f64);

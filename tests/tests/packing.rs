@@ -49,7 +49,7 @@ fn per_sample_logps(model: &LoadedModel, packs: &[&PackedRow], segments: bool) -
     if !segments {
         info.segment_ids = None;
     }
-    let (logps, _) = model.label_logps(&ids, &info, &labels).unwrap();
+    let logps = model.label_logps(&ids, &info, &labels).unwrap().logps;
     let logps = logps.to_vec2::<f32>().unwrap();
     let mut out = Vec::new();
     for (p, row) in packs.iter().zip(&logps) {
@@ -66,7 +66,7 @@ fn per_sample_logps(model: &LoadedModel, packs: &[&PackedRow], segments: bool) -
 fn alone(model: &LoadedModel, row: &EncodedRow) -> f64 {
     let ids = Tensor::new(row.input_ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let labels = Tensor::new(row.labels.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let (logps, _) = model.label_logps(&ids, &BatchInfo::default(), &labels).unwrap();
+    let logps = model.label_logps(&ids, &BatchInfo::default(), &labels).unwrap().logps;
     logps.to_vec2::<f32>().unwrap()[0].iter().map(|&v| f64::from(v)).sum()
 }
 

@@ -1,4 +1,4 @@
-//! The Llama, Qwen2, Qwen3 and Gemma-3 architecture plugins against transformers:
+//! The Llama, Qwen2, Qwen3, Gemma-3, Phi-3 and Qwen3-MoE architecture plugins against transformers:
 //! logits, greedy continuation with the KV cache, the loss with -100
 //! labels and the gradient of every parameter, for the tiny reference
 //! checkpoints in `tests/fixtures/models` (made with transformers 5.24).
@@ -15,7 +15,7 @@ use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::{Registry, SandboxConfig};
 use oxtune_tests::{build_cdylib, fixtures};
 
-const MODELS: [&str; 5] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-phi3"];
+const MODELS: [&str; 6] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-phi3", "tiny-qwen3-moe"];
 
 fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
@@ -101,6 +101,7 @@ fn cdylib_builds_of_the_architectures_give_bit_identical_logits() {
         "oxtune-plugin-qwen3",
         "oxtune-plugin-gemma3",
         "oxtune-plugin-phi3",
+        "oxtune-plugin-qwen3-moe",
     ]) {
         let mut dynamic = Registry::empty();
         dynamic.load_path(&build_cdylib(package, &["cdylib"]), &SandboxConfig::default()).unwrap();

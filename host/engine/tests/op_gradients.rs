@@ -523,3 +523,142 @@ fn composite_ops_compute_their_formulas() {
     );
     close(&run(|s, i| op(s, Op::Sigmoid { x: i[0] }), vec![]), &|row, c| 1.0 / (1.0 + (-row[c]).exp()), "sigmoid");
 }
+
+#[test]
+fn routing_ops_gather_scatter_and_select() {
+    let x = || rand(&[3, 5], 61);
+    let ids = Tensor::new(&[[4u32, 0], [1, 1], [3, 2]], &Device::Cpu).unwrap();
+    Case::new("gather", vec![x()], |s, i| op(s, Op::Gather { x: i[0], ids: i[1], dim: -1 }))
+        .constants(vec![ids])
+        .check(TOL, H);
+    // Row 0 receives twice: repeated ids add up.
+    let rows = Tensor::new(&[0u32, 2, 0, 1], &Device::Cpu).unwrap();
+    Case::new("index_add", vec![x(), rand(&[4, 5], 62)], |s, i| {
+        op(s, Op::IndexAdd { x: i[0], ids: i[2], src: i[1], dim: 0 })
+    })
+    .constants(vec![rows])
+    .check(TOL, H);
+    let cond = Tensor::new(&[[1u8, 0, 1, 0, 0]], &Device::Cpu).unwrap();
+    Case::new("where", vec![x(), rand(&[3, 1], 63)], |s, i| op(s, Op::Where { cond: i[2], a: i[0], b: i[1] }))
+        .constants(vec![cond])
+        .check(TOL, H);
+}
+
+#[test]
+fn topk_and_compare_pick_and_test_exactly() {
+    let x = Tensor::new(&[[0.1f64, 0.7, -0.2, 0.5], [2.0, 1.0, 3.0, -1.0]], &Device::Cpu).unwrap();
+    let case = Case::new("topk", vec![x], |s, i| op(s, Op::TopK { x: i[0], k: 3 }));
+    let out = case.forward(&case.inputs, &[], None);
+    assert_eq!(out.to_vec2::<u32>().unwrap(), vec![vec![1, 3, 0], vec![2, 0, 1]]);
+    let a = Tensor::new(&[[0u32], [1], [2]], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
+    for (cmp, expected) in [
+        (abi::Compare::EQ, vec![vec![0u8, 0], vec![1, 0], vec![0, 1]]),
+        (abi::Compare::NE, vec![vec![1, 1], vec![0, 1], vec![1, 0]]),
+        (abi::Compare::LT, vec![vec![1, 1], vec![0, 1], vec![0, 0]]),
+        (abi::Compare::LE, vec![vec![1, 1], vec![1, 1], vec![0, 1]]),
+        (abi::Compare::GT, vec![vec![0, 0], vec![0, 0], vec![1, 0]]),
+        (abi::Compare::GE, vec![vec![0, 0], vec![1, 0], vec![1, 1]]),
+    ] {
+        let case =
+            Case::new("compare", vec![a.clone(), b.clone()], move |s, i| op(s, Op::Compare { a: i[0], b: i[1], cmp }));
+        let out = case.forward(&case.inputs, &[], None);
+        assert_eq!(out.to_vec2::<u8>().unwrap(), expected, "{cmp:?}");
+    }
+    let too_many = Case::new("topk", vec![rand(&[2, 3], 64)], |s, i| {
+        let err = s.apply(&Op::TopK { x: i[0], k: 4 }).unwrap_err().to_string();
+        assert!(err.contains("k = 4 of a last dim of 3"), "{err}");
+        i[0]
+    });
+    too_many.forward(&too_many.inputs, &[], None);
+}
+
+#[test]
+fn grouped_linear_routes_each_row_to_its_layer() {
+    // Rows 0 and 3 to layer a, 1 to c, 2 and 4 to b: values and gradients
+    // of the inputs and all three weights.
+    let groups = Tensor::new(&[0u32, 2, 1, 0, 1], &Device::Cpu).unwrap();
+    let case = Case::new("grouped_linear", vec![rand(&[5, 4], 71)], |s, i| {
+        let names = RVec::from(vec!["a".into(), "b".into(), "c".into()]);
+        op(s, Op::GroupedLinear { names, x: i[0], groups: i[1] })
+    })
+    .constants(vec![groups.clone()])
+    .weights(vec![
+        ("a.weight", rand(&[3, 4], 72)),
+        ("b.weight", rand(&[3, 4], 73)),
+        ("b.bias", rand(&[3], 74)),
+        ("c.weight", rand(&[3, 4], 75)),
+    ]);
+    case.check(TOL, H);
+    // Each row equals its own layer applied to it.
+    let out = case.forward(&case.inputs, &case.weights, None);
+    let w = |k: usize| case.weights[k].1.clone();
+    for (row, layer) in groups.to_vec1::<u32>().unwrap().into_iter().enumerate() {
+        let x = case.inputs[0].narrow(0, row, 1).unwrap();
+        let expected = match layer {
+            0 => x.matmul(&w(0).t().unwrap()).unwrap(),
+            1 => x.matmul(&w(1).t().unwrap()).unwrap().broadcast_add(&w(2)).unwrap(),
+            _ => x.matmul(&w(3).t().unwrap()).unwrap(),
+        };
+        let got = out.narrow(0, row, 1).unwrap();
+        let diff = (got - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12, "row {row}: {diff}");
+    }
+    // A group id past the layers is named.
+    let bad = Tensor::new(&[0u32, 3, 1, 0, 1], &Device::Cpu).unwrap();
+    let case = Case::new("grouped_linear", vec![rand(&[5, 4], 71)], |s, i| {
+        let names = RVec::from(vec!["a".into(), "b".into(), "c".into()]);
+        let err = s.apply(&Op::GroupedLinear { names, x: i[0], groups: i[1] }).unwrap_err().to_string();
+        assert!(err.contains("row 1 names group 3 of 3 layers"), "{err}");
+        i[0]
+    })
+    .constants(vec![bad]);
+    case.forward(&case.inputs, &[], None);
+}
+
+#[test]
+fn collected_tensors_outlive_their_handles_and_aux_outputs_are_named() {
+    let case = Case::new("collect", vec![rand(&[2, 3], 81), rand(&[1, 3], 82)], |s, i| {
+        op(s, Op::Collect { key: "k".into(), x: i[0] });
+        op(s, Op::Collect { key: "k".into(), x: i[1] });
+        op(s, Op::Release { xs: RVec::from(vec![i[0], i[1]]), keep: i[2] });
+        let all = op(s, Op::Collected { key: "k".into() });
+        let total = op(s, Op::Sum { x: all, dim: 0, keepdim: false });
+        let total = op(s, Op::Sum { x: total, dim: 0, keepdim: false });
+        op(s, Op::AuxOutput { name: "aux_loss".into(), x: total });
+        assert!(s
+            .apply(&Op::Collected { key: "other".into() })
+            .unwrap_err()
+            .to_string()
+            .contains("nothing was collected under `other`"));
+        assert!(s
+            .apply(&Op::AuxOutput { name: "v".into(), x: all })
+            .unwrap_err()
+            .to_string()
+            .contains("must be a scalar"));
+        assert_eq!(s.aux_outputs().iter().count(), 1);
+        all
+    })
+    .constants(vec![Tensor::zeros(1, DType::F64, &Device::Cpu).unwrap()]);
+    let out = case.forward(&case.inputs, &[], None);
+    assert_eq!(out.dims(), &[3, 3]);
+    // Without aux gradients (the default) the kept tensors are detached.
+    let input_vars: Vec<Var> = case.inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let tracked: Vec<Tensor> = input_vars.iter().map(|v| v.as_tensor().clone()).collect();
+    assert!(!case.forward(&tracked, &[], None).track_op());
+}
+
+#[test]
+fn token_mask_marks_the_new_tokens_that_are_not_padding() {
+    let ids = Tensor::zeros((2, 3), DType::U32, &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1], [0, 0, 1, 1]], &Device::Cpu).unwrap();
+    let batch = BatchInfo { attention_mask: Some(mask), ..Default::default() };
+    let store = WeightStore::new();
+    let mut session = GraphSession::new(ForwardContext { weights: &store, batch: &batch, cache: None, tuner: None });
+    // Without a forward pass's `input_ids` the shape is unknown.
+    assert!(session.apply(&Op::TokenMask {}).unwrap_err().to_string().contains("input_ids"));
+    session.set_tokens_shape(ids.dims2().unwrap());
+    let out = session.apply(&Op::TokenMask {}).unwrap();
+    let got = session.get(out).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(got, vec![vec![1.0, 1.0, 1.0], vec![0.0, 1.0, 1.0]]);
+}

@@ -112,8 +112,8 @@ impl LocalModel {
             attention_mask: Some(Tensor::from_vec(mask, shape, device).map_err(candle)?),
             ..Default::default()
         };
-        let (picked, _) = self.model.label_logps(&ids, &info, &labels).map_err(|e| EvalError::Model(Box::new(e)))?;
-        let sums = picked.to_dtype(candle_core::DType::F64).and_then(|p| p.sum(1)).and_then(|s| s.to_vec1::<f64>());
+        let out = self.model.label_logps(&ids, &info, &labels).map_err(|e| EvalError::Model(Box::new(e)))?;
+        let sums = out.logps.to_dtype(candle_core::DType::F64).and_then(|p| p.sum(1)).and_then(|s| s.to_vec1::<f64>());
         sums.map_err(candle)
     }
 }

@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use crate::TrainError;
 use oxtune_data::text::EncodedRow;
 use oxtune_data::PackedRow;
+use oxtune_engine::backend::AuxOutputs;
 use oxtune_engine::backend::BatchInfo;
 use oxtune_engine::loss::{mean_token_nll, IGNORE_INDEX};
 use oxtune_engine::media::{batch_inputs, with_pixels, NamedInputs, RowMedia};
@@ -26,6 +27,10 @@ pub struct ObjectiveLoss {
     pub weight: f64,
     /// Values to log beside the loss (`rewards/chosen`, `logps/rejected`, ...).
     pub logged: BTreeMap<String, f64>,
+    /// The model's auxiliary outputs of the policy's forward pass (a
+    /// router's `aux_loss`, which the trainer adds with
+    /// [`TrainConfig::router_aux_loss_coef`](crate::TrainConfig::router_aux_loss_coef)).
+    pub aux: AuxOutputs,
 }
 
 /// A training objective over items of type `Item`.
@@ -116,14 +121,15 @@ impl Objective for SftObjective {
         let (position_ids, media) =
             batch_inputs(&rows, width, false, model.position_axes(), model.device()).map_err(compute)?;
         let info = BatchInfo { attention_mask: Some(mask), dropout_seed, position_ids, media, ..Default::default() };
-        let (logps, label_mask) = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
-        let loss = mean_token_nll(&logps, &label_mask).map_err(compute)?;
+        let out = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
+        let loss = mean_token_nll(&out.logps, &out.mask).map_err(compute)?;
         let trained: usize = batch.iter().map(|r| trained_tokens(r)).sum();
         Ok(ObjectiveLoss {
             loss,
             tokens: batch.iter().map(|r| r.input_ids.len()).sum(),
             weight: trained as f64,
             logged: BTreeMap::new(),
+            aux: out.aux,
         })
     }
 }
@@ -205,13 +211,14 @@ fn packed_loss(
         info.position_ids = positions;
         info.media = media;
     }
-    let (logps, label_mask) = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
-    let loss = mean_token_nll(&logps, &label_mask).map_err(compute)?;
+    let out = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
+    let loss = mean_token_nll(&out.logps, &out.mask).map_err(compute)?;
     Ok(ObjectiveLoss {
         loss,
         tokens: packs.iter().map(|p| p.input_ids.len()).sum(),
         weight: packs.iter().map(|p| p.trained_tokens()).sum::<usize>() as f64,
         logged: BTreeMap::new(),
+        aux: out.aux,
     })
 }
 

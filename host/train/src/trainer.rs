@@ -62,6 +62,11 @@ pub struct TrainConfig {
     pub max_shard_bytes: usize,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Weight of the model's router load-balancing loss (its auxiliary
+    /// output `aux_loss`) added to the loss, as transformers and ms-swift
+    /// do with `router_aux_loss_coef`; 0 leaves it out. A model that
+    /// reports none is refused when this is positive.
+    pub router_aux_loss_coef: f64,
 }
 
 impl Default for TrainConfig {
@@ -85,6 +90,7 @@ impl Default for TrainConfig {
             identity: serde_json::Value::Null,
             max_shard_bytes: oxtune_engine::model::export::DEFAULT_MAX_SHARD_BYTES,
             progress: false,
+            router_aux_loss_coef: 0.0,
         }
     }
 }
@@ -224,6 +230,33 @@ fn truncate_metrics(path: &std::path::Path, step: usize) -> std::io::Result<()> 
         .map(|line| format!("{line}\n"))
         .collect();
     std::fs::write(path, kept)
+}
+
+/// The auxiliary output a mixture of experts reports its router
+/// load-balancing loss as.
+pub const ROUTER_AUX_LOSS: &str = "aux_loss";
+
+/// `loss + coef · aux_loss` (transformers' `loss_with_aux`); `loss` itself
+/// when `coef` is 0. A positive `coef` for a model without the aux loss is
+/// an error naming the flag.
+fn with_router_aux_loss(
+    loss: candle_core::Tensor,
+    aux: &oxtune_engine::backend::AuxOutputs,
+    coef: f64,
+    model: &LoadedModel,
+    step: usize,
+) -> Result<candle_core::Tensor, TrainError> {
+    if coef == 0.0 {
+        return Ok(loss);
+    }
+    let Some(aux_loss) = aux.get(ROUTER_AUX_LOSS) else {
+        return Err(TrainError::Setup(format!(
+            "--router-aux-loss-coef {coef}: the `{}` model reports no router aux loss (it is not a mixture of experts)",
+            model.architecture()
+        )));
+    };
+    (aux_loss.to_dtype(loss.dtype()).and_then(|a| a * coef).and_then(|a| loss + a))
+        .map_err(|cause| TrainError::Compute { step, source: cause })
 }
 
 /// Mean loss of `objective` over `items`, in batches of `batch_size`,
@@ -422,7 +455,11 @@ pub fn train_with<O: Objective>(
             for (key, value) in out.logged {
                 *extra.entry(key).or_insert(0.0) += value * share;
             }
-            let loss = out.loss;
+            let loss = with_router_aux_loss(out.loss, &out.aux, config.router_aux_loss_coef, model, step)?;
+            if let Some(aux) = out.aux.get(ROUTER_AUX_LOSS) {
+                *extra.entry(ROUTER_AUX_LOSS.into()).or_insert(0.0) +=
+                    aux.to_scalar::<f32>().map_err(compute)? as f64 * share;
+            }
             let value = loss.to_scalar::<f32>().map_err(compute)?;
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { what: "loss", value: value as f64, step, last_checkpoint });

@@ -89,6 +89,12 @@ pub(crate) struct Recording {
     pub dropouts: u64,
     /// `BlockBegin`s inside the block not yet closed (treated as identity).
     pub nested: usize,
+    /// What the block collected (see `Op::Collect`), for the session to
+    /// keep once the block ends.
+    pub collected: Vec<(String, Tensor)>,
+    /// Whether the block collected a tensor whose gradient the trainer
+    /// needs: then, like `reads_tracked`, it cannot be cut from the graph.
+    pub connect: bool,
 }
 
 impl Recording {
@@ -112,15 +118,22 @@ pub(crate) struct Replay {
     pub batch: BatchInfo,
     pub weights: Arc<WeightStore>,
     pub tuner: Option<Arc<TunerBinding>>,
+    /// Whether collected tensors keep their gradient (see `Op::Collect`).
+    pub aux_gradients: bool,
 }
 
 impl Replay {
     /// Runs the block again on `input` and returns its output (tracked
     /// when `input` or the parameters are).
     pub fn run(&self, input: &Tensor) -> Result<Tensor, OpError> {
+        self.run_collecting(input).map(|(output, _)| output)
+    }
+
+    /// [`run`](Self::run), and what the block collected.
+    pub fn run_collecting(&self, input: &Tensor) -> Result<(Tensor, Vec<(String, Tensor)>), OpError> {
         let ctx =
             ForwardContext { weights: &self.weights, batch: &self.batch, cache: None, tuner: self.tuner.as_deref() };
-        let mut session = GraphSession::new(ctx);
+        let mut session = GraphSession::new(ctx).with_aux_gradients(self.aux_gradients);
         session.restore(self.tag, self.first_index, &self.captured, input, self.dropouts);
         for (op, recorded) in &self.tape {
             let id = session.apply(op)?;
@@ -131,7 +144,8 @@ impl Replay {
                 });
             }
         }
-        session.get(self.output).cloned()
+        let output = session.get(self.output)?.clone();
+        Ok((output, session.take_collected()))
     }
 }
 

@@ -16,6 +16,7 @@ pub mod weights;
 pub use batch::{BatchInfo, KvCache};
 pub use checkpoint::{BlockGradients, Checkpointing};
 pub use session::{
-    ForwardContext, GraphSession, Head, OpError, RowAdapters, ServedAdapter, TargetModules, TunerBinding,
+    read_backs, AuxOutputs, ForwardContext, GraphSession, Head, OpError, RowAdapters, ServedAdapter, TargetModules,
+    TunerBinding,
 };
 pub use weights::{is_linear_weight, WeightStore, OUTPUT_LAYER};

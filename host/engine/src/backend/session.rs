@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use abi_stable::sabi_trait::TD_Opaque;
@@ -208,7 +208,48 @@ pub struct GraphSession<'a> {
     /// The trainable scalar every checkpointed block hangs from (see
     /// [`checkpoint`](super::checkpoint)).
     block_anchor: Option<Tensor>,
+    /// What the plugin kept with `collect`, by key, in order.
+    collected: HashMap<String, Vec<Tensor>>,
+    /// The forward pass's auxiliary outputs, by name.
+    aux: AuxOutputs,
+    /// Whether the auxiliary outputs will be differentiated (the trainer
+    /// adds them to the loss): then a checkpointed block that collects a
+    /// tensor runs connected, so the gradient reaches what it came from.
+    aux_gradients: bool,
+    /// `[batch, seq]` of the forward pass's `input_ids`.
+    tokens_shape: Option<(usize, usize)>,
 }
+
+/// The named auxiliary outputs of a forward pass ([`Op::AuxOutput`]:
+/// a mixture of experts' `aux_loss`), in the order the plugin reported them.
+#[derive(Clone, Debug, Default)]
+pub struct AuxOutputs(Vec<(String, Tensor)>);
+
+impl AuxOutputs {
+    /// The output called `name`, if the model reported one.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// Every output, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.0.iter().map(|(n, t)| (n.as_str(), t))
+    }
+
+    /// Whether the model reported none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// How many times plugins read a tensor's values back to the host
+/// ([`GraphHost::read_f32`]) in this process: a forward pass that routes on
+/// the device keeps this unchanged.
+pub fn read_backs() -> u64 {
+    READ_BACKS.load(Ordering::Relaxed)
+}
+
+static READ_BACKS: AtomicU64 = AtomicU64::new(0);
 
 fn dim_index(op: &'static str, dim: i64, rank: usize) -> Result<usize, OpError> {
     let d = if dim < 0 { dim + rank as i64 } else { dim };
@@ -268,7 +309,46 @@ impl<'a> GraphSession<'a> {
             block_anchor: None,
             row_adapters: None,
             overlay: None,
+            collected: HashMap::new(),
+            aux: AuxOutputs::default(),
+            aux_gradients: false,
+            tokens_shape: None,
         }
+    }
+
+    /// This session with its auxiliary outputs differentiated (see
+    /// [`Op::AuxOutput`]): blocks that collect tensors stay connected.
+    pub fn with_aux_gradients(mut self, on: bool) -> GraphSession<'a> {
+        self.aux_gradients = on;
+        self
+    }
+
+    /// Sets the `[batch, seq]` of the forward pass's tokens, which
+    /// [`Op::TokenMask`] covers ([`run_model`](Self::run_model) takes it
+    /// from `input_ids`).
+    pub fn set_tokens_shape(&mut self, shape: (usize, usize)) {
+        self.tokens_shape = Some(shape);
+    }
+
+    /// The auxiliary outputs the forward pass reported.
+    pub fn aux_outputs(&self) -> &AuxOutputs {
+        &self.aux
+    }
+
+    /// Adds tensors a block collected (see [`Op::Collect`]).
+    pub(crate) fn merge_collected(&mut self, collected: Vec<(String, Tensor)>) {
+        for (key, t) in collected {
+            self.collected.entry(key).or_default().push(t);
+        }
+    }
+
+    /// Takes what this session collected, in collection order per key.
+    pub(crate) fn take_collected(&mut self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (key, ts) in std::mem::take(&mut self.collected) {
+            out.extend(ts.into_iter().map(|t| (key.clone(), t)));
+        }
+        out
     }
 
     /// This session with its blocks checkpointed (see
@@ -401,6 +481,8 @@ impl<'a> GraphSession<'a> {
             reads_tracked: false,
             dropouts: self.dropouts,
             nested: 0,
+            collected: Vec::new(),
+            connect: false,
         });
         Ok(id)
     }
@@ -423,6 +505,7 @@ impl<'a> GraphSession<'a> {
             batch: self.ctx.batch.clone(),
             weights,
             tuner: checkpointing.tuner,
+            aux_gradients: self.aux_gradients,
         };
         for slot in &mut self.arena[recording.first_index..] {
             *slot = None;
@@ -430,12 +513,17 @@ impl<'a> GraphSession<'a> {
         let candle = |source| OpError::Candle { op: "block", source: source };
         let result = if !output.track_op() && !recording.outer_input.track_op() {
             // Nothing in or inside needs a gradient: no graph to cut.
+            self.merge_collected(recording.collected);
             output
-        } else if recording.reads_tracked {
-            // The block reads a tracked tensor besides its input: run it
-            // again, connected, and keep its activations.
-            replay.run(&recording.outer_input)?
+        } else if recording.reads_tracked || recording.connect {
+            // The block reads a tracked tensor besides its input, or
+            // collects one the loss differentiates: run it again,
+            // connected, and keep its activations.
+            let (output, collected) = replay.run_collecting(&recording.outer_input)?;
+            self.merge_collected(collected);
+            output
         } else {
+            self.merge_collected(recording.collected);
             let anchor = match &self.block_anchor {
                 Some(anchor) => anchor.clone(),
                 None => {
@@ -451,6 +539,7 @@ impl<'a> GraphSession<'a> {
 
     /// Runs a model plugin's forward pass on named inputs and returns its output.
     pub fn run_model(&mut self, model: &abi::ModelBox, inputs: &[(&str, Tensor)]) -> Result<Tensor, OpError> {
+        self.tokens_shape = inputs.iter().find(|(name, _)| *name == "input_ids").and_then(|(_, t)| t.dims2().ok());
         let named: Vec<NamedTensor> =
             inputs.iter().map(|(name, t)| NamedTensor { name: (*name).into(), id: self.insert(t.clone()) }).collect();
         let out = model.forward(self.as_graph_ref(), named.as_slice().into()).into_result();
@@ -625,6 +714,87 @@ impl<'a> GraphSession<'a> {
                 let spec = MaskSpec { causal: *causal, sliding_window: *sliding_window };
                 self.attention(*layer, *q, *k, *v, spec, *scale, *softcap)
             }
+            Op::TopK { x, k } => {
+                let t = self.get(*x)?;
+                let last =
+                    t.rank().checked_sub(1).ok_or(OpError::Invalid { op: name, message: "scalar input".into() })?;
+                let n = t.dim(last).map_err(candle)?;
+                if *k == 0 || *k as usize > n {
+                    return Err(OpError::Invalid { op: name, message: format!("k = {k} of a last dim of {n}") });
+                }
+                t.contiguous().and_then(|t| t.arg_sort_last_dim(false)?.narrow(last, 0, *k as usize)).map_err(candle)
+            }
+            Op::Gather { x, ids, dim } => {
+                let t = self.get(*x)?;
+                t.gather(&self.get(*ids)?.contiguous().map_err(candle)?, dim_index(name, *dim, t.rank())?)
+                    .map_err(candle)
+            }
+            Op::IndexAdd { x, ids, src, dim } => {
+                let t = self.get(*x)?;
+                let d = dim_index(name, *dim, t.rank())?;
+                let (ids, src) = (self.get(*ids)?, self.get(*src)?);
+                t.contiguous().and_then(|t| t.index_add(ids, src, d)).map_err(candle)
+            }
+            Op::Compare { a, b, cmp } => {
+                let (a, b) = (self.get(*a)?, self.get(*b)?);
+                match *cmp {
+                    abi::Compare::EQ => a.broadcast_eq(b),
+                    abi::Compare::NE => a.broadcast_ne(b),
+                    abi::Compare::LT => a.broadcast_lt(b),
+                    abi::Compare::LE => a.broadcast_le(b),
+                    abi::Compare::GT => a.broadcast_gt(b),
+                    abi::Compare::GE => a.broadcast_ge(b),
+                    other => {
+                        return Err(OpError::Invalid {
+                            op: name,
+                            message: format!("unknown comparison code {}", other.0),
+                        })
+                    }
+                }
+                .map_err(candle)
+            }
+            Op::Where { cond, a, b } => {
+                let (cond, a, b) = (self.get(*cond)?, self.get(*a)?, self.get(*b)?);
+                let shape = cond
+                    .shape()
+                    .broadcast_shape_binary_op(a.shape(), name)
+                    .and_then(|s| s.broadcast_shape_binary_op(b.shape(), name))
+                    .map_err(candle)?;
+                let [cond, a, b] = [cond, a, b].map(|t| t.broadcast_as(shape.clone()));
+                cond.and_then(|c| c.where_cond(&a?, &b?)).map_err(candle)
+            }
+            Op::GroupedLinear { names, x, groups } => self.grouped_linear(names, *x, *groups),
+            Op::Collect { key, x } => {
+                let t = self.get(*x)?.clone();
+                let kept = if self.aux_gradients { t.clone() } else { t.detach() };
+                match self.recording.get_mut() {
+                    Some(recording) => {
+                        // Cut from the graph, the block would hand the aux
+                        // loss's gradient neither to its input nor below.
+                        recording.connect |= self.aux_gradients;
+                        recording.collected.push((key.to_string(), kept));
+                    }
+                    None => self.collected.entry(key.to_string()).or_default().push(kept),
+                }
+                Ok(t)
+            }
+            Op::Collected { key } => match self.collected.get(key.as_str()) {
+                Some(ts) if !ts.is_empty() => Tensor::cat(ts, 0).map_err(candle),
+                _ => Err(OpError::Invalid { op: name, message: format!("nothing was collected under `{key}`") }),
+            },
+            Op::AuxOutput { name: output, x } => {
+                let t = self.get(*x)?.clone();
+                if t.elem_count() != 1 {
+                    return Err(OpError::Invalid {
+                        op: name,
+                        message: format!("auxiliary output `{output}` must be a scalar, not {:?}", t.dims()),
+                    });
+                }
+                self.aux.0.retain(|(n, _)| n != output.as_str());
+                self.aux.0.push((output.to_string(), t.reshape(()).map_err(candle)?));
+                Ok(t)
+            }
+            Op::TokenMask {} => self.token_mask(),
             // A variant from a newer API that this host predates.
             _ => Err(OpError::UnsupportedOp { host: oxtune_plugin_api::API_VERSION }),
         }
@@ -805,6 +975,62 @@ impl<'a> GraphSession<'a> {
         }
     }
 
+    /// Row `r` of `x` through linear layer `names[groups[r]]`: the rows of
+    /// each group gathered, the group's layer applied (tuner hook
+    /// included), the results put back in row order.
+    fn grouped_linear(&mut self, names: &[RString], x: TensorId, groups: TensorId) -> Result<Tensor, OpError> {
+        let candle = |source| OpError::Candle { op: "grouped_linear", source: source };
+        let invalid = |message: String| OpError::Invalid { op: "grouped_linear", message };
+        let input = self.get(x)?.clone();
+        let (rows, _) =
+            input.dims2().map_err(|_| invalid(format!("x must be [rows, features], not {:?}", input.dims())))?;
+        let groups =
+            self.get(groups)?.flatten_all().and_then(|g| g.to_dtype(DType::U32)?.to_vec1::<u32>()).map_err(candle)?;
+        if groups.len() != rows {
+            return Err(invalid(format!("{} group ids for {rows} rows", groups.len())));
+        }
+        let mut members: Vec<Vec<u32>> = vec![Vec::new(); names.len()];
+        for (row, &g) in groups.iter().enumerate() {
+            members
+                .get_mut(g as usize)
+                .ok_or_else(|| invalid(format!("row {row} names group {g} of {} layers", names.len())))?
+                .push(row as u32);
+        }
+        let device = input.device().clone();
+        let (mut outputs, mut order) = (Vec::new(), Vec::with_capacity(rows));
+        for (name, rows_of) in names.iter().zip(&members).filter(|(_, m)| !m.is_empty()) {
+            let index = Tensor::new(rows_of.as_slice(), &device).map_err(candle)?;
+            let picked = self.insert(input.index_select(&index, 0).map_err(candle)?);
+            outputs.push(self.linear(name, picked)?);
+            order.extend_from_slice(rows_of);
+        }
+        if outputs.is_empty() {
+            return Err(invalid("no rows".into()));
+        }
+        // Back to row order: where each row landed in the concatenation.
+        let mut position = vec![0u32; rows];
+        order.iter().enumerate().for_each(|(at, &row)| position[row as usize] = at as u32);
+        let position = Tensor::new(position, &device).map_err(candle)?;
+        Tensor::cat(&outputs, 0).and_then(|t| t.index_select(&position, 0)).map_err(candle)
+    }
+
+    /// `[batch, seq]` f32: 1 at real tokens, 0 at padding.
+    fn token_mask(&self) -> Result<Tensor, OpError> {
+        let candle = |source| OpError::Candle { op: "token_mask", source: source };
+        let (b, s) = self.tokens_shape.ok_or(OpError::Invalid {
+            op: "token_mask",
+            message: "the forward pass has no `input_ids` to take the shape from".into(),
+        })?;
+        match &self.ctx.batch.attention_mask {
+            Some(mask) => {
+                let width = mask.dim(1).map_err(candle)?;
+                let new = mask.narrow(1, width.saturating_sub(s), s.min(width)).map_err(candle)?;
+                new.ne(0u32).and_then(|m| m.to_dtype(DType::F32)).map_err(candle)
+            }
+            None => Tensor::ones((b, s), DType::F32, &self.ctx.weights.device()).map_err(candle),
+        }
+    }
+
     fn dropout(&mut self, x: TensorId, p: f64) -> Result<Tensor, OpError> {
         let t = self.get(x)?.clone();
         if !(0.0..1.0).contains(&p) {
@@ -982,6 +1208,16 @@ fn op_name(op: &Op) -> &'static str {
         Op::OutputHead { .. } => "output_head",
         Op::BlockBegin { .. } => "block_begin",
         Op::BlockEnd { .. } => "block_end",
+        Op::TopK { .. } => "topk",
+        Op::Gather { .. } => "gather",
+        Op::IndexAdd { .. } => "index_add",
+        Op::Compare { .. } => "compare",
+        Op::Where { .. } => "where",
+        Op::GroupedLinear { .. } => "grouped_linear",
+        Op::Collect { .. } => "collect",
+        Op::Collected { .. } => "collected",
+        Op::AuxOutput { .. } => "aux_output",
+        Op::TokenMask { .. } => "token_mask",
         _ => "unknown op",
     }
 }
@@ -1015,6 +1251,7 @@ impl GraphHost for GraphSession<'_> {
     }
 
     fn read_f32(&self, x: TensorId) -> RResult<RVec<f32>, RString> {
+        READ_BACKS.fetch_add(1, Ordering::Relaxed);
         to_rresult(self.get(x).and_then(|t| {
             t.flatten_all()
                 .and_then(|f| f.to_dtype(DType::F32))

@@ -20,12 +20,13 @@ use oxtune_plugin_api::gguf::GgufLayout;
 use oxtune_registry::{Registry, RegistryError};
 
 use crate::backend::{
-    is_linear_weight, BatchInfo, BlockGradients, Checkpointing, ForwardContext, GraphSession, Head, KvCache, OpError,
-    RowAdapters, TunerBinding, WeightStore,
+    is_linear_weight, AuxOutputs, BatchInfo, BlockGradients, Checkpointing, ForwardContext, GraphSession, Head,
+    KvCache, OpError, RowAdapters, TunerBinding, WeightStore,
 };
 use crate::media::{MediaInput, MediaRef, MediaSpec};
 use crate::quant::QuantizeOnLoad;
 use checkpoint::{load_weights, read_json, weight_files, CheckpointError, Trainable};
+use oxtune_plugin_api::{LinearLayer, LinearRole};
 
 /// An error loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +118,44 @@ pub struct LoadedModel {
     processor_config: serde_json::Value,
     /// Parameter-name prefixes a new adapter must leave alone (`--freeze-vit`, ...).
     frozen_prefixes: Vec<String>,
+    /// The linear layers the plugin declares (API 1.2); `None`: inferred
+    /// from the weights.
+    declared_linear: Option<Vec<LinearLayer>>,
+    /// Whether training differentiates the auxiliary outputs (a router's
+    /// aux loss added to the loss).
+    aux_gradients: bool,
+}
+
+/// What a training forward pass gives: per position the log-probability
+/// of the next label, which positions have one, and the model's
+/// auxiliary outputs (a mixture of experts' `aux_loss`).
+#[derive(Clone, Debug)]
+pub struct LabelLogps {
+    /// `[batch, seq − 1]` f32, 0 where the label is ignored.
+    pub logps: Tensor,
+    /// `[batch, seq − 1]`, 1 where a label counts.
+    pub mask: Tensor,
+    /// The model's auxiliary outputs.
+    pub aux: AuxOutputs,
+}
+
+/// What one run of the plugin's forward pass gave.
+struct RunOutput {
+    /// The output head's result, or every position's logits.
+    out: Tensor,
+    /// Whether it went through the output-head op.
+    ran_head: bool,
+    /// The auxiliary outputs.
+    aux: AuxOutputs,
+}
+
+/// The linear layers a model instance declares (API 1.2), parsed.
+fn instance_linear_layers(instance: &ModelBox) -> Result<Option<Vec<LinearLayer>>, RegistryError> {
+    let json = instance.linear_layers().into_result().map_err(|e| RegistryError::Plugin(e.into_string()))?;
+    json.into_option()
+        .map(|json| serde_json::from_str(json.as_str()))
+        .transpose()
+        .map_err(|e| RegistryError::Plugin(format!("the model's linear layers are not valid: {e}")))
 }
 
 /// A model folder's `preprocessor_config.json` (an empty object if absent),
@@ -257,7 +296,18 @@ impl LoadedModel {
                 load_weights(&weight_files(dir)?, options.dtype, &options.device, options.trainable, options.quantize)?
             }
         };
+        let declared_linear = instance_linear_layers(&instance).map_err(architecture_error)?;
+        if let Some(missing) =
+            declared_linear.iter().flatten().find(|layer| weights.dims(&format!("{}.weight", layer.name)).is_none())
+        {
+            return Err(architecture_error(RegistryError::Plugin(format!(
+                "the plugin declares the linear layer `{}`, but the checkpoint has no `{}.weight`",
+                missing.name, missing.name
+            ))));
+        }
         Ok(LoadedModel {
+            declared_linear,
+            aux_gradients: false,
             dir: dir.to_owned(),
             architecture,
             config,
@@ -341,8 +391,12 @@ impl LoadedModel {
     /// `.weight` (`model.layers.0.self_attn.q_proj`): each rank-2 `.weight`
     /// that is not an embedding table or an adapter's own parameter. The
     /// output layer (`lm_head`) is included; see [`Self::all_linear_modules`].
-    /// This is the one place the host decides which weights are linear.
+    /// A plugin that declares its layers (API 1.2) decides; otherwise this
+    /// is the one place the host infers which weights are linear.
     pub fn linear_layers(&self) -> Vec<String> {
+        if let Some(declared) = &self.declared_linear {
+            return declared.iter().map(|layer| layer.name.clone()).collect();
+        }
         self.weights
             .names()
             .iter()
@@ -356,11 +410,19 @@ impl LoadedModel {
 
     /// The module names (`q_proj`, ...) PEFT's `all-linear` stands for: the
     /// last name component of every linear layer but the output layer.
+    /// A declared router or head is left out too.
     pub fn all_linear_modules(&self) -> Vec<String> {
+        let excluded: Vec<&str> = self
+            .declared_linear
+            .iter()
+            .flatten()
+            .filter(|layer| matches!(layer.role, LinearRole::Router | LinearRole::Head))
+            .map(|layer| layer.name.as_str())
+            .collect();
         let modules: std::collections::BTreeSet<String> = self
             .linear_layers()
             .iter()
-            .filter(|layer| layer.as_str() != OUTPUT_LAYER)
+            .filter(|layer| layer.as_str() != OUTPUT_LAYER && !excluded.contains(&layer.as_str()))
             .filter_map(|layer| layer.rsplit('.').next().map(str::to_owned))
             .collect();
         modules.into_iter().collect()
@@ -405,14 +467,21 @@ impl LoadedModel {
         cache: Option<&mut KvCache>,
         tuner: Option<&TunerBinding>,
     ) -> Result<Tensor, ModelError> {
-        Ok(self.run(input_ids, batch, cache, tuner.or(self.adapter.as_deref()), Head::Logits)?.0)
+        Ok(self.run(input_ids, batch, cache, tuner.or(self.adapter.as_deref()), Head::Logits)?.out)
+    }
+
+    /// [`forward`](Self::forward) with the attached adapter, and the
+    /// model's auxiliary outputs (a mixture of experts' `aux_loss`).
+    pub fn forward_with_aux(&self, input_ids: &Tensor, batch: &BatchInfo) -> Result<(Tensor, AuxOutputs), ModelError> {
+        let run = self.run(input_ids, batch, None, self.adapter.as_deref(), Head::Logits)?;
+        Ok((run.out, run.aux))
     }
 
     /// Logits of the base model alone, the attached adapter switched off:
     /// the reference model of preference training, with no second copy of
     /// the weights.
     pub fn forward_without_adapter(&self, input_ids: &Tensor, batch: &BatchInfo) -> Result<Tensor, ModelError> {
-        Ok(self.run(input_ids, batch, None, None, Head::Logits)?.0)
+        Ok(self.run(input_ids, batch, None, None, Head::Logits)?.out)
     }
 
     /// Logits `[batch, 1, vocab]` of the last position only, as
@@ -425,7 +494,7 @@ impl LoadedModel {
         cache: Option<&mut KvCache>,
         tuner: Option<&TunerBinding>,
     ) -> Result<Tensor, ModelError> {
-        let (logits, ran_head) =
+        let RunOutput { out: logits, ran_head, .. } =
             self.run(input_ids, batch, cache, tuner.or(self.adapter.as_deref()), Head::LastLogits)?;
         if ran_head {
             return Ok(logits);
@@ -449,7 +518,8 @@ impl LoadedModel {
         last_only: bool,
     ) -> Result<Tensor, ModelError> {
         let head = if last_only { Head::LastLogits } else { Head::Logits };
-        let (logits, ran_head) = self.run_with(input_ids, batch, cache, None, Some(adapters), head)?;
+        let RunOutput { out: logits, ran_head, .. } =
+            self.run_with(input_ids, batch, cache, None, Some(adapters), head)?;
         if ran_head || !last_only {
             return Ok(logits);
         }
@@ -469,7 +539,7 @@ impl LoadedModel {
         input_ids: &Tensor,
         batch: &BatchInfo,
         labels: &Tensor,
-    ) -> Result<(Tensor, Tensor), ModelError> {
+    ) -> Result<LabelLogps, ModelError> {
         self.label_logps_with(input_ids, batch, labels, self.adapter.as_deref())
     }
 
@@ -480,7 +550,7 @@ impl LoadedModel {
         input_ids: &Tensor,
         batch: &BatchInfo,
         labels: &Tensor,
-    ) -> Result<(Tensor, Tensor), ModelError> {
+    ) -> Result<LabelLogps, ModelError> {
         self.label_logps_with(input_ids, batch, labels, None)
     }
 
@@ -490,14 +560,22 @@ impl LoadedModel {
         batch: &BatchInfo,
         labels: &Tensor,
         tuner: Option<&TunerBinding>,
-    ) -> Result<(Tensor, Tensor), ModelError> {
-        let (out, ran_head) = self.run(input_ids, batch, None, tuner, Head::LabelLogProbs(labels))?;
-        if ran_head {
-            let mask = crate::loss::next_token_mask(labels).map_err(|e| self.head_error(e))?;
-            return Ok((out, mask));
-        }
-        // A plugin without the output-head op returned every position's logits.
-        crate::loss::next_token_logps(&out, labels).map_err(|e| self.head_error(e))
+    ) -> Result<LabelLogps, ModelError> {
+        let RunOutput { out, ran_head, aux } = self.run(input_ids, batch, None, tuner, Head::LabelLogProbs(labels))?;
+        let (logps, mask) = match ran_head {
+            true => (out, crate::loss::next_token_mask(labels).map_err(|e| self.head_error(e))?),
+            // A plugin without the output-head op returned every position's logits.
+            false => crate::loss::next_token_logps(&out, labels).map_err(|e| self.head_error(e))?,
+        };
+        Ok(LabelLogps { logps, mask, aux })
+    }
+
+    /// Has training differentiate the model's auxiliary outputs (the
+    /// trainer adds a router's `aux_loss` to the loss): with gradient
+    /// checkpointing, blocks that collect router logits then stay in the
+    /// graph so the aux loss's gradient reaches the layers below.
+    pub fn set_aux_gradients(&mut self, on: bool) {
+        self.aux_gradients = on;
     }
 
     fn head_error(&self, source: candle_core::Error) -> ModelError {
@@ -531,7 +609,7 @@ impl LoadedModel {
         cache: Option<&mut KvCache>,
         tuner: Option<&TunerBinding>,
         head: Head<'_>,
-    ) -> Result<(Tensor, bool), ModelError> {
+    ) -> Result<RunOutput, ModelError> {
         self.run_with(input_ids, batch, cache, tuner, None, head)
     }
 
@@ -544,7 +622,7 @@ impl LoadedModel {
         tuner: Option<&TunerBinding>,
         row_adapters: Option<&RowAdapters<'_>>,
         head: Head<'_>,
-    ) -> Result<(Tensor, bool), ModelError> {
+    ) -> Result<RunOutput, ModelError> {
         let forward_error = |source| ModelError::Forward { model: self.dir.clone(), source: source };
         let candle_error = |source| forward_error(OpError::Candle { op: "positions", source: source });
         let (b, s) = input_ids.dims2().map_err(candle_error)?;
@@ -571,10 +649,11 @@ impl LoadedModel {
         let mut session = GraphSession::new(ForwardContext { weights: &self.weights, batch, cache, tuner })
             .with_head(head)
             .with_checkpointing(checkpointing)
-            .with_row_adapters(row_adapters);
+            .with_row_adapters(row_adapters)
+            .with_aux_gradients(self.aux_gradients);
         let mut inputs: Vec<(&str, Tensor)> = vec![("input_ids", ids), ("position_ids", positions)];
         inputs.extend(batch.media.iter().map(|(name, t)| (name.as_str(), t.clone())));
         let out = session.run_model(&self.instance, &inputs).map_err(forward_error)?;
-        Ok((out, session.ran_output_head()))
+        Ok(RunOutput { out, ran_head: session.ran_output_head(), aux: session.aux_outputs().clone() })
     }
 }

@@ -357,7 +357,8 @@ impl Objective for GrpoObjective<'_> {
         let rows: Vec<&EncodedRow> = rollout.rows.iter().collect();
         let (ids, labels, mask) = collate(&rows, model.device()).map_err(compute)?;
         let info = BatchInfo { attention_mask: Some(mask.clone()), dropout_seed, ..Default::default() };
-        let (logp, token_mask) = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
+        let policy = model.label_logps(&ids, &info, &labels).map_err(Box::new)?;
+        let (logp, token_mask, aux) = (policy.logps, policy.mask, policy.aux);
         // The policy that generated the batch: this one on its first use
         // (ratio 1, gradient intact), remembered for later iterations.
         let old = match &rollout.old_logps {
@@ -373,12 +374,12 @@ impl Objective for GrpoObjective<'_> {
         let reference = if self.config.beta != 0.0 {
             self.reference_passes.set(self.reference_passes.get() + 1);
             let plain = BatchInfo { attention_mask: Some(mask), ..Default::default() };
-            let (logp, _) = match &self.reference {
+            let reference = match &self.reference {
                 Reference::AdapterOff => model.label_logps_without_adapter(&ids, &plain, &labels),
                 Reference::Model(frozen) => frozen.label_logps(&ids, &plain, &labels),
             }
             .map_err(Box::new)?;
-            Some(logp.detach())
+            Some(reference.logps.detach())
         } else {
             None
         };
@@ -403,6 +404,7 @@ impl Objective for GrpoObjective<'_> {
             tokens: rows.iter().map(|r| r.input_ids.len()).sum(),
             weight: rows.len() as f64,
             logged,
+            aux,
         })
     }
 }

@@ -64,12 +64,13 @@ fn logps(
             (ids, labels, BatchInfo { attention_mask: Some(mask), dropout_seed, ..Default::default() }, None)
         }
     };
-    let (picked, label_mask) = match reference {
+    let out = match reference {
         None => model.label_logps(&ids, &info, &labels),
         Some(Reference::AdapterOff) => model.label_logps_without_adapter(&ids, &info, &labels),
         Some(Reference::Model(frozen)) => frozen.label_logps(&ids, &info, &labels),
     }
     .map_err(Box::new)?;
+    let (picked, label_mask) = (out.logps, out.mask);
     let (sum, count) = match &owners {
         Some(owners) => segment_logps(&picked, &label_mask, owners, rows.len()),
         None => completion_logps(&picked, &label_mask),
@@ -141,7 +142,13 @@ impl PairObjective<'_> {
             chosen_nll: &chosen_nll,
         };
         let (loss, logged) = pair_loss(&self.method, &inputs).map_err(compute)?;
-        Ok(ObjectiveLoss { loss, tokens: rows.iter().map(|r| r.input_ids.len()).sum(), weight: n as f64, logged })
+        Ok(ObjectiveLoss {
+            loss,
+            tokens: rows.iter().map(|r| r.input_ids.len()).sum(),
+            weight: n as f64,
+            logged,
+            aux: Default::default(),
+        })
     }
 }
 
@@ -259,6 +266,12 @@ impl Objective for KtoObjective<'_> {
             kto_loss(&self.method, &policy, &reference, &desirable, &kl_policy, &kl_reference).map_err(compute)?;
         let mean = policy.detach().mean(D::Minus1).and_then(|m| m.to_scalar::<f32>()).map_err(compute)?;
         logged.insert("logps/completions".to_owned(), mean as f64);
-        Ok(ObjectiveLoss { loss, tokens: rows.iter().map(|r| r.input_ids.len()).sum(), weight: n as f64, logged })
+        Ok(ObjectiveLoss {
+            loss,
+            tokens: rows.iter().map(|r| r.input_ids.len()).sum(),
+            weight: n as f64,
+            logged,
+            aux: Default::default(),
+        })
     }
 }

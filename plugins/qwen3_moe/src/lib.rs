@@ -1,0 +1,86 @@
+//! The Qwen3-MoE architecture (`Qwen3MoeForCausalLM`): the Qwen3 decoder
+//! (q/k norms) with a sparse mixture of experts in place of the MLP —
+//! `num_experts_per_tok` of `num_experts` SwiGLU experts per token, chosen
+//! by the router `mlp.gate` — and the router's load-balancing loss
+//! reported as the auxiliary output `aux_loss`.
+
+use oxtune_plugin_api::decoder::{Activation, ConfigReader, Decoder, DecoderConfig};
+use oxtune_plugin_api::graph::aux_output;
+use oxtune_plugin_api::moe::{load_balancing_loss, SparseMoe};
+use oxtune_plugin_api::serde_json::Value;
+use oxtune_plugin_api::{
+    declare_plugin, Descriptor, Error, Inputs, LinearLayer, Model, ModelArchitecture, Plugin, Result, Tensor,
+};
+
+/// `Qwen3MoeForCausalLM`.
+pub struct Qwen3Moe;
+
+impl ModelArchitecture for Qwen3Moe {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor::model("qwen3_moe", env!("CARGO_PKG_VERSION"))
+            .description("Qwen3 mixture-of-experts decoder (top-k routed SwiGLU experts, router aux loss)")
+            .architectures(&["Qwen3MoeForCausalLM"])
+            .model_types(&["qwen3_moe"])
+    }
+
+    fn load(&self, config: &Value) -> Result<Box<dyn Model>> {
+        let mut cfg = DecoderConfig::from_hf_config(config)?;
+        cfg.qk_norm = true;
+        cfg.read_qwen_sliding_window(config)?;
+        let r = ConfigReader::new(config);
+        // transformers 5 names the expert count `num_experts`; some configs
+        // carry Mixtral's `num_local_experts`.
+        let num_experts = match r.get("num_experts") {
+            Some(_) => r.usize("num_experts")?,
+            None => r.usize("num_local_experts").map_err(|_| Error::new("config.json: `num_experts` is missing"))?,
+        };
+        let step = r.usize_or("decoder_sparse_step", 1)?.max(1);
+        let mlp_only: Vec<u64> = match r.get("mlp_only_layers") {
+            None => Vec::new(),
+            Some(v) => v.as_array().and_then(|a| a.iter().map(Value::as_u64).collect()).ok_or_else(|| {
+                Error::new(format!("config.json: `mlp_only_layers` must be a list of layer numbers, not {v}"))
+            })?,
+        };
+        let dense_layers =
+            (0..cfg.num_layers).map(|layer| mlp_only.contains(&(layer as u64)) || (layer + 1) % step != 0).collect();
+        if cfg.activation != Activation::Silu {
+            return Err(Error::new("config.json: Qwen3-MoE experts use `hidden_act` `silu`"));
+        }
+        let moe = SparseMoe {
+            num_experts,
+            top_k: r.usize("num_experts_per_tok")?,
+            norm_topk_prob: r.bool_or("norm_topk_prob", false)?,
+            activation: cfg.activation,
+            dense_layers,
+        };
+        moe.validate()?;
+        let decoder = Decoder::new(cfg).with_feed_forward(Box::new(moe.clone()));
+        Ok(Box::new(MoeDecoder { decoder, moe }))
+    }
+}
+
+/// The decoder, and the routing settings its aux loss needs.
+struct MoeDecoder {
+    decoder: Decoder,
+    moe: SparseMoe,
+}
+
+impl Model for MoeDecoder {
+    fn forward(&self, inputs: &Inputs) -> Result<Tensor> {
+        let logits = Model::forward(&self.decoder, inputs)?;
+        if self.moe.has_sparse_layers() {
+            aux_output("aux_loss", &load_balancing_loss(self.moe.num_experts, self.moe.top_k)?)?;
+        }
+        Ok(logits)
+    }
+
+    fn linear_layers(&self) -> Option<Vec<LinearLayer>> {
+        Some(self.decoder.linear_layers())
+    }
+}
+
+fn plugin() -> Plugin {
+    Plugin::new("oxtune-plugin-qwen3-moe", env!("CARGO_PKG_VERSION")).model(Qwen3Moe)
+}
+
+declare_plugin!(plugin);

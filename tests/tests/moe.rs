@@ -1,0 +1,209 @@
+//! Mixture of experts through API 1.2, on `tiny-qwen3-moe` (top-2 of 4
+//! experts, renormalised; made with transformers 5.24): the router's
+//! load-balancing loss as transformers computes it, routing without any
+//! read-back to the host, `all-linear` adapting the experts but never the
+//! router, and `--router-aux-loss-coef` training on `loss + coef · aux_loss`
+//! with or without gradient checkpointing. Logits, greedy decoding, the
+//! loss and every gradient are checked with the other architectures in
+//! `text_models.rs`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use oxtune_engine::backend::{read_backs, BatchInfo};
+use oxtune_engine::error_chain;
+use oxtune_engine::generate::greedy;
+use oxtune_engine::model::checkpoint::Trainable;
+use oxtune_engine::model::{LoadOptions, LoadedModel};
+use oxtune_registry::Registry;
+use oxtune_tests::cli::{fails_with, fresh_dir, metrics, oxtune, scratch, succeeded};
+use oxtune_tests::fixtures;
+
+fn model_dir() -> PathBuf {
+    fixtures().join("models/tiny-qwen3-moe")
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(model_dir().join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn scalar(t: &Tensor) -> f32 {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+}
+
+fn load(dir: &Path) -> Result<LoadedModel, String> {
+    let registry = Registry::with_builtins().unwrap();
+    LoadedModel::load(&registry, dir, &LoadOptions { trainable: Trainable::None, ..Default::default() })
+        .map_err(|e| error_chain(&e))
+}
+
+#[test]
+fn the_router_aux_loss_matches_transformers() {
+    let r = reference();
+    let model = load(&model_dir()).unwrap();
+    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+    let (_, aux) = model.forward_with_aux(&ids, &BatchInfo::default()).unwrap();
+    let got = aux.get("aux_loss").expect("the model reports aux_loss").to_scalar::<f32>().unwrap();
+    let expected = scalar(&r["aux_loss"]);
+    assert!((got - expected).abs() < 1e-5, "aux_loss {got} vs transformers {expected}");
+    // What transformers trains on: loss + router_aux_loss_coef (0.01) · aux_loss.
+    let with_aux = scalar(&r["loss"]) + 0.01 * got;
+    assert!((with_aux - scalar(&r["loss_with_aux"])).abs() < 1e-5, "{with_aux} vs {}", scalar(&r["loss_with_aux"]));
+    // Padding is left out of the statistics, as transformers' attention mask does.
+    let rows: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+    let padded = Tensor::new(vec![[vec![0u32; 3], rows[0].clone()].concat()], &Device::Cpu).unwrap();
+    let mask = Tensor::new(vec![[vec![0u32; 3], vec![1u32; rows[0].len()]].concat()], &Device::Cpu).unwrap();
+    let batch = BatchInfo { attention_mask: Some(mask), ..Default::default() };
+    let (_, padded_aux) = model.forward_with_aux(&padded, &batch).unwrap();
+    let alone = Tensor::new(vec![rows[0].clone()], &Device::Cpu).unwrap();
+    let (_, alone_aux) = model.forward_with_aux(&alone, &BatchInfo::default()).unwrap();
+    let (a, b) = (padded_aux.get("aux_loss").unwrap(), alone_aux.get("aux_loss").unwrap());
+    let (a, b) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+    assert!((a - b).abs() < 1e-5, "left-padded {a} vs alone {b}");
+}
+
+#[test]
+fn routing_stays_on_the_device() {
+    let r = reference();
+    let model = load(&model_dir()).unwrap();
+    let before = read_backs();
+    model.forward(&r["input_ids"].to_dtype(DType::U32).unwrap(), &BatchInfo::default(), None, None).unwrap();
+    greedy(&model, &r["greedy_prompt"].to_dtype(DType::U32).unwrap(), 4).unwrap();
+    assert_eq!(read_backs(), before, "the MoE forward pass read tensors back to the host");
+}
+
+fn chats() -> PathBuf {
+    scratch(
+        "moe-chats.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello there\"}]}\n\
+         {\"messages\": [{\"role\": \"user\", \"content\": \"sky?\"}, {\"role\": \"assistant\", \"content\": \"blue, mostly\"}]}\n",
+    )
+}
+
+fn sft(out: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let model = model_dir();
+    let data = chats();
+    let mut args = vec![
+        "sft",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--per-device-train-batch-size",
+        "2",
+        "--learning-rate",
+        "1e-2",
+    ];
+    args.extend(extra);
+    succeeded(&oxtune(&args, &[]));
+    metrics(out)
+}
+
+#[test]
+fn all_linear_lora_adapts_the_experts_and_never_the_router() {
+    let model = load(&model_dir()).unwrap();
+    let modules = model.all_linear_modules();
+    assert_eq!(modules, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]);
+    assert!(model.linear_layers().contains(&"model.layers.1.mlp.gate".to_owned()), "the router is a linear layer");
+    let out = fresh_dir("moe-lora");
+    let steps = sft(&out, &["--tuner", "lora", "--target-modules", "all-linear", "--max-steps", "4"]);
+    let losses: Vec<f64> = steps.iter().map(|m| m["loss"].as_f64().unwrap()).collect();
+    assert!(losses[3] < losses[0], "{losses:?}");
+    let tensors =
+        candle_core::safetensors::load(out.join("checkpoint-4/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    for e in 0..4 {
+        let name = format!("base_model.model.model.layers.1.mlp.experts.{e}.down_proj.lora_B.weight");
+        let b = tensors.get(&name).unwrap_or_else(|| panic!("{name} missing"));
+        // Every expert was chosen by some token, so each B moved off zero.
+        let moved = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 0.0, "expert {e} never trained");
+    }
+    assert!(!tensors.keys().any(|k| k.contains("mlp.gate.")), "the router was adapted");
+    let full = fresh_dir("moe-full");
+    let losses: Vec<f64> =
+        sft(&full, &["--tuner", "full", "--max-steps", "4"]).iter().map(|m| m["loss"].as_f64().unwrap()).collect();
+    assert!(losses[3] < losses[0], "full fine-tuning: {losses:?}");
+}
+
+#[test]
+fn the_router_aux_loss_trains_with_and_without_gradient_checkpointing() {
+    let step = |coef: &str, checkpointing: &str| {
+        let out = fresh_dir(&format!("moe-aux-{coef}-{checkpointing}"));
+        let args = [
+            "--tuner",
+            "full",
+            "--max-steps",
+            "1",
+            "--router-aux-loss-coef",
+            coef,
+            "--gradient-checkpointing",
+            checkpointing,
+        ];
+        let m = sft(&out, &args).remove(0);
+        (m["loss"].as_f64().unwrap(), m["grad_norm"].as_f64().unwrap(), m.get("aux_loss").and_then(|a| a.as_f64()))
+    };
+    let (plain, plain_norm, logged) = step("0", "false");
+    let logged = logged.expect("aux_loss is logged");
+    let (with_aux, norm, _) = step("1", "false");
+    assert!((with_aux - (plain + logged)).abs() < 1e-5, "{with_aux} vs {plain} + {logged}");
+    assert!((norm - plain_norm).abs() > 1e-4, "the aux loss's gradient changed nothing: {norm} vs {plain_norm}");
+    // Checkpointed layers that collect router logits stay connected, so
+    // the aux loss's gradient is the same.
+    let (ckpt_loss, ckpt_norm, _) = step("1", "true");
+    assert!((ckpt_loss - with_aux).abs() < 1e-6, "{ckpt_loss} vs {with_aux}");
+    assert!((ckpt_norm - norm).abs() < 1e-5 * norm, "grad norm {ckpt_norm} with checkpointing vs {norm}");
+}
+
+#[test]
+fn the_router_aux_loss_on_a_dense_model_is_refused() {
+    let out = fresh_dir("dense-aux");
+    let model = fixtures().join("models/tiny-qwen3");
+    let data = chats();
+    let run = oxtune(
+        &[
+            "sft",
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "--router-aux-loss-coef",
+            "0.01",
+        ],
+        &[],
+    );
+    fails_with(&run, &["--router-aux-loss-coef", "`qwen3`", "not a mixture of experts"]);
+}
+
+/// A copy of the fixture with its config edited and the tensors `drop` left out.
+fn edited(name: &str, config: impl Fn(&mut serde_json::Value), drop: &[&str]) -> PathBuf {
+    let dir = fresh_dir(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model_dir().join(file), dir.join(file)).unwrap();
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir().join("config.json")).unwrap()).unwrap();
+    config(&mut value);
+    std::fs::write(dir.join("config.json"), value.to_string()).unwrap();
+    let mut tensors = candle_core::safetensors::load(model_dir().join("model.safetensors"), &Device::Cpu).unwrap();
+    tensors.retain(|k, _| !drop.contains(&k.as_str()));
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn bad_configs_and_missing_experts_are_named() {
+    let too_many = edited("moe-topk", |c| c["num_experts_per_tok"] = 5.into(), &[]);
+    let message = load(&too_many).err().expect("refused");
+    assert!(message.contains("`num_experts_per_tok` (5)") && message.contains("(4)"), "{message}");
+    let missing = edited("moe-missing", |_| {}, &["model.layers.0.mlp.experts.3.up_proj.weight"]);
+    let message = load(&missing).err().expect("refused");
+    assert!(message.contains("model.layers.0.mlp.experts.3.up_proj.weight"), "{message}");
+}
