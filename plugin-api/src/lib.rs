@@ -13,14 +13,11 @@
 
 pub mod abi;
 pub mod data;
-pub mod decoder;
 pub mod gguf;
 pub mod graph;
-pub mod moe;
+pub mod media;
 pub mod nn;
 pub mod plugin;
-pub mod rope;
-pub mod vision;
 
 #[doc(hidden)]
 pub use abi_stable;

@@ -24,7 +24,7 @@ use crate::abi::{
 use crate::data::RewardSample;
 use crate::gguf::GgufLayout;
 use crate::graph::{with_graph, Tensor};
-use crate::vision::{MediaRequest, PreparedMedia};
+use crate::media::{MediaRequest, PreparedMedia};
 use crate::{Error, Result, API_VERSION};
 
 /// The description of one component, as an author writes it.
@@ -149,7 +149,7 @@ pub trait Model: Send + Sync + 'static {
     }
 
     /// Preprocesses media items into model inputs (see
-    /// [`crate::vision`]); `options` is the model's
+    /// `oxtune-helpers-vision`); `options` is the model's
     /// `preprocessor_config.json` with the run's overrides.
     fn prepare_media(&self, items: &[MediaRequest], options: &serde_json::Value) -> Result<Vec<PreparedMedia>> {
         let _ = (items, options);

@@ -101,7 +101,7 @@ pub struct MediaRef {
 
 /// A media item preprocessed by the model plugin: pixel rows, grid,
 /// placeholder token and per-token positions (the plugin API's type).
-pub type MediaInput = oxtune_plugin_api::vision::PreparedMedia;
+pub type MediaInput = oxtune_plugin_api::media::PreparedMedia;
 
 /// The media of one encoded row: the prepared items in token order and
 /// the row's positions on every axis.

@@ -12,10 +12,10 @@
 //! - attention scores are scaled by `query_pre_attn_scalar^-½`;
 //! - the MLP is GeGLU with tanh-approximated GELU; the head is tied.
 
-use oxtune_plugin_api::decoder::ConfigReader;
+use oxtune_helpers_decoder::rope::Rope;
+use oxtune_helpers_decoder::ConfigReader;
 use oxtune_plugin_api::graph::{attention, block, output_head, weight, AttentionSpec, Tensor};
 use oxtune_plugin_api::nn::{Embedding, Linear};
-use oxtune_plugin_api::rope::Rope;
 use oxtune_plugin_api::serde_json::{json, Value};
 use oxtune_plugin_api::{declare_plugin, Descriptor, Error, Inputs, Model, ModelArchitecture, Plugin, Result};
 

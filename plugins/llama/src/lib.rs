@@ -2,7 +2,7 @@
 //! `oxtune-plugin-api`: GQA attention with RoPE (every scaling scheme),
 //! optional attention and MLP biases, tied or separate output embedding.
 
-use oxtune_plugin_api::decoder::{Decoder, DecoderConfig, GgufNaming};
+use oxtune_helpers_decoder::{Decoder, DecoderConfig, GgufNaming};
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{declare_plugin, Descriptor, Model, ModelArchitecture, Plugin, Result};
 

@@ -6,10 +6,10 @@
 //! fused layers adapts `qkv_proj` and `gate_up_proj` as the modules PEFT
 //! names, so adapters load in PEFT as saved.
 
-use oxtune_plugin_api::decoder::ConfigReader;
+use oxtune_helpers_decoder::rope::Rope;
+use oxtune_helpers_decoder::ConfigReader;
 use oxtune_plugin_api::graph::{attention, block, output_head, AttentionSpec, Tensor};
 use oxtune_plugin_api::nn::{Embedding, Linear, RmsNorm};
-use oxtune_plugin_api::rope::Rope;
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{declare_plugin, Descriptor, Error, Inputs, Model, ModelArchitecture, Plugin, Result};
 

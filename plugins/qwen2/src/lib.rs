@@ -2,7 +2,7 @@
 //! on the shared decoder of `oxtune-plugin-api`: biases on q/k/v, and the
 //! Qwen sliding-window layout (`use_sliding_window`, `max_window_layers`).
 
-use oxtune_plugin_api::decoder::{Decoder, DecoderConfig, GgufNaming};
+use oxtune_helpers_decoder::{Decoder, DecoderConfig, GgufNaming};
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{declare_plugin, Descriptor, Model, ModelArchitecture, Plugin, Result};
 

@@ -10,17 +10,17 @@
 //! sections; the vision rows replace the `<|image_pad|>` / `<|video_pad|>`
 //! tokens.
 
-use oxtune_plugin_api::decoder::{ConfigReader, Decoder, DecoderConfig, Rotary};
-use oxtune_plugin_api::nn::{Linear, RmsNorm};
-use oxtune_plugin_api::serde_json::Value;
-use oxtune_plugin_api::vision::layers::{
+use oxtune_helpers_decoder::{ConfigReader, Decoder, DecoderConfig, Rotary};
+use oxtune_helpers_vision::layers::{
     index_tensor, patch_coordinates, patch_embed, rotary_tables, scatter_rows, token_positions, vision_attention,
     vision_rotary_angles,
 };
-use oxtune_plugin_api::vision::qwen::{
+use oxtune_helpers_vision::qwen::{
     frame_segments, language_model, mrope_tables, read_grids, vision_inv_freq, QwenMedia, VisionShape,
 };
-use oxtune_plugin_api::vision::{MediaRequest, PreparedMedia};
+use oxtune_plugin_api::media::{MediaRequest, PreparedMedia};
+use oxtune_plugin_api::nn::{Linear, RmsNorm};
+use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{
     declare_plugin, has_weight, scope, Descriptor, Error, Inputs, Modality, Model, ModelArchitecture, Plugin, Result,
     Tensor,

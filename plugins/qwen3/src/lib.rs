@@ -2,7 +2,7 @@
 //! `oxtune-plugin-api`: RMSNorm on every query and key head before RoPE, an
 //! explicit `head_dim`, and the Qwen sliding-window layout.
 
-use oxtune_plugin_api::decoder::{Decoder, DecoderConfig, GgufNaming};
+use oxtune_helpers_decoder::{Decoder, DecoderConfig, GgufNaming};
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{declare_plugin, Descriptor, Model, ModelArchitecture, Plugin, Result};
 

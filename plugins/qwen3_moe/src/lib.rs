@@ -4,9 +4,9 @@
 //! by the router `mlp.gate` — and the router's load-balancing loss
 //! reported as the auxiliary output `aux_loss`.
 
-use oxtune_plugin_api::decoder::{Activation, ConfigReader, Decoder, DecoderConfig};
+use oxtune_helpers_decoder::moe::{load_balancing_loss, SparseMoe};
+use oxtune_helpers_decoder::{Activation, ConfigReader, Decoder, DecoderConfig};
 use oxtune_plugin_api::graph::aux_output;
-use oxtune_plugin_api::moe::{load_balancing_loss, SparseMoe};
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{
     declare_plugin, Descriptor, Error, Inputs, LinearLayer, Model, ModelArchitecture, Plugin, Result, Tensor,

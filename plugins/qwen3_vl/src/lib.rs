@@ -12,17 +12,17 @@
 //! temporal patch is a token group of its own, announced by its time in
 //! the prompt (`<0.5 seconds>`), with one pixel budget for all frames.
 
-use oxtune_plugin_api::decoder::{ConfigReader, Decoder, DecoderConfig, Rotary};
-use oxtune_plugin_api::nn::{LayerNorm, Linear};
-use oxtune_plugin_api::serde_json::Value;
-use oxtune_plugin_api::vision::layers::{
+use oxtune_helpers_decoder::{ConfigReader, Decoder, DecoderConfig, Rotary};
+use oxtune_helpers_vision::layers::{
     add_rows, patch_coordinates, patch_embed, rotary_tables, scatter_rows, token_positions, vision_attention,
     vision_rotary_angles,
 };
-use oxtune_plugin_api::vision::qwen::{
+use oxtune_helpers_vision::qwen::{
     frame_segments, language_model, mrope_tables, read_grids, vision_inv_freq, QwenMedia, VisionShape,
 };
-use oxtune_plugin_api::vision::{MediaRequest, PreparedMedia};
+use oxtune_plugin_api::media::{MediaRequest, PreparedMedia};
+use oxtune_plugin_api::nn::{LayerNorm, Linear};
+use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{
     constant, declare_plugin, scope, weight, DType, Descriptor, Error, Inputs, Modality, Model, ModelArchitecture,
     Plugin, Result, Tensor,

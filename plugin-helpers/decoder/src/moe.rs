@@ -9,12 +9,12 @@
 //! [`load_balancing_loss`] turns them into transformers' router
 //! auxiliary loss at the end of the forward pass.
 
-use crate::abi::{Compare, DType};
-use crate::decoder::{Activation, FeedForward, GatedMlp};
-use crate::graph::{collect, collected, constant, grouped_linear, token_mask, Tensor};
-use crate::nn::Linear;
-use crate::plugin::{LinearLayer, LinearRole};
-use crate::{Error, Result};
+use oxtune_plugin_api::abi::{Compare, DType};
+use oxtune_plugin_api::graph::{collect, collected, constant, grouped_linear, token_mask, Tensor};
+use oxtune_plugin_api::nn::Linear;
+use oxtune_plugin_api::{Error, LinearLayer, LinearRole, Result};
+
+use crate::{Activation, FeedForward, GatedMlp};
 
 /// The key the router logits of every sparse layer are collected under
 /// (`[batch · seq, num_experts]` per layer, in layer order).

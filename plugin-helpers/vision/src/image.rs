@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use crate::{Error, Result};
+use oxtune_plugin_api::{Error, Result};
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 #[derive(Clone, Debug, PartialEq, Eq)]

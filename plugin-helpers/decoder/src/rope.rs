@@ -8,7 +8,8 @@
 
 use serde_json::Value;
 
-use crate::{Error, Result};
+use oxtune_plugin_api::graph::Tensor;
+use oxtune_plugin_api::{Error, Result};
 
 /// How the frequencies depend on the sequence.
 #[derive(Clone, Debug, PartialEq)]
@@ -186,6 +187,20 @@ fn llama3(params: &Value, inv: &[f64]) -> Result<Vec<f64>> {
             }
         })
         .collect())
+}
+
+/// Rotates `x` (last dim `2·half`, the two halves paired, NeoX style) by
+/// tables broadcastable to `[..., rows, half]`: `x·cos + rotate_half(x)·sin`
+/// with each table repeated over both halves, as transformers writes it.
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype()?;
+    let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
+    let half = cos.dim(-1)?;
+    let x1 = x.narrow(-1, 0, half)?;
+    let x2 = x.narrow(-1, half, half)?;
+    let out1 = x1.mul(&cos)?.sub(&x2.mul(&sin)?)?;
+    let out2 = x2.mul(&cos)?.add(&x1.mul(&sin)?)?;
+    Tensor::cat(&[out1, out2], -1)
 }
 
 #[cfg(test)]

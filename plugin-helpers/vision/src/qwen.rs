@@ -5,13 +5,14 @@
 
 use serde_json::Value;
 
-use super::layers::multi_axis_rotary;
-use super::processor::ProcessorConfig;
-use super::{MediaKind, MediaRequest, PreparedMedia};
-use crate::decoder::{ConfigReader, DecoderConfig};
-use crate::graph::Tensor;
-use crate::nn::rope_inv_freq;
-use crate::{Error, Result};
+use oxtune_helpers_decoder::{ConfigReader, DecoderConfig};
+use oxtune_plugin_api::graph::Tensor;
+use oxtune_plugin_api::media::{MediaKind, MediaRequest, PreparedMedia};
+use oxtune_plugin_api::nn::rope_inv_freq;
+use oxtune_plugin_api::{Error, Result};
+
+use crate::layers::multi_axis_rotary;
+use crate::processor::ProcessorConfig;
 
 /// The Qwen-VL media conventions of one checkpoint.
 #[derive(Clone, Debug)]

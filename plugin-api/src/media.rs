@@ -1,17 +1,8 @@
-//! Helpers for vision-language model plugins: image and video
-//! preprocessing ([`image`], [`processor`]) and the tensor pieces vision
-//! towers share ([`layers`]: patch embedding, 2-D rotary tables, segment
-//! attention, scattering vision rows into placeholder tokens, multi-axis
-//! RoPE).
-//!
-//! Preprocessing is plugin code: the host hands a model plugin the media
-//! files of a row ([`MediaRequest`]) and gets back pixel rows, grids and
-//! the placeholder tokens ([`PreparedMedia`]); it never looks inside.
-
-pub mod image;
-pub mod layers;
-pub mod processor;
-pub mod qwen;
+//! Media items in plain Rust: what the host asks a model plugin to
+//! preprocess ([`MediaRequest`]) and what it gets back ([`PreparedMedia`]:
+//! pixel rows, grids and placeholder tokens), converted to and from the
+//! ABI's types. The preprocessing itself is plugin code (the
+//! `oxtune-helpers-vision` crate has Qwen's); the host never looks inside.
 
 use abi_stable::std_types::RVec;
 

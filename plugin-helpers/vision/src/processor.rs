@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::image::{load_rgb, resize_bicubic, smart_resize, smart_resize_frames, RgbImage};
-use crate::{Error, Result};
+use crate::image::{load_rgb, resize_bicubic, smart_resize, smart_resize_frames, RgbImage};
+use oxtune_plugin_api::{Error, Result};
 
 /// The processor settings of `preprocessor_config.json`, with a run's
 /// overrides (`min_pixels`, `max_pixels`, `max_frames`, `fps`) applied.

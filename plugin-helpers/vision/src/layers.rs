@@ -3,10 +3,11 @@
 //! attention restricted to segments (images, windows), placing vision rows
 //! at placeholder tokens, and multi-axis rotary (M-RoPE).
 
-use crate::abi::DType;
-use crate::graph::{constant, has_weight, weight, Tensor};
-use crate::nn::Linear;
-use crate::{Error, Result};
+pub use oxtune_helpers_decoder::rope::apply_rotary;
+use oxtune_plugin_api::abi::DType;
+use oxtune_plugin_api::graph::{constant, has_weight, weight, Tensor};
+use oxtune_plugin_api::nn::Linear;
+use oxtune_plugin_api::{Error, Result};
 
 /// A `Conv3d` whose kernel equals its stride over pre-cut patches
 /// (`{prefix}.weight` `[out, c, t, p, p]`, optional bias): one matrix
@@ -36,20 +37,6 @@ pub fn rotary_tables(angles: &[f32], rows: usize, half: usize) -> Result<(Tensor
     let cos = constant(angles.iter().map(|a| a.cos()).collect(), &[rows, half], DType::F32)?;
     let sin = constant(angles.iter().map(|a| a.sin()).collect(), &[rows, half], DType::F32)?;
     Ok((cos, sin))
-}
-
-/// Rotates `x` (last dim `2·half`, the two halves paired, NeoX style) by
-/// tables broadcastable to `[..., rows, half]`: `x·cos + rotate_half(x)·sin`
-/// with each table repeated over both halves, as transformers writes it.
-pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype()?;
-    let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-    let half = cos.dim(-1)?;
-    let x1 = x.narrow(-1, 0, half)?;
-    let x2 = x.narrow(-1, half, half)?;
-    let out1 = x1.mul(&cos)?.sub(&x2.mul(&sin)?)?;
-    let out2 = x2.mul(&cos)?.add(&x1.mul(&sin)?)?;
-    Tensor::cat(&[out1, out2], -1)
 }
 
 /// Each patch's `(row, column)` in the image grid, for grids `[t, h, w]`,

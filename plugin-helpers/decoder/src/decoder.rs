@@ -9,19 +9,18 @@
 //! Inputs: `input_ids` (`[batch, seq]`, integer) and, for length-dependent
 //! RoPE scaling, `position_ids`. Output: the output head's result (logits
 //! `[batch, seq, vocab]` unless the host asks for less; see
-//! [`crate::abi::Op::OutputHead`]).
+//! [`oxtune_plugin_api::abi::Op::OutputHead`]).
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::gguf::{GgufLayout, GgufTensor, GgufValue};
-use crate::graph::{attention, block, has_weight, output_head, AttentionSpec, Tensor};
-use crate::nn::{Embedding, Linear, RmsNorm};
-use crate::plugin::{Inputs, LinearLayer, LinearRole, Model};
-use crate::rope::Rope;
-use crate::vision::layers::apply_rotary;
-use crate::{Error, Result};
+use oxtune_plugin_api::gguf::{GgufLayout, GgufTensor, GgufValue};
+use oxtune_plugin_api::graph::{attention, block, has_weight, output_head, AttentionSpec, Tensor};
+use oxtune_plugin_api::nn::{Embedding, Linear, RmsNorm};
+use oxtune_plugin_api::{Error, Inputs, LinearLayer, LinearRole, Model, Result};
+
+use crate::rope::{apply_rotary, Rope};
 
 /// The MLP's gate activation.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
