@@ -290,7 +290,13 @@ pub enum Op {
     /// attention mask of the new tokens), for statistics over tokens such
     /// as the router's load balance. Added in 1.2.
     TokenMask {},
+    /// RMSNorm over the last dim with weight `{name}.weight + offset`
+    /// (Gemma's `(1 + w)` is `offset` 1), computed in f32. Added in 1.2.
+    RmsNormOffset { name: RString, x: TensorId, eps: f64, offset: f64 },
 }
+
+/// An [`Op`] as it crosses the boundary.
+pub type OpCall = NonExhaustiveFor<Op>;
 
 /// The comparisons of [`Op::Compare`].
 #[repr(transparent)]
@@ -311,9 +317,6 @@ impl Compare {
     /// `a >= b`
     pub const GE: Compare = Compare(5);
 }
-
-/// An [`Op`] as it crosses the boundary.
-pub type OpCall = NonExhaustiveFor<Op>;
 
 /// The host's side of a computation: a plugin calls these to build its
 /// forward pass. Implemented by the host, called by plugins.

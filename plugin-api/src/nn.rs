@@ -34,17 +34,29 @@ impl Linear {
 pub struct RmsNorm {
     prefix: String,
     eps: f64,
+    weight_offset: f64,
 }
 
 impl RmsNorm {
     /// The norm stored under `prefix` with epsilon `eps`.
     pub fn new(prefix: impl Into<String>, eps: f64) -> RmsNorm {
-        RmsNorm { prefix: prefix.into(), eps }
+        RmsNorm { prefix: prefix.into(), eps, weight_offset: 0.0 }
     }
 
-    /// `x / rms(x) * w`, computed in f32.
+    /// The same norm scaling by `w + offset` instead of `w`: Gemma stores
+    /// its norm weights around 0 and scales by `1 + w` (`offset` 1).
+    pub fn with_weight_offset(mut self, offset: f64) -> RmsNorm {
+        self.weight_offset = offset;
+        self
+    }
+
+    /// `x / rms(x) * (w + offset)`, computed in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        apply_op(Op::RmsNorm { name: RString::from(self.prefix.as_str()), x: x.id(), eps: self.eps })
+        let name = RString::from(self.prefix.as_str());
+        match self.weight_offset {
+            0.0 => apply_op(Op::RmsNorm { name, x: x.id(), eps: self.eps }),
+            offset => apply_op(Op::RmsNormOffset { name, x: x.id(), eps: self.eps, offset }),
+        }
     }
 }
 

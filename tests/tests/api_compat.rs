@@ -161,8 +161,8 @@ fn tuner_methods_added_after_the_prefix_default_for_older_plugins() {
     assert_eq!(query(&load(&older).unwrap()), (false, None));
 }
 
-/// The end of the model vtable's 1.2 method `gguf_layout`, where both
-/// older variants close their comment.
+/// The end of the model vtable's last 1.2 method (`linear_layers`), where
+/// both older variants close their comment.
 const MODEL_VTABLE_END: [Patch; 2] = [
     Patch {
         file: "abi.rs",
@@ -171,13 +171,14 @@ const MODEL_VTABLE_END: [Patch; 2] = [
     },
     Patch {
         file: "plugin.rs",
-        find: "Ok(ROption::RSome(serde_json::to_string(&layout?)?.into())),\n        })\n    }\n",
-        replace: "Ok(ROption::RSome(serde_json::to_string(&layout?)?.into())),\n        })\n    }*/\n",
+        find: "Some(layers) => ROption::RSome(serde_json::to_string(&layers)?.into()),\n            })\n        })\n    }\n",
+        replace: "Some(layers) => ROption::RSome(serde_json::to_string(&layers)?.into()),\n            })\n        })\n    }*/\n",
     },
 ];
 
 /// The 1.0 model vtable: `forward` was its only method; `media_spec` and
-/// `prepare_media` came in 1.1, `gguf_layout` in 1.2, after the prefix.
+/// `prepare_media` came in 1.1, `gguf_layout` and `linear_layers` in 1.2,
+/// after the prefix.
 /// This variant comments them out.
 const MODEL_VTABLE_1_0: [Patch; 4] = [
     Patch {
@@ -194,7 +195,7 @@ const MODEL_VTABLE_1_0: [Patch; 4] = [
     MODEL_VTABLE_END[1],
 ];
 
-/// The 1.1 model vtable: without 1.2's `gguf_layout`.
+/// The 1.1 model vtable: without 1.2's `gguf_layout` and `linear_layers`.
 const MODEL_VTABLE_1_1: [Patch; 4] = [
     Patch {
         file: "abi.rs",

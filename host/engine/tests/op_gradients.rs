@@ -295,6 +295,11 @@ fn named_weight_ops() {
     })
     .weights(vec![("norm.weight", rand(&[6], 48))])
     .check(TOL, H);
+    Case::new("rms_norm_offset", vec![rand(&[2, 3, 6], 47)], |s, i| {
+        op(s, Op::RmsNormOffset { name: "norm".into(), x: i[0], eps: 1e-6, offset: 1.0 })
+    })
+    .weights(vec![("norm.weight", rand(&[6], 48))])
+    .check(TOL, H);
     Case::new("layer_norm", vec![rand(&[2, 3, 6], 49)], |s, i| {
         op(s, Op::LayerNorm { name: "ln".into(), x: i[0], eps: 1e-5 })
     })

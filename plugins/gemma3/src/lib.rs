@@ -14,8 +14,8 @@
 
 use oxtune_helpers_decoder::rope::Rope;
 use oxtune_helpers_decoder::ConfigReader;
-use oxtune_plugin_api::graph::{attention, block, output_head, weight, AttentionSpec, Tensor};
-use oxtune_plugin_api::nn::{Embedding, Linear};
+use oxtune_plugin_api::graph::{attention, block, output_head, AttentionSpec, Tensor};
+use oxtune_plugin_api::nn::{Embedding, Linear, RmsNorm};
 use oxtune_plugin_api::serde_json::{json, Value};
 use oxtune_plugin_api::{declare_plugin, Descriptor, Error, Inputs, Model, ModelArchitecture, Plugin, Result};
 
@@ -121,8 +121,7 @@ impl Gemma3 {
 
     /// Gemma's RMSNorm: `x / rms(x) · (1 + w)`, over the last dim.
     fn norm(&self, name: &str, x: &Tensor) -> Result<Tensor> {
-        let inv_rms = x.sqr()?.mean_keepdim(-1)?.affine(1.0, self.eps)?.powf(-0.5)?;
-        x.mul(&inv_rms)?.mul(&weight(&format!("{name}.weight"))?.affine(1.0, 1.0)?)
+        RmsNorm::new(name, self.eps).with_weight_offset(1.0).forward(x)
     }
 
     fn attention(&self, layer: usize, x: &Tensor) -> Result<Tensor> {

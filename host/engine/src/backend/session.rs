@@ -587,16 +587,8 @@ impl<'a> GraphSession<'a> {
             Op::OutputHead { name, x, softcap } => self.output_head(name, *x, *softcap),
             // Without checkpointing (or nested) a block is the identity.
             Op::BlockBegin { x } | Op::BlockEnd { x } => Ok(self.get(*x)?.clone()),
-            Op::RmsNorm { name, x, eps } => {
-                let w = self.weight(&format!("{name}.weight"))?;
-                let x = self.get(*x)?;
-                let kernel =
-                    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && w.dtype() == x.dtype();
-                match kernel {
-                    true => oxtune_kernels::rms_norm(x, &w, *eps).map_err(candle),
-                    false => ops::rms_norm(x, &w, *eps).map_err(candle),
-                }
-            }
+            Op::RmsNorm { name, x, eps } => self.rms_norm(name, *x, *eps, 0.0),
+            Op::RmsNormOffset { name, x, eps, offset } => self.rms_norm(name, *x, *eps, *offset),
             Op::LayerNorm { name, x, eps } => {
                 let w = self.weight(&format!("{name}.weight"))?;
                 let b = self.ctx.weights.get(&format!("{name}.bias"));
@@ -1014,6 +1006,21 @@ impl<'a> GraphSession<'a> {
         Tensor::cat(&outputs, 0).and_then(|t| t.index_select(&position, 0)).map_err(candle)
     }
 
+    /// RMSNorm of `x` scaled by `{name}.weight + offset`.
+    fn rms_norm(&self, name: &str, x: TensorId, eps: f64, offset: f64) -> Result<Tensor, OpError> {
+        let candle = |source| OpError::Candle { op: "rms_norm", source: source };
+        let mut w = self.weight(&format!("{name}.weight"))?;
+        if offset != 0.0 {
+            w = w.affine(1.0, offset).map_err(candle)?;
+        }
+        let x = self.get(x)?;
+        let kernel = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && w.dtype() == x.dtype();
+        match kernel {
+            true => oxtune_kernels::rms_norm(x, &w, eps).map_err(candle),
+            false => ops::rms_norm(x, &w, eps).map_err(candle),
+        }
+    }
+
     /// `[batch, seq]` f32: 1 at real tokens, 0 at padding.
     fn token_mask(&self) -> Result<Tensor, OpError> {
         let candle = |source| OpError::Candle { op: "token_mask", source: source };
@@ -1218,6 +1225,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Collected { .. } => "collected",
         Op::AuxOutput { .. } => "aux_output",
         Op::TokenMask { .. } => "token_mask",
+        Op::RmsNormOffset { .. } => "rms_norm_offset",
         _ => "unknown op",
     }
 }
