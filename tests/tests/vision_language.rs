@@ -431,3 +431,93 @@ fn packed_and_padding_free_image_rows_train_as_padded_rows() {
         }
     }
 }
+
+/// Videos through each model's own video processor settings
+/// (`vlm/*/video`: 6 frames of 84x56 stated as 2 fps, all kept, made with
+/// transformers 5.24): pixel rows, grids, the expanded ids (Qwen3-VL's
+/// timestamps included), M-RoPE positions and logits.
+///
+/// The one rule oxtune chooses: after a Qwen2.5-VL video the text resumes
+/// one past the video's largest position (Qwen's `get_rope_index`, and
+/// transformers up to 5.2: what the released checkpoints were trained
+/// with); transformers 5.24 resumes at `start + max(h, w) / 2`, below the
+/// video's last time position. Everything up to the end of the video is
+/// the same under both rules and is compared exactly; the text after it
+/// is compared shifted by the difference, and the logits with the
+/// reference's own positions fed in must match everywhere.
+#[test]
+fn video_preprocessing_ids_positions_and_logits_match_transformers() {
+    for (name, package) in MODELS {
+        let model = load(name, package);
+        let dir = model_dir(name).join("video");
+        let reference = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("video_preprocessor_config.json")).unwrap())
+                .unwrap();
+        let frames: Vec<PathBuf> = (0..6).map(|i| dir.join(format!("frames/frame_{i:03}.png"))).collect();
+        let video = MediaRef { kind: MediaKind::Video, sources: frames };
+        let options = json!({"video": config, "fps": 2.0});
+        let assets = TextAssets::load(&model_dir(name)).unwrap();
+        let messages = vec![json!({"role": "user", "content": "<video>What happens?"})];
+        let prompt = encode_prompt_with_media(&model, &assets, &messages, &[video], &options).unwrap();
+        let media = prompt.media.as_ref().unwrap();
+
+        // Qwen3-VL gives each temporal patch its own item: [1, h, w] each.
+        let expected_grid: Vec<usize> = reference["video_grid_thw"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&g| g as usize)
+            .collect();
+        let t: usize = media.items.iter().map(|i| i.grid[0]).sum();
+        assert!(media.items.iter().all(|i| i.grid[1..] == expected_grid[1..]), "{name}: grids");
+        assert_eq!(t, expected_grid[0], "{name}: temporal patches");
+        let rows: Vec<f32> = media.items.iter().flat_map(|i| i.pixels.clone()).collect();
+        let features = media.items[0].features;
+        let pixels = Tensor::from_vec(rows.clone(), (rows.len() / features, features), &Device::Cpu).unwrap();
+        assert_eq!(pixels.dims(), reference["pixel_values_videos"].dims(), "{name}: pixel rows");
+        let diff = max_abs_diff(&pixels, &reference["pixel_values_videos"]);
+        assert!(diff < 1e-5, "{name}: video pixel values differ by {diff}");
+
+        let expected_ids: Vec<u32> =
+            reference["input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&t| t as u32).collect();
+        assert_eq!(prompt.input_ids, expected_ids, "{name}: expanded ids");
+
+        let expected_positions = reference["position_ids"].squeeze(1).unwrap().to_vec2::<i64>().unwrap();
+        let positions: Vec<Vec<i64>> =
+            media.positions.iter().map(|axis| axis.iter().map(|&p| p as i64).collect()).collect();
+        let last_video = prompt.input_ids.iter().rposition(|&t| t == 1001).unwrap();
+        let shift = match name {
+            // One past the video's largest position, vs 5.24's resume point.
+            "tiny-qwen2.5-vl" => {
+                let largest = (0..3).map(|a| positions[a][..=last_video].iter().copied().max().unwrap()).max().unwrap();
+                largest + 1 - expected_positions[0][last_video + 1]
+            }
+            _ => 0,
+        };
+        for axis in 0..3 {
+            assert_eq!(positions[axis][..=last_video], expected_positions[axis][..=last_video], "{name}: axis {axis}");
+            let after: Vec<i64> = expected_positions[axis][last_video + 1..].iter().map(|p| p + shift).collect();
+            assert_eq!(positions[axis][last_video + 1..], after, "{name}: axis {axis} after the video");
+        }
+        if name == "tiny-qwen2.5-vl" {
+            assert_eq!(shift, 6, "the fixture's note: 5.24 resumes at 23, max + 1 is 29");
+        }
+
+        let n = prompt.input_ids.len();
+        let (position_ids, inputs) = batch_inputs(&[(n, Some(media))], n, false, 3, &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(prompt.input_ids.clone(), (1, n), &Device::Cpu).unwrap();
+        let batch = BatchInfo { position_ids, media: inputs.clone(), ..Default::default() };
+        let logits = model.forward(&ids, &batch, None, None).unwrap().to_dtype(DType::F32).unwrap();
+        let upto = last_video + 1;
+        let diff = max_abs_diff(&logits.narrow(1, 0, upto).unwrap(), &reference["logits"].narrow(1, 0, upto).unwrap());
+        assert!(diff < 1e-4, "{name}: logits up to the end of the video differ by {diff}");
+        let theirs = reference["position_ids"].to_dtype(DType::U32).unwrap();
+        let batch = BatchInfo { position_ids: Some(theirs), media: inputs, ..Default::default() };
+        let logits = model.forward(&ids, &batch, None, None).unwrap().to_dtype(DType::F32).unwrap();
+        let diff = max_abs_diff(&logits, &reference["logits"]);
+        assert!(diff < 1e-4, "{name}: logits with transformers' positions differ by {diff}");
+    }
+}

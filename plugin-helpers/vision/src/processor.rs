@@ -32,6 +32,11 @@ pub struct ProcessorConfig {
     pub image_mean: [f64; 3],
     /// Per-channel standard deviation, on the 0–1 scale.
     pub image_std: [f64; 3],
+    /// Videos' per-channel mean: the video processor's own (Qwen3-VL's is
+    /// 0.5), else the image mean.
+    pub video_mean: [f64; 3],
+    /// Videos' per-channel standard deviation, likewise.
+    pub video_std: [f64; 3],
     /// Multiplies the 0–255 pixel values.
     pub rescale_factor: f64,
     /// Whether to resize at all.
@@ -81,7 +86,10 @@ impl ProcessorConfig {
             .map_or(16384 * factor * factor, |n| n as usize);
         let bool_of = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(true);
         // A `video_preprocessor_config.json` (passed under `video`) sets the video budget.
-        let video_size = v.get("video").and_then(|video| video.get("size")).cloned().unwrap_or(Value::Null);
+        let video = v.get("video").cloned().unwrap_or(Value::Null);
+        let video_size = video.get("size").cloned().unwrap_or(Value::Null);
+        let image_mean = triple(v, "image_mean", [0.48145466, 0.4578275, 0.40821073])?;
+        let image_std = triple(v, "image_std", [0.26862954, 0.26130258, 0.27577711])?;
         let cfg = ProcessorConfig {
             patch_size,
             temporal_patch_size: usize_of("temporal_patch_size", temporal_patch_size),
@@ -94,8 +102,10 @@ impl ProcessorConfig {
             video_max_pixels: number(v, "video_max_pixels")
                 .or_else(|| number(&video_size, "longest_edge"))
                 .map_or(max_pixels, |n| n as usize),
-            image_mean: triple(v, "image_mean", [0.48145466, 0.4578275, 0.40821073])?,
-            image_std: triple(v, "image_std", [0.26862954, 0.26130258, 0.27577711])?,
+            image_mean,
+            image_std,
+            video_mean: triple(&video, "image_mean", image_mean)?,
+            video_std: triple(&video, "image_std", image_std)?,
             rescale_factor: number(v, "rescale_factor").unwrap_or(1.0 / 255.0),
             do_resize: bool_of("do_resize"),
             do_rescale: bool_of("do_rescale"),
@@ -120,8 +130,9 @@ impl ProcessorConfig {
         self.patch_size * self.merge_size
     }
 
-    /// Channel-planar normalised values `[3, h, w]` of an RGB image.
-    fn normalize(&self, img: &RgbImage) -> Vec<f32> {
+    /// Channel-planar normalised values `[3, h, w]` of an RGB image, with
+    /// the per-channel `mean` and `std` (0–1 scale).
+    fn normalize(&self, img: &RgbImage, mean_std: ([f64; 3], [f64; 3])) -> Vec<f32> {
         let plane = img.width * img.height;
         let mut out = vec![0f32; 3 * plane];
         for c in 0..3 {
@@ -131,7 +142,7 @@ impl ProcessorConfig {
                 scale = self.rescale_factor;
             }
             if self.do_normalize {
-                (mean, std) = (self.image_mean[c], self.image_std[c]);
+                (mean, std) = (mean_std.0[c], mean_std.1[c]);
             }
             let (mean, std) = ((mean / scale) as f32, (std / scale) as f32);
             for p in 0..plane {
@@ -199,7 +210,7 @@ impl ProcessorConfig {
     pub fn image(&self, path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
         let img = load_rgb(path)?;
         let img = self.resized(&img, self.min_pixels, self.max_pixels)?;
-        let frame = self.normalize(&img);
+        let frame = self.normalize(&img, (self.image_mean, self.image_std));
         Ok(self.patchify(&[frame], img.height, img.width))
     }
 
@@ -234,7 +245,7 @@ impl ProcessorConfig {
                 }
             };
             size = Some((w, h));
-            frames.push(self.normalize(&resize_bicubic(&img, w, h)));
+            frames.push(self.normalize(&resize_bicubic(&img, w, h), (self.video_mean, self.video_std)));
         }
         let (w, h) = size.expect("sample_frames keeps at least one frame");
         let (pixels, grid) = self.patchify(&frames, h, w);

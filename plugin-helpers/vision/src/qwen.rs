@@ -118,12 +118,16 @@ impl QwenMedia {
                 let (pixels, [t, h, w], kept) = cfg.video(&item.sources)?;
                 let rows = pixels.len() / t;
                 let mut groups = Vec::with_capacity(t);
-                let mut text = String::new();
+                // The groups stand inside the template's own vision start
+                // and end, as transformers 5's processor expands them
+                // (`<|vision_start|><0.2 seconds><|vision_start|>…<|vision_end|>…<|vision_end|>`).
+                let mut text = String::from("<|vision_start|>");
                 for (g, seconds) in group_timestamps(&kept, cfg.fps, cfg.temporal_patch_size).iter().enumerate() {
                     text.push_str(&format!("<{seconds:.1} seconds><|vision_start|><|video_pad|><|vision_end|>"));
                     let part = pixels[g * rows..(g + 1) * rows].to_vec();
                     groups.push(input(part, [1, h, w], 1.0, self.video_token));
                 }
+                text.push_str("<|vision_end|>");
                 groups[0].prompt_text = Some(text);
                 Ok(groups)
             }
