@@ -76,7 +76,7 @@ impl FeedForward for SparseMoe {
         }
         let dims = x.dims()?;
         let hidden = *dims.last().ok_or_else(|| Error::new("moe: scalar input"))?;
-        let tokens = x.dims()?.iter().product::<usize>() / hidden.max(1);
+        let tokens = dims.iter().product::<usize>() / hidden.max(1);
         let (n, k, h) = (tokens as i64, self.top_k as i64, hidden as i64);
         let flat = x.reshape(&[n, h])?;
         let logits = collect(ROUTER_LOGITS, &Linear::new(format!("{prefix}.gate")).forward(&flat)?)?;
