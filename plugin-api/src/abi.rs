@@ -284,7 +284,8 @@ pub enum Op {
     /// Reports the scalar `x` as the forward pass's auxiliary output
     /// `name` (`aux_loss`: the router's load-balancing loss, which the
     /// trainer adds to the loss with `--router-aux-loss-coef`); returns
-    /// `x`. Added in 1.2.
+    /// `x`. The host reads them only when it passes the input
+    /// [`WANT_AUX_OUTPUTS`]: compute them only then. Added in 1.2.
     AuxOutput { name: RString, x: TensorId },
     /// `[batch, seq]` f32: 1 at the batch's real tokens, 0 at padding (the
     /// attention mask of the new tokens), for statistics over tokens such
@@ -317,6 +318,12 @@ impl Compare {
     /// `a >= b`
     pub const GE: Compare = Compare(5);
 }
+
+/// The forward input the host passes (a scalar) when it will read the
+/// auxiliary outputs ([`Op::AuxOutput`]), as transformers'
+/// `output_router_logits`: training and evaluation do, generation does
+/// not, so a model computes its router loss only when asked. Added in 1.2.
+pub const WANT_AUX_OUTPUTS: &str = "want_aux_outputs";
 
 /// The host's side of a computation: a plugin calls these to build its
 /// forward pass. Implemented by the host, called by plugins.

@@ -249,6 +249,16 @@ pub mod cli {
         oxtune(&args, &[])
     }
 
+    /// Runs `oxtune sft` on the model folder `model` with `data`, writing
+    /// to `out`, plus the arguments `extra`.
+    pub fn sft(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
+        let utf8 = |p: &Path| p.to_str().expect("a UTF-8 path").to_owned();
+        let (model, data, out) = (utf8(model), utf8(data), utf8(out));
+        let mut args = vec!["sft", "--model", &model, "--dataset", &data, "--output-dir", &out];
+        args.extend(extra);
+        oxtune(&args, &[])
+    }
+
     /// Asserts that `out` failed with a short message (at most two lines)
     /// containing each of `needles`.
     pub fn fails_with(out: &Output, needles: &[&str]) {

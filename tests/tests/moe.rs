@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use oxtune_engine::backend::{read_backs, BatchInfo};
+use oxtune_engine::backend::{read_backs, BatchInfo, ForwardContext, GraphSession, WeightStore};
 use oxtune_engine::error_chain;
 use oxtune_engine::generate::greedy;
 use oxtune_engine::model::checkpoint::Trainable;
 use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::Registry;
-use oxtune_tests::cli::{fails_with, fresh_dir, metrics, oxtune, scratch, succeeded};
+use oxtune_tests::cli::{fails_with, fresh_dir, metrics, scratch, sft as run_sft, succeeded};
 use oxtune_tests::fixtures;
 
 fn model_dir() -> PathBuf {
@@ -73,6 +73,41 @@ fn routing_stays_on_the_device() {
     assert_eq!(read_backs(), before, "the MoE forward pass read tensors back to the host");
 }
 
+#[test]
+fn the_aux_loss_is_computed_only_when_the_host_asks_for_it() {
+    // Generation and serving do not pass `want_aux_outputs`: the router
+    // loss costs them nothing. Training and evaluation pass it.
+    let registry = Registry::with_builtins().unwrap();
+    let config = std::fs::read_to_string(model_dir().join("config.json")).unwrap();
+    let model = registry.load_model("qwen3_moe", &config).unwrap();
+    let mut weights = WeightStore::new();
+    for (name, t) in candle_core::safetensors::load(model_dir().join("model.safetensors"), &Device::Cpu).unwrap() {
+        weights.insert(name, t);
+    }
+    let ids = reference()["input_ids"].to_dtype(DType::U32).unwrap();
+    let positions = Tensor::arange(0u32, ids.dim(1).unwrap() as u32, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .broadcast_as(ids.dims())
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let aux_names = |want: bool| -> Vec<String> {
+        let batch = BatchInfo::default();
+        let mut session =
+            GraphSession::new(ForwardContext { weights: &weights, batch: &batch, cache: None, tuner: None });
+        let mut inputs = vec![("input_ids", ids.clone()), ("position_ids", positions.clone())];
+        if want {
+            inputs.push((oxtune_plugin_api::abi::WANT_AUX_OUTPUTS, Tensor::new(1u8, &Device::Cpu).unwrap()));
+        }
+        session.run_model(&model, &inputs).unwrap();
+        session.aux_outputs().iter().map(|(name, _)| name.to_owned()).collect()
+    };
+    assert_eq!(aux_names(false), Vec::<String>::new());
+    assert_eq!(aux_names(true), ["aux_loss"]);
+}
+
 fn chats() -> PathBuf {
     scratch(
         "moe-chats.jsonl",
@@ -81,24 +116,12 @@ fn chats() -> PathBuf {
     )
 }
 
+/// Trains the MoE fixture on [`chats`] (batch 2, learning rate 1e-2) and
+/// returns its metrics.
 fn sft(out: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
-    let model = model_dir();
-    let data = chats();
-    let mut args = vec![
-        "sft",
-        "--model",
-        model.to_str().unwrap(),
-        "--dataset",
-        data.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--per-device-train-batch-size",
-        "2",
-        "--learning-rate",
-        "1e-2",
-    ];
+    let mut args = vec!["--per-device-train-batch-size", "2", "--learning-rate", "1e-2"];
     args.extend(extra);
-    succeeded(&oxtune(&args, &[]));
+    succeeded(&run_sft(&model_dir(), &chats(), out, &args));
     metrics(out)
 }
 
@@ -159,25 +182,9 @@ fn the_router_aux_loss_trains_with_and_without_gradient_checkpointing() {
 
 #[test]
 fn the_router_aux_loss_on_a_dense_model_is_refused() {
-    let out = fresh_dir("dense-aux");
-    let model = fixtures().join("models/tiny-qwen3");
-    let data = chats();
-    let run = oxtune(
-        &[
-            "sft",
-            "--model",
-            model.to_str().unwrap(),
-            "--dataset",
-            data.to_str().unwrap(),
-            "--output-dir",
-            out.to_str().unwrap(),
-            "--max-steps",
-            "1",
-            "--router-aux-loss-coef",
-            "0.01",
-        ],
-        &[],
-    );
+    let dense = fixtures().join("models/tiny-qwen3");
+    let args = ["--max-steps", "1", "--router-aux-loss-coef", "0.01"];
+    let run = run_sft(&dense, &chats(), &fresh_dir("dense-aux"), &args);
     fails_with(&run, &["--router-aux-loss-coef", "`qwen3`", "not a mixture of experts"]);
 }
 

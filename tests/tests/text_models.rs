@@ -231,7 +231,7 @@ fn bad_checkpoints_name_the_field_tensor_or_architecture() {
 
 #[test]
 fn gemma3_and_phi3_train_with_all_linear_lora_and_full_fine_tuning() {
-    use oxtune_tests::cli::{fresh_dir, metrics, oxtune, scratch, succeeded};
+    use oxtune_tests::cli::{fresh_dir, metrics, scratch, sft, succeeded};
     let data = scratch(
         "new-archs-chats.jsonl",
         "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n\
@@ -246,23 +246,9 @@ fn gemma3_and_phi3_train_with_all_linear_lora_and_full_fine_tuning() {
         let model = model_dir(name);
         for (tuner, extra) in [("lora", ["--target-modules", "all-linear"]), ("full", ["--seed", "1"])] {
             let out = fresh_dir(&format!("{name}-{tuner}"));
-            let mut args = vec![
-                "sft",
-                "--model",
-                model.to_str().unwrap(),
-                "--dataset",
-                data.to_str().unwrap(),
-                "--output-dir",
-                out.to_str().unwrap(),
-                "--tuner",
-                tuner,
-                "--max-steps",
-                "4",
-                "--learning-rate",
-                "1e-2",
-            ];
+            let mut args = vec!["--tuner", tuner, "--max-steps", "4", "--learning-rate", "1e-2"];
             args.extend(extra);
-            succeeded(&oxtune(&args, &[]));
+            succeeded(&sft(&model, &data, &out, &args));
             let losses: Vec<f64> = metrics(&out).iter().map(|m| m["loss"].as_f64().unwrap()).collect();
             assert!(losses[3] < losses[0], "{name} {tuner}: {losses:?}");
             if tuner == "lora" {

@@ -40,6 +40,20 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
+/// An integer tensor's values, flattened.
+fn ints(t: &Tensor) -> Vec<i64> {
+    t.flatten_all().unwrap().to_vec1::<i64>().unwrap()
+}
+
+/// Asserts that pixel rows (`features` values each) equal the processor's
+/// `expected` rows within 1e-5.
+fn assert_pixel_rows(name: &str, rows: Vec<f32>, features: usize, expected: &Tensor) {
+    let pixels = Tensor::from_vec(rows, ((), features), &Device::Cpu).unwrap();
+    assert_eq!(pixels.dims(), expected.dims(), "{name}: pixel rows");
+    let diff = max_abs_diff(&pixels, expected);
+    assert!(diff < 1e-5, "{name}: pixel values differ by {diff}");
+}
+
 fn image(path: &Path) -> MediaRef {
     MediaRef { kind: MediaKind::Image, sources: vec![path.to_owned()] }
 }
@@ -53,28 +67,15 @@ fn preprocessing_positions_and_logits_match_transformers() {
         let prepared = model.prepare_media(&[image(&dir.join("test_image.png"))], &serde_json::json!({})).unwrap();
         assert_eq!(prepared.len(), 1);
         let item = &prepared[0];
-        let expected_grid: Vec<usize> = reference["image_grid_thw"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap()
-            .iter()
-            .map(|&g| g as usize)
-            .collect();
+        let expected_grid: Vec<usize> = ints(&reference["image_grid_thw"]).iter().map(|&g| g as usize).collect();
         assert_eq!(item.grid, expected_grid, "{name}: grid");
-        let pixels =
-            Tensor::from_vec(item.pixels.clone(), (item.pixels.len() / item.features, item.features), &Device::Cpu)
-                .unwrap();
-        assert_eq!(pixels.dims(), reference["pixel_values"].dims(), "{name}: pixel rows");
-        let diff = max_abs_diff(&pixels, &reference["pixel_values"]);
-        assert!(diff < 1e-5, "{name}: pixel values differ by {diff}");
+        assert_pixel_rows(name, item.pixels.clone(), item.features, &reference["pixel_values"]);
 
         // The prompt as the chat template renders it: one placeholder.
         let template_ids = vec![5u32, 6, 1002, 1000, 1003, 7, 8, 9];
         let row = EncodedRow { labels: vec![-100; template_ids.len()], input_ids: template_ids, media: None };
         let row = expand(row, prepared, model.position_axes()).unwrap();
-        let expected_ids: Vec<u32> =
-            reference["input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&t| t as u32).collect();
+        let expected_ids: Vec<u32> = ints(&reference["input_ids"]).iter().map(|&t| t as u32).collect();
         assert_eq!(row.input_ids, expected_ids, "{name}: expanded ids");
         let media = row.media.as_ref().unwrap();
         let expected_positions = reference["position_ids"].squeeze(1).unwrap().to_vec2::<i64>().unwrap();
@@ -463,26 +464,14 @@ fn video_preprocessing_ids_positions_and_logits_match_transformers() {
         let media = prompt.media.as_ref().unwrap();
 
         // Qwen3-VL gives each temporal patch its own item: [1, h, w] each.
-        let expected_grid: Vec<usize> = reference["video_grid_thw"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap()
-            .iter()
-            .map(|&g| g as usize)
-            .collect();
+        let expected_grid: Vec<usize> = ints(&reference["video_grid_thw"]).iter().map(|&g| g as usize).collect();
         let t: usize = media.items.iter().map(|i| i.grid[0]).sum();
         assert!(media.items.iter().all(|i| i.grid[1..] == expected_grid[1..]), "{name}: grids");
         assert_eq!(t, expected_grid[0], "{name}: temporal patches");
         let rows: Vec<f32> = media.items.iter().flat_map(|i| i.pixels.clone()).collect();
-        let features = media.items[0].features;
-        let pixels = Tensor::from_vec(rows.clone(), (rows.len() / features, features), &Device::Cpu).unwrap();
-        assert_eq!(pixels.dims(), reference["pixel_values_videos"].dims(), "{name}: pixel rows");
-        let diff = max_abs_diff(&pixels, &reference["pixel_values_videos"]);
-        assert!(diff < 1e-5, "{name}: video pixel values differ by {diff}");
+        assert_pixel_rows(name, rows, media.items[0].features, &reference["pixel_values_videos"]);
 
-        let expected_ids: Vec<u32> =
-            reference["input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&t| t as u32).collect();
+        let expected_ids: Vec<u32> = ints(&reference["input_ids"]).iter().map(|&t| t as u32).collect();
         assert_eq!(prompt.input_ids, expected_ids, "{name}: expanded ids");
 
         let expected_positions = reference["position_ids"].squeeze(1).unwrap().to_vec2::<i64>().unwrap();

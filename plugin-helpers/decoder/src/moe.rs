@@ -7,7 +7,8 @@
 //!
 //! Each layer keeps its router logits under [`ROUTER_LOGITS`];
 //! [`load_balancing_loss`] turns them into transformers' router
-//! auxiliary loss at the end of the forward pass.
+//! auxiliary loss at the end of the forward pass, when the host asks for
+//! auxiliary outputs ([`oxtune_plugin_api::abi::WANT_AUX_OUTPUTS`]).
 
 use oxtune_plugin_api::abi::{Compare, DType};
 use oxtune_plugin_api::graph::{collect, collected, constant, grouped_linear, token_mask, Tensor};
@@ -88,9 +89,8 @@ impl FeedForward for SparseMoe {
             weights = weights.div(&weights.sum_keepdim(-1)?)?;
         }
         let weights = weights.to_dtype(x.dtype()?)?.reshape(&[n * k, 1])?;
-        // Each token once per chosen expert, then the experts over their rows.
-        let token_of_row: Vec<f32> = (0..tokens).flat_map(|t| std::iter::repeat_n(t as f32, self.top_k)).collect();
-        let rows = flat.index_select(&constant(token_of_row, &[tokens * self.top_k], DType::U32)?, 0)?;
+        // Each token once per chosen expert (row t·k + j), then the experts over their rows.
+        let rows = flat.reshape(&[n, 1, h])?.broadcast_as(&[tokens, self.top_k, hidden])?.reshape(&[n * k, h])?;
         let experts = chosen.reshape(&[n * k])?;
         let gate = grouped_linear(&self.expert_names(prefix, "gate_proj"), &rows, &experts)?;
         let up = grouped_linear(&self.expert_names(prefix, "up_proj"), &rows, &experts)?;

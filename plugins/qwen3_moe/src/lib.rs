@@ -6,6 +6,7 @@
 
 use oxtune_helpers_decoder::moe::{load_balancing_loss, SparseMoe};
 use oxtune_helpers_decoder::{Activation, ConfigReader, Decoder, DecoderConfig};
+use oxtune_plugin_api::abi::WANT_AUX_OUTPUTS;
 use oxtune_plugin_api::graph::aux_output;
 use oxtune_plugin_api::serde_json::Value;
 use oxtune_plugin_api::{
@@ -68,7 +69,7 @@ struct MoeDecoder {
 impl Model for MoeDecoder {
     fn forward(&self, inputs: &Inputs) -> Result<Tensor> {
         let logits = Model::forward(&self.decoder, inputs)?;
-        if self.moe.has_sparse_layers() {
+        if self.moe.has_sparse_layers() && inputs.try_get(WANT_AUX_OUTPUTS).is_some() {
             aux_output("aux_loss", &load_balancing_loss(self.moe.num_experts, self.moe.top_k)?)?;
         }
         Ok(logits)

@@ -235,11 +235,6 @@ impl AuxOutputs {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.0.iter().map(|(n, t)| (n.as_str(), t))
     }
-
-    /// Whether the model reported none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// How many times plugins read a tensor's values back to the host
@@ -333,6 +328,11 @@ impl<'a> GraphSession<'a> {
     /// The auxiliary outputs the forward pass reported.
     pub fn aux_outputs(&self) -> &AuxOutputs {
         &self.aux
+    }
+
+    /// Takes the auxiliary outputs out of the session (at its end).
+    pub fn take_aux_outputs(&mut self) -> AuxOutputs {
+        std::mem::take(&mut self.aux)
     }
 
     /// Adds tensors a block collected (see [`Op::Collect`]).

@@ -467,13 +467,13 @@ impl LoadedModel {
         cache: Option<&mut KvCache>,
         tuner: Option<&TunerBinding>,
     ) -> Result<Tensor, ModelError> {
-        Ok(self.run(input_ids, batch, cache, tuner.or(self.adapter.as_deref()), Head::Logits)?.out)
+        Ok(self.run(input_ids, batch, cache, tuner.or(self.adapter.as_deref()), Head::Logits, false)?.out)
     }
 
     /// [`forward`](Self::forward) with the attached adapter, and the
     /// model's auxiliary outputs (a mixture of experts' `aux_loss`).
     pub fn forward_with_aux(&self, input_ids: &Tensor, batch: &BatchInfo) -> Result<(Tensor, AuxOutputs), ModelError> {
-        let run = self.run(input_ids, batch, None, self.adapter.as_deref(), Head::Logits)?;
+        let run = self.run(input_ids, batch, None, self.adapter.as_deref(), Head::Logits, true)?;
         Ok((run.out, run.aux))
     }
 
@@ -481,7 +481,7 @@ impl LoadedModel {
     /// the reference model of preference training, with no second copy of
     /// the weights.
     pub fn forward_without_adapter(&self, input_ids: &Tensor, batch: &BatchInfo) -> Result<Tensor, ModelError> {
-        Ok(self.run(input_ids, batch, None, None, Head::Logits)?.out)
+        Ok(self.run(input_ids, batch, None, None, Head::Logits, false)?.out)
     }
 
     /// Logits `[batch, 1, vocab]` of the last position only, as
@@ -495,7 +495,7 @@ impl LoadedModel {
         tuner: Option<&TunerBinding>,
     ) -> Result<Tensor, ModelError> {
         let RunOutput { out: logits, ran_head, .. } =
-            self.run(input_ids, batch, cache, tuner.or(self.adapter.as_deref()), Head::LastLogits)?;
+            self.run(input_ids, batch, cache, tuner.or(self.adapter.as_deref()), Head::LastLogits, false)?;
         if ran_head {
             return Ok(logits);
         }
@@ -519,7 +519,7 @@ impl LoadedModel {
     ) -> Result<Tensor, ModelError> {
         let head = if last_only { Head::LastLogits } else { Head::Logits };
         let RunOutput { out: logits, ran_head, .. } =
-            self.run_with(input_ids, batch, cache, None, Some(adapters), head)?;
+            self.run_with(input_ids, batch, cache, None, Some(adapters), head, false)?;
         if ran_head || !last_only {
             return Ok(logits);
         }
@@ -561,7 +561,8 @@ impl LoadedModel {
         labels: &Tensor,
         tuner: Option<&TunerBinding>,
     ) -> Result<LabelLogps, ModelError> {
-        let RunOutput { out, ran_head, aux } = self.run(input_ids, batch, None, tuner, Head::LabelLogProbs(labels))?;
+        let RunOutput { out, ran_head, aux } =
+            self.run(input_ids, batch, None, tuner, Head::LabelLogProbs(labels), true)?;
         let (logps, mask) = match ran_head {
             true => (out, crate::loss::next_token_mask(labels).map_err(|e| self.head_error(e))?),
             // A plugin without the output-head op returned every position's logits.
@@ -600,8 +601,10 @@ impl LoadedModel {
         }
     }
 
-    /// Runs the plugin's forward pass; the output and whether it went
-    /// through the output-head op (else it is every position's logits).
+    /// Runs the plugin's forward pass (asking for its auxiliary outputs
+    /// when `want_aux`); the output, whether it went through the
+    /// output-head op (else it is every position's logits), and the
+    /// auxiliary outputs.
     fn run(
         &self,
         input_ids: &Tensor,
@@ -609,11 +612,13 @@ impl LoadedModel {
         cache: Option<&mut KvCache>,
         tuner: Option<&TunerBinding>,
         head: Head<'_>,
+        want_aux: bool,
     ) -> Result<RunOutput, ModelError> {
-        self.run_with(input_ids, batch, cache, tuner, None, head)
+        self.run_with(input_ids, batch, cache, tuner, None, head, want_aux)
     }
 
     /// [`run`](Self::run) with, optionally, adapters chosen per row.
+    #[allow(clippy::too_many_arguments)]
     fn run_with(
         &self,
         input_ids: &Tensor,
@@ -622,6 +627,7 @@ impl LoadedModel {
         tuner: Option<&TunerBinding>,
         row_adapters: Option<&RowAdapters<'_>>,
         head: Head<'_>,
+        want_aux: bool,
     ) -> Result<RunOutput, ModelError> {
         let forward_error = |source| ModelError::Forward { model: self.dir.clone(), source: source };
         let candle_error = |source| forward_error(OpError::Candle { op: "positions", source: source });
@@ -653,7 +659,11 @@ impl LoadedModel {
             .with_aux_gradients(self.aux_gradients);
         let mut inputs: Vec<(&str, Tensor)> = vec![("input_ids", ids), ("position_ids", positions)];
         inputs.extend(batch.media.iter().map(|(name, t)| (name.as_str(), t.clone())));
+        if want_aux {
+            let flag = Tensor::ones((), DType::U8, &self.device).map_err(candle_error)?;
+            inputs.push((oxtune_plugin_api::abi::WANT_AUX_OUTPUTS, flag));
+        }
         let out = session.run_model(&self.instance, &inputs).map_err(forward_error)?;
-        Ok(RunOutput { out, ran_head: session.ran_output_head(), aux: session.aux_outputs().clone() })
+        Ok(RunOutput { out, ran_head: session.ran_output_head(), aux: session.take_aux_outputs() })
     }
 }
