@@ -281,9 +281,10 @@ pub enum Op {
     /// Everything [`Op::Collect`] kept under `key`, in order, concatenated
     /// along dim 0; an error when nothing was. Added in 1.2.
     Collected { key: RString },
-    /// Reports the scalar `x` as the forward pass's auxiliary output
-    /// `name` (`aux_loss`: the router's load-balancing loss, which the
-    /// trainer adds to the loss with `--router-aux-loss-coef`); returns
+    /// Reports `x` as the forward pass's auxiliary output `name` (the
+    /// scalar `aux_loss`: the router's load-balancing loss, which the
+    /// trainer adds to the loss with `--router-aux-loss-coef`; or any
+    /// tensor a tool reads, such as a VL model's image features); returns
     /// `x`. The host reads them only when it passes the input
     /// [`WANT_AUX_OUTPUTS`]: compute them only then. Added in 1.2.
     AuxOutput { name: RString, x: TensorId },

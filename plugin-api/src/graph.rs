@@ -363,8 +363,9 @@ pub fn collected(key: &str) -> Result<Tensor> {
     apply(Op::Collected { key: RString::from(key) })
 }
 
-/// Reports the scalar `x` as the auxiliary output `name` of the forward
-/// pass (`aux_loss`, see [`Op::AuxOutput`]); returns `x`.
+/// Reports `x` as the auxiliary output `name` of the forward pass (the
+/// scalar `aux_loss`, or features a tool reads; see [`Op::AuxOutput`]);
+/// returns `x`.
 pub fn aux_output(name: &str, x: &Tensor) -> Result<Tensor> {
     apply(Op::AuxOutput { name: RString::from(name), x: x.0 })
 }

@@ -1,4 +1,4 @@
-//! The Qwen2.5-VL and Qwen3-VL plugins against transformers, loaded the
+//! The Qwen2.5-VL, Qwen3-VL and InternVL plugins against transformers, loaded the
 //! way users load them: built as cdylibs and opened at run time. For each
 //! tiny reference checkpoint (`tests/fixtures/vlm`, transformers 5.24):
 //! the processor's pixel rows and grid for `test_image.png`, the M-RoPE
@@ -14,25 +14,39 @@ use oxtune_data::media::{encode_chat_with_media, encode_prompt_with_media, expan
 use oxtune_data::text::{EncodedRow, TextAssets};
 use oxtune_engine::backend::BatchInfo;
 use oxtune_engine::generate::{generate_with_media, SamplingParams};
+use oxtune_engine::loss::causal_lm_loss;
 use oxtune_engine::media::{batch_inputs, MediaKind, MediaRef};
+use oxtune_engine::model::checkpoint::Trainable;
 use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::{Registry, SandboxConfig};
 use oxtune_tests::cli::{fails_with, fresh_dir, metrics, oxtune, scratch, succeeded};
 use oxtune_tests::{build_cdylib, fixtures, oxtune_bin};
 use serde_json::json;
 
-/// (fixture folder, plugin package)
+/// (fixture folder, plugin package) of the Qwen VL family.
 const MODELS: [(&str, &str); 2] =
     [("tiny-qwen2.5-vl", "oxtune-plugin-qwen2-5-vl"), ("tiny-qwen3-vl", "oxtune-plugin-qwen3-vl")];
+
+/// InternVL (dynamic tiles, 1-D positions).
+const INTERNVL: (&str, &str) = ("tiny-internvl", "oxtune-plugin-internvl");
+
+/// Every VL plugin, for what they all must do alike.
+fn all_models() -> impl Iterator<Item = (&'static str, &'static str)> {
+    MODELS.into_iter().chain([INTERNVL])
+}
 
 fn model_dir(name: &str) -> PathBuf {
     fixtures().join("vlm").join(name)
 }
 
 fn load(name: &str, package: &str) -> LoadedModel {
+    load_with(name, package, LoadOptions::default())
+}
+
+fn load_with(name: &str, package: &str, options: LoadOptions) -> LoadedModel {
     let mut registry = Registry::with_builtins().unwrap();
     registry.load_path(&build_cdylib(package, &["cdylib"]), &SandboxConfig::default()).unwrap();
-    LoadedModel::load(&registry, &model_dir(name), &LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"))
+    LoadedModel::load(&registry, &model_dir(name), &options).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -92,6 +106,62 @@ fn preprocessing_positions_and_logits_match_transformers() {
         eprintln!("{name}: logits max diff {diff}");
         assert!(diff < 1e-4, "{name}: logits differ by {diff}");
     }
+}
+
+/// InternVL against transformers (`vlm/tiny-internvl`): the 4 tiles and
+/// thumbnail of `test_image.png`, the `<img>` `<IMG_CONTEXT>`×20 `</img>`
+/// expansion with plain positions, the projected image features, the
+/// logits, the loss and the reference's gradients (vision tower,
+/// projector and language model).
+#[test]
+fn internvl_tiles_features_logits_and_gradients_match_transformers() {
+    let (name, package) = INTERNVL;
+    let options = LoadOptions { trainable: Trainable::All, ..Default::default() };
+    let model = load_with(name, package, options);
+    let dir = model_dir(name);
+    let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let prepared = model.prepare_media(&[image(&dir.join("test_image.png"))], &json!({})).unwrap();
+    assert_eq!(prepared.len(), 1);
+    assert_eq!(prepared[0].grid, vec![5, 4, 4], "4 tiles and a thumbnail of 4x4 patches");
+    let tiles = r["pixel_values"].flatten_from(1).unwrap();
+    assert_pixel_rows(name, prepared[0].pixels.clone(), prepared[0].features, &tiles);
+
+    // The prompt as the processor sees it: one <img><IMG_CONTEXT></img>.
+    let template_ids = vec![5u32, 6, 1004, 1006, 1005, 7, 8, 9];
+    let row = EncodedRow { labels: vec![-100; template_ids.len()], input_ids: template_ids, media: None };
+    let row = expand(row, prepared, model.position_axes()).unwrap();
+    let expected_ids: Vec<u32> = ints(&r["input_ids"]).iter().map(|&t| t as u32).collect();
+    assert_eq!(row.input_ids, expected_ids, "expanded ids");
+    let media = row.media.as_ref().unwrap();
+    assert_eq!(media.positions, vec![(0..27).collect::<Vec<u32>>()], "text and image tokens count up by one");
+
+    let n = row.input_ids.len();
+    let (position_ids, inputs) = batch_inputs(&[(n, Some(media))], n, false, 1, &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(row.input_ids.clone(), (1, n), &Device::Cpu).unwrap();
+    let batch = BatchInfo { position_ids, media: inputs, ..Default::default() };
+    let (logits, aux) = model.forward_with_aux(&ids, &batch).unwrap();
+    let features = aux.get("image_features").expect("the plugin reports its image features");
+    let diff = max_abs_diff(features, &r["image_features"]);
+    assert!(diff < 1e-4, "image features differ by {diff}");
+    let logits_diff = max_abs_diff(&logits, &r["logits"]);
+    eprintln!("internvl: image features max diff {diff}, logits max diff {logits_diff}");
+    assert!(logits_diff < 1e-4, "logits differ by {logits_diff}");
+
+    let loss = causal_lm_loss(&logits, &r["labels"]).unwrap();
+    let (got, want) = (loss.to_scalar::<f32>().unwrap(), r["loss"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]);
+    assert!((got - want).abs() < 1e-5, "loss {got} vs transformers {want}");
+    let grads = loss.backward().unwrap();
+    let mut checked = 0;
+    for (key, want) in r.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let param = &key["grad.".len()..];
+        let var = model.weights().var(param).unwrap_or_else(|| panic!("{param} is not a trainable weight"));
+        let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {param}"));
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
+        let diff = max_abs_diff(got, want);
+        assert!(diff <= 1e-4 * scale, "gradient of {param} differs by {diff} (scale {scale})");
+        checked += 1;
+    }
+    assert_eq!(checked, 9, "the reference's nine gradients");
 }
 
 fn plugin(package: &str) -> String {
@@ -167,7 +237,7 @@ fn a_binary_built_without_the_plugins_answers_about_an_image() {
     // The host binary first, the plugin cdylibs afterwards: nothing of
     // them is linked in.
     oxtune_bin();
-    for (name, package) in MODELS {
+    for (name, package) in all_models() {
         let dir = model_dir(name).display().to_string();
         let without = oxtune(&["infer", "--model", &dir, "--prompt", "Hi"], &[]);
         fails_with(&without, &["no", "Conditional"]);
@@ -237,7 +307,7 @@ fn sft(name: &str, package: &str, out: &Path, extra: &[&str]) -> std::process::O
 
 #[test]
 fn lora_sft_on_image_rows_lowers_the_loss() {
-    for (name, package) in MODELS {
+    for (name, package) in all_models() {
         let out = fresh_dir(&format!("vl-lora-{name}"));
         let flags = ["--per-device-train-batch-size", "3", "--max-steps", "16", "--learning-rate", "1e-2"];
         succeeded(&sft(name, package, &out, &flags));
@@ -248,7 +318,8 @@ fn lora_sft_on_image_rows_lowers_the_loss() {
         let adapter = out.join("checkpoint-16").join("adapter_model.safetensors");
         let names: Vec<String> = candle_core::safetensors::load(&adapter, &Device::Cpu).unwrap().into_keys().collect();
         assert!(names.iter().any(|n| n.contains("layers.0.self_attn.q_proj.lora_A")), "{names:?}");
-        assert!(!names.iter().any(|n| n.contains("visual")), "{name}: the vision tower was adapted: {names:?}");
+        let vision = |n: &String| n.contains("visual") || n.contains("vision_tower") || n.contains("projector");
+        assert!(!names.iter().any(vision), "{name}: the vision tower was adapted: {names:?}");
     }
     // Asked to, LoRA reaches the vision tower too.
     let (name, package) = MODELS[0];
@@ -411,7 +482,7 @@ fn packed_and_padding_free_image_rows_train_as_padded_rows() {
     // packed into one bin must train the same thing — which needs each
     // sample's M-RoPE positions restarted, its images in order, and
     // attention kept within it.
-    for (name, package) in MODELS {
+    for (name, package) in all_models() {
         let run = |tag: &str, extra: &[&str]| {
             let out = fresh_dir(&format!("vl-pack-{name}-{tag}"));
             let mut args = vec!["--max-steps", "3", "--per-device-train-batch-size", "3"];

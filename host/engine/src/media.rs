@@ -162,8 +162,8 @@ pub fn text_positions(len: usize, axes: usize) -> Vec<Vec<u32>> {
     vec![(0..len as u32).collect(); axes]
 }
 
-/// The `position_ids` (`[axes, batch, width]`, or `None` when the model has
-/// one axis and no row has media) and the media inputs of a batch of rows
+/// The `position_ids` (`[axes, batch, width]`; `[batch, width]` for a
+/// one-axis model, and `None` when it has one axis and no row has media) and the media inputs of a batch of rows
 /// padded to `width` (on the left when `left_pad`). Pixel rows of the same
 /// input are concatenated in row order; grids are stacked.
 pub fn batch_inputs(
@@ -188,7 +188,10 @@ pub fn batch_inputs(
             positions[start..start + p.len()].copy_from_slice(p);
         }
     }
-    let positions = Tensor::from_vec(positions, (axes, rows.len(), width), device)?;
+    let positions = match axes {
+        1 => Tensor::from_vec(positions, (rows.len(), width), device)?,
+        _ => Tensor::from_vec(positions, (axes, rows.len(), width), device)?,
+    };
     let mut pixels: BTreeMap<String, (Vec<f32>, usize)> = BTreeMap::new();
     let mut grids: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for item in rows.iter().filter_map(|(_, m)| *m).flat_map(|m| &m.items) {

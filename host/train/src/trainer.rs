@@ -249,14 +249,30 @@ fn with_router_aux_loss(
     if coef == 0.0 {
         return Ok(loss);
     }
-    let Some(aux_loss) = aux.get(ROUTER_AUX_LOSS) else {
+    let Some(aux_loss) = router_aux_loss(aux, model)? else {
         return Err(TrainError::Setup(format!(
             "--router-aux-loss-coef {coef}: the `{}` model reports no router aux loss (it is not a mixture of experts)",
             model.architecture()
         )));
     };
-    (aux_loss.to_dtype(loss.dtype()).and_then(|a| a * coef).and_then(|a| loss + a))
+    (aux_loss.reshape(()).and_then(|a| a.to_dtype(loss.dtype())).and_then(|a| a * coef).and_then(|a| loss + a))
         .map_err(|cause| TrainError::Compute { step, source: cause })
+}
+
+/// The model's router aux loss, if it reported one; an error naming the
+/// architecture when it is not a scalar.
+fn router_aux_loss<'a>(
+    aux: &'a oxtune_engine::backend::AuxOutputs,
+    model: &LoadedModel,
+) -> Result<Option<&'a candle_core::Tensor>, TrainError> {
+    match aux.get(ROUTER_AUX_LOSS) {
+        Some(t) if t.elem_count() != 1 => Err(TrainError::Setup(format!(
+            "the `{}` model reports `{ROUTER_AUX_LOSS}` of shape {:?}; a router aux loss is a scalar",
+            model.architecture(),
+            t.dims()
+        ))),
+        found => Ok(found),
+    }
 }
 
 /// Mean loss of `objective` over `items`, in batches of `batch_size`,
@@ -456,9 +472,9 @@ pub fn train_with<O: Objective>(
                 *extra.entry(key).or_insert(0.0) += value * share;
             }
             let loss = with_router_aux_loss(out.loss, &out.aux, config.router_aux_loss_coef, model, step)?;
-            if let Some(aux) = out.aux.get(ROUTER_AUX_LOSS) {
-                *extra.entry(ROUTER_AUX_LOSS.into()).or_insert(0.0) +=
-                    aux.to_scalar::<f32>().map_err(compute)? as f64 * share;
+            if let Some(aux) = router_aux_loss(&out.aux, model)? {
+                let value = aux.flatten_all().and_then(|a| a.to_vec1::<f32>()).map_err(compute)?[0];
+                *extra.entry(ROUTER_AUX_LOSS.into()).or_insert(0.0) += value as f64 * share;
             }
             let value = loss.to_scalar::<f32>().map_err(compute)?;
             if !value.is_finite() {

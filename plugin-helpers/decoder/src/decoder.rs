@@ -400,6 +400,13 @@ impl Decoder {
         Ok(self.cfg.rope.inv_freq(max_position))
     }
 
+    /// The host's rotary embedding for a forward pass over `ids`: the
+    /// inverse frequencies, for the length the pass reaches when the rope
+    /// type depends on it. The host turns them at `position_ids`.
+    pub fn rotary(&self, inputs: &Inputs, ids: &Tensor) -> Result<Rotary> {
+        Ok(Rotary::Host(self.inv_freq(inputs, ids)?))
+    }
+
     /// The token embeddings `[batch, seq, hidden]` of `ids`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         Embedding::new(format!("{}.embed_tokens", self.cfg.prefix)).forward(ids)
@@ -436,8 +443,7 @@ impl Decoder {
 impl Model for Decoder {
     fn forward(&self, inputs: &Inputs) -> Result<Tensor> {
         let ids = inputs.get("input_ids")?;
-        let rotary = Rotary::Host(self.inv_freq(inputs, &ids)?);
-        self.forward_embeddings(self.embed(&ids)?, &rotary, |_, x| Ok(x))
+        self.forward_embeddings(self.embed(&ids)?, &self.rotary(inputs, &ids)?, |_, x| Ok(x))
     }
 
     fn gguf_layout(&self) -> Option<Result<GgufLayout>> {

@@ -235,6 +235,24 @@ pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
     RgbImage { width, height, data }
 }
 
+/// Channel-planar values `[3, h, w]` of an RGB image: multiplied by
+/// `rescale` (when given), then `(x - mean) / std` per channel (when
+/// given, on the rescaled scale). As transformers does, the rescale is
+/// folded into the mean and std: `(x - mean/r) / (std/r)`.
+pub fn normalized_planes(img: &RgbImage, rescale: Option<f64>, mean_std: Option<([f64; 3], [f64; 3])>) -> Vec<f32> {
+    let plane = img.width * img.height;
+    let mut out = vec![0f32; 3 * plane];
+    let scale = rescale.unwrap_or(1.0);
+    for c in 0..3 {
+        let (mean, std) = mean_std.map_or((0.0, 1.0), |(m, s)| (m[c], s[c]));
+        let (mean, std) = ((mean / scale) as f32, (std / scale) as f32);
+        for p in 0..plane {
+            out[c * plane + p] = (img.data[p * 3 + c] as f32 - mean) / std;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

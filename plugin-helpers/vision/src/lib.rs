@@ -1,5 +1,6 @@
 //! Helpers for vision-language model plugins: image and video
-//! preprocessing ([`image`], [`processor`], Qwen-VL's in [`qwen`]) and the
+//! preprocessing ([`image`], [`processor`], Qwen-VL's in [`qwen`], dynamic
+//! tiling in [`tiles`]) and the
 //! tensor pieces vision towers share ([`layers`]: patch embedding, 2-D
 //! rotary tables, segment attention, scattering vision rows into
 //! placeholder tokens, multi-axis RoPE).
@@ -13,3 +14,4 @@ pub mod image;
 pub mod layers;
 pub mod processor;
 pub mod qwen;
+pub mod tiles;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::image::{load_rgb, resize_bicubic, smart_resize, smart_resize_frames, RgbImage};
+use crate::image::{load_rgb, normalized_planes, resize_bicubic, smart_resize, smart_resize_frames, RgbImage};
 use oxtune_plugin_api::{Error, Result};
 
 /// The processor settings of `preprocessor_config.json`, with a run's
@@ -58,7 +58,7 @@ fn number(v: &Value, key: &str) -> Option<f64> {
     v.get(key).and_then(Value::as_f64)
 }
 
-fn triple(v: &Value, key: &str, default: [f64; 3]) -> Result<[f64; 3]> {
+pub(crate) fn triple(v: &Value, key: &str, default: [f64; 3]) -> Result<[f64; 3]> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Array(a)) if a.len() == 3 && a.iter().all(Value::is_number) => {
@@ -133,23 +133,7 @@ impl ProcessorConfig {
     /// Channel-planar normalised values `[3, h, w]` of an RGB image, with
     /// the per-channel `mean` and `std` (0–1 scale).
     fn normalize(&self, img: &RgbImage, mean_std: ([f64; 3], [f64; 3])) -> Vec<f32> {
-        let plane = img.width * img.height;
-        let mut out = vec![0f32; 3 * plane];
-        for c in 0..3 {
-            // transformers folds the rescale into mean and std (x - m/r) / (s/r).
-            let (mut mean, mut std, mut scale) = (0.0, 1.0, 1.0);
-            if self.do_rescale {
-                scale = self.rescale_factor;
-            }
-            if self.do_normalize {
-                (mean, std) = (mean_std.0[c], mean_std.1[c]);
-            }
-            let (mean, std) = ((mean / scale) as f32, (std / scale) as f32);
-            for p in 0..plane {
-                out[c * plane + p] = (img.data[p * 3 + c] as f32 - mean) / std;
-            }
-        }
-        out
+        normalized_planes(img, self.do_rescale.then_some(self.rescale_factor), self.do_normalize.then_some(mean_std))
     }
 
     /// Pixel rows `[t·h·w, 3·tp·p·p]` and grid `[t, h, w]` of equally sized

@@ -221,7 +221,8 @@ pub struct GraphSession<'a> {
 }
 
 /// The named auxiliary outputs of a forward pass ([`Op::AuxOutput`]:
-/// a mixture of experts' `aux_loss`), in the order the plugin reported them.
+/// a mixture of experts' scalar `aux_loss`, a VL model's image features),
+/// in the order the plugin reported them.
 #[derive(Clone, Debug, Default)]
 pub struct AuxOutputs(Vec<(String, Tensor)>);
 
@@ -633,7 +634,13 @@ impl<'a> GraphSession<'a> {
             }
             Op::Matmul { a, b } => {
                 let (a, b) = (self.get(*a)?.contiguous().map_err(candle)?, self.get(*b)?);
-                a.broadcast_matmul(b).map_err(candle)
+                // candle's kernels take a batched right operand contiguous or
+                // with its last two dims transposed (`k.transpose(-1, -2)`
+                // of a contiguous `k`); anything else (the transpose of a
+                // head-split view) is copied first.
+                let plain = b.rank() <= 2 || b.is_contiguous() || b.t().map_err(candle)?.is_contiguous();
+                let b = if plain { b.clone() } else { b.contiguous().map_err(candle)? };
+                a.broadcast_matmul(&b).map_err(candle)
             }
             Op::Reshape { x, shape } => {
                 let t = self.get(*x)?;
@@ -776,14 +783,8 @@ impl<'a> GraphSession<'a> {
             },
             Op::AuxOutput { name: output, x } => {
                 let t = self.get(*x)?.clone();
-                if t.elem_count() != 1 {
-                    return Err(OpError::Invalid {
-                        op: name,
-                        message: format!("auxiliary output `{output}` must be a scalar, not {:?}", t.dims()),
-                    });
-                }
                 self.aux.0.retain(|(n, _)| n != output.as_str());
-                self.aux.0.push((output.to_string(), t.reshape(()).map_err(candle)?));
+                self.aux.0.push((output.to_string(), t.clone()));
                 Ok(t)
             }
             Op::TokenMask {} => self.token_mask(),
