@@ -3,7 +3,7 @@
 //! load-balancing loss as transformers computes it, routing without any
 //! read-back to the host, `all-linear` adapting the experts but never the
 //! router, and `--router-aux-loss-coef` training on `loss + coef · aux_loss`
-//! with or without gradient checkpointing. Logits, greedy decoding, the
+//! (SFT with or without gradient checkpointing, DPO and KTO). Logits, greedy decoding, the
 //! loss and every gradient are checked with the other architectures in
 //! `text_models.rs`.
 
@@ -17,7 +17,7 @@ use oxtune_engine::generate::greedy;
 use oxtune_engine::model::checkpoint::Trainable;
 use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::Registry;
-use oxtune_tests::cli::{fails_with, fresh_dir, metrics, scratch, sft as run_sft, succeeded};
+use oxtune_tests::cli::{fails_with, fresh_dir, metrics, oxtune, scratch, sft as run_sft, succeeded};
 use oxtune_tests::fixtures;
 
 fn model_dir() -> PathBuf {
@@ -178,6 +178,43 @@ fn the_router_aux_loss_trains_with_and_without_gradient_checkpointing() {
     let (ckpt_loss, ckpt_norm, _) = step("1", "true");
     assert!((ckpt_loss - with_aux).abs() < 1e-6, "{ckpt_loss} vs {with_aux}");
     assert!((ckpt_norm - norm).abs() < 1e-5 * norm, "grad norm {ckpt_norm} with checkpointing vs {norm}");
+}
+
+#[test]
+fn preference_methods_add_the_policy_s_router_aux_loss() {
+    // TRL adds `aux_loss_coef · aux_loss` of the policy's forward pass to
+    // the DPO and KTO losses; the reference's router loss plays no part.
+    for (algo, data) in [("dpo", "pairs.jsonl"), ("kto", "kto.jsonl")] {
+        let step = |coef: &str| {
+            let out = fresh_dir(&format!("moe-{algo}-aux-{coef}"));
+            let (model, data) = (model_dir(), fixtures().join("trl").join(data));
+            let args = [
+                "rlhf",
+                "--algo",
+                algo,
+                "--model",
+                model.to_str().unwrap(),
+                "--dataset",
+                data.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--max-steps",
+                "1",
+                "--per-device-train-batch-size",
+                "2",
+                "--router-aux-loss-coef",
+                coef,
+            ];
+            succeeded(&oxtune(&args, &[]));
+            let m = metrics(&out).remove(0);
+            (m["loss"].as_f64().unwrap(), m.get("aux_loss").and_then(|a| a.as_f64()))
+        };
+        let (plain, logged) = step("0");
+        let logged = logged.unwrap_or_else(|| panic!("{algo}: aux_loss is logged"));
+        assert!(logged > 0.0, "{algo}: aux_loss {logged}");
+        let (with_aux, _) = step("0.5");
+        assert!((with_aux - (plain + 0.5 * logged)).abs() < 1e-5, "{algo}: {with_aux} vs {plain} + 0.5 * {logged}");
+    }
 }
 
 #[test]

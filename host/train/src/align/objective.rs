@@ -13,7 +13,7 @@ use crate::{Objective, ObjectiveLoss, TrainError};
 use oxtune_data::packing::PackedRow;
 use oxtune_data::preference::{join, split_prompt, LabelledCompletion, PreferencePair};
 use oxtune_data::text::EncodedRow;
-use oxtune_engine::backend::BatchInfo;
+use oxtune_engine::backend::{AuxOutputs, BatchInfo};
 use oxtune_engine::loss::IGNORE_INDEX;
 use oxtune_engine::model::LoadedModel;
 
@@ -26,7 +26,9 @@ pub enum Reference<'a> {
 }
 
 /// Summed log-probabilities `[n]` and token counts `[n]` of `rows`'
-/// completions: from a right-padded batch, or, given `groups` (row
+/// completions, and the forward pass's auxiliary outputs (a mixture of
+/// experts' router loss, which the trainer adds for the policy as TRL
+/// does with `output_router_logits`): from a right-padded batch, or, given `groups` (row
 /// indices), from one row per group with its rows laid end to end,
 /// positions restarting and attention kept within each (TRL's
 /// `padding_free`, and packing).
@@ -37,7 +39,7 @@ fn logps(
     groups: Option<&[Vec<usize>]>,
     dropout_seed: Option<u64>,
     step: usize,
-) -> Result<(Tensor, Tensor), TrainError> {
+) -> Result<(Tensor, Tensor, AuxOutputs), TrainError> {
     let compute = |cause| TrainError::Compute { step, source: cause };
     let (ids, labels, info, owners) = match groups {
         Some(groups) => {
@@ -70,15 +72,15 @@ fn logps(
         Some(Reference::Model(frozen)) => frozen.label_logps(&ids, &info, &labels),
     }
     .map_err(Box::new)?;
-    let (picked, label_mask) = (out.logps, out.mask);
+    let (picked, label_mask, aux) = (out.logps, out.mask, out.aux);
     let (sum, count) = match &owners {
         Some(owners) => segment_logps(&picked, &label_mask, owners, rows.len()),
         None => completion_logps(&picked, &label_mask),
     }
     .map_err(compute)?;
     match reference {
-        None => Ok((sum, count)),
-        Some(_) => Ok((sum.detach(), count)),
+        None => Ok((sum, count, aux)),
+        Some(_) => Ok((sum.detach(), count, AuxOutputs::default())),
     }
 }
 
@@ -112,7 +114,7 @@ impl PairObjective<'_> {
         let row_groups: Option<Vec<Vec<usize>>> =
             groups.map(|groups| groups.iter().map(|g| g.iter().flat_map(|&i| [i, n + i]).collect()).collect());
         let row_groups = row_groups.as_deref();
-        let (sum, count) = logps(model, None, &rows, row_groups, dropout_seed, step)?;
+        let (sum, count, aux) = logps(model, None, &rows, row_groups, dropout_seed, step)?;
         // NLL of the chosen tokens, over all of them (TRL's `nll_loss`).
         let chosen_nll = (sum.narrow(0, 0, n).and_then(|s| s.sum_all()).map_err(compute)?.neg().map_err(compute)?
             / count.narrow(0, 0, n).and_then(|c| c.sum_all()?.to_scalar::<f32>()).map_err(compute)? as f64)
@@ -126,7 +128,7 @@ impl PairObjective<'_> {
         };
         let policy = per_pair(&sum).map_err(compute)?;
         let reference = if self.method.needs_reference() {
-            let (sum, _) = logps(model, Some(&self.reference), &rows, row_groups, None, step)?;
+            let (sum, ..) = logps(model, Some(&self.reference), &rows, row_groups, None, step)?;
             Some(per_pair(&sum).map_err(compute)?)
         } else {
             None
@@ -142,13 +144,7 @@ impl PairObjective<'_> {
             chosen_nll: &chosen_nll,
         };
         let (loss, logged) = pair_loss(&self.method, &inputs).map_err(compute)?;
-        Ok(ObjectiveLoss {
-            loss,
-            tokens: rows.iter().map(|r| r.input_ids.len()).sum(),
-            weight: n as f64,
-            logged,
-            aux: Default::default(),
-        })
+        Ok(ObjectiveLoss { loss, tokens: rows.iter().map(|r| r.input_ids.len()).sum(), weight: n as f64, logged, aux })
     }
 }
 
@@ -255,8 +251,8 @@ impl Objective for KtoObjective<'_> {
             })
             .collect();
         let rows: Vec<&EncodedRow> = batch.iter().map(|c| &c.row).chain(mismatched.iter()).collect();
-        let (policy, _) = logps(model, None, &rows, None, dropout_seed, step)?;
-        let (reference, _) = logps(model, Some(&self.reference), &rows, None, None, step)?;
+        let (policy, _, aux) = logps(model, None, &rows, None, dropout_seed, step)?;
+        let (reference, ..) = logps(model, Some(&self.reference), &rows, None, None, step)?;
         let split =
             |t: &Tensor| -> candle_core::Result<(Tensor, Tensor)> { Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?)) };
         let (policy, kl_policy) = split(&policy).map_err(compute)?;
@@ -266,12 +262,6 @@ impl Objective for KtoObjective<'_> {
             kto_loss(&self.method, &policy, &reference, &desirable, &kl_policy, &kl_reference).map_err(compute)?;
         let mean = policy.detach().mean(D::Minus1).and_then(|m| m.to_scalar::<f32>()).map_err(compute)?;
         logged.insert("logps/completions".to_owned(), mean as f64);
-        Ok(ObjectiveLoss {
-            loss,
-            tokens: rows.iter().map(|r| r.input_ids.len()).sum(),
-            weight: n as f64,
-            logged,
-            aux: Default::default(),
-        })
+        Ok(ObjectiveLoss { loss, tokens: rows.iter().map(|r| r.input_ids.len()).sum(), weight: n as f64, logged, aux })
     }
 }
