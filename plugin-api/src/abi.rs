@@ -653,6 +653,15 @@ pub struct PluginMod {
     /// Instantiates the tuner `name` from its configuration (a JSON object).
     #[sabi(last_prefix_field)]
     pub load_tuner: extern "C" fn(name: RStr<'_>, config_json: RStr<'_>) -> RResult<TunerBox, RString>,
+    /// The `config.json` (text) of model architecture `name` for a
+    /// llama.cpp GGUF file whose architecture metadata is
+    /// `metadata_json` (`{"architecture": "qwen3moe", "values": {key:
+    /// value, ...}, "config": {...}}`: every key under the architecture,
+    /// and the host's generic translation of the shared keys); `None` when
+    /// that translation serves as it is.
+    /// Added in 1.2.
+    #[sabi(missing_field(option))]
+    pub config_from_gguf: extern "C" fn(name: RStr<'_>, metadata_json: RStr<'_>) -> RResult<ROption<RString>, RString>,
 }
 
 impl RootModule for PluginModRef {

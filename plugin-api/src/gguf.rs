@@ -50,6 +50,32 @@ pub struct GgufTensor {
     /// the rows are grouped in. See [`gguf_row_order`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permute_heads: Option<u32>,
+    /// llama.cpp stores the checkpoint's values plus this (Gemma's norms,
+    /// whose checkpoints hold `w` for a scale of `1 + w`). Added in 1.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<f32>,
+    /// When not empty: the checkpoint tensors this one GGUF tensor stacks
+    /// along a new first dimension, in order (llama.cpp's `ffn_*_exps`
+    /// hold every expert of a layer); `hf` is then the first of them.
+    /// Added in 1.2.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stacked: Vec<String>,
+}
+
+impl GgufTensor {
+    /// A weight stored as it is, under another name.
+    pub fn renamed(hf: impl Into<String>, gguf: impl Into<String>) -> GgufTensor {
+        GgufTensor { hf: hf.into(), gguf: gguf.into(), permute_heads: None, offset: None, stacked: Vec::new() }
+    }
+
+    /// The checkpoint tensors it holds: the stacked ones, or `hf` alone.
+    pub fn sources(&self) -> Vec<&str> {
+        if self.stacked.is_empty() {
+            vec![self.hf.as_str()]
+        } else {
+            self.stacked.iter().map(String::as_str).collect()
+        }
+    }
 }
 
 /// A model's GGUF form.
@@ -66,9 +92,9 @@ pub struct GgufLayout {
 
 impl GgufLayout {
     /// Each tensor's position in [`GgufLayout::tensors`] by its checkpoint
-    /// name (build once, look up per weight).
+    /// name, stacked ones included (build once, look up per weight).
     pub fn index_by_hf_name(&self) -> std::collections::HashMap<&str, usize> {
-        self.tensors.iter().enumerate().map(|(i, t)| (t.hf.as_str(), i)).collect()
+        self.tensors.iter().enumerate().flat_map(|(i, t)| t.sources().into_iter().map(move |hf| (hf, i))).collect()
     }
 
     /// Each tensor's position by its GGUF name.
@@ -99,4 +125,62 @@ pub fn gguf_row_order(rows: usize, heads: usize) -> Vec<usize> {
             head * per_head + (within % 2) * half + within / 2
         })
         .collect()
+}
+
+/// The metadata of a GGUF file's architecture, as the host hands it to a
+/// model plugin to translate into a `config.json`
+/// ([`crate::ModelArchitecture::config_from_gguf`]): every key under the
+/// file's `general.architecture` (`qwen3moe.expert_count`, ...), the
+/// values as JSON numbers, strings, booleans or arrays, and the host's
+/// generic translation of the keys every llama.cpp decoder shares, for the
+/// plugin to complete.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgufMetadata {
+    architecture: String,
+    values: serde_json::Map<String, serde_json::Value>,
+    config: serde_json::Value,
+}
+
+impl GgufMetadata {
+    /// The metadata of `architecture` from its keys (full names) and the
+    /// host's generic `config`.
+    pub fn new(
+        architecture: impl Into<String>,
+        values: serde_json::Map<String, serde_json::Value>,
+        config: serde_json::Value,
+    ) -> GgufMetadata {
+        GgufMetadata { architecture: architecture.into(), values, config }
+    }
+
+    /// The host's translation of the shared keys (`hidden_size`,
+    /// `num_hidden_layers`, `rope_theta`, ...), as a `config.json` object.
+    pub fn generic_config(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> &str {
+        &self.architecture
+    }
+
+    /// Every key and value.
+    pub fn values(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.values
+    }
+
+    /// The value of `{architecture}.{key}`.
+    pub fn get(&self, key: &str) -> Option<&serde_json::Value> {
+        self.values.get(&format!("{}.{key}", self.architecture))
+    }
+
+    /// A number at `{architecture}.{key}`, if present.
+    pub fn number(&self, key: &str) -> Option<f64> {
+        self.get(key).and_then(serde_json::Value::as_f64)
+    }
+
+    /// A required number, or an error naming the key.
+    pub fn require(&self, key: &str) -> crate::Result<f64> {
+        self.number(key)
+            .ok_or_else(|| crate::Error::new(format!("GGUF metadata `{}.{key}` is missing", self.architecture)))
+    }
 }

@@ -135,6 +135,17 @@ pub trait ModelArchitecture: Send + Sync + 'static {
     fn descriptor(&self) -> Descriptor;
     /// Reads a `config.json` (already parsed); loads no weights.
     fn load(&self, config: &serde_json::Value) -> Result<Box<dyn Model>>;
+
+    /// The Hugging Face `config.json` for a llama.cpp GGUF file of this
+    /// architecture, from its metadata: what the family's llama.cpp keys
+    /// mean (experts, sliding-window layers, partial rotary, ...), the
+    /// inverse of the metadata its [`Model::gguf_layout`] writes. `None`
+    /// (the default): the host's generic translation of the keys every
+    /// llama.cpp decoder shares serves.
+    fn config_from_gguf(&self, metadata: &crate::gguf::GgufMetadata) -> Option<Result<serde_json::Value>> {
+        let _ = metadata;
+        None
+    }
 }
 
 /// A configured model: its forward pass on the host's graph.
@@ -544,6 +555,25 @@ extern "C" fn load_model<P: PluginSource>(name: RStr<'_>, config_json: RStr<'_>)
     })
 }
 
+extern "C" fn config_from_gguf<P: PluginSource>(
+    name: RStr<'_>,
+    metadata_json: RStr<'_>,
+) -> RResult<ROption<RString>, RString> {
+    guard(P::NAME, &|| format!("the config of model `{name}` from GGUF metadata"), || {
+        let p = P::plugin();
+        let arch = p.find(&p.models, name.as_str(), "model architecture", |m| m.descriptor())?;
+        let request: serde_json::Value = serde_json::from_str(metadata_json.as_str())?;
+        let architecture = request.get("architecture").and_then(serde_json::Value::as_str).unwrap_or_default();
+        let values = request.get("values").and_then(serde_json::Value::as_object).cloned().unwrap_or_default();
+        let config = request.get("config").cloned().unwrap_or_else(|| serde_json::json!({}));
+        let metadata = crate::gguf::GgufMetadata::new(architecture, values, config);
+        Ok(match arch.config_from_gguf(&metadata) {
+            None => ROption::RNone,
+            Some(config) => ROption::RSome(config?.to_string().into()),
+        })
+    })
+}
+
 /// A [`TunerLayers`] behind the ABI's tuner trait object.
 struct TunerAdapter<P> {
     layers: Box<dyn TunerLayers>,
@@ -624,6 +654,7 @@ pub fn root_module<P: PluginSource>() -> PluginModRef {
         adapt: adapt::<P>,
         load_model: load_model::<P>,
         load_tuner: load_tuner::<P>,
+        config_from_gguf: config_from_gguf::<P>,
     }
     .leak_into_prefix()
 }

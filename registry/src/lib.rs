@@ -392,6 +392,19 @@ impl Registry {
             .map_err(|e| RegistryError::Plugin(e.into()))
     }
 
+    /// The `config.json` model architecture `name` gives for a GGUF file's
+    /// architecture metadata (`{"architecture", "values"}`, see
+    /// [`oxtune_plugin_api::gguf::GgufMetadata`]); `None` when the plugin
+    /// leaves it to the host (or predates API 1.2).
+    pub fn config_from_gguf(&self, name: &str, metadata_json: &str) -> Result<Option<String>, RegistryError> {
+        let (module, _) = self.native(ComponentKind::Model, name)?;
+        let Some(translate) = module.config_from_gguf() else { return Ok(None) };
+        translate(RStr::from_str(name), RStr::from_str(metadata_json))
+            .into_result()
+            .map(|c| c.into_option().map(|c| c.into_string()))
+            .map_err(|e| RegistryError::Plugin(e.into()))
+    }
+
     /// Instantiates the tuner `name` from its configuration (JSON).
     pub fn load_tuner(&self, name: &str, config_json: &str) -> Result<TunerBox, RegistryError> {
         let (module, _) = self.native(ComponentKind::Tuner, name)?;

@@ -24,8 +24,8 @@ const API_NEXT_MINOR: &[Patch] = &[
     },
     Patch {
         file: "abi.rs",
-        find: "-> RResult<TunerBox, RString>,\n}",
-        replace: "-> RResult<TunerBox, RString>,\n    /// Added in the next minor.\n    #[sabi(missing_field(option))]\n    pub describe_reward: extern \"C\" fn(name: RStr<'_>) -> RResult<RString, RString>,\n}",
+        find: "-> RResult<ROption<RString>, RString>,\n}\n\nimpl RootModule",
+        replace: "-> RResult<ROption<RString>, RString>,\n    /// Added in the next minor.\n    #[sabi(missing_field(option))]\n    pub describe_reward: extern \"C\" fn(name: RStr<'_>) -> RResult<RString, RString>,\n}\n\nimpl RootModule",
     },
     Patch {
         file: "plugin.rs",

@@ -97,7 +97,17 @@ pub fn write_adapter_gguf(base: &LoadedModel, adapter_dir: &Path, path: &Path) -
             ));
         }
         let entry = &layout.tensors[position];
-        let values = gguf_values(tensor, if is_b { entry.permute_heads } else { None })
+        if !entry.stacked.is_empty() {
+            return Err(mismatch(
+                name,
+                format!(
+                    "adapts `{weight}`, which llama.cpp stores stacked with others in `{}`: a GGUF adapter cannot \
+                     adapt one expert",
+                    entry.gguf
+                ),
+            ));
+        }
+        let values = gguf_values(tensor, if is_b { entry.permute_heads } else { None }, None)
             .map_err(|e| mismatch(name, e.to_string()))?;
         let gguf =
             TensorEntry { name: format!("{}.{suffix}", entry.gguf), dims: vec![rows, cols], dtype: GgmlDType::F32 };

@@ -35,12 +35,16 @@ pub fn layout_of(model: &LoadedModel) -> Result<GgufLayout, ExportError> {
     }
 }
 
-/// A weight as llama.cpp stores its values: rows permuted as the layout
-/// says, f32, contiguous.
-pub fn gguf_values(tensor: &Tensor, permute_heads: Option<u32>) -> candle_core::Result<Tensor> {
+/// A weight as llama.cpp stores its values: rows permuted and values
+/// offset as the layout says, f32, contiguous.
+pub fn gguf_values(tensor: &Tensor, permute_heads: Option<u32>, offset: Option<f32>) -> candle_core::Result<Tensor> {
     let tensor = tensor.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let tensor = match permute_heads {
         Some(heads) => gguf_rows(&tensor, heads as usize)?,
+        None => tensor,
+    };
+    let tensor = match offset {
+        Some(offset) => tensor.affine(1.0, offset as f64)?,
         None => tensor,
     };
     tensor.contiguous()
@@ -58,14 +62,62 @@ fn model_name(source: &Path) -> String {
 
 /// One weight to write: where it is read from and how it is stored.
 struct Planned {
-    /// Its name in the source (checkpoint name, or GGUF name for a GGUF source).
-    source_name: String,
+    /// Its name in the source (checkpoint name, or GGUF name for a GGUF
+    /// source); several checkpoint names when the layout stacks them.
+    sources: Vec<String>,
     /// Its GGUF name and shape, and its position in the layout.
     gguf: String,
     dims: Vec<usize>,
     position: usize,
     /// Rows to permute into llama.cpp's order (a checkpoint-order source).
     permute_heads: Option<u32>,
+    /// Added to the values (a checkpoint-valued source).
+    offset: Option<f32>,
+}
+
+impl Planned {
+    /// The plan for layout entry `position` from a checkpoint-named source
+    /// whose first (or only) tensor has `dims`.
+    fn from_checkpoint(layout: &GgufLayout, position: usize, dims: Vec<usize>) -> Planned {
+        let entry = &layout.tensors[position];
+        let sources: Vec<String> = entry.sources().into_iter().map(str::to_owned).collect();
+        let dims = if entry.stacked.is_empty() { dims } else { [vec![sources.len()], dims].concat() };
+        Planned {
+            sources,
+            gguf: entry.gguf.clone(),
+            dims,
+            position,
+            permute_heads: entry.permute_heads,
+            offset: entry.offset,
+        }
+    }
+}
+
+/// Plans the checkpoint-named weights `names` (with their dims): one plan
+/// per layout entry, a stacked entry once, at its first tensor, after
+/// checking that the source has every tensor it stacks.
+fn plan_checkpoint(
+    layout: &GgufLayout,
+    names: impl Iterator<Item = (String, Vec<usize>)>,
+) -> Result<Vec<Planned>, ExportError> {
+    let by_hf_name = layout.index_by_hf_name();
+    let (mut planned, mut seen) = (Vec::new(), std::collections::HashSet::new());
+    for (name, dims) in names {
+        let position = *by_hf_name.get(name.as_str()).ok_or_else(|| unmapped(&name, layout))?;
+        seen.insert(name.clone());
+        if layout.tensors[position].sources()[0] == name {
+            planned.push(Planned::from_checkpoint(layout, position, dims));
+        }
+    }
+    for plan in &planned {
+        if let Some(missing) = plan.sources.iter().find(|s| !seen.contains(*s)) {
+            return Err(ExportError::Unsupported {
+                what: format!("GGUF tensor `{}`", plan.gguf),
+                message: format!("stacks `{missing}`, which the model does not have"),
+            });
+        }
+    }
+    Ok(planned)
 }
 
 /// Writes `planned` weights, read by `read`, with the layout's and the
@@ -105,10 +157,16 @@ fn write_planned(
     metadata.extend(tokenizer_metadata(text_source, vocab_size)?);
     let bytes = write_gguf(path, &metadata, &entries, |i| {
         let p = &planned[i];
-        let tensor = read(&p.source_name)?;
-        gguf_values(&tensor, p.permute_heads).and_then(|t| encode(&t, entries[i].dtype)).map_err(|e| {
+        let parts = p.sources.iter().map(|s| read(s)).collect::<Result<Vec<_>, _>>()?;
+        let what = || format!("weight `{}`", p.sources.join("`, `"));
+        let tensor = match parts.as_slice() {
+            [one] => one.clone(),
+            _ => Tensor::stack(&parts, 0)
+                .map_err(|e| ExportError::Unsupported { what: what(), message: format!("cannot be stacked: {e}") })?,
+        };
+        gguf_values(&tensor, p.permute_heads, p.offset).and_then(|t| encode(&t, entries[i].dtype)).map_err(|e| {
             ExportError::Unsupported {
-                what: format!("weight `{}`", p.source_name),
+                what: what(),
                 message: format!("cannot be stored as {:?}: {e}", entries[i].dtype),
             }
         })
@@ -127,21 +185,10 @@ fn unmapped(name: &str, layout: &GgufLayout) -> ExportError {
 pub fn write_model_gguf(model: &mut LoadedModel, quant: QuantType, path: &Path) -> Result<Written, ExportError> {
     let layout = layout_of(model)?;
     model.merge_adapter().map_err(|e| ExportError::source(model.dir(), e))?;
-    let by_hf_name = layout.index_by_hf_name();
-    let mut planned = Vec::new();
-    for name in model.weights().names() {
-        let position = *by_hf_name.get(name).ok_or_else(|| unmapped(name, &layout))?;
-        let entry = &layout.tensors[position];
-        let dims = model.weights().dims(name).expect("listed by the store");
-        planned.push(Planned {
-            source_name: name.to_owned(),
-            gguf: entry.gguf.clone(),
-            dims,
-            position,
-            permute_heads: entry.permute_heads,
-        });
-    }
     let weights = model.weights();
+    let names =
+        weights.names().into_iter().map(|name| (name.to_owned(), weights.dims(name).expect("listed by the store")));
+    let planned = plan_checkpoint(&layout, names)?;
     write_planned(&layout, planned, model_name(model.dir()), model.dir(), quant, path, |name| {
         // A 4-bit base is written from its dequantised values.
         weights
@@ -179,7 +226,8 @@ pub fn write_model_gguf_streaming(
         let mut planned = Vec::new();
         for (stored, dims) in file.tensor_shapes() {
             let position = *by_gguf_name.get(stored.as_str()).ok_or_else(|| unmapped(&stored, &layout))?;
-            planned.push(Planned { source_name: stored.clone(), gguf: stored, dims, position, permute_heads: None });
+            let sources = vec![stored.clone()];
+            planned.push(Planned { sources, gguf: stored, dims, position, permute_heads: None, offset: None });
         }
         return write_planned(&layout, planned, name, source, quant, path, |stored| {
             file.read_tensor(stored).map_err(|e| ExportError::source(source, e))
@@ -189,19 +237,8 @@ pub fn write_model_gguf_streaming(
     // SAFETY: the files are only read; a file changed while mapped gives
     // wrong values, as it would to any reader.
     let mapped = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ExportError::source(source, e))?;
-    let by_hf_name = layout.index_by_hf_name();
-    let mut planned = Vec::new();
-    for (stored, view) in mapped.tensors() {
-        let position = *by_hf_name.get(stored.as_str()).ok_or_else(|| unmapped(&stored, &layout))?;
-        let entry = &layout.tensors[position];
-        planned.push(Planned {
-            source_name: stored,
-            gguf: entry.gguf.clone(),
-            dims: view.shape().to_vec(),
-            position,
-            permute_heads: entry.permute_heads,
-        });
-    }
+    let planned =
+        plan_checkpoint(&layout, mapped.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())))?;
     write_planned(&layout, planned, name, source, quant, path, |stored| {
         mapped.load(stored, &Device::Cpu).map_err(|e| ExportError::source(source, e))
     })

@@ -250,6 +250,18 @@ pub trait FeedForward: Send + Sync {
 
     /// The linear layers of layer `layer` under `prefix`.
     fn linear_layers(&self, layer: usize, prefix: &str) -> Vec<LinearLayer>;
+
+    /// Layer `layer`'s weights under `prefix` with their llama.cpp names
+    /// (`blk` is the layer's GGUF prefix, `blk.3`); an error when
+    /// llama.cpp's architecture cannot hold this layer's form.
+    fn gguf_tensors(&self, layer: usize, prefix: &str, blk: &str) -> Result<Vec<GgufTensor>>;
+
+    /// The hyperparameters llama.cpp reads for this part under `arch`
+    /// (expert counts), added to `metadata`.
+    fn gguf_metadata(&self, arch: &str, metadata: &mut BTreeMap<String, GgufValue>) -> Result<()> {
+        let _ = (arch, metadata);
+        Ok(())
+    }
 }
 
 /// The dense gated MLP of Llama-family decoders:
@@ -281,6 +293,16 @@ impl FeedForward for GatedMlp {
             LinearLayer::new(format!("{p}.up_proj"), LinearRole::MlpUp),
             LinearLayer::new(format!("{p}.down_proj"), LinearRole::MlpDown),
         ]
+    }
+
+    fn gguf_tensors(&self, _layer: usize, p: &str, blk: &str) -> Result<Vec<GgufTensor>> {
+        let mut tensors = Vec::new();
+        for (hf, gguf) in [("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")] {
+            for kind in ["weight", "bias"] {
+                tensors.push(GgufTensor::renamed(format!("{p}.{hf}.{kind}"), format!("{blk}.{gguf}.{kind}")));
+            }
+        }
+        Ok(tensors)
     }
 }
 
@@ -448,7 +470,7 @@ impl Model for Decoder {
 
     fn gguf_layout(&self) -> Option<Result<GgufLayout>> {
         let (naming, config) = self.gguf.as_ref()?;
-        Some(gguf_layout(&self.cfg, naming, config))
+        Some(self.gguf_layout_as(naming, config))
     }
 
     fn linear_layers(&self) -> Option<Vec<LinearLayer>> {
@@ -456,8 +478,10 @@ impl Model for Decoder {
     }
 }
 
-/// The GGUF metadata llama.cpp reads for RoPE scaling, from `config.json`.
-fn rope_scaling_metadata(config: &Value, arch: &str, out: &mut BTreeMap<String, GgufValue>) -> Result<f32> {
+/// The GGUF metadata llama.cpp reads for RoPE scaling (under `arch`),
+/// from `config.json`'s `rope_parameters` (or `rope_scaling`); returns the
+/// RoPE base.
+pub fn rope_scaling_metadata(config: &Value, arch: &str, out: &mut BTreeMap<String, GgufValue>) -> Result<f32> {
     let params = config.get("rope_parameters").or_else(|| config.get("rope_scaling")).filter(|v| v.is_object());
     let field = |k: &str| params.and_then(|p| p.get(k)).and_then(Value::as_f64);
     let theta = field("rope_theta").or_else(|| config.get("rope_theta").and_then(Value::as_f64)).unwrap_or(10_000.0);
@@ -489,69 +513,73 @@ fn rope_scaling_metadata(config: &Value, arch: &str, out: &mut BTreeMap<String, 
     Ok(theta as f32)
 }
 
-/// A decoder's GGUF form: llama.cpp's keys and tensor names for the
-/// Llama-shaped families (`convert_hf_to_gguf.py`'s `LlamaModel` and the
-/// classes derived from it).
-fn gguf_layout(c: &DecoderConfig, naming: &GgufNaming, config: &Value) -> Result<GgufLayout> {
-    let arch = naming.architecture.as_str();
-    if let Some(window) = c.sliding_windows.iter().flatten().next() {
-        return Err(Error::new(format!(
-            "layers with a sliding window ({window}) have no GGUF form in llama.cpp's `{arch}`"
-        )));
-    }
-    let r = ConfigReader::new(config);
-    let mut metadata = BTreeMap::new();
-    let theta = rope_scaling_metadata(config, arch, &mut metadata)?;
-    let u32_of = |n: usize| GgufValue::U32(n as u32);
-    for (key, value) in [
-        ("context_length", u32_of(r.usize_or("max_position_embeddings", 2048)?)),
-        ("embedding_length", u32_of(c.hidden_size)),
-        ("block_count", u32_of(c.num_layers)),
-        ("feed_forward_length", u32_of(r.usize("intermediate_size")?)),
-        ("attention.head_count", u32_of(c.num_heads)),
-        ("attention.head_count_kv", u32_of(c.num_kv_heads)),
-        ("attention.layer_norm_rms_epsilon", GgufValue::F32(c.rms_norm_eps as f32)),
-        ("rope.freq_base", GgufValue::F32(theta)),
-        ("rope.dimension_count", u32_of(c.rope.rotary_dim)),
-        ("attention.key_length", u32_of(c.head_dim)),
-        ("attention.value_length", u32_of(c.head_dim)),
-        ("vocab_size", u32_of(c.vocab_size)),
-    ] {
-        metadata.insert(format!("{arch}.{key}"), value);
-    }
-    let mut tensors = Vec::new();
-    let mut add = |hf: String, gguf: String, permute_heads: Option<usize>| {
-        tensors.push(GgufTensor { hf, gguf, permute_heads: permute_heads.map(|h| h as u32) })
-    };
-    let p = &c.prefix;
-    add(format!("{p}.embed_tokens.weight"), "token_embd.weight".into(), None);
-    add(format!("{p}.norm.weight"), "output_norm.weight".into(), None);
-    if !c.tie_word_embeddings {
-        add(format!("{}.weight", c.lm_head), "output.weight".into(), None);
-    }
-    let permute = |heads: usize| naming.permute_qk.then_some(heads);
-    for i in 0..c.num_layers {
-        let l = format!("{p}.layers.{i}");
-        add(format!("{l}.input_layernorm.weight"), format!("blk.{i}.attn_norm.weight"), None);
-        add(format!("{l}.post_attention_layernorm.weight"), format!("blk.{i}.ffn_norm.weight"), None);
-        let linears = [
-            ("self_attn.q_proj", "attn_q", permute(c.num_heads)),
-            ("self_attn.k_proj", "attn_k", permute(c.num_kv_heads)),
-            ("self_attn.v_proj", "attn_v", None),
-            ("self_attn.o_proj", "attn_output", None),
-            ("mlp.gate_proj", "ffn_gate", None),
-            ("mlp.up_proj", "ffn_up", None),
-            ("mlp.down_proj", "ffn_down", None),
-        ];
-        for (hf, gguf, heads) in linears {
-            for kind in ["weight", "bias"] {
-                add(format!("{l}.{hf}.{kind}"), format!("blk.{i}.{gguf}.{kind}"), heads);
+impl Decoder {
+    /// The decoder's GGUF form under `naming`: llama.cpp's keys and tensor
+    /// names for the Llama-shaped families (`convert_hf_to_gguf.py`'s
+    /// `LlamaModel` and the classes derived from it), the feed-forward part's
+    /// own (experts) included; `config` is the model's `config.json`.
+    pub fn gguf_layout_as(&self, naming: &GgufNaming, config: &Value) -> Result<GgufLayout> {
+        let c = &self.cfg;
+        let arch = naming.architecture.as_str();
+        if let Some(window) = c.sliding_windows.iter().flatten().next() {
+            return Err(Error::new(format!(
+                "layers with a sliding window ({window}) have no GGUF form in llama.cpp's `{arch}`"
+            )));
+        }
+        let r = ConfigReader::new(config);
+        let mut metadata = BTreeMap::new();
+        let theta = rope_scaling_metadata(config, arch, &mut metadata)?;
+        let u32_of = |n: usize| GgufValue::U32(n as u32);
+        for (key, value) in [
+            ("context_length", u32_of(r.usize_or("max_position_embeddings", 2048)?)),
+            ("embedding_length", u32_of(c.hidden_size)),
+            ("block_count", u32_of(c.num_layers)),
+            ("feed_forward_length", u32_of(r.usize("intermediate_size")?)),
+            ("attention.head_count", u32_of(c.num_heads)),
+            ("attention.head_count_kv", u32_of(c.num_kv_heads)),
+            ("attention.layer_norm_rms_epsilon", GgufValue::F32(c.rms_norm_eps as f32)),
+            ("rope.freq_base", GgufValue::F32(theta)),
+            ("rope.dimension_count", u32_of(c.rope.rotary_dim)),
+            ("attention.key_length", u32_of(c.head_dim)),
+            ("attention.value_length", u32_of(c.head_dim)),
+            ("vocab_size", u32_of(c.vocab_size)),
+        ] {
+            metadata.insert(format!("{arch}.{key}"), value);
+        }
+        let (mut tensors, mut feed_forward) = (Vec::new(), Vec::new());
+        let mut add = |hf: String, gguf: String, permute_heads: Option<usize>| {
+            tensors.push(GgufTensor { permute_heads: permute_heads.map(|h| h as u32), ..GgufTensor::renamed(hf, gguf) })
+        };
+        let p = &c.prefix;
+        add(format!("{p}.embed_tokens.weight"), "token_embd.weight".into(), None);
+        add(format!("{p}.norm.weight"), "output_norm.weight".into(), None);
+        if !c.tie_word_embeddings {
+            add(format!("{}.weight", c.lm_head), "output.weight".into(), None);
+        }
+        let permute = |heads: usize| naming.permute_qk.then_some(heads);
+        for i in 0..c.num_layers {
+            let l = format!("{p}.layers.{i}");
+            add(format!("{l}.input_layernorm.weight"), format!("blk.{i}.attn_norm.weight"), None);
+            add(format!("{l}.post_attention_layernorm.weight"), format!("blk.{i}.ffn_norm.weight"), None);
+            let linears = [
+                ("self_attn.q_proj", "attn_q", permute(c.num_heads)),
+                ("self_attn.k_proj", "attn_k", permute(c.num_kv_heads)),
+                ("self_attn.v_proj", "attn_v", None),
+                ("self_attn.o_proj", "attn_output", None),
+            ];
+            for (hf, gguf, heads) in linears {
+                for kind in ["weight", "bias"] {
+                    add(format!("{l}.{hf}.{kind}"), format!("blk.{i}.{gguf}.{kind}"), heads);
+                }
             }
+            if c.qk_norm {
+                add(format!("{l}.self_attn.q_norm.weight"), format!("blk.{i}.attn_q_norm.weight"), None);
+                add(format!("{l}.self_attn.k_norm.weight"), format!("blk.{i}.attn_k_norm.weight"), None);
+            }
+            feed_forward.extend(self.feed_forward.gguf_tensors(i, &format!("{l}.mlp"), &format!("blk.{i}"))?);
         }
-        if c.qk_norm {
-            add(format!("{l}.self_attn.q_norm.weight"), format!("blk.{i}.attn_q_norm.weight"), None);
-            add(format!("{l}.self_attn.k_norm.weight"), format!("blk.{i}.attn_k_norm.weight"), None);
-        }
+        tensors.extend(feed_forward);
+        self.feed_forward.gguf_metadata(arch, &mut metadata)?;
+        Ok(GgufLayout { architecture: arch.to_owned(), metadata, tensors })
     }
-    Ok(GgufLayout { architecture: arch.to_owned(), metadata, tensors })
 }

@@ -10,7 +10,10 @@
 //! auxiliary loss at the end of the forward pass, when the host asks for
 //! auxiliary outputs ([`oxtune_plugin_api::abi::WANT_AUX_OUTPUTS`]).
 
+use std::collections::BTreeMap;
+
 use oxtune_plugin_api::abi::{Compare, DType};
+use oxtune_plugin_api::gguf::{GgufTensor, GgufValue};
 use oxtune_plugin_api::graph::{collect, collected, constant, grouped_linear, token_mask, Tensor};
 use oxtune_plugin_api::nn::Linear;
 use oxtune_plugin_api::{Error, LinearLayer, LinearRole, Result};
@@ -39,6 +42,9 @@ pub struct SparseMoe {
     /// Per layer: whether it has a dense MLP instead of experts (Qwen's
     /// `mlp_only_layers` and `decoder_sparse_step`).
     pub dense_layers: Vec<bool>,
+    /// Each expert's inner width (`moe_intermediate_size`), for llama.cpp's
+    /// `expert_feed_forward_length`.
+    pub expert_intermediate_size: usize,
 }
 
 impl SparseMoe {
@@ -97,6 +103,38 @@ impl FeedForward for SparseMoe {
         let inner = self.activation.apply(&gate)?.mul(&up)?;
         let down = grouped_linear(&self.expert_names(prefix, "down_proj"), &inner, &experts)?;
         down.mul(&weights)?.reshape(&[n, k, h])?.sum(1)?.reshape(&dims.iter().map(|&d| d as i64).collect::<Vec<_>>())
+    }
+
+    fn gguf_tensors(&self, layer: usize, prefix: &str, blk: &str) -> Result<Vec<GgufTensor>> {
+        if self.dense_layers.get(layer).copied().unwrap_or(false) {
+            return Err(Error::new(format!(
+                "layer {layer} has a dense MLP among expert layers, which llama.cpp's MoE architectures cannot hold"
+            )));
+        }
+        let mut tensors =
+            vec![GgufTensor::renamed(format!("{prefix}.gate.weight"), format!("{blk}.ffn_gate_inp.weight"))];
+        for (projection, gguf) in
+            [("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")]
+        {
+            let stacked: Vec<String> =
+                self.expert_names(prefix, projection).into_iter().map(|e| format!("{e}.weight")).collect();
+            tensors.push(GgufTensor {
+                stacked: stacked.clone(),
+                ..GgufTensor::renamed(stacked[0].clone(), format!("{blk}.{gguf}.weight"))
+            });
+        }
+        Ok(tensors)
+    }
+
+    fn gguf_metadata(&self, arch: &str, metadata: &mut BTreeMap<String, GgufValue>) -> Result<()> {
+        for (key, value) in [
+            ("expert_count", self.num_experts),
+            ("expert_used_count", self.top_k),
+            ("expert_feed_forward_length", self.expert_intermediate_size),
+        ] {
+            metadata.insert(format!("{arch}.{key}"), GgufValue::U32(value as u32));
+        }
+        Ok(())
     }
 
     fn linear_layers(&self, layer: usize, prefix: &str) -> Vec<LinearLayer> {

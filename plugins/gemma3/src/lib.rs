@@ -13,7 +13,10 @@
 //! - the MLP is GeGLU with tanh-approximated GELU; the head is tied.
 
 use oxtune_helpers_decoder::rope::Rope;
-use oxtune_helpers_decoder::ConfigReader;
+use std::collections::BTreeMap;
+
+use oxtune_helpers_decoder::{rope_scaling_metadata, ConfigReader};
+use oxtune_plugin_api::gguf::{GgufLayout, GgufMetadata, GgufTensor, GgufValue};
 use oxtune_plugin_api::graph::{attention, block, output_head, AttentionSpec, Tensor};
 use oxtune_plugin_api::nn::{Embedding, Linear, RmsNorm};
 use oxtune_plugin_api::serde_json::{json, Value};
@@ -30,6 +33,8 @@ struct LayerKind {
 
 /// A configured Gemma-3 text model.
 struct Gemma3 {
+    /// Its `config.json`, for the GGUF form's hyperparameters.
+    config: Value,
     hidden: usize,
     heads: usize,
     kv_heads: usize,
@@ -44,23 +49,7 @@ struct Gemma3 {
 /// The RoPE of one layer type: `rope_parameters[type]` (transformers 5),
 /// or the older `rope_theta` / `rope_local_base_freq` keys.
 fn rope_for(config: &Value, layer_type: &str, head_dim: usize) -> Result<Rope> {
-    let mut view = config.clone();
-    let params = config.get("rope_parameters").and_then(|p| p.get(layer_type)).cloned();
-    let object = view.as_object_mut().expect("a config is a JSON object");
-    match params {
-        Some(p) => {
-            object.insert("rope_parameters".into(), p);
-        }
-        None => {
-            object.remove("rope_parameters");
-            if layer_type == "sliding_attention" {
-                let local = config.get("rope_local_base_freq").cloned().unwrap_or(json!(10_000.0));
-                object.insert("rope_theta".into(), local);
-                object.remove("rope_scaling");
-            }
-        }
-    }
-    Rope::from_config(&view, head_dim)
+    Rope::from_config(&rope_view(config, layer_type), head_dim)
 }
 
 impl Gemma3 {
@@ -107,6 +96,7 @@ impl Gemma3 {
             .collect::<Result<Vec<_>>>()?;
         let softcap = |key: &str| r.get(key).and_then(Value::as_f64).map(|v| v as f32);
         Ok(Gemma3 {
+            config: config.clone(),
             hidden,
             heads,
             kv_heads: r.usize_or("num_key_value_heads", heads)?,
@@ -117,6 +107,90 @@ impl Gemma3 {
             final_softcap: softcap("final_logit_softcapping"),
             attn_softcap: softcap("attn_logit_softcapping"),
         })
+    }
+
+    /// llama.cpp's `gemma3`: norms stored as `1 + w`, the embedding scale
+    /// and GeGLU implied, every 6th layer global (the rest sliding), query
+    /// scale `head_dim^-½`, sliding layers' RoPE base 10 000 unless
+    /// `rope.freq_base_swa` says otherwise. A model llama.cpp would read
+    /// differently has no GGUF form.
+    fn layout(&self) -> Result<GgufLayout> {
+        let arch = "gemma3";
+        let refuse =
+            |what: String| Err(Error::new(format!("{what}: llama.cpp's `gemma3` cannot hold it (no GGUF form)")));
+        for (i, kind) in self.layers.iter().enumerate() {
+            if kind.window.is_some() != ((i + 1) % LLAMA_CPP_GLOBAL_EVERY != 0) {
+                return refuse(format!(
+                    "layer {i} is {} attention, but llama.cpp makes exactly every {LLAMA_CPP_GLOBAL_EVERY}th layer global",
+                    if kind.window.is_some() { "sliding" } else { "global" }
+                ));
+            }
+        }
+        if self.query_pre_attn_scalar != self.head_dim as f64 {
+            return refuse(format!(
+                "`query_pre_attn_scalar` {} is not head_dim {}",
+                self.query_pre_attn_scalar, self.head_dim
+            ));
+        }
+        if self.final_softcap.is_some() || self.attn_softcap.is_some() {
+            return refuse("logit soft-capping".into());
+        }
+        let r = ConfigReader::new(&self.config);
+        let mut metadata = BTreeMap::new();
+        let full = rope_view(&self.config, "full_attention");
+        let theta = rope_scaling_metadata(&full, arch, &mut metadata)?;
+        let local = rope_scaling_metadata(&rope_view(&self.config, "sliding_attention"), arch, &mut BTreeMap::new())?;
+        let u32_of = |n: usize| GgufValue::U32(n as u32);
+        for (key, value) in [
+            ("context_length", u32_of(r.usize_or("max_position_embeddings", 131_072)?)),
+            ("embedding_length", u32_of(self.hidden)),
+            ("block_count", u32_of(self.layers.len())),
+            ("feed_forward_length", u32_of(r.usize("intermediate_size")?)),
+            ("attention.head_count", u32_of(self.heads)),
+            ("attention.head_count_kv", u32_of(self.kv_heads)),
+            ("attention.layer_norm_rms_epsilon", GgufValue::F32(self.eps as f32)),
+            ("attention.key_length", u32_of(self.head_dim)),
+            ("attention.value_length", u32_of(self.head_dim)),
+            ("rope.freq_base", GgufValue::F32(theta)),
+        ] {
+            metadata.insert(format!("{arch}.{key}"), value);
+        }
+        if let Some(window) = self.layers.iter().find_map(|k| k.window) {
+            metadata.insert(format!("{arch}.attention.sliding_window"), GgufValue::U32(window));
+        }
+        if local != LLAMA_CPP_LOCAL_ROPE_BASE {
+            metadata.insert(format!("{arch}.rope.freq_base_swa"), GgufValue::F32(local));
+        }
+        let norm = |hf: String, gguf: String| GgufTensor { offset: Some(1.0), ..GgufTensor::renamed(hf, gguf) };
+        let mut tensors = vec![
+            GgufTensor::renamed("model.embed_tokens.weight", "token_embd.weight"),
+            norm("model.norm.weight".into(), "output_norm.weight".into()),
+        ];
+        for i in 0..self.layers.len() {
+            let l = format!("model.layers.{i}");
+            for (hf, gguf) in [
+                ("input_layernorm", "attn_norm"),
+                ("self_attn.q_norm", "attn_q_norm"),
+                ("self_attn.k_norm", "attn_k_norm"),
+                ("post_attention_layernorm", "post_attention_norm"),
+                ("pre_feedforward_layernorm", "ffn_norm"),
+                ("post_feedforward_layernorm", "post_ffw_norm"),
+            ] {
+                tensors.push(norm(format!("{l}.{hf}.weight"), format!("blk.{i}.{gguf}.weight")));
+            }
+            for (hf, gguf) in [
+                ("self_attn.q_proj", "attn_q"),
+                ("self_attn.k_proj", "attn_k"),
+                ("self_attn.v_proj", "attn_v"),
+                ("self_attn.o_proj", "attn_output"),
+                ("mlp.gate_proj", "ffn_gate"),
+                ("mlp.up_proj", "ffn_up"),
+                ("mlp.down_proj", "ffn_down"),
+            ] {
+                tensors.push(GgufTensor::renamed(format!("{l}.{hf}.weight"), format!("blk.{i}.{gguf}.weight")));
+            }
+        }
+        Ok(GgufLayout { architecture: arch.into(), metadata, tensors })
     }
 
     /// Gemma's RMSNorm: `x / rms(x) · (1 + w)`, over the last dim.
@@ -171,6 +245,10 @@ impl Model for Gemma3 {
         let x = self.norm("model.norm", &x)?;
         output_head("model.embed_tokens", &x, self.final_softcap)
     }
+
+    fn gguf_layout(&self) -> Option<Result<GgufLayout>> {
+        Some(self.layout())
+    }
 }
 
 /// `Gemma3ForCausalLM`.
@@ -181,12 +259,78 @@ impl ModelArchitecture for Gemma3Text {
         Descriptor::model("gemma3", env!("CARGO_PKG_VERSION"))
             .description("Gemma-3 text decoder (sandwich norms, (1 + w) RMSNorm, local/global attention)")
             .architectures(&["Gemma3ForCausalLM"])
-            .model_types(&["gemma3_text"])
+            // `gemma3`: llama.cpp's name, which GGUF files carry.
+            .model_types(&["gemma3_text", "gemma3"])
     }
 
     fn load(&self, config: &Value) -> Result<Box<dyn Model>> {
         Ok(Box::new(Gemma3::from_config(config)?))
     }
+
+    /// llama.cpp's `gemma3` keys: the layer pattern llama.cpp implies, the
+    /// two RoPE bases, the query scale.
+    fn config_from_gguf(&self, metadata: &GgufMetadata) -> Option<Result<Value>> {
+        let translate = || -> Result<Value> {
+            let mut config = metadata.generic_config().clone();
+            let layers = metadata.require("block_count")? as usize;
+            let head_dim = metadata.require("attention.key_length")?;
+            let global = metadata.require("rope.freq_base")?;
+            let local = metadata.number("rope.freq_base_swa").unwrap_or(LLAMA_CPP_LOCAL_ROPE_BASE as f64);
+            let types: Vec<&str> = (0..layers)
+                .map(|i| if (i + 1) % LLAMA_CPP_GLOBAL_EVERY == 0 { "full_attention" } else { "sliding_attention" })
+                .collect();
+            let mut full = json!({"rope_type": "default", "rope_theta": global});
+            if let Some(scaling) = config.get("rope_scaling").and_then(Value::as_object) {
+                for (key, value) in scaling {
+                    full[key] = value.clone();
+                }
+                full["rope_theta"] = global.into();
+            }
+            let object = config.as_object_mut().expect("a config is an object");
+            for key in ["rope_scaling", "rope_theta", "gguf_architecture"] {
+                object.remove(key);
+            }
+            config["model_type"] = "gemma3_text".into();
+            config["architectures"] = json!(["Gemma3ForCausalLM"]);
+            config["hidden_activation"] = "gelu_pytorch_tanh".into();
+            config["query_pre_attn_scalar"] = json!(head_dim);
+            config["layer_types"] = json!(types);
+            config["rope_parameters"] =
+                json!({"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}});
+            config["tie_word_embeddings"] = true.into();
+            Ok(config)
+        };
+        Some(translate())
+    }
+}
+
+/// llama.cpp's `gemma3` makes every 6th layer global (layers 5, 11, …).
+const LLAMA_CPP_GLOBAL_EVERY: usize = 6;
+
+/// The RoPE base llama.cpp gives sliding-window layers when the file
+/// states none.
+const LLAMA_CPP_LOCAL_ROPE_BASE: f32 = 10_000.0;
+
+/// The config with `rope_parameters` of one layer type at its top level
+/// (what the shared RoPE readers take).
+fn rope_view(config: &Value, layer_type: &str) -> Value {
+    let mut view = config.clone();
+    let params = config.get("rope_parameters").and_then(|p| p.get(layer_type)).cloned();
+    let object = view.as_object_mut().expect("a config is a JSON object");
+    match params {
+        Some(p) => {
+            object.insert("rope_parameters".into(), p);
+        }
+        None => {
+            object.remove("rope_parameters");
+            if layer_type == "sliding_attention" {
+                let local = config.get("rope_local_base_freq").cloned().unwrap_or(json!(10_000.0));
+                object.insert("rope_theta".into(), local);
+                object.remove("rope_scaling");
+            }
+        }
+    }
+    view
 }
 
 fn plugin() -> Plugin {

@@ -7,14 +7,20 @@
 //! names, so adapters load in PEFT as saved.
 
 use oxtune_helpers_decoder::rope::Rope;
-use oxtune_helpers_decoder::ConfigReader;
+use std::collections::BTreeMap;
+
+use oxtune_helpers_decoder::{rope_scaling_metadata, ConfigReader};
+use oxtune_plugin_api::gguf::{GgufLayout, GgufMetadata, GgufTensor, GgufValue};
 use oxtune_plugin_api::graph::{attention, block, output_head, AttentionSpec, Tensor};
 use oxtune_plugin_api::nn::{Embedding, Linear, RmsNorm};
-use oxtune_plugin_api::serde_json::Value;
+use oxtune_plugin_api::serde_json::{json, Value};
 use oxtune_plugin_api::{declare_plugin, Descriptor, Error, Inputs, Model, ModelArchitecture, Plugin, Result};
 
 /// A configured Phi-3 model.
 struct Phi3 {
+    /// Its `config.json`, for the GGUF form's hyperparameters.
+    config: Value,
+    hidden: usize,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -44,6 +50,8 @@ impl Phi3 {
             )));
         }
         Ok(Phi3 {
+            config: config.clone(),
+            hidden,
             heads,
             kv_heads: r.usize_or("num_key_value_heads", heads)?,
             head_dim,
@@ -82,6 +90,56 @@ impl Phi3 {
         Linear::new(format!("{p}.o_proj")).forward(&a)
     }
 
+    /// llama.cpp's `phi3`: the fused projections keep their fusion
+    /// (`attn_qkv`, and `ffn_up` holding gate then up), RoPE rotates the
+    /// first `rope.dimension_count` features of each head.
+    fn layout(&self) -> Result<GgufLayout> {
+        let arch = "phi3";
+        let r = ConfigReader::new(&self.config);
+        let mut metadata = BTreeMap::new();
+        let theta = rope_scaling_metadata(&self.config, arch, &mut metadata)?;
+        let u32_of = |n: usize| GgufValue::U32(n as u32);
+        let context = r.usize_or("max_position_embeddings", 4096)?;
+        for (key, value) in [
+            ("context_length", u32_of(context)),
+            ("rope.scaling.original_context_length", u32_of(r.usize_or("original_max_position_embeddings", context)?)),
+            ("embedding_length", u32_of(self.hidden)),
+            ("feed_forward_length", u32_of(self.intermediate)),
+            ("block_count", u32_of(self.layers)),
+            ("attention.head_count", u32_of(self.heads)),
+            ("attention.head_count_kv", u32_of(self.kv_heads)),
+            ("attention.layer_norm_rms_epsilon", GgufValue::F32(self.eps as f32)),
+            ("rope.dimension_count", u32_of(self.rope.rotary_dim)),
+            ("rope.freq_base", GgufValue::F32(theta)),
+        ] {
+            metadata.insert(format!("{arch}.{key}"), value);
+        }
+        if let Some(window) = self.sliding_window {
+            metadata.insert(format!("{arch}.attention.sliding_window"), GgufValue::U32(window));
+        }
+        let mut tensors = vec![
+            GgufTensor::renamed("model.embed_tokens.weight", "token_embd.weight"),
+            GgufTensor::renamed("model.norm.weight", "output_norm.weight"),
+        ];
+        if !self.tied {
+            tensors.push(GgufTensor::renamed("lm_head.weight", "output.weight"));
+        }
+        for i in 0..self.layers {
+            let l = format!("model.layers.{i}");
+            for (hf, gguf) in [
+                ("input_layernorm", "attn_norm"),
+                ("self_attn.qkv_proj", "attn_qkv"),
+                ("self_attn.o_proj", "attn_output"),
+                ("post_attention_layernorm", "ffn_norm"),
+                ("mlp.gate_up_proj", "ffn_up"),
+                ("mlp.down_proj", "ffn_down"),
+            ] {
+                tensors.push(GgufTensor::renamed(format!("{l}.{hf}.weight"), format!("blk.{i}.{gguf}.weight")));
+            }
+        }
+        Ok(GgufLayout { architecture: arch.into(), metadata, tensors })
+    }
+
     fn mlp(&self, layer: usize, x: &Tensor) -> Result<Tensor> {
         let p = format!("model.layers.{layer}.mlp");
         let gate_up = Linear::new(format!("{p}.gate_up_proj")).forward(x)?;
@@ -112,6 +170,10 @@ impl Model for Phi3 {
         let x = RmsNorm::new("model.norm", self.eps).forward(&x)?;
         output_head(if self.tied { "model.embed_tokens" } else { "lm_head" }, &x, None)
     }
+
+    fn gguf_layout(&self) -> Option<Result<GgufLayout>> {
+        Some(self.layout())
+    }
 }
 
 /// `Phi3ForCausalLM`.
@@ -127,6 +189,28 @@ impl ModelArchitecture for Phi3Architecture {
 
     fn load(&self, config: &Value) -> Result<Box<dyn Model>> {
         Ok(Box::new(Phi3::from_config(config)?))
+    }
+
+    /// llama.cpp's `phi3` keys: the rotary width as a fraction of the
+    /// head, the original context length, the sliding window.
+    fn config_from_gguf(&self, metadata: &GgufMetadata) -> Option<Result<Value>> {
+        let translate = || -> Result<Value> {
+            let mut config = metadata.generic_config().clone();
+            config["architectures"] = json!(["Phi3ForCausalLM"]);
+            config["hidden_act"] = "silu".into();
+            let head_dim = config["head_dim"].as_f64().unwrap_or(1.0);
+            if let Some(rotary) = metadata.number("rope.dimension_count") {
+                config["partial_rotary_factor"] = json!(rotary / head_dim);
+            }
+            if let Some(original) = metadata.number("rope.scaling.original_context_length") {
+                config["original_max_position_embeddings"] = json!(original as u64);
+            }
+            if let Some(window) = metadata.number("attention.sliding_window") {
+                config["sliding_window"] = json!(window as u64);
+            }
+            Ok(config)
+        };
+        Some(translate())
     }
 }
 

@@ -5,10 +5,11 @@
 //! reported as the auxiliary output `aux_loss`.
 
 use oxtune_helpers_decoder::moe::{load_balancing_loss, SparseMoe};
-use oxtune_helpers_decoder::{Activation, ConfigReader, Decoder, DecoderConfig};
+use oxtune_helpers_decoder::{Activation, ConfigReader, Decoder, DecoderConfig, GgufNaming};
 use oxtune_plugin_api::abi::WANT_AUX_OUTPUTS;
+use oxtune_plugin_api::gguf::{GgufLayout, GgufMetadata};
 use oxtune_plugin_api::graph::aux_output;
-use oxtune_plugin_api::serde_json::Value;
+use oxtune_plugin_api::serde_json::{json, Value};
 use oxtune_plugin_api::{
     declare_plugin, Descriptor, Error, Inputs, LinearLayer, Model, ModelArchitecture, Plugin, Result, Tensor,
 };
@@ -21,7 +22,8 @@ impl ModelArchitecture for Qwen3Moe {
         Descriptor::model("qwen3_moe", env!("CARGO_PKG_VERSION"))
             .description("Qwen3 mixture-of-experts decoder (top-k routed SwiGLU experts, router aux loss)")
             .architectures(&["Qwen3MoeForCausalLM"])
-            .model_types(&["qwen3_moe"])
+            // `qwen3moe`: llama.cpp's name, which GGUF files carry.
+            .model_types(&["qwen3_moe", "qwen3moe"])
     }
 
     fn load(&self, config: &Value) -> Result<Box<dyn Model>> {
@@ -53,10 +55,28 @@ impl ModelArchitecture for Qwen3Moe {
             norm_topk_prob: r.bool_or("norm_topk_prob", false)?,
             activation: cfg.activation,
             dense_layers,
+            expert_intermediate_size: r.usize("moe_intermediate_size")?,
         };
         moe.validate()?;
-        let decoder = Decoder::new(cfg).with_feed_forward(Box::new(moe.clone()));
+        let naming = GgufNaming { architecture: "qwen3moe".into(), permute_qk: false };
+        let decoder = Decoder::new(cfg).with_feed_forward(Box::new(moe.clone())).with_gguf(naming, config);
         Ok(Box::new(MoeDecoder { decoder, moe }))
+    }
+
+    /// llama.cpp's `qwen3moe` keys: the expert counts and width; llama.cpp
+    /// always renormalises the chosen experts' weights.
+    fn config_from_gguf(&self, metadata: &GgufMetadata) -> Option<Result<Value>> {
+        let translate = || -> Result<Value> {
+            let mut config = metadata.generic_config().clone();
+            config["model_type"] = "qwen3_moe".into();
+            config["architectures"] = json!(["Qwen3MoeForCausalLM"]);
+            config["num_experts"] = json!(metadata.require("expert_count")? as u64);
+            config["num_experts_per_tok"] = json!(metadata.require("expert_used_count")? as u64);
+            config["moe_intermediate_size"] = json!(metadata.require("expert_feed_forward_length")? as u64);
+            config["norm_topk_prob"] = true.into();
+            Ok(config)
+        };
+        Some(translate())
     }
 }
 
@@ -77,6 +97,16 @@ impl Model for MoeDecoder {
 
     fn linear_layers(&self) -> Option<Vec<LinearLayer>> {
         Some(self.decoder.linear_layers())
+    }
+
+    fn gguf_layout(&self) -> Option<Result<GgufLayout>> {
+        if !self.moe.norm_topk_prob {
+            return Some(Err(Error::new(
+                "llama.cpp's `qwen3moe` always renormalises the chosen experts' weights; this model sets \
+                 `norm_topk_prob` false, so it has no GGUF form",
+            )));
+        }
+        Model::gguf_layout(&self.decoder)
     }
 }
 

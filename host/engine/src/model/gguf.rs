@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor, Var};
-use oxtune_plugin_api::gguf::{gguf_row_order, GgufLayout};
+use oxtune_plugin_api::gguf::{gguf_row_order, GgufLayout, GgufTensor};
 use serde_json::json;
 
 use super::checkpoint::{CheckpointError, Trainable};
@@ -39,6 +39,25 @@ pub struct GgufFile {
 
 fn corrupt(path: &Path, message: String) -> CheckpointError {
     CheckpointError::Safetensors { path: path.to_owned(), message }
+}
+
+/// A GGUF metadata value as JSON.
+fn metadata_json(value: &Value) -> serde_json::Value {
+    match value {
+        Value::U8(v) => json!(v),
+        Value::I8(v) => json!(v),
+        Value::U16(v) => json!(v),
+        Value::I16(v) => json!(v),
+        Value::U32(v) => json!(v),
+        Value::I32(v) => json!(v),
+        Value::U64(v) => json!(v),
+        Value::I64(v) => json!(v),
+        Value::F32(v) => json!(v),
+        Value::F64(v) => json!(v),
+        Value::Bool(v) => json!(v),
+        Value::String(v) => json!(v),
+        Value::Array(items) => serde_json::Value::Array(items.iter().map(metadata_json).collect()),
+    }
 }
 
 /// The Hugging Face name of a llama.cpp tensor name, if it is a standard one.
@@ -113,6 +132,22 @@ impl GgufFile {
             .ok_or_else(|| corrupt(&self.path, "metadata `general.architecture` is missing".into()))
     }
 
+    /// The metadata of the file's architecture as a model plugin reads it
+    /// (`{"architecture": "qwen3moe", "values": {key: value}}`: every key
+    /// under `{architecture}.`, see `oxtune_plugin_api::gguf::GgufMetadata`).
+    pub fn architecture_metadata(&self) -> Result<serde_json::Value, CheckpointError> {
+        let arch = self.architecture()?.to_owned();
+        let prefix = format!("{arch}.");
+        let values: serde_json::Map<String, serde_json::Value> = self
+            .content
+            .metadata
+            .iter()
+            .filter(|(key, _)| key.starts_with(&prefix))
+            .map(|(key, value)| (key.clone(), metadata_json(value)))
+            .collect();
+        Ok(json!({"architecture": arch, "values": values}))
+    }
+
     /// A Hugging Face style `config.json` built from the metadata.
     pub fn hf_config(&self) -> Result<serde_json::Value, CheckpointError> {
         let arch = self.architecture()?.to_owned();
@@ -183,25 +218,28 @@ impl GgufFile {
             if name == "rope_freqs.weight" {
                 continue;
             }
-            let (hf, permute_heads) = match (layout, &by_gguf_name) {
+            let entry = match (layout, &by_gguf_name) {
                 (Some(layout), Some(index)) => {
-                    let entry = index.get(name.as_str()).map(|&i| &layout.tensors[i]).ok_or_else(|| {
+                    index.get(name.as_str()).map(|&i| layout.tensors[i].clone()).ok_or_else(|| {
                         corrupt(&self.path, format!("tensor `{name}` is not part of a `{}` model", layout.architecture))
-                    })?;
-                    (entry.hf.clone(), entry.permute_heads)
+                    })?
                 }
-                _ => (
+                _ => GgufTensor::renamed(
                     hf_tensor_name(name).ok_or_else(|| {
                         corrupt(&self.path, format!("tensor `{name}` has no Hugging Face equivalent"))
                     })?,
-                    None,
+                    name.as_str(),
                 ),
             };
+            let (hf, permute_heads) = (entry.hf.clone(), entry.permute_heads);
             let stored = self
                 .content
                 .tensor(&mut reader, name, device)
                 .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
-            if let (true, Trainable::None, Some(kind)) = (keep_quantized, trainable, block_kind(stored.dtype())) {
+            let plain = entry.stacked.is_empty() && entry.offset.is_none();
+            if let (true, true, Trainable::None, Some(kind)) =
+                (keep_quantized, plain, trainable, block_kind(stored.dtype()))
+            {
                 // Kept in its blocks: rows reordered as the checkpoint has them.
                 let (rows, cols) =
                     stored.shape().dims2().map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
@@ -224,15 +262,40 @@ impl GgufFile {
                     Some(heads) => checkpoint_rows(&t, heads as usize),
                     None => Ok(t),
                 })
+                .and_then(|t| match entry.offset {
+                    Some(offset) => t.affine(1.0, -offset as f64),
+                    None => Ok(t),
+                })
                 .and_then(|t| t.to_dtype(dtype))
                 .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
-            match trainable {
-                Trainable::None => store
-                    .insert_loaded(hf, tensor, quantize)
+            let parts = match entry.stacked.len() {
+                0 => vec![(hf, tensor)],
+                n if tensor.dims().first() == Some(&n) => entry
+                    .stacked
+                    .iter()
+                    .enumerate()
+                    .map(|(i, hf)| tensor.get(i).map(|t| (hf.clone(), t)))
+                    .collect::<candle_core::Result<_>>()
                     .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?,
-                Trainable::All => {
-                    let var = Var::from_tensor(&tensor).map_err(|e| corrupt(&self.path, e.to_string()))?;
-                    store.insert_var(hf, var)
+                n => {
+                    return Err(corrupt(
+                        &self.path,
+                        format!(
+                            "tensor `{name}` has shape {:?}; its plugin's layout stacks {n} tensors",
+                            tensor.dims()
+                        ),
+                    ))
+                }
+            };
+            for (hf, tensor) in parts {
+                match trainable {
+                    Trainable::None => store
+                        .insert_loaded(hf, tensor, quantize)
+                        .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?,
+                    Trainable::All => {
+                        let var = Var::from_tensor(&tensor).map_err(|e| corrupt(&self.path, e.to_string()))?;
+                        store.insert_var(hf, var)
+                    }
                 }
             }
         }

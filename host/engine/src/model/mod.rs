@@ -207,6 +207,23 @@ fn resolve(
     }
     .name()
     .to_owned();
+    // A GGUF file's architecture plugin may translate llama.cpp's keys itself.
+    let config = match gguf {
+        Some(file) => {
+            let mut metadata = file.architecture_metadata()?;
+            metadata["config"] = config.clone();
+            let metadata = metadata.to_string();
+            match registry.config_from_gguf(&architecture, &metadata).map_err(architecture_error)? {
+                Some(text) => serde_json::from_str(&text).map_err(|e| {
+                    architecture_error(RegistryError::Plugin(format!(
+                        "the config `{architecture}` gave for the GGUF metadata is not JSON: {e}"
+                    )))
+                })?,
+                None => config,
+            }
+        }
+        None => config,
+    };
     let instance = registry.load_model(&architecture, &config.to_string()).map_err(architecture_error)?;
     Ok(ResolvedModel { config, config_path, architecture, instance })
 }
