@@ -28,7 +28,7 @@ pub use abi::{ComponentKind, DType, Modality, ParamInit};
 pub use data::RewardSample;
 pub use graph::{attention, constant, has_weight, scope, weight, AttentionSpec, Tensor};
 pub use plugin::{
-    DatasetAdapter, Descriptor, InPlace, Inputs, LinearLayer, LinearRole, Model, ModelArchitecture, Plugin,
+    DatasetAdapter, Descriptor, FusedSlot, InPlace, Inputs, LinearLayer, LinearRole, Model, ModelArchitecture, Plugin,
     RewardFunction, Tuner, TunerLayers, TunerParam,
 };
 pub use serde_json;

@@ -191,13 +191,43 @@ pub struct LinearLayer {
     pub name: String,
     /// What it does.
     pub role: LinearRole,
+    /// Where transformers holds the layer in memory when it is one
+    /// expert's slice of a fused parameter rather than a module of its own
+    /// (how adapters name it for PEFT). Added in 1.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fused: Option<FusedSlot>,
 }
 
 impl LinearLayer {
     /// The layer `name` in `role`.
     pub fn new(name: impl Into<String>, role: LinearRole) -> LinearLayer {
-        LinearLayer { name: name.into(), role }
+        LinearLayer { name: name.into(), role, fused: None }
     }
+
+    /// The same layer, held by transformers in the fused parameter `slot`.
+    pub fn in_fused(mut self, slot: FusedSlot) -> LinearLayer {
+        self.fused = Some(slot);
+        self
+    }
+}
+
+/// One expert's linear layer inside a fused 3-D parameter: transformers 5
+/// holds a mixture's experts as `mlp.experts.gate_up_proj`
+/// (`[experts, 2·inner, hidden]`, gate rows then up rows) and
+/// `mlp.experts.down_proj` (`[experts, hidden, inner]`), and PEFT adapts
+/// those with `target_parameters`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FusedSlot {
+    /// The fused parameter's full name in memory
+    /// (`model.layers.0.mlp.experts.gate_up_proj`).
+    pub parameter: String,
+    /// The expert: the slice along the parameter's first dimension.
+    pub expert: usize,
+    /// Experts in the parameter.
+    pub experts: usize,
+    /// The first row of the expert's slice this layer's weight fills (the
+    /// up projection starts after the gate's rows).
+    pub row_offset: usize,
 }
 
 /// The role of a linear layer (see [`LinearLayer`]): tuners' `all-linear`

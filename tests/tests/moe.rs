@@ -131,17 +131,23 @@ fn all_linear_lora_adapts_the_experts_and_never_the_router() {
     let modules = model.all_linear_modules();
     assert_eq!(modules, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]);
     assert!(model.linear_layers().contains(&"model.layers.1.mlp.gate".to_owned()), "the router is a linear layer");
+    // PEFT refuses dropout on transformers 5's fused expert parameters, and so does oxtune.
+    let run = run_sft(&model_dir(), &chats(), &fresh_dir("moe-lora-dropout"), &["--target-modules", "all-linear"]);
+    fails_with(&run, &["experts.0.gate_proj", "--lora-dropout 0"]);
     let out = fresh_dir("moe-lora");
-    let steps = sft(&out, &["--tuner", "lora", "--target-modules", "all-linear", "--max-steps", "4"]);
+    let args = ["--tuner", "lora", "--target-modules", "all-linear", "--lora-dropout", "0", "--max-steps", "4"];
+    let steps = sft(&out, &args);
     let losses: Vec<f64> = steps.iter().map(|m| m["loss"].as_f64().unwrap()).collect();
     assert!(losses[3] < losses[0], "{losses:?}");
     let tensors =
         candle_core::safetensors::load(out.join("checkpoint-4/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    // PEFT's fused layout: expert e's rank k of down_proj is column k·4 + e of B.
+    let b = &tensors["base_model.model.model.layers.1.mlp.experts.lora_B.weight"];
+    assert_eq!(b.dims(), &[64, 8 * 4]);
     for e in 0..4 {
-        let name = format!("base_model.model.model.layers.1.mlp.experts.{e}.down_proj.lora_B.weight");
-        let b = tensors.get(&name).unwrap_or_else(|| panic!("{name} missing"));
+        let columns = Tensor::new((0..8u32).map(|k| k * 4 + e).collect::<Vec<_>>(), &Device::Cpu).unwrap();
         // Every expert was chosen by some token, so each B moved off zero.
-        let moved = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let moved = b.index_select(&columns, 1).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(moved > 0.0, "expert {e} never trained");
     }
     assert!(!tensors.keys().any(|k| k.contains("mlp.gate.")), "the router was adapted");
@@ -149,6 +155,75 @@ fn all_linear_lora_adapts_the_experts_and_never_the_router() {
     let losses: Vec<f64> =
         sft(&full, &["--tuner", "full", "--max-steps", "4"]).iter().map(|m| m["loss"].as_f64().unwrap()).collect();
     assert!(losses[3] < losses[0], "full fine-tuning: {losses:?}");
+}
+
+fn peft_dir(name: &str) -> PathBuf {
+    fixtures().join("peft").join(name)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn with_adapter(adapter: &Path) -> LoadedModel {
+    let registry = Registry::with_builtins().unwrap();
+    let mut model = load(&model_dir()).unwrap();
+    model.attach_adapter(&registry, adapter, Trainable::None).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    model
+}
+
+/// Logits of `model` for an adapter fixture's ids, and PEFT's.
+fn logits_and_peft(model: &LoadedModel, adapter: &Path) -> (Tensor, Tensor) {
+    let r = candle_core::safetensors::load(adapter.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+    (model.forward(&ids, &BatchInfo::default(), None, None).unwrap(), r["logits"].clone())
+}
+
+/// PEFT 0.21.2 + transformers 5.24 (`tests/fixtures/peft/make_moe_references.py`):
+/// an adapter in PEFT's own fused layout (gate and up sharing `A`), and a
+/// per-expert one PEFT loads by converting it, with what PEFT saves of it.
+#[test]
+fn expert_lora_reads_and_writes_peft_s_fused_layout() {
+    let base = load(&model_dir()).unwrap();
+    for name in ["tiny-qwen3-moe-lora", "tiny-qwen3-moe-lora-per-expert"] {
+        let (got, want) = logits_and_peft(&with_adapter(&peft_dir(name)), &peft_dir(name));
+        let diff = max_diff(&got, &want);
+        assert!(diff < 1e-5, "{name}: logits differ from PEFT's by {diff}");
+        let (plain, _) = logits_and_peft(&base, &peft_dir(name));
+        assert!(max_diff(&plain, &want) > 1e-2, "{name}: the adapter changes nothing");
+    }
+    // Saved, the per-expert adapter is what PEFT itself writes of it.
+    let out = fresh_dir("moe-peft-saved");
+    with_adapter(&peft_dir("tiny-qwen3-moe-lora-per-expert")).save_adapter(&out).unwrap();
+    let converted = peft_dir("tiny-qwen3-moe-lora-converted");
+    let ours = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let peft = candle_core::safetensors::load(converted.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let (mut our_keys, mut peft_keys): (Vec<&String>, Vec<&String>) = (ours.keys().collect(), peft.keys().collect());
+    our_keys.sort();
+    peft_keys.sort();
+    assert_eq!(our_keys, peft_keys);
+    for (key, t) in &peft {
+        assert_eq!(ours[key].dims(), t.dims(), "{key}");
+        assert!(max_diff(&ours[key], t) < 1e-7, "{key}");
+    }
+    let read = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap()
+    };
+    let (ours, peft) = (read(&out), read(&converted));
+    let set = |v: &serde_json::Value| {
+        let mut items: Vec<String> = v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect();
+        items.sort();
+        items
+    };
+    for key in ["target_modules", "target_parameters"] {
+        assert_eq!(set(&ours[key]), set(&peft[key]), "{key}");
+    }
+    for key in ["rank_pattern", "alpha_pattern", "r", "lora_alpha", "lora_dropout"] {
+        assert_eq!(ours[key].to_string().replace(".0", ""), peft[key].to_string().replace(".0", ""), "{key}");
+    }
+    // And oxtune reads its own save back.
+    let (got, want) = logits_and_peft(&with_adapter(&out), &peft_dir("tiny-qwen3-moe-lora-per-expert"));
+    assert!(max_diff(&got, &want) < 1e-5);
 }
 
 #[test]
@@ -204,6 +279,8 @@ fn preference_methods_add_the_policy_s_router_aux_loss() {
                 "2",
                 "--router-aux-loss-coef",
                 coef,
+                "--lora-dropout",
+                "0",
             ];
             succeeded(&oxtune(&args, &[]));
             let m = metrics(&out).remove(0);

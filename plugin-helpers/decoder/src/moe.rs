@@ -16,7 +16,7 @@ use oxtune_plugin_api::abi::{Compare, DType};
 use oxtune_plugin_api::gguf::{GgufTensor, GgufValue};
 use oxtune_plugin_api::graph::{collect, collected, constant, grouped_linear, token_mask, Tensor};
 use oxtune_plugin_api::nn::Linear;
-use oxtune_plugin_api::{Error, LinearLayer, LinearRole, Result};
+use oxtune_plugin_api::{Error, FusedSlot, LinearLayer, LinearRole, Result};
 
 use crate::{Activation, FeedForward, GatedMlp};
 
@@ -142,11 +142,22 @@ impl FeedForward for SparseMoe {
             return self.dense().linear_layers(layer, prefix);
         }
         let mut layers = vec![LinearLayer::new(format!("{prefix}.gate"), LinearRole::Router)];
+        // transformers 5 holds the experts as `experts.gate_up_proj` (gate
+        // rows, then up rows) and `experts.down_proj`.
+        let inner = self.expert_intermediate_size;
         for e in 0..self.num_experts {
-            for (projection, role) in
-                [("gate_proj", LinearRole::MlpGate), ("up_proj", LinearRole::MlpUp), ("down_proj", LinearRole::MlpDown)]
-            {
-                layers.push(LinearLayer::new(format!("{prefix}.experts.{e}.{projection}"), role));
+            for (projection, role, fused, row_offset) in [
+                ("gate_proj", LinearRole::MlpGate, "gate_up_proj", 0),
+                ("up_proj", LinearRole::MlpUp, "gate_up_proj", inner),
+                ("down_proj", LinearRole::MlpDown, "down_proj", 0),
+            ] {
+                let slot = FusedSlot {
+                    parameter: format!("{prefix}.experts.{fused}"),
+                    expert: e,
+                    experts: self.num_experts,
+                    row_offset,
+                };
+                layers.push(LinearLayer::new(format!("{prefix}.experts.{e}.{projection}"), role).in_fused(slot));
             }
         }
         layers

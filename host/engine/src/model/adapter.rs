@@ -38,6 +38,12 @@ fn tuner_name(config: &serde_json::Value) -> String {
     }
 }
 
+/// Whether `tuner` is LoRA or DoRA (PEFT's `LORA` type), whose adapters on
+/// a mixture's experts take PEFT's fused layout.
+fn is_lora_family(tuner: &str) -> bool {
+    matches!(tuner, "lora" | "dora")
+}
+
 /// PEFT's `target_modules`: a list of module names, or one regex.
 pub fn target_modules(config: &serde_json::Value, path: &Path) -> Result<TargetModules, ModelError> {
     match config.get("target_modules") {
@@ -57,27 +63,29 @@ impl LoadedModel {
     /// its tuner reads (PEFT's prefix dropped), checked against the model.
     fn read_adapter(&self, registry: &Registry, dir: &Path) -> Result<ReadAdapter, ModelError> {
         let config_path = dir.join("adapter_config.json");
-        let config = read_json(&config_path)?;
+        let mut config = read_json(&config_path)?;
+        let file = dir.join("adapter_model.safetensors");
+        let bad = |message: String| CheckpointError::Safetensors { path: file.clone(), message };
+        let saved = candle_core::safetensors::load(&file, &self.device).map_err(|e| bad(e.to_string()))?;
+        let stripped =
+            saved.into_iter().map(|(name, t)| (name.strip_prefix(PEFT_PREFIX).unwrap_or(&name).to_owned(), t));
+        // PEFT's fused expert pairs become the per-expert layers oxtune adapts.
+        let stripped = super::peft_experts::unfuse(&mut config, stripped.collect(), self.declared_linear.as_deref())
+            .map_err(|message| config_error(&config_path, message))?;
+        let mut tensors = Vec::with_capacity(stripped.len());
+        for (name, tensor) in stripped {
+            if self.adapted_layer(&name).is_none() {
+                return Err(bad(format!("`{PEFT_PREFIX}{name}` adapts a layer the model does not have")).into());
+            }
+            tensors.push((name, tensor.to_dtype(self.dtype).map_err(|e| bad(e.to_string()))?));
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let tuner = tuner_name(&config);
         let targets = target_modules(&config, &config_path)?;
         let instance = registry.load_tuner(&tuner, &config.to_string()).map_err(|e| {
             let peft_type = config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
             config_error(&config_path, format!("peft_type `{peft_type}` needs the tuner `{tuner}`: {e}"))
         })?;
-        let file = dir.join("adapter_model.safetensors");
-        let bad = |message: String| CheckpointError::Safetensors { path: file.clone(), message };
-        let mut saved = candle_core::safetensors::load(&file, &self.device).map_err(|e| bad(e.to_string()))?;
-        let mut names: Vec<String> = saved.keys().cloned().collect();
-        names.sort();
-        let mut tensors = Vec::with_capacity(names.len());
-        for saved_name in names {
-            let name = saved_name.strip_prefix(PEFT_PREFIX).unwrap_or(&saved_name).to_owned();
-            if self.adapted_layer(&name).is_none() {
-                return Err(bad(format!("`{saved_name}` adapts a layer the model does not have")).into());
-            }
-            let tensor = saved.remove(&saved_name).expect("listed above");
-            tensors.push((name, tensor.to_dtype(self.dtype).map_err(|e| bad(e.to_string()))?));
-        }
         let binding = TunerBinding { instance, target_modules: targets };
         Ok(ReadAdapter { tuner, config, binding, tensors, file })
     }
@@ -210,6 +218,13 @@ impl LoadedModel {
             }
         }
         let layers: Vec<&String> = linear.iter().filter(|l| targets.matches(l)).collect();
+        if is_lora_family(tuner) {
+            let declared = self.declared_linear.as_deref();
+            if let Some(expert) = layers.iter().find(|l| super::peft_experts::fused_parameter_of(declared, l).is_some())
+            {
+                super::peft_experts::check_config(&config, expert).map_err(|m| config_error(origin, m))?;
+            }
+        }
         let asks_for_layers = !matches!(&targets, TargetModules::Names(names) if names.is_empty());
         if layers.is_empty() && (asks_for_layers || trained_base.is_empty()) {
             let modules: std::collections::BTreeSet<&str> =
@@ -329,11 +344,17 @@ impl LoadedModel {
                 plain
             }
         };
-        let tensors: std::collections::HashMap<String, candle_core::Tensor> = self
+        let mut tensors: std::collections::HashMap<String, candle_core::Tensor> = self
             .adapter_params
             .iter()
             .filter_map(|n| self.weights.get(n).map(|t| (format!("{PEFT_PREFIX}{n}"), t.detach())))
             .collect();
+        let mut saved = saved;
+        if let (true, Some(declared)) = (is_lora_family(tuner), self.declared_linear.as_deref()) {
+            // Experts go in PEFT's fused layout (transformers 5's parameters).
+            super::peft_experts::fuse(&mut saved, &mut tensors, declared, PEFT_PREFIX)
+                .map_err(|message| config_error(dir, message))?;
+        }
         super::staging::write_atomically(dir, |staging| {
             let config_text = serde_json::to_string_pretty(&saved).expect("JSON values serialise");
             std::fs::write(staging.join("adapter_config.json"), config_text)?;

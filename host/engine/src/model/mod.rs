@@ -7,6 +7,7 @@ pub mod bnb;
 pub mod checkpoint;
 pub mod export;
 pub mod gguf;
+pub mod peft_experts;
 pub mod staging;
 
 use std::path::{Path, PathBuf};
