@@ -91,27 +91,58 @@ impl BlockMatrix {
                 rows * row_bytes
             ));
         }
+        Self::read_ggml(kind, rows, cols, &mut &raw[..], order)
+    }
+
+    /// Reads a GGML tensor's blocks from `reader` (at its first byte)
+    /// straight into this layout, one stored row in memory at a time, so
+    /// loading a weight never holds a second copy of it. `order[r]` is the
+    /// stored row that becomes row `r`.
+    pub fn read_ggml(
+        kind: BlockKind,
+        rows: usize,
+        cols: usize,
+        reader: &mut impl std::io::Read,
+        order: Option<&[usize]>,
+    ) -> Result<BlockMatrix, String> {
+        if cols % QK != 0 {
+            return Err(format!("{cols} columns are not whole blocks of {QK}"));
+        }
+        let (per_row, block_bytes, qb) = (cols / QK, kind.ggml_block_bytes(), kind.quant_bytes());
         let blocks = rows * per_row;
+        let mut destination: Vec<usize> = (0..rows).collect();
+        if let Some(order) = order {
+            if order.len() != rows {
+                return Err(format!("a row order of {} rows for a tensor of {rows}", order.len()));
+            }
+            for (r, &stored) in order.iter().enumerate() {
+                *destination.get_mut(stored).ok_or_else(|| format!("row order names row {stored} of {rows}"))? = r;
+            }
+        }
         let mut m = BlockMatrix {
             kind,
             rows,
             cols,
-            scales: Vec::with_capacity(blocks),
-            mins: Vec::with_capacity(if kind == BlockKind::Q4_1 { blocks } else { 0 }),
-            quants: Vec::with_capacity(blocks * kind.quant_bytes()),
+            scales: vec![0.0; blocks],
+            mins: vec![0.0; if kind == BlockKind::Q4_1 { blocks } else { 0 }],
+            quants: vec![0; blocks * qb],
         };
-        for r in 0..rows {
-            let source = order.map_or(r, |o| o[r]);
-            for block in raw[source * row_bytes..(source + 1) * row_bytes].chunks(kind.ggml_block_bytes()) {
-                m.scales.push(f16(&block[0..2]));
+        let mut row = vec![0u8; per_row * block_bytes];
+        for (stored, &r) in destination.iter().enumerate() {
+            reader
+                .read_exact(&mut row)
+                .map_err(|e| format!("row {stored} of a [{rows}, {cols}] {kind:?} tensor: {e}"))?;
+            for (b, block) in row.chunks(block_bytes).enumerate() {
+                let i = r * per_row + b;
+                m.scales[i] = f16(&block[0..2]);
                 let quants = match kind {
                     BlockKind::Q4_1 => {
-                        m.mins.push(f16(&block[2..4]));
+                        m.mins[i] = f16(&block[2..4]);
                         &block[4..]
                     }
                     _ => &block[2..],
                 };
-                m.quants.extend_from_slice(quants);
+                m.quants[i * qb..(i + 1) * qb].copy_from_slice(quants);
             }
         }
         Ok(m)

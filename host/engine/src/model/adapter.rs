@@ -64,14 +64,26 @@ impl LoadedModel {
     fn read_adapter(&self, registry: &Registry, dir: &Path) -> Result<ReadAdapter, ModelError> {
         let config_path = dir.join("adapter_config.json");
         let mut config = read_json(&config_path)?;
+        let tuner = tuner_name(&config);
+        let load_tuner = |config: &serde_json::Value| {
+            registry.load_tuner(&tuner, &config.to_string()).map_err(|e| {
+                let peft_type = config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
+                config_error(&config_path, format!("peft_type `{peft_type}` needs the tuner `{tuner}`: {e}"))
+            })
+        };
+        let mut instance = load_tuner(&config)?;
         let file = dir.join("adapter_model.safetensors");
         let bad = |message: String| CheckpointError::Safetensors { path: file.clone(), message };
         let saved = candle_core::safetensors::load(&file, &self.device).map_err(|e| bad(e.to_string()))?;
         let stripped =
             saved.into_iter().map(|(name, t)| (name.strip_prefix(PEFT_PREFIX).unwrap_or(&name).to_owned(), t));
         // PEFT's fused expert pairs become the per-expert layers oxtune adapts.
+        let before = config.clone();
         let stripped = super::peft_experts::unfuse(&mut config, stripped.collect(), self.declared_linear.as_deref())
             .map_err(|message| config_error(&config_path, message))?;
+        if config != before {
+            instance = load_tuner(&config)?;
+        }
         let mut tensors = Vec::with_capacity(stripped.len());
         for (name, tensor) in stripped {
             if self.adapted_layer(&name).is_none() {
@@ -80,12 +92,7 @@ impl LoadedModel {
             tensors.push((name, tensor.to_dtype(self.dtype).map_err(|e| bad(e.to_string()))?));
         }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        let tuner = tuner_name(&config);
         let targets = target_modules(&config, &config_path)?;
-        let instance = registry.load_tuner(&tuner, &config.to_string()).map_err(|e| {
-            let peft_type = config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
-            config_error(&config_path, format!("peft_type `{peft_type}` needs the tuner `{tuner}`: {e}"))
-        })?;
         let binding = TunerBinding { instance, target_modules: targets };
         Ok(ReadAdapter { tuner, config, binding, tensors, file })
     }

@@ -14,7 +14,7 @@
 //! carries [`LEGACY_ARCHITECTURE_KEY`] for the plugin to rotate pairs.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -232,17 +232,14 @@ impl GgufFile {
                 ),
             };
             let (hf, permute_heads) = (entry.hf.clone(), entry.permute_heads);
-            let stored = self
-                .content
-                .tensor(&mut reader, name, device)
-                .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
+            let info = &self.content.tensor_infos[name];
             let plain = entry.stacked.is_empty() && entry.offset.is_none();
-            if let (true, true, Trainable::None, Some(kind)) =
-                (keep_quantized, plain, trainable, block_kind(stored.dtype()))
+            if let (true, true, Trainable::None, Some(kind), [rows, cols]) =
+                (keep_quantized, plain, trainable, block_kind(info.ggml_dtype), info.shape.dims())
             {
-                // Kept in its blocks: rows reordered as the checkpoint has them.
-                let (rows, cols) =
-                    stored.shape().dims2().map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
+                // Kept in its blocks, read straight from the file into them
+                // (no second copy), rows reordered as the checkpoint has them.
+                let (rows, cols) = (*rows, *cols);
                 let order = permute_heads.map(|heads| {
                     let mut inverse = vec![0; rows];
                     for (gguf_row, hf_row) in gguf_row_order(rows, heads as usize).into_iter().enumerate() {
@@ -250,12 +247,19 @@ impl GgufFile {
                     }
                     inverse
                 });
-                let raw = stored.data().map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
-                let blocks = BlockMatrix::from_ggml(kind, rows, cols, &raw, order.as_deref())
+                let at = self.content.tensor_data_offset + info.offset;
+                reader
+                    .seek(std::io::SeekFrom::Start(at))
+                    .map_err(|cause| CheckpointError::Io { path: self.path.clone(), source: cause })?;
+                let blocks = BlockMatrix::read_ggml(kind, rows, cols, &mut reader, order.as_deref())
                     .map_err(|m| corrupt(&self.path, format!("tensor `{name}`: {m}")))?;
                 store.insert_quantized(hf, QuantizedWeight::Blocks(blocks));
                 continue;
             }
+            let stored = self
+                .content
+                .tensor(&mut reader, name, device)
+                .map_err(|e| corrupt(&self.path, format!("tensor `{name}`: {e}")))?;
             let tensor = Ok(stored)
                 .and_then(|q| q.dequantize(device))
                 .and_then(|t| match permute_heads {
