@@ -1,6 +1,11 @@
-//! Weight matrices in llama.cpp's 32-value block formats (Q4_0, Q4_1,
-//! Q8_0), repacked for decoding: the block scales (and Q4_1's minimums)
-//! as f32 arrays beside the packed quants. A few rows of activations are
+//! Weight matrices in llama.cpp's block formats, repacked for decoding
+//! into 32-value blocks of four kinds ([`BlockKind`]): the block scales
+//! (and minimums) as f32 arrays beside the packed quants. Q4_0, Q4_1 and
+//! Q8_0 keep their quants; the 5-bit formats (Q5_0, Q5_1) unpack to 8
+//! bits; the K-quants' 32-value sub-blocks (Q4_K, Q5_K) become blocks of
+//! their own, each sub-scale and sub-minimum multiplied out as llama.cpp
+//! does, so every value is exactly the one llama.cpp dequantises
+//! ([`GgmlFormat`]). A few rows of activations are
 //! multiplied straight from the blocks: the activations in 16 bits per
 //! block meet the quants in integer multiply-adds (`vpmaddwd`), then the
 //! two scales; the blocks' offsets use each activation block's f32 sum.
@@ -30,24 +35,153 @@ pub enum BlockKind {
     Q4_1,
     /// 8-bit, `q · d`.
     Q8_0,
+    /// 8-bit, `q · d + m` (the 5-bit formats with a minimum, unpacked).
+    Q8_1,
 }
 
-impl BlockKind {
-    /// Bytes of one block as llama.cpp stores it.
-    pub fn ggml_block_bytes(self) -> usize {
+/// A llama.cpp block format this module reads ([`BlockMatrix::read_ggml`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum GgmlFormat {
+    /// 32 values: f16 `d`, 4-bit quants; `(q - 8) · d`.
+    Q4_0,
+    /// 32 values: f16 `d`, `m`, 4-bit quants; `q · d + m`.
+    Q4_1,
+    /// 32 values: f16 `d`, 32 high bits, 4-bit low quants; `(q - 16) · d`.
+    Q5_0,
+    /// 32 values: f16 `d`, `m`, 32 high bits, 4-bit low quants; `q · d + m`.
+    Q5_1,
+    /// 32 values: f16 `d`, 8-bit quants; `q · d`.
+    Q8_0,
+    /// 256 values: f16 `d`, `dmin`, eight 6-bit scales and minimums, 4-bit
+    /// quants; sub-block `j`: `d·sc_j · q − dmin·m_j`.
+    Q4K,
+    /// 256 values: as Q4_K with a fifth bit per value.
+    Q5K,
+}
+
+impl GgmlFormat {
+    /// Values per stored block.
+    pub fn block_values(self) -> usize {
         match self {
-            BlockKind::Q4_0 => 18,
-            BlockKind::Q4_1 => 20,
-            BlockKind::Q8_0 => 34,
+            GgmlFormat::Q4K | GgmlFormat::Q5K => 256,
+            _ => QK,
         }
     }
 
+    /// Bytes of one stored block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            GgmlFormat::Q4_0 => 18,
+            GgmlFormat::Q4_1 => 20,
+            GgmlFormat::Q5_0 => 22,
+            GgmlFormat::Q5_1 => 24,
+            GgmlFormat::Q8_0 => 34,
+            GgmlFormat::Q4K => 144,
+            GgmlFormat::Q5K => 176,
+        }
+    }
+
+    /// The kind its blocks are kept as.
+    pub fn kind(self) -> BlockKind {
+        match self {
+            GgmlFormat::Q4_0 => BlockKind::Q4_0,
+            GgmlFormat::Q4_1 | GgmlFormat::Q4K => BlockKind::Q4_1,
+            GgmlFormat::Q8_0 | GgmlFormat::Q5_0 => BlockKind::Q8_0,
+            GgmlFormat::Q5_1 | GgmlFormat::Q5K => BlockKind::Q8_1,
+        }
+    }
+
+    /// Decodes one stored block into 32-value blocks: `(scale, minimum,
+    /// quants)` each, the quants as the kind holds them.
+    fn decode(self, block: &[u8], out: &mut Vec<(f32, f32, [u8; QK])>) {
+        let nibbles = |qs: &[u8], high: &dyn Fn(usize) -> u8| -> [u8; QK] {
+            let mut q = [0u8; QK];
+            for j in 0..QK / 2 {
+                q[j] = (qs[j] & 0x0f) | high(j);
+                q[j + QK / 2] = (qs[j] >> 4) | high(j + QK / 2);
+            }
+            q
+        };
+        match self {
+            GgmlFormat::Q4_0 | GgmlFormat::Q4_1 | GgmlFormat::Q8_0 => {
+                let (min, quants) = match self {
+                    GgmlFormat::Q4_1 => (f16(&block[2..4]), &block[4..]),
+                    _ => (0.0, &block[2..]),
+                };
+                let mut q = [0u8; QK];
+                q[..quants.len()].copy_from_slice(quants);
+                out.push((f16(&block[0..2]), min, q));
+            }
+            GgmlFormat::Q5_0 | GgmlFormat::Q5_1 => {
+                let (min, rest) = match self {
+                    GgmlFormat::Q5_1 => (f16(&block[2..4]), &block[4..]),
+                    _ => (0.0, &block[2..]),
+                };
+                let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                let mut q = nibbles(&rest[4..], &|j| (((qh >> j) & 1) << 4) as u8);
+                if self == GgmlFormat::Q5_0 {
+                    // (q - 16) · d as a signed 8-bit Q8_0 value.
+                    q.iter_mut().for_each(|v| *v = (*v as i8 - 16) as u8);
+                }
+                out.push((f16(&block[0..2]), min, q));
+            }
+            GgmlFormat::Q4K | GgmlFormat::Q5K => {
+                let (d, dmin) = (f16(&block[0..2]), f16(&block[2..4]));
+                let scales = &block[4..16];
+                let (qh, qs) = match self {
+                    GgmlFormat::Q5K => (Some(&block[16..48]), &block[48..176]),
+                    _ => (None, &block[16..144]),
+                };
+                // Four groups of 64 values: the low nibbles of 32 bytes, then their high nibbles.
+                for group in 0..4 {
+                    let bytes = &qs[group * 32..group * 32 + 32];
+                    for half in 0..2 {
+                        let (sc, m) = scale_min_k4(2 * group + half, scales);
+                        let bit = 1u8 << (2 * group + half);
+                        let mut q = [0u8; QK];
+                        for (l, &byte) in bytes.iter().enumerate() {
+                            let low = if half == 0 { byte & 0x0f } else { byte >> 4 };
+                            let high = qh.map_or(0, |qh| if qh[l] & bit != 0 { 16 } else { 0 });
+                            q[l] = low + high;
+                        }
+                        if self == GgmlFormat::Q4K {
+                            // The Q4_1 kind packs element j low, j + 16 high.
+                            let mut packed = [0u8; QK];
+                            for j in 0..QK / 2 {
+                                packed[j] = q[j] | (q[j + QK / 2] << 4);
+                            }
+                            q = packed;
+                        }
+                        out.push((d * sc as f32, -(dmin * m as f32), q));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The 6-bit scale and minimum of sub-block `j` of a Q4_K / Q5_K block
+/// (llama.cpp's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+impl BlockKind {
     /// Bytes of quants per block.
     fn quant_bytes(self) -> usize {
         match self {
             BlockKind::Q4_0 | BlockKind::Q4_1 => QK / 2,
-            BlockKind::Q8_0 => QK,
+            BlockKind::Q8_0 | BlockKind::Q8_1 => QK,
         }
+    }
+
+    /// Whether its blocks carry a minimum.
+    fn has_min(self) -> bool {
+        matches!(self, BlockKind::Q4_1 | BlockKind::Q8_1)
     }
 }
 
@@ -70,28 +204,20 @@ fn f16(bytes: &[u8]) -> f32 {
 }
 
 impl BlockMatrix {
-    /// Repacks llama.cpp's bytes of a `[rows, cols]` tensor; row `r` of
-    /// the result is stored row `order[r]` when `order` is given.
+    /// A `[rows, cols]` weight from its bytes as llama.cpp stores them in
+    /// `format` (see [`Self::read_ggml`]).
     pub fn from_ggml(
-        kind: BlockKind,
+        format: GgmlFormat,
         rows: usize,
         cols: usize,
         raw: &[u8],
         order: Option<&[usize]>,
     ) -> Result<BlockMatrix, String> {
-        if cols % QK != 0 {
-            return Err(format!("{cols} columns are not whole blocks of {QK}"));
+        let want = rows * cols / format.block_values() * format.block_bytes();
+        if raw.len() != want || cols % format.block_values() != 0 {
+            return Err(format!("{} bytes for a [{rows}, {cols}] {format:?} tensor (want {want})", raw.len()));
         }
-        let per_row = cols / QK;
-        let row_bytes = per_row * kind.ggml_block_bytes();
-        if raw.len() != rows * row_bytes {
-            return Err(format!(
-                "{} bytes for a [{rows}, {cols}] {kind:?} tensor (want {})",
-                raw.len(),
-                rows * row_bytes
-            ));
-        }
-        Self::read_ggml(kind, rows, cols, &mut &raw[..], order)
+        Self::read_ggml(format, rows, cols, &mut &raw[..], order)
     }
 
     /// Reads a GGML tensor's blocks from `reader` (at its first byte)
@@ -99,16 +225,17 @@ impl BlockMatrix {
     /// loading a weight never holds a second copy of it. `order[r]` is the
     /// stored row that becomes row `r`.
     pub fn read_ggml(
-        kind: BlockKind,
+        format: GgmlFormat,
         rows: usize,
         cols: usize,
         reader: &mut impl std::io::Read,
         order: Option<&[usize]>,
     ) -> Result<BlockMatrix, String> {
-        if cols % QK != 0 {
-            return Err(format!("{cols} columns are not whole blocks of {QK}"));
+        if cols % format.block_values() != 0 {
+            return Err(format!("{cols} columns are not whole {format:?} blocks of {}", format.block_values()));
         }
-        let (per_row, block_bytes, qb) = (cols / QK, kind.ggml_block_bytes(), kind.quant_bytes());
+        let kind = format.kind();
+        let (per_row, qb) = (cols / QK, kind.quant_bytes());
         let blocks = rows * per_row;
         let mut destination: Vec<usize> = (0..rows).collect();
         if let Some(order) = order {
@@ -124,25 +251,26 @@ impl BlockMatrix {
             rows,
             cols,
             scales: vec![0.0; blocks],
-            mins: vec![0.0; if kind == BlockKind::Q4_1 { blocks } else { 0 }],
+            mins: vec![0.0; if kind.has_min() { blocks } else { 0 }],
             quants: vec![0; blocks * qb],
         };
-        let mut row = vec![0u8; per_row * block_bytes];
+        let mut row = vec![0u8; cols / format.block_values() * format.block_bytes()];
+        let mut decoded = Vec::with_capacity(per_row);
         for (stored, &r) in destination.iter().enumerate() {
             reader
                 .read_exact(&mut row)
-                .map_err(|e| format!("row {stored} of a [{rows}, {cols}] {kind:?} tensor: {e}"))?;
-            for (b, block) in row.chunks(block_bytes).enumerate() {
+                .map_err(|e| format!("row {stored} of a [{rows}, {cols}] {format:?} tensor: {e}"))?;
+            decoded.clear();
+            for block in row.chunks(format.block_bytes()) {
+                format.decode(block, &mut decoded);
+            }
+            for (b, (scale, min, quants)) in decoded.iter().enumerate() {
                 let i = r * per_row + b;
-                m.scales[i] = f16(&block[0..2]);
-                let quants = match kind {
-                    BlockKind::Q4_1 => {
-                        m.mins[i] = f16(&block[2..4]);
-                        &block[4..]
-                    }
-                    _ => &block[2..],
-                };
-                m.quants[i * qb..(i + 1) * qb].copy_from_slice(quants);
+                m.scales[i] = *scale;
+                if kind.has_min() {
+                    m.mins[i] = *min;
+                }
+                m.quants[i * qb..(i + 1) * qb].copy_from_slice(&quants[..qb]);
             }
         }
         Ok(m)
@@ -163,6 +291,7 @@ impl BlockMatrix {
             let d = self.scales[b];
             match self.kind {
                 BlockKind::Q8_0 => out.extend(q.iter().map(|&v| v as i8 as f32 * d)),
+                BlockKind::Q8_1 => out.extend(q.iter().map(|&v| v as i8 as f32 * d + self.mins[b])),
                 BlockKind::Q4_0 | BlockKind::Q4_1 => {
                     let (offset, min) = match self.kind {
                         BlockKind::Q4_0 => (8.0, 0.0),
@@ -289,7 +418,7 @@ impl BlockMatrix {
         let first = row * per_row;
         let qb = self.kind.quant_bytes();
         assert!(self.quants.len() >= (first + per_row) * qb && self.scales.len() >= first + per_row);
-        assert!(self.kind != BlockKind::Q4_1 || self.mins.len() >= first + per_row);
+        assert!(!self.kind.has_min() || self.mins.len() >= first + per_row);
         RowBlocks {
             first,
             per_row,
@@ -300,13 +429,14 @@ impl BlockMatrix {
     }
 
     /// The blocks' offsets of weight row from block `first` for `x`
-    /// (`Σ min·Σx` for Q4_1, `-8·Σ d·Σx` for Q4_0), summed apart from the
-    /// products: in their loop they would chain every block on one scalar.
+    /// (`Σ min·Σx` for Q4_1 and Q8_1, `-8·Σ d·Σx` for Q4_0), summed apart
+    /// from the products: in their loop they would chain every block on
+    /// one scalar.
     fn offsets(&self, first: usize, per_row: usize, x: &ActivationRow) -> f32 {
         let (per_block, factor): (&[f32], f32) = match self.kind {
             BlockKind::Q8_0 => return 0.0,
             BlockKind::Q4_0 => (&self.scales[first..first + per_row], -8.0),
-            BlockKind::Q4_1 => (&self.mins[first..first + per_row], 1.0),
+            BlockKind::Q4_1 | BlockKind::Q8_1 => (&self.mins[first..first + per_row], 1.0),
         };
         let mut lanes = [0f32; 8];
         for (i, (m, s)) in per_block.iter().zip(&x.sums).enumerate() {
@@ -327,7 +457,7 @@ impl BlockMatrix {
                 let q: &[u8] = &self.quants[(first + b) * qb..(first + b + 1) * qb];
                 let xb: &[i16; QK] = x.quants[b * QK..(b + 1) * QK].try_into().expect("a whole block");
                 let products = match self.kind {
-                    BlockKind::Q8_0 => dot_i8(q.try_into().expect("32 bytes"), xb),
+                    BlockKind::Q8_0 | BlockKind::Q8_1 => dot_i8(q.try_into().expect("32 bytes"), xb),
                     BlockKind::Q4_0 | BlockKind::Q4_1 => dot_nibbles(q.try_into().expect("16 bytes"), xb),
                 };
                 sum += self.scales[first + b] * x.scales[b] * products as f32;
@@ -357,7 +487,7 @@ struct RowBlocks {
 unsafe fn widen(kind: BlockKind, q: *const u8) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
     use std::arch::x86_64::*;
     match kind {
-        BlockKind::Q8_0 => (
+        BlockKind::Q8_0 | BlockKind::Q8_1 => (
             _mm256_cvtepi8_epi16(_mm_loadu_si128(q as *const __m128i)),
             _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(16) as *const __m128i)),
         ),
@@ -428,13 +558,54 @@ impl ActivationRow {
 mod tests {
     use super::*;
 
+    fn format_of(kind: BlockKind) -> GgmlFormat {
+        match kind {
+            BlockKind::Q4_0 => GgmlFormat::Q4_0,
+            BlockKind::Q4_1 => GgmlFormat::Q4_1,
+            _ => GgmlFormat::Q8_0,
+        }
+    }
+
+    #[test]
+    fn five_bit_and_k_quant_blocks_hold_exactly_what_llama_cpp_dequantises() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        // 4 rows of 512 values: two 256-value super-blocks per row.
+        let (rows, cols) = (4, 512);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
+        let dense = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap();
+        let x: Vec<f32> = (0..2 * cols).map(|i| (i * 104_729 % 997) as f32 / 498.0 - 1.0).collect();
+        for (dtype, format) in [
+            (GgmlDType::Q5_0, GgmlFormat::Q5_0),
+            (GgmlDType::Q5_1, GgmlFormat::Q5_1),
+            (GgmlDType::Q4K, GgmlFormat::Q4K),
+            (GgmlDType::Q5K, GgmlFormat::Q5K),
+        ] {
+            let q = QTensor::quantize(&dense, dtype).unwrap();
+            let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let m = BlockMatrix::from_ggml(format, rows, cols, &q.data().unwrap(), None).unwrap();
+            assert_eq!(m.dequantize_rows(0, rows), want, "{format:?}: every value as candle's ggml dequantises it");
+            let y = m.matmul(&x, 2);
+            for r in 0..2 {
+                for o in 0..rows {
+                    let exact: f32 = (0..cols).map(|i| want[o * cols + i] * x[r * cols + i]).sum();
+                    let scale: f32 = (0..cols).map(|i| (want[o * cols + i] * x[r * cols + i]).abs()).sum();
+                    let got = y[r * rows + o];
+                    assert!((got - exact).abs() <= 1e-4 * scale + 1e-6, "{format:?} [{r}, {o}]: {got} vs {exact}");
+                }
+            }
+        }
+        let short = BlockMatrix::from_ggml(GgmlFormat::Q4K, 1, 32, &[0; 20], None).unwrap_err();
+        assert!(short.contains("Q4K"), "{short}");
+    }
+
     /// llama.cpp's bytes of one row of `values` in `kind` (a reference
     /// quantiser, for the tests).
     fn ggml_bytes(kind: BlockKind, values: &[f32]) -> Vec<u8> {
         let mut out = Vec::new();
         for block in values.chunks(QK) {
             match kind {
-                BlockKind::Q8_0 => {
+                BlockKind::Q8_0 | BlockKind::Q8_1 => {
                     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                     let d = amax / 127.0;
                     out.extend(half::f16::from_f32(d).to_le_bytes());
@@ -467,7 +638,7 @@ mod tests {
         let x: Vec<f32> = (0..3 * cols).map(|i| (i * 104_729 % 997) as f32 / 498.0 - 1.0).collect();
         for kind in [BlockKind::Q4_0, BlockKind::Q4_1, BlockKind::Q8_0] {
             let raw: Vec<u8> = w.chunks(cols).flat_map(|r| ggml_bytes(kind, r)).collect();
-            let m = BlockMatrix::from_ggml(kind, rows, cols, &raw, None).unwrap();
+            let m = BlockMatrix::from_ggml(format_of(kind), rows, cols, &raw, None).unwrap();
             let dense = m.dequantize_rows(0, rows);
             // Dequantised values sit within a step of the originals.
             let step = if kind == BlockKind::Q8_0 { 0.003 } else { 0.05 };
@@ -485,7 +656,7 @@ mod tests {
         }
         // The portable path (CPUs without AVX2) gives what the vector one gives.
         let raw: Vec<u8> = w.chunks(cols).flat_map(|r| ggml_bytes(BlockKind::Q4_1, r)).collect();
-        let m = BlockMatrix::from_ggml(BlockKind::Q4_1, rows, cols, &raw, None).unwrap();
+        let m = BlockMatrix::from_ggml(GgmlFormat::Q4_1, rows, cols, &raw, None).unwrap();
         let acts: Vec<ActivationRow> = x.chunks(cols).map(ActivationRow::new).collect();
         for o in [0, 1, rows - 1] {
             let (mut best, mut portable) = ([0f32; 3], [0f32; 3]);
@@ -498,8 +669,8 @@ mod tests {
         // Rows taken in another order.
         let raw: Vec<u8> = w.chunks(cols).flat_map(|r| ggml_bytes(BlockKind::Q8_0, r)).collect();
         let order: Vec<usize> = (0..rows).rev().collect();
-        let flipped = BlockMatrix::from_ggml(BlockKind::Q8_0, rows, cols, &raw, Some(&order)).unwrap();
-        let plain = BlockMatrix::from_ggml(BlockKind::Q8_0, rows, cols, &raw, None).unwrap();
+        let flipped = BlockMatrix::from_ggml(GgmlFormat::Q8_0, rows, cols, &raw, Some(&order)).unwrap();
+        let plain = BlockMatrix::from_ggml(GgmlFormat::Q8_0, rows, cols, &raw, None).unwrap();
         assert_eq!(flipped.dequantize_rows(0, 1), plain.dequantize_rows(rows - 1, rows));
     }
 }

@@ -109,6 +109,8 @@ fn a_llama_cpp_gguf_of_tiny_llama_matches_transformers_in_every_type() {
         (GgmlDType::Q8_0, 0.03),
         (GgmlDType::Q4_1, 0.3),
         (GgmlDType::Q4_0, 0.3),
+        (GgmlDType::Q5_0, 0.2),
+        (GgmlDType::Q5_1, 0.2),
     ] {
         let path = write_tiny_llama(dtype);
         let model = LoadedModel::load(&registry, &path, &LoadOptions::default()).unwrap();
@@ -145,6 +147,48 @@ fn k_quants_dequantize_within_their_error() {
         let back = store.get("model.layers.0.mlp.up_proj.weight").expect("renamed to the HF name");
         let rms = (back - &w).unwrap().sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
         assert!(rms < tolerance, "{dtype:?}: rms error {rms}");
+    }
+}
+
+#[test]
+fn five_bit_and_k_quant_weights_stay_in_their_blocks_with_the_dequantised_values() {
+    // tiny-llama in Q5_0 / Q5_1: the kept model decodes as the dequantised one.
+    let registry = Registry::with_builtins().unwrap();
+    let (ids, _) = reference_logits();
+    for dtype in [GgmlDType::Q5_0, GgmlDType::Q5_1] {
+        let path = write_tiny_llama(dtype);
+        let load = |keep| {
+            let options = LoadOptions { keep_gguf_quantized: keep, ..LoadOptions::default() };
+            LoadedModel::load(&registry, &path, &options).unwrap()
+        };
+        let (kept, dense) = (load(true), load(false));
+        let w = "model.layers.0.self_attn.q_proj.weight";
+        assert!(kept.weights().quantized(w).is_some() && dense.weights().quantized(w).is_none(), "{dtype:?}");
+        let (a, b) = (
+            kept.forward(&ids, &BatchInfo::default(), None, None).unwrap(),
+            dense.forward(&ids, &BatchInfo::default(), None, None).unwrap(),
+        );
+        let diff = max_abs_f32(&(&a - &b).unwrap());
+        assert!(diff < 1e-3 * max_abs_f32(&b), "{dtype:?}: logits differ by {diff}");
+        let greedy = |m: &LoadedModel| oxtune_engine::generate::greedy(m, &ids.narrow(1, 0, 4).unwrap(), 6).unwrap();
+        assert_eq!(greedy(&kept), greedy(&dense), "{dtype:?}: greedy decoding from the blocks");
+    }
+    // K-quants (256-value super-blocks, wider than tiny-llama's rows): the
+    // blocks hold exactly the values candle's ggml dequantisation gives.
+    let w = Tensor::randn(0f32, 1.0, (8, 512), &Device::Cpu).unwrap();
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q5K] {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let path = scratch(&format!("kept-{dtype:?}.gguf"));
+        let meta = [("general.architecture", &Value::String("llama".into()))];
+        gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &[("blk.0.ffn_up.weight", &q)]).unwrap();
+        let file = oxtune_engine::model::gguf::GgufFile::open(&path).unwrap();
+        let trainable = oxtune_engine::model::checkpoint::Trainable::None;
+        let store = file.load_weights(None, DType::F32, &Device::Cpu, trainable, None, true).unwrap();
+        let name = "model.layers.0.mlp.up_proj.weight";
+        let kept = store.quantized(name).unwrap_or_else(|| panic!("{dtype:?} is kept in blocks"));
+        let want = q.dequantize(&Device::Cpu).unwrap();
+        let got = kept.dequantize(DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(max_abs_f32(&(got - want).unwrap()), 0.0, "{dtype:?}");
     }
 }
 

@@ -25,7 +25,7 @@ use serde_json::json;
 use super::checkpoint::{CheckpointError, Trainable};
 use crate::backend::WeightStore;
 use crate::quant::{QuantizeOnLoad, QuantizedWeight};
-use oxtune_kernels::blocks::{BlockKind, BlockMatrix};
+use oxtune_kernels::blocks::{BlockMatrix, GgmlFormat};
 
 /// The config key naming the GGUF file's architecture, for plugins that
 /// read llama.cpp's row order themselves (API 1.1).
@@ -194,8 +194,8 @@ impl GgufFile {
     /// in the checkpoint's row order as `layout` says (without one: under
     /// llama.cpp's standard names, rows as stored); linear layers
     /// requantised to 4 bits one by one when `quantize` asks. With
-    /// `keep_quantized`, frozen Q4_0 / Q4_1 / Q8_0 matrices stay in their
-    /// blocks (other formats are dequantised).
+    /// `keep_quantized`, frozen Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K matrices
+    /// stay in blocks (other formats are dequantised).
     pub fn load_weights(
         &self,
         layout: Option<&GgufLayout>,
@@ -414,13 +414,18 @@ pub fn pre_tokenizer_json(pre: &str) -> Option<serde_json::Value> {
 /// distinct pre-tokenizer (the name llama.cpp's converter writes).
 pub const PRE_TOKENIZERS: [&str; 4] = ["gpt-2", "smollm", "qwen2", "llama-bpe"];
 
-/// The block format of a ggml dtype the decoding kernels read.
-fn block_kind(dtype: candle_core::quantized::GgmlDType) -> Option<BlockKind> {
+/// The block format of a ggml dtype the decoding kernels keep (Q6_K's
+/// 16-value sub-blocks and the 2- and 3-bit K-quants are dequantised).
+fn block_kind(dtype: candle_core::quantized::GgmlDType) -> Option<GgmlFormat> {
     use candle_core::quantized::GgmlDType;
     match dtype {
-        GgmlDType::Q4_0 => Some(BlockKind::Q4_0),
-        GgmlDType::Q4_1 => Some(BlockKind::Q4_1),
-        GgmlDType::Q8_0 => Some(BlockKind::Q8_0),
+        GgmlDType::Q4_0 => Some(GgmlFormat::Q4_0),
+        GgmlDType::Q4_1 => Some(GgmlFormat::Q4_1),
+        GgmlDType::Q5_0 => Some(GgmlFormat::Q5_0),
+        GgmlDType::Q5_1 => Some(GgmlFormat::Q5_1),
+        GgmlDType::Q8_0 => Some(GgmlFormat::Q8_0),
+        GgmlDType::Q4K => Some(GgmlFormat::Q4K),
+        GgmlDType::Q5K => Some(GgmlFormat::Q5K),
         _ => None,
     }
 }
