@@ -59,7 +59,7 @@ pub struct ModelArgs {
     /// Store the 4-bit block scales in 8 bits too (double quantisation).
     #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1, default_missing_value = "true")]
     pub bnb_4bit_use_double_quant: bool,
-    /// A GGUF file: keep its Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K weights quantised in memory
+    /// A GGUF file: keep its Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K weights quantised in memory
     /// (decoding by integer dot products; training through dequantised
     /// panels); `false` dequantises the model as it loads.
     #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1, default_missing_value = "true")]

@@ -4,8 +4,8 @@
 //! Q8_0 keep their quants; the 5-bit formats (Q5_0, Q5_1) unpack to 8
 //! bits; the K-quants' 32-value sub-blocks (Q4_K, Q5_K) become blocks of
 //! their own, each sub-scale and sub-minimum multiplied out as llama.cpp
-//! does, so every value is exactly the one llama.cpp dequantises
-//! ([`GgmlFormat`]). A few rows of activations are
+//! does, and Q6_K's 16-value sub-blocks pairs of halves with a scale each,
+//! so every value is exactly the one llama.cpp dequantises ([`GgmlFormat`]). A few rows of activations are
 //! multiplied straight from the blocks: the activations in 16 bits per
 //! block meet the quants in integer multiply-adds (`vpmaddwd`), then the
 //! two scales; the blocks' offsets use each activation block's f32 sum.
@@ -37,6 +37,9 @@ pub enum BlockKind {
     Q8_0,
     /// 8-bit, `q · d + m` (the 5-bit formats with a minimum, unpacked).
     Q8_1,
+    /// 8-bit, `q · d₀` for the first 16 values and `q · d₁` for the last
+    /// (Q6_K, unpacked).
+    Q8Halves,
 }
 
 /// A llama.cpp block format this module reads ([`BlockMatrix::read_ggml`]).
@@ -57,13 +60,16 @@ pub enum GgmlFormat {
     Q4K,
     /// 256 values: as Q4_K with a fifth bit per value.
     Q5K,
+    /// 256 values: 6-bit quants, sixteen 8-bit scales, f16 `d`;
+    /// sub-block `j` of 16: `d·sc_j · (q − 32)`.
+    Q6K,
 }
 
 impl GgmlFormat {
     /// Values per stored block.
     pub fn block_values(self) -> usize {
         match self {
-            GgmlFormat::Q4K | GgmlFormat::Q5K => 256,
+            GgmlFormat::Q4K | GgmlFormat::Q5K | GgmlFormat::Q6K => 256,
             _ => QK,
         }
     }
@@ -78,6 +84,7 @@ impl GgmlFormat {
             GgmlFormat::Q8_0 => 34,
             GgmlFormat::Q4K => 144,
             GgmlFormat::Q5K => 176,
+            GgmlFormat::Q6K => 210,
         }
     }
 
@@ -88,12 +95,14 @@ impl GgmlFormat {
             GgmlFormat::Q4_1 | GgmlFormat::Q4K => BlockKind::Q4_1,
             GgmlFormat::Q8_0 | GgmlFormat::Q5_0 => BlockKind::Q8_0,
             GgmlFormat::Q5_1 | GgmlFormat::Q5K => BlockKind::Q8_1,
+            GgmlFormat::Q6K => BlockKind::Q8Halves,
         }
     }
 
-    /// Decodes one stored block into 32-value blocks: `(scale, minimum,
-    /// quants)` each, the quants as the kind holds them.
-    fn decode(self, block: &[u8], out: &mut Vec<(f32, f32, [u8; QK])>) {
+    /// Decodes one stored block into 32-value blocks: `(scales, minimum,
+    /// quants)` each (the second scale only for [`BlockKind::Q8Halves`]),
+    /// the quants as the kind holds them.
+    fn decode(self, block: &[u8], out: &mut Vec<([f32; 2], f32, [u8; QK])>) {
         let nibbles = |qs: &[u8], high: &dyn Fn(usize) -> u8| -> [u8; QK] {
             let mut q = [0u8; QK];
             for j in 0..QK / 2 {
@@ -110,7 +119,7 @@ impl GgmlFormat {
                 };
                 let mut q = [0u8; QK];
                 q[..quants.len()].copy_from_slice(quants);
-                out.push((f16(&block[0..2]), min, q));
+                out.push(([f16(&block[0..2]), 0.0], min, q));
             }
             GgmlFormat::Q5_0 | GgmlFormat::Q5_1 => {
                 let (min, rest) = match self {
@@ -123,7 +132,29 @@ impl GgmlFormat {
                     // (q - 16) · d as a signed 8-bit Q8_0 value.
                     q.iter_mut().for_each(|v| *v = (*v as i8 - 16) as u8);
                 }
-                out.push((f16(&block[0..2]), min, q));
+                out.push(([f16(&block[0..2]), 0.0], min, q));
+            }
+            GgmlFormat::Q6K => {
+                let (ql, qh, scales, d) = (&block[..128], &block[128..192], &block[192..208], f16(&block[208..210]));
+                // Two halves of 128 values; in each, value l + 32·k (k = 0..4)
+                // takes a nibble of ql and two bits of qh.
+                for half in 0..2 {
+                    let (ql, qh) = (&ql[half * 64..half * 64 + 64], &qh[half * 32..half * 32 + 32]);
+                    let mut values = [0i8; 128];
+                    for l in 0..32 {
+                        values[l] = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i8 - 32;
+                        values[l + 32] = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                        values[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                        values[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                    }
+                    for k in 0..4 {
+                        let sub = half * 8 + 2 * k;
+                        let scale = |j: usize| d * scales[j] as i8 as f32;
+                        let mut q = [0u8; QK];
+                        q.iter_mut().zip(&values[k * 32..k * 32 + 32]).for_each(|(q, &v)| *q = v as u8);
+                        out.push(([scale(sub), scale(sub + 1)], 0.0, q));
+                    }
+                }
             }
             GgmlFormat::Q4K | GgmlFormat::Q5K => {
                 let (d, dmin) = (f16(&block[0..2]), f16(&block[2..4]));
@@ -152,7 +183,7 @@ impl GgmlFormat {
                             }
                             q = packed;
                         }
-                        out.push((d * sc as f32, -(dmin * m as f32), q));
+                        out.push(([d * sc as f32, 0.0], -(dmin * m as f32), q));
                     }
                 }
             }
@@ -175,13 +206,22 @@ impl BlockKind {
     fn quant_bytes(self) -> usize {
         match self {
             BlockKind::Q4_0 | BlockKind::Q4_1 => QK / 2,
-            BlockKind::Q8_0 | BlockKind::Q8_1 => QK,
+            BlockKind::Q8_0 | BlockKind::Q8_1 | BlockKind::Q8Halves => QK,
         }
     }
 
     /// Whether its blocks carry a minimum.
     fn has_min(self) -> bool {
         matches!(self, BlockKind::Q4_1 | BlockKind::Q8_1)
+    }
+
+    /// Scales per 32-value block.
+    fn scales_per_block(self) -> usize {
+        if self == BlockKind::Q8Halves {
+            2
+        } else {
+            1
+        }
     }
 }
 
@@ -250,7 +290,7 @@ impl BlockMatrix {
             kind,
             rows,
             cols,
-            scales: vec![0.0; blocks],
+            scales: vec![0.0; blocks * kind.scales_per_block()],
             mins: vec![0.0; if kind.has_min() { blocks } else { 0 }],
             quants: vec![0; blocks * qb],
         };
@@ -264,9 +304,10 @@ impl BlockMatrix {
             for block in row.chunks(format.block_bytes()) {
                 format.decode(block, &mut decoded);
             }
-            for (b, (scale, min, quants)) in decoded.iter().enumerate() {
+            let spb = kind.scales_per_block();
+            for (b, (scales, min, quants)) in decoded.iter().enumerate() {
                 let i = r * per_row + b;
-                m.scales[i] = *scale;
+                m.scales[i * spb..(i + 1) * spb].copy_from_slice(&scales[..spb]);
                 if kind.has_min() {
                     m.mins[i] = *min;
                 }
@@ -288,9 +329,13 @@ impl BlockMatrix {
         let mut out = Vec::with_capacity((end - start) * self.cols);
         for b in start * per_row..end * per_row {
             let q = &self.quants[b * qb..(b + 1) * qb];
-            let d = self.scales[b];
+            let d = self.scales[b * self.kind.scales_per_block()];
             match self.kind {
                 BlockKind::Q8_0 => out.extend(q.iter().map(|&v| v as i8 as f32 * d)),
+                BlockKind::Q8Halves => {
+                    let halves = [self.scales[2 * b], self.scales[2 * b + 1]];
+                    out.extend(q.iter().enumerate().map(|(j, &v)| v as i8 as f32 * halves[j / 16]));
+                }
                 BlockKind::Q8_1 => out.extend(q.iter().map(|&v| v as i8 as f32 * d + self.mins[b])),
                 BlockKind::Q4_0 | BlockKind::Q4_1 => {
                     let (offset, min) = match self.kind {
@@ -336,9 +381,44 @@ impl BlockMatrix {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: AVX2 and FMA were just detected.
-            return unsafe { self.dot_row_avx2(row, xs, out) };
+            return unsafe {
+                if self.kind == BlockKind::Q8Halves {
+                    self.dot_halves_avx2(row, xs, out)
+                } else {
+                    self.dot_row_avx2(row, xs, out)
+                }
+            };
         }
         self.dot_row(row, xs, out)
+    }
+
+    /// [`Self::dot_one_row_avx2`] for [`BlockKind::Q8Halves`]: each half
+    /// block's sum meets its own scale.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_halves_avx2(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let RowBlocks { per_row, qb, quants, scales, .. } = self.row_blocks(row);
+        for (x, y) in xs.iter().zip(out.iter_mut()) {
+            assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row);
+            let xq = x.quants.as_ptr();
+            let mut accs = [_mm256_setzero_ps(); 4];
+            for b in 0..per_row {
+                let (w0, w1) = widen(self.kind, quants.add(b * qb));
+                let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                let x1 = _mm256_loadu_si256(xq.add(b * QK + 16) as *const __m256i);
+                let xs = *x.scales.get_unchecked(b);
+                let (d0, d1) = (*scales.add(2 * b) * xs, *scales.add(2 * b + 1) * xs);
+                let k = 2 * (b % 2);
+                accs[k] = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(_mm256_madd_epi16(w0, x0)), accs[k]);
+                accs[k + 1] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(_mm256_madd_epi16(w1, x1)), accs[k + 1]);
+            }
+            *y = sum_lanes(&accs);
+        }
     }
 
     /// [`Self::dot_row`] in AVX2 and FMA, on the activations in 16 bits:
@@ -416,15 +496,15 @@ impl BlockMatrix {
     fn row_blocks(&self, row: usize) -> RowBlocks {
         let per_row = self.cols / QK;
         let first = row * per_row;
-        let qb = self.kind.quant_bytes();
-        assert!(self.quants.len() >= (first + per_row) * qb && self.scales.len() >= first + per_row);
+        let (qb, spb) = (self.kind.quant_bytes(), self.kind.scales_per_block());
+        assert!(self.quants.len() >= (first + per_row) * qb && self.scales.len() >= (first + per_row) * spb);
         assert!(!self.kind.has_min() || self.mins.len() >= first + per_row);
         RowBlocks {
             first,
             per_row,
             qb,
             quants: self.quants[first * qb..].as_ptr(),
-            scales: self.scales[first..].as_ptr(),
+            scales: self.scales[first * spb..].as_ptr(),
         }
     }
 
@@ -434,7 +514,7 @@ impl BlockMatrix {
     /// one scalar.
     fn offsets(&self, first: usize, per_row: usize, x: &ActivationRow) -> f32 {
         let (per_block, factor): (&[f32], f32) = match self.kind {
-            BlockKind::Q8_0 => return 0.0,
+            BlockKind::Q8_0 | BlockKind::Q8Halves => return 0.0,
             BlockKind::Q4_0 => (&self.scales[first..first + per_row], -8.0),
             BlockKind::Q4_1 | BlockKind::Q8_1 => (&self.mins[first..first + per_row], 1.0),
         };
@@ -456,8 +536,19 @@ impl BlockMatrix {
             for b in 0..per_row {
                 let q: &[u8] = &self.quants[(first + b) * qb..(first + b + 1) * qb];
                 let xb: &[i16; QK] = x.quants[b * QK..(b + 1) * QK].try_into().expect("a whole block");
+                if self.kind == BlockKind::Q8Halves {
+                    let half = |h: usize| -> f32 {
+                        let products: i32 =
+                            (h * 16..h * 16 + 16).map(|j| q[j] as i8 as i32 * xb[j] as i32).sum::<i32>();
+                        self.scales[2 * (first + b) + h] * x.scales[b] * products as f32
+                    };
+                    sum += half(0) + half(1);
+                    continue;
+                }
                 let products = match self.kind {
-                    BlockKind::Q8_0 | BlockKind::Q8_1 => dot_i8(q.try_into().expect("32 bytes"), xb),
+                    BlockKind::Q8_0 | BlockKind::Q8_1 | BlockKind::Q8Halves => {
+                        dot_i8(q.try_into().expect("32 bytes"), xb)
+                    }
                     BlockKind::Q4_0 | BlockKind::Q4_1 => dot_nibbles(q.try_into().expect("16 bytes"), xb),
                 };
                 sum += self.scales[first + b] * x.scales[b] * products as f32;
@@ -487,7 +578,7 @@ struct RowBlocks {
 unsafe fn widen(kind: BlockKind, q: *const u8) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
     use std::arch::x86_64::*;
     match kind {
-        BlockKind::Q8_0 | BlockKind::Q8_1 => (
+        BlockKind::Q8_0 | BlockKind::Q8_1 | BlockKind::Q8Halves => (
             _mm256_cvtepi8_epi16(_mm_loadu_si128(q as *const __m128i)),
             _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(16) as *const __m128i)),
         ),
@@ -580,6 +671,7 @@ mod tests {
             (GgmlDType::Q5_1, GgmlFormat::Q5_1),
             (GgmlDType::Q4K, GgmlFormat::Q4K),
             (GgmlDType::Q5K, GgmlFormat::Q5K),
+            (GgmlDType::Q6K, GgmlFormat::Q6K),
         ] {
             let q = QTensor::quantize(&dense, dtype).unwrap();
             let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -595,6 +687,18 @@ mod tests {
                 }
             }
         }
+        // Q6_K's halves: the portable path gives what the vector one gives.
+        let q = QTensor::quantize(&dense, GgmlDType::Q6K).unwrap();
+        let m = BlockMatrix::from_ggml(GgmlFormat::Q6K, rows, cols, &q.data().unwrap(), None).unwrap();
+        let acts: Vec<ActivationRow> = x.chunks(cols).map(ActivationRow::new).collect();
+        for o in 0..rows {
+            let (mut best, mut portable) = ([0f32; 2], [0f32; 2]);
+            m.dot_row_best(o, &acts, &mut best);
+            m.dot_row(o, &acts, &mut portable);
+            for (a, b) in best.iter().zip(&portable) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "row {o}: {a} vs {b}");
+            }
+        }
         let short = BlockMatrix::from_ggml(GgmlFormat::Q4K, 1, 32, &[0; 20], None).unwrap_err();
         assert!(short.contains("Q4K"), "{short}");
     }
@@ -605,7 +709,7 @@ mod tests {
         let mut out = Vec::new();
         for block in values.chunks(QK) {
             match kind {
-                BlockKind::Q8_0 | BlockKind::Q8_1 => {
+                BlockKind::Q8_0 | BlockKind::Q8_1 | BlockKind::Q8Halves => {
                     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                     let d = amax / 127.0;
                     out.extend(half::f16::from_f32(d).to_le_bytes());

@@ -26,7 +26,7 @@
 //!   unlabelled rows (see [`head`]).
 //!
 //! - [`blocks::BlockMatrix`]: weights in llama.cpp's Q4_0 / Q4_1 / Q5_0 /
-//!   Q5_1 / Q8_0 / Q4_K / Q5_K blocks (as 32-value blocks), multiplied by a few rows of activations with integer dot
+//!   Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K blocks (as 32-value blocks), multiplied by a few rows of activations with integer dot
 //!   products (decoding from a GGUF file kept quantised).
 //!
 //! The crate is compiled at full optimisation even in dev builds (see the

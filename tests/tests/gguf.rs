@@ -176,7 +176,7 @@ fn five_bit_and_k_quant_weights_stay_in_their_blocks_with_the_dequantised_values
     // K-quants (256-value super-blocks, wider than tiny-llama's rows): the
     // blocks hold exactly the values candle's ggml dequantisation gives.
     let w = Tensor::randn(0f32, 1.0, (8, 512), &Device::Cpu).unwrap();
-    for dtype in [GgmlDType::Q4K, GgmlDType::Q5K] {
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
         let q = QTensor::quantize(&w, dtype).unwrap();
         let path = scratch(&format!("kept-{dtype:?}.gguf"));
         let meta = [("general.architecture", &Value::String("llama".into()))];

@@ -194,7 +194,7 @@ impl GgufFile {
     /// in the checkpoint's row order as `layout` says (without one: under
     /// llama.cpp's standard names, rows as stored); linear layers
     /// requantised to 4 bits one by one when `quantize` asks. With
-    /// `keep_quantized`, frozen Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K matrices
+    /// `keep_quantized`, frozen Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K matrices
     /// stay in blocks (other formats are dequantised).
     pub fn load_weights(
         &self,
@@ -414,8 +414,8 @@ pub fn pre_tokenizer_json(pre: &str) -> Option<serde_json::Value> {
 /// distinct pre-tokenizer (the name llama.cpp's converter writes).
 pub const PRE_TOKENIZERS: [&str; 4] = ["gpt-2", "smollm", "qwen2", "llama-bpe"];
 
-/// The block format of a ggml dtype the decoding kernels keep (Q6_K's
-/// 16-value sub-blocks and the 2- and 3-bit K-quants are dequantised).
+/// The block format of a ggml dtype the decoding kernels keep (the 2-
+/// and 3-bit K-quants are dequantised).
 fn block_kind(dtype: candle_core::quantized::GgmlDType) -> Option<GgmlFormat> {
     use candle_core::quantized::GgmlDType;
     match dtype {
@@ -426,6 +426,7 @@ fn block_kind(dtype: candle_core::quantized::GgmlDType) -> Option<GgmlFormat> {
         GgmlDType::Q8_0 => Some(GgmlFormat::Q8_0),
         GgmlDType::Q4K => Some(GgmlFormat::Q4K),
         GgmlDType::Q5K => Some(GgmlFormat::Q5K),
+        GgmlDType::Q6K => Some(GgmlFormat::Q6K),
         _ => None,
     }
 }

@@ -75,7 +75,7 @@ pub struct LoadOptions {
     /// Quantise the linear layers to 4 bits as they load (QLoRA's base;
     /// ms-swift's `--quant-method bnb --quant-bits 4`).
     pub quantize: Option<QuantizeOnLoad>,
-    /// A GGUF file's frozen Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K weights stay quantised in
+    /// A GGUF file's frozen Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K weights stay quantised in
     /// memory (decoding by integer dot products; training reaches the
     /// input through dequantised panels).
     pub keep_gguf_quantized: bool,
