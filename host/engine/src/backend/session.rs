@@ -195,6 +195,11 @@ pub struct GraphSession<'a> {
     checkpointing: Option<Checkpointing>,
     /// The block being recorded (interior: reads are recorded by `get`).
     recording: RefCell<Option<Recording>>,
+    /// Arena positions where the blocks now open (not checkpointed) began:
+    /// at a block's end, the handles made inside are released (only its
+    /// output lives on), so a forward pass holds one layer's activations
+    /// handles at a time rather than every layer's.
+    open_blocks: Vec<usize>,
     /// How many tuner hooks are running (their ops are not recorded: the
     /// replayed `linear` runs the hook again).
     tuner_depth: u32,
@@ -300,6 +305,7 @@ impl<'a> GraphSession<'a> {
             head_result: None,
             checkpointing: None,
             recording: RefCell::new(None),
+            open_blocks: Vec::new(),
             tuner_depth: 0,
             weights_snapshot: None,
             block_anchor: None,
@@ -458,6 +464,20 @@ impl<'a> GraphSession<'a> {
         let id = self.insert(t);
         if let Op::OutputHead { .. } = op {
             self.head_result = Some(id);
+        }
+        if plugin_level && !recording {
+            let index = (id.0 & 0xffff_ffff) as usize;
+            match op {
+                Op::BlockBegin { .. } => self.open_blocks.push(index),
+                Op::BlockEnd { .. } => {
+                    // The handles the block made are released (the block's
+                    // contract); autograd keeps what a backward pass needs.
+                    if let Some(start) = self.open_blocks.pop() {
+                        self.arena[start..index].iter_mut().for_each(|slot| *slot = None);
+                    }
+                }
+                _ => {}
+            }
         }
         if let Some(recording) = self.recording.get_mut().as_mut().filter(|_| plugin_level) {
             match op {
