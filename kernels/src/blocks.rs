@@ -74,6 +74,11 @@ impl GgmlFormat {
         }
     }
 
+    /// Whether its scales and minimums are f16 as stored (not products).
+    fn f16_factors(self) -> bool {
+        matches!(self, GgmlFormat::Q4_0 | GgmlFormat::Q4_1 | GgmlFormat::Q5_0 | GgmlFormat::Q5_1 | GgmlFormat::Q8_0)
+    }
+
     /// Bytes of one stored block.
     pub fn block_bytes(self) -> usize {
         match self {
@@ -234,9 +239,85 @@ pub struct BlockMatrix {
     pub rows: usize,
     /// Input features.
     pub cols: usize,
-    scales: Vec<f32>,
-    mins: Vec<f32>,
+    scales: Factors,
+    mins: Factors,
     quants: Vec<u8>,
+}
+
+/// Per-block scales or minimums: f16 when the stored format holds them so
+/// (Q4_0 to Q8_0: half the bytes of f32, and exact), f32 when they are
+/// products (the K-quants' `d·sc`, which f16 cannot hold exactly).
+#[derive(Clone, Debug)]
+enum Factors {
+    Half(Vec<half::f16>),
+    Full(Vec<f32>),
+}
+
+impl Factors {
+    fn zeros(n: usize, half: bool) -> Factors {
+        if half {
+            Factors::Half(vec![half::f16::ZERO; n])
+        } else {
+            Factors::Full(vec![0.0; n])
+        }
+    }
+
+    fn set(&mut self, i: usize, value: f32) {
+        match self {
+            Factors::Half(v) => v[i] = half::f16::from_f32(value),
+            Factors::Full(v) => v[i] = value,
+        }
+    }
+
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Factors::Half(v) => v[i].to_f32(),
+            Factors::Full(v) => v[i],
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Factors::Half(v) => v.len(),
+            Factors::Full(v) => v.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Factors::Half(v) => 2 * v.len(),
+            Factors::Full(v) => 4 * v.len(),
+        }
+    }
+
+    /// A pointer to factor `i` (f16 or f32 as stored).
+    fn ptr(&self, i: usize) -> *const u8 {
+        match self {
+            Factors::Half(v) => v[i..].as_ptr() as *const u8,
+            Factors::Full(v) => v[i..].as_ptr() as *const u8,
+        }
+    }
+
+    fn is_half(&self) -> bool {
+        matches!(self, Factors::Half(_))
+    }
+}
+
+/// Factor `i` behind `p`: f16 (`HALF`) or f32.
+///
+/// # Safety
+/// `p` must point at at least `i + 1` factors of that type, and the CPU
+/// support F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c")]
+#[inline]
+unsafe fn load_factor<const HALF: bool>(p: *const u8, i: usize) -> f32 {
+    if HALF {
+        use std::arch::x86_64::*;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*(p as *const u16).add(i) as i32)))
+    } else {
+        *(p as *const f32).add(i)
+    }
 }
 
 fn f16(bytes: &[u8]) -> f32 {
@@ -290,8 +371,8 @@ impl BlockMatrix {
             kind,
             rows,
             cols,
-            scales: vec![0.0; blocks * kind.scales_per_block()],
-            mins: vec![0.0; if kind.has_min() { blocks } else { 0 }],
+            scales: Factors::zeros(blocks * kind.scales_per_block(), format.f16_factors()),
+            mins: Factors::zeros(if kind.has_min() { blocks } else { 0 }, format.f16_factors()),
             quants: vec![0; blocks * qb],
         };
         let mut row = vec![0u8; cols / format.block_values() * format.block_bytes()];
@@ -307,9 +388,11 @@ impl BlockMatrix {
             let spb = kind.scales_per_block();
             for (b, (scales, min, quants)) in decoded.iter().enumerate() {
                 let i = r * per_row + b;
-                m.scales[i * spb..(i + 1) * spb].copy_from_slice(&scales[..spb]);
+                for (k, &scale) in scales[..spb].iter().enumerate() {
+                    m.scales.set(i * spb + k, scale);
+                }
                 if kind.has_min() {
-                    m.mins[i] = *min;
+                    m.mins.set(i, *min);
                 }
                 m.quants[i * qb..(i + 1) * qb].copy_from_slice(&quants[..qb]);
             }
@@ -319,7 +402,7 @@ impl BlockMatrix {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.quants.len() + 4 * (self.scales.len() + self.mins.len())
+        self.quants.len() + self.scales.bytes() + self.mins.bytes()
     }
 
     /// Rows `start..end` as f32, row-major.
@@ -329,18 +412,18 @@ impl BlockMatrix {
         let mut out = Vec::with_capacity((end - start) * self.cols);
         for b in start * per_row..end * per_row {
             let q = &self.quants[b * qb..(b + 1) * qb];
-            let d = self.scales[b * self.kind.scales_per_block()];
+            let d = self.scales.get(b * self.kind.scales_per_block());
             match self.kind {
                 BlockKind::Q8_0 => out.extend(q.iter().map(|&v| v as i8 as f32 * d)),
                 BlockKind::Q8Halves => {
-                    let halves = [self.scales[2 * b], self.scales[2 * b + 1]];
+                    let halves = [self.scales.get(2 * b), self.scales.get(2 * b + 1)];
                     out.extend(q.iter().enumerate().map(|(j, &v)| v as i8 as f32 * halves[j / 16]));
                 }
-                BlockKind::Q8_1 => out.extend(q.iter().map(|&v| v as i8 as f32 * d + self.mins[b])),
+                BlockKind::Q8_1 => out.extend(q.iter().map(|&v| v as i8 as f32 * d + self.mins.get(b))),
                 BlockKind::Q4_0 | BlockKind::Q4_1 => {
                     let (offset, min) = match self.kind {
                         BlockKind::Q4_0 => (8.0, 0.0),
-                        _ => (0.0, self.mins[b]),
+                        _ => (0.0, self.mins.get(b)),
                     };
                     out.extend(q.iter().map(|&v| ((v & 0x0f) as f32 - offset) * d + min));
                     out.extend(q.iter().map(|&v| ((v >> 4) as f32 - offset) * d + min));
@@ -379,13 +462,17 @@ impl BlockMatrix {
 
     fn dot_row_best(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: AVX2 and FMA were just detected.
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: AVX2, FMA and F16C were just detected.
             return unsafe {
-                if self.kind == BlockKind::Q8Halves {
-                    self.dot_halves_avx2(row, xs, out)
-                } else {
-                    self.dot_row_avx2(row, xs, out)
+                match (self.kind, self.scales.is_half()) {
+                    (BlockKind::Q8Halves, false) => self.dot_halves_avx2::<false>(row, xs, out),
+                    (BlockKind::Q8Halves, true) => self.dot_halves_avx2::<true>(row, xs, out),
+                    (_, false) => self.dot_row_avx2::<false>(row, xs, out),
+                    (_, true) => self.dot_row_avx2::<true>(row, xs, out),
                 }
             };
         }
@@ -398,8 +485,8 @@ impl BlockMatrix {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_halves_avx2(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_halves_avx2<const HALF: bool>(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
         use std::arch::x86_64::*;
         let RowBlocks { per_row, qb, quants, scales, .. } = self.row_blocks(row);
         for (x, y) in xs.iter().zip(out.iter_mut()) {
@@ -411,7 +498,7 @@ impl BlockMatrix {
                 let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
                 let x1 = _mm256_loadu_si256(xq.add(b * QK + 16) as *const __m256i);
                 let xs = *x.scales.get_unchecked(b);
-                let (d0, d1) = (*scales.add(2 * b) * xs, *scales.add(2 * b + 1) * xs);
+                let (d0, d1) = (load_factor::<HALF>(scales, 2 * b) * xs, load_factor::<HALF>(scales, 2 * b + 1) * xs);
                 let k = 2 * (b % 2);
                 accs[k] = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(_mm256_madd_epi16(w0, x0)), accs[k]);
                 accs[k + 1] =
@@ -429,12 +516,12 @@ impl BlockMatrix {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_row_avx2(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_row_avx2<const HALF: bool>(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
         use std::arch::x86_64::*;
         let RowBlocks { first, per_row, qb, quants, scales } = self.row_blocks(row);
         if xs.len() == 1 {
-            return self.dot_one_row_avx2(row, xs, out);
+            return self.dot_one_row_avx2::<HALF>(row, xs, out);
         }
         for (xs, out) in xs.chunks(ROWS_AT_ONCE).zip(out.chunks_mut(ROWS_AT_ONCE)) {
             for x in xs {
@@ -446,7 +533,7 @@ impl BlockMatrix {
             let mut accs = [_mm256_setzero_ps(); 4 * ROWS_AT_ONCE];
             for b in 0..per_row {
                 let (w0, w1) = widen(self.kind, quants.add(b * qb));
-                let d = *scales.add(b);
+                let d = load_factor::<HALF>(scales, b);
                 for (r, x) in xs.iter().enumerate() {
                     let xq = x.quants.as_ptr().add(b * QK);
                     let x0 = _mm256_loadu_si256(xq as *const __m256i);
@@ -469,8 +556,8 @@ impl BlockMatrix {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_one_row_avx2(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_one_row_avx2<const HALF: bool>(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
         use std::arch::x86_64::*;
         let RowBlocks { first, per_row, qb, quants, scales } = self.row_blocks(row);
         for (x, y) in xs.iter().zip(out.iter_mut()) {
@@ -484,7 +571,7 @@ impl BlockMatrix {
                 let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
                 let x1 = _mm256_loadu_si256(xq.add(b * QK + 16) as *const __m256i);
                 let sums = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                let scale = *scales.add(b) * *x.scales.get_unchecked(b);
+                let scale = load_factor::<HALF>(scales, b) * *x.scales.get_unchecked(b);
                 accs[b % 4] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), accs[b % 4]);
             }
             *y = sum_lanes(&accs) + self.offsets(first, per_row, x);
@@ -504,7 +591,7 @@ impl BlockMatrix {
             per_row,
             qb,
             quants: self.quants[first * qb..].as_ptr(),
-            scales: self.scales[first * spb..].as_ptr(),
+            scales: self.scales.ptr(first * spb),
         }
     }
 
@@ -513,14 +600,14 @@ impl BlockMatrix {
     /// from the products: in their loop they would chain every block on
     /// one scalar.
     fn offsets(&self, first: usize, per_row: usize, x: &ActivationRow) -> f32 {
-        let (per_block, factor): (&[f32], f32) = match self.kind {
+        let (per_block, factor): (&Factors, f32) = match self.kind {
             BlockKind::Q8_0 | BlockKind::Q8Halves => return 0.0,
-            BlockKind::Q4_0 => (&self.scales[first..first + per_row], -8.0),
-            BlockKind::Q4_1 | BlockKind::Q8_1 => (&self.mins[first..first + per_row], 1.0),
+            BlockKind::Q4_0 => (&self.scales, -8.0),
+            BlockKind::Q4_1 | BlockKind::Q8_1 => (&self.mins, 1.0),
         };
         let mut lanes = [0f32; 8];
-        for (i, (m, s)) in per_block.iter().zip(&x.sums).enumerate() {
-            lanes[i % 8] += m * s;
+        for (i, s) in x.sums.iter().take(per_row).enumerate() {
+            lanes[i % 8] += per_block.get(first + i) * s;
         }
         lanes.iter().sum::<f32>() * factor
     }
@@ -540,7 +627,7 @@ impl BlockMatrix {
                     let half = |h: usize| -> f32 {
                         let products: i32 =
                             (h * 16..h * 16 + 16).map(|j| q[j] as i8 as i32 * xb[j] as i32).sum::<i32>();
-                        self.scales[2 * (first + b) + h] * x.scales[b] * products as f32
+                        self.scales.get(2 * (first + b) + h) * x.scales[b] * products as f32
                     };
                     sum += half(0) + half(1);
                     continue;
@@ -551,7 +638,7 @@ impl BlockMatrix {
                     }
                     BlockKind::Q4_0 | BlockKind::Q4_1 => dot_nibbles(q.try_into().expect("16 bytes"), xb),
                 };
-                sum += self.scales[first + b] * x.scales[b] * products as f32;
+                sum += self.scales.get(first + b) * x.scales[b] * products as f32;
             }
             *y = sum + self.offsets(first, per_row, x);
         }
@@ -565,7 +652,8 @@ struct RowBlocks {
     per_row: usize,
     qb: usize,
     quants: *const u8,
-    scales: *const f32,
+    /// f16 or f32, as the matrix stores them.
+    scales: *const u8,
 }
 
 /// One block's 32 quants widened to 16-bit integers (two 16-lane vectors,

@@ -151,10 +151,10 @@ pub struct InferBench {
 /// decode speed against the memory-bandwidth bound (weight bytes read per
 /// step vs. this machine's copy bandwidth).
 pub fn infer(model: &LoadedModel, vocab: usize, bench: &InferBench) -> Result<Vec<Value>, BenchError> {
-    let bandwidth = copy_bandwidth();
     let step_bytes = bytes_per_step(model);
     let vocab = vocab.max(1) as u32;
-    let mut records = Vec::new();
+    // (batch, prefill seconds, decode seconds, peak memory so far)
+    let mut runs = Vec::new();
     for &batch in &bench.batch_sizes {
         let ids: Vec<u32> = (0..batch * bench.prompt_tokens).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
         let prompt = Tensor::from_vec(ids, (batch, bench.prompt_tokens), model.device())?;
@@ -169,7 +169,12 @@ pub fn infer(model: &LoadedModel, vocab: usize, bench: &InferBench) -> Result<Ve
             let logits = model.forward_last(&input, &BatchInfo::default(), Some(&mut cache), None)?;
             next = oxtune_engine::generate::last_argmax(&logits)?;
         }
-        let decode = start.elapsed().as_secs_f64();
+        runs.push((batch, prefill, start.elapsed().as_secs_f64(), peak_memory_mb()));
+    }
+    // Measured last: its 512 MiB of buffers would otherwise be the peak.
+    let bandwidth = copy_bandwidth();
+    let mut records = Vec::new();
+    for (batch, prefill, decode, peak) in runs {
         let decode_tps = (batch * bench.new_tokens) as f64 / decode;
         let bound_tps = batch as f64 * bandwidth / step_bytes as f64;
         records.push(json!({
@@ -182,7 +187,7 @@ pub fn infer(model: &LoadedModel, vocab: usize, bench: &InferBench) -> Result<Ve
             "copy_bandwidth_gb_per_s": bandwidth / 1e9,
             "decode_bandwidth_bound_tokens_per_s": bound_tps,
             "decode_vs_bound": decode_tps / bound_tps,
-            "peak_memory_mb": peak_memory_mb(),
+            "peak_memory_mb": peak,
         }));
     }
     Ok(records)
