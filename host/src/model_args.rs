@@ -136,12 +136,20 @@ impl ModelArgs {
             quantize,
             keep_gguf_quantized: self.keep_quantized,
         };
+        let load_assets = || {
+            TextAssets::load(&self.model).with_context(|| format!("loading the tokenizer of {}", self.model.display()))
+        };
         // The tokenizer first: building it (a GGUF file's vocabulary as
         // JSON) allocates about 25 MB that is freed before the weights
-        // arrive, instead of on top of them at the peak.
-        let assets = TextAssets::load(&self.model)
-            .with_context(|| format!("loading the tokenizer of {}", self.model.display()))?;
+        // arrive, instead of on top of them at the peak. A missing model
+        // is left to the model loader, which names what is missing.
+        let present = self.model.is_file() || self.model.join("config.json").is_file();
+        let early_assets = if present { Some(load_assets()?) } else { None };
         let mut model = LoadedModel::load(registry, &self.model, &options)?;
+        let assets = match early_assets {
+            Some(assets) => assets,
+            None => load_assets()?,
+        };
         if let Some(adapter) = self.adapter.as_ref().filter(|_| apply_adapter) {
             model
                 .attach_adapter(registry, adapter, Trainable::None)
