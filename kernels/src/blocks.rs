@@ -545,7 +545,7 @@ impl BlockMatrix {
                 }
             }
             for (r, (x, y)) in xs.iter().zip(out.iter_mut()).enumerate() {
-                *y = sum_lanes(&accs[r * 4..r * 4 + 4]) + self.offsets(first, per_row, x);
+                *y = sum_lanes(&accs[r * 4..r * 4 + 4]) + self.offsets_avx2::<HALF>(first, per_row, x);
             }
         }
     }
@@ -574,8 +574,45 @@ impl BlockMatrix {
                 let scale = load_factor::<HALF>(scales, b) * *x.scales.get_unchecked(b);
                 accs[b % 4] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), accs[b % 4]);
             }
-            *y = sum_lanes(&accs) + self.offsets(first, per_row, x);
+            *y = sum_lanes(&accs) + self.offsets_avx2::<HALF>(first, per_row, x);
         }
+    }
+
+    /// [`Self::offsets`] eight blocks at a time: the factors (converted
+    /// from f16 by F16C when `HALF`) meet the activation sums in one FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `first + per_row` blocks
+    /// must be in range and `x` hold `per_row` sums.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn offsets_avx2<const HALF: bool>(&self, first: usize, per_row: usize, x: &ActivationRow) -> f32 {
+        use std::arch::x86_64::*;
+        let (factors, factor) = match self.kind {
+            BlockKind::Q8_0 | BlockKind::Q8Halves => return 0.0,
+            BlockKind::Q4_0 => (&self.scales, -8.0),
+            BlockKind::Q4_1 | BlockKind::Q8_1 => (&self.mins, 1.0),
+        };
+        assert!(factors.len() >= first + per_row && x.sums.len() >= per_row);
+        let p = factors.ptr(first);
+        let mut acc = _mm256_setzero_ps();
+        let mut b = 0;
+        while b + 8 <= per_row {
+            let m = if HALF {
+                _mm256_cvtph_ps(_mm_loadu_si128((p as *const u16).add(b) as *const __m128i))
+            } else {
+                _mm256_loadu_ps((p as *const f32).add(b))
+            };
+            acc = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.sums.as_ptr().add(b)), acc);
+            b += 8;
+        }
+        let zero = _mm256_setzero_ps();
+        let mut total = sum_lanes(&[acc, zero, zero, zero]);
+        while b < per_row {
+            total += load_factor::<HALF>(p, b) * x.sums[b];
+            b += 1;
+        }
+        total * factor
     }
 
     /// Where weight row `row`'s blocks are, checked against the arrays'
@@ -606,8 +643,23 @@ impl BlockMatrix {
             BlockKind::Q4_1 | BlockKind::Q8_1 => (&self.mins, 1.0),
         };
         let mut lanes = [0f32; 8];
-        for (i, s) in x.sums.iter().take(per_row).enumerate() {
-            lanes[i % 8] += per_block.get(first + i) * s;
+        match per_block {
+            Factors::Full(v) => {
+                for (i, (m, s)) in v[first..first + per_row].iter().zip(&x.sums).enumerate() {
+                    lanes[i % 8] += m * s;
+                }
+            }
+            Factors::Half(v) => {
+                // Converted a chunk at a time (F16C when the CPU has it), not per value.
+                use half::slice::HalfFloatSliceExt;
+                let mut chunk = [0f32; 64];
+                for (c, (ms, ss)) in v[first..first + per_row].chunks(64).zip(x.sums.chunks(64)).enumerate() {
+                    ms.convert_to_f32_slice(&mut chunk[..ms.len()]);
+                    for (i, (m, s)) in chunk.iter().zip(ss).enumerate() {
+                        lanes[(c * 64 + i) % 8] += m * s;
+                    }
+                }
+            }
         }
         lanes.iter().sum::<f32>() * factor
     }
