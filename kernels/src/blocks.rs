@@ -335,7 +335,7 @@ impl BlockMatrix {
         order: Option<&[usize]>,
     ) -> Result<BlockMatrix, String> {
         let want = rows * cols / format.block_values() * format.block_bytes();
-        if raw.len() != want || cols % format.block_values() != 0 {
+        if raw.len() != want || !cols.is_multiple_of(format.block_values()) {
             return Err(format!("{} bytes for a [{rows}, {cols}] {format:?} tensor (want {want})", raw.len()));
         }
         Self::read_ggml(format, rows, cols, &mut &raw[..], order)
@@ -352,7 +352,7 @@ impl BlockMatrix {
         reader: &mut impl std::io::Read,
         order: Option<&[usize]>,
     ) -> Result<BlockMatrix, String> {
-        if cols % format.block_values() != 0 {
+        if !cols.is_multiple_of(format.block_values()) {
             return Err(format!("{cols} columns are not whole {format:?} blocks of {}", format.block_values()));
         }
         let kind = format.kind();
