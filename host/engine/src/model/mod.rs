@@ -558,18 +558,30 @@ impl LoadedModel {
         batch: &BatchInfo,
         labels: &Tensor,
     ) -> Result<LabelLogps, ModelError> {
-        self.label_logps_with(input_ids, batch, labels, self.adapter.as_deref())
+        self.label_logps_with(input_ids, batch, labels, self.adapter.as_deref(), true)
     }
 
     /// [`label_logps`](Self::label_logps) of the base model alone, the
-    /// attached adapter switched off (the reference of preference training).
+    /// attached adapter switched off (the reference of preference training:
+    /// its auxiliary outputs are not asked for, as nothing reads them).
     pub fn label_logps_without_adapter(
         &self,
         input_ids: &Tensor,
         batch: &BatchInfo,
         labels: &Tensor,
     ) -> Result<LabelLogps, ModelError> {
-        self.label_logps_with(input_ids, batch, labels, None)
+        self.label_logps_with(input_ids, batch, labels, None, false)
+    }
+
+    /// [`label_logps`](Self::label_logps) with the attached adapter, for a
+    /// frozen reference model: its auxiliary outputs are not asked for.
+    pub fn reference_label_logps(
+        &self,
+        input_ids: &Tensor,
+        batch: &BatchInfo,
+        labels: &Tensor,
+    ) -> Result<LabelLogps, ModelError> {
+        self.label_logps_with(input_ids, batch, labels, self.adapter.as_deref(), false)
     }
 
     fn label_logps_with(
@@ -578,9 +590,10 @@ impl LoadedModel {
         batch: &BatchInfo,
         labels: &Tensor,
         tuner: Option<&TunerBinding>,
+        want_aux: bool,
     ) -> Result<LabelLogps, ModelError> {
         let RunOutput { out, ran_head, aux } =
-            self.run(input_ids, batch, None, tuner, Head::LabelLogProbs(labels), true)?;
+            self.run(input_ids, batch, None, tuner, Head::LabelLogProbs(labels), want_aux)?;
         let (logps, mask) = match ran_head {
             true => (out, crate::loss::next_token_mask(labels).map_err(|e| self.head_error(e))?),
             // A plugin without the output-head op returned every position's logits.

@@ -376,7 +376,7 @@ impl Objective for GrpoObjective<'_> {
             let plain = BatchInfo { attention_mask: Some(mask), ..Default::default() };
             let reference = match &self.reference {
                 Reference::AdapterOff => model.label_logps_without_adapter(&ids, &plain, &labels),
-                Reference::Model(frozen) => frozen.label_logps(&ids, &plain, &labels),
+                Reference::Model(frozen) => frozen.reference_label_logps(&ids, &plain, &labels),
             }
             .map_err(Box::new)?;
             Some(reference.logps.detach())

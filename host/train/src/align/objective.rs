@@ -69,7 +69,7 @@ fn logps(
     let out = match reference {
         None => model.label_logps(&ids, &info, &labels),
         Some(Reference::AdapterOff) => model.label_logps_without_adapter(&ids, &info, &labels),
-        Some(Reference::Model(frozen)) => frozen.label_logps(&ids, &info, &labels),
+        Some(Reference::Model(frozen)) => frozen.reference_label_logps(&ids, &info, &labels),
     }
     .map_err(Box::new)?;
     let (picked, label_mask, aux) = (out.logps, out.mask, out.aux);
