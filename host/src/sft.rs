@@ -107,7 +107,11 @@ pub(super) fn set_up(global: &GlobalArgs, args: &SftArgs, command: &str, knobs: 
     let mut text = args.model.load_with(&registry, false)?;
     let frozen = args.tuner.frozen_prefixes(text.model.media_spec());
     text.model.freeze_prefixes(frozen.clone());
-    let tuner_config = args.tuner.config(&text.model.all_linear_modules());
+    let mut tuner_config = args.tuner.config(&text.model.all_linear_modules());
+    if args.tuner.lora_dropout.is_none() && text.model.targets_fused_experts(&tuner_config) {
+        // PEFT refuses dropout on transformers 5's fused expert parameters.
+        tuner_config["lora_dropout"] = serde_json::json!(0.0);
+    }
     let mut recorded = recorded_args(args, &tuner_config, text.model.architecture());
     recorded["command"] = json!(command);
     recorded["objective"] = knobs;

@@ -86,9 +86,11 @@ pub struct TunerArgs {
     /// LoRA alpha (the update is scaled by alpha / rank).
     #[arg(long, default_value_t = 32.0)]
     pub lora_alpha: f64,
-    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`).
-    #[arg(long, default_value_t = 0.05)]
-    pub lora_dropout: f64,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`;
+    /// default 0.05, or 0 when the targets include a mixture's experts, on
+    /// which PEFT allows none).
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
     /// Scale by alpha / √rank (rsLoRA).
     #[arg(long)]
     pub use_rslora: bool,
@@ -116,6 +118,9 @@ pub struct TunerArgs {
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub freeze_llm: bool,
 }
+
+/// `--lora-dropout` when not given (ms-swift's default).
+pub const DEFAULT_LORA_DROPOUT: f64 = 0.05;
 
 impl TunerArgs {
     /// The parameter-name prefixes the `--freeze-*` flags keep frozen on a
@@ -222,7 +227,8 @@ impl TunerArgs {
             "full" => json!({"target_modules": []}),
             "freeze" => json!({"target_modules": [], "trainable_parameters": self.trainable_parameters,
                                "freeze_parameters": self.freeze_parameters}),
-            _ => json!({"r": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+            _ => json!({"r": self.lora_rank, "lora_alpha": self.lora_alpha,
+                        "lora_dropout": self.lora_dropout.unwrap_or(DEFAULT_LORA_DROPOUT),
                         "use_rslora": self.use_rslora,
                         "init_lora_weights": init, "target_modules": targets}),
         }

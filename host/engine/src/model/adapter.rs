@@ -179,6 +179,14 @@ impl LoadedModel {
         Ok(())
     }
 
+    /// Whether the PEFT-style `config` targets an expert layer that
+    /// transformers 5 holds in a fused parameter (where PEFT allows no
+    /// LoRA dropout and no DoRA).
+    pub fn targets_fused_experts(&self, config: &serde_json::Value) -> bool {
+        let Ok(targets) = target_modules(config, Path::new("adapter config")) else { return false };
+        self.declared_linear.iter().flatten().any(|layer| layer.fused.is_some() && targets.matches(&layer.name))
+    }
+
     /// The attached adapter, if any.
     pub fn adapter(&self) -> Option<&TunerBinding> {
         self.adapter.as_deref()
