@@ -110,30 +110,28 @@ impl Gemma3 {
     }
 
     /// llama.cpp's `gemma3`: norms stored as `1 + w`, the embedding scale
-    /// and GeGLU implied, every 6th layer global (the rest sliding), query
-    /// scale `head_dim^-½`, sliding layers' RoPE base 10 000 unless
-    /// `rope.freq_base_swa` says otherwise. A model llama.cpp would read
-    /// differently has no GGUF form.
+    /// and GeGLU implied, the global layers every `sliding_window_pattern`-th,
+    /// the query scale fixed by the layer count (see
+    /// [`llama_cpp_query_scalar`]). A model llama.cpp would read differently
+    /// has no GGUF form.
     fn layout(&self) -> Result<GgufLayout> {
         let arch = "gemma3";
         let refuse =
             |what: String| Err(Error::new(format!("{what}: llama.cpp's `gemma3` cannot hold it (no GGUF form)")));
-        for (i, kind) in self.layers.iter().enumerate() {
-            if kind.window.is_some() != ((i + 1) % LLAMA_CPP_GLOBAL_EVERY != 0) {
-                return refuse(format!(
-                    "layer {i} is {} attention, but llama.cpp makes exactly every {LLAMA_CPP_GLOBAL_EVERY}th layer global",
-                    if kind.window.is_some() { "sliding" } else { "global" }
-                ));
-            }
-        }
-        if self.query_pre_attn_scalar != self.head_dim as f64 {
+        let sliding: Vec<bool> = self.layers.iter().map(|k| k.window.is_some()).collect();
+        let Some(period) = swa_period(&sliding) else {
+            return refuse(format!("the layer types {sliding:?} (sliding or not) repeat with no period"));
+        };
+        let query_scalar = llama_cpp_query_scalar(self.layers.len(), self.hidden, self.heads, self.head_dim);
+        if self.query_pre_attn_scalar != query_scalar {
             return refuse(format!(
-                "`query_pre_attn_scalar` {} is not head_dim {}",
-                self.query_pre_attn_scalar, self.head_dim
+                "`query_pre_attn_scalar` {} is not the {query_scalar} llama.cpp uses for {} layers",
+                self.query_pre_attn_scalar,
+                self.layers.len()
             ));
         }
-        if self.final_softcap.is_some() || self.attn_softcap.is_some() {
-            return refuse("logit soft-capping".into());
+        if self.attn_softcap.is_some() {
+            return refuse("attention logit soft-capping".into());
         }
         let r = ConfigReader::new(&self.config);
         let mut metadata = BTreeMap::new();
@@ -157,9 +155,11 @@ impl Gemma3 {
         }
         if let Some(window) = self.layers.iter().find_map(|k| k.window) {
             metadata.insert(format!("{arch}.attention.sliding_window"), GgufValue::U32(window));
-        }
-        if local != LLAMA_CPP_LOCAL_ROPE_BASE {
+            metadata.insert(format!("{arch}.attention.sliding_window_pattern"), u32_of(period));
             metadata.insert(format!("{arch}.rope.freq_base_swa"), GgufValue::F32(local));
+        }
+        if let Some(cap) = self.final_softcap {
+            metadata.insert(format!("{arch}.final_logit_softcapping"), GgufValue::F32(cap));
         }
         let norm = |hf: String, gguf: String| GgufTensor { offset: Some(1.0), ..GgufTensor::renamed(hf, gguf) };
         let mut tensors = vec![
@@ -267,17 +267,24 @@ impl ModelArchitecture for Gemma3Text {
         Ok(Box::new(Gemma3::from_config(config)?))
     }
 
-    /// llama.cpp's `gemma3` keys: the layer pattern llama.cpp implies, the
-    /// two RoPE bases, the query scale.
+    /// llama.cpp's `gemma3` keys: the layer pattern (no sliding window:
+    /// every layer global), the two RoPE bases, the query scale the layer
+    /// count implies, the final soft-cap.
     fn config_from_gguf(&self, metadata: &GgufMetadata) -> Option<Result<Value>> {
         let translate = || -> Result<Value> {
             let mut config = metadata.generic_config().clone();
             let layers = metadata.require("block_count")? as usize;
-            let head_dim = metadata.require("attention.key_length")?;
+            let head_dim = metadata.require("attention.key_length")? as usize;
+            let (hidden, heads) =
+                (metadata.require("embedding_length")? as usize, metadata.require("attention.head_count")? as usize);
             let global = metadata.require("rope.freq_base")?;
-            let local = metadata.number("rope.freq_base_swa").unwrap_or(LLAMA_CPP_LOCAL_ROPE_BASE as f64);
+            let local = metadata.number("rope.freq_base_swa").unwrap_or(LLAMA_CPP_LOCAL_ROPE_BASE);
+            let period = match metadata.number("attention.sliding_window").filter(|&w| w > 0.0) {
+                Some(_) => metadata.number("attention.sliding_window_pattern").unwrap_or(6.0) as usize,
+                None => 1,
+            };
             let types: Vec<&str> = (0..layers)
-                .map(|i| if (i + 1) % LLAMA_CPP_GLOBAL_EVERY == 0 { "full_attention" } else { "sliding_attention" })
+                .map(|i| if (i + 1) % period.max(1) == 0 { "full_attention" } else { "sliding_attention" })
                 .collect();
             let mut full = json!({"rope_type": "default", "rope_theta": global});
             if let Some(scaling) = config.get("rope_scaling").and_then(Value::as_object) {
@@ -293,7 +300,10 @@ impl ModelArchitecture for Gemma3Text {
             config["model_type"] = "gemma3_text".into();
             config["architectures"] = json!(["Gemma3ForCausalLM"]);
             config["hidden_activation"] = "gelu_pytorch_tanh".into();
-            config["query_pre_attn_scalar"] = json!(head_dim);
+            config["query_pre_attn_scalar"] = json!(llama_cpp_query_scalar(layers, hidden, heads, head_dim));
+            if let Some(cap) = metadata.number("final_logit_softcapping").filter(|&c| c > 0.0) {
+                config["final_logit_softcapping"] = json!(cap);
+            }
             config["layer_types"] = json!(types);
             config["rope_parameters"] =
                 json!({"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}});
@@ -304,12 +314,27 @@ impl ModelArchitecture for Gemma3Text {
     }
 }
 
-/// llama.cpp's `gemma3` makes every 6th layer global (layers 5, 11, …).
-const LLAMA_CPP_GLOBAL_EVERY: usize = 6;
-
 /// The RoPE base llama.cpp gives sliding-window layers when the file
 /// states none.
-const LLAMA_CPP_LOCAL_ROPE_BASE: f32 = 10_000.0;
+const LLAMA_CPP_LOCAL_ROPE_BASE: f64 = 10_000.0;
+
+/// The period `p` of llama.cpp's `sliding_window_pattern` for layers
+/// `sliding` (whether each has a window): layer `i` is global exactly when
+/// `(i + 1) % p == 0`; `None` when no period fits.
+fn swa_period(sliding: &[bool]) -> Option<usize> {
+    let period = sliding.iter().position(|&s| !s).map_or(sliding.len() + 1, |first_global| first_global + 1);
+    sliding.iter().enumerate().all(|(i, &s)| s == ((i + 1) % period != 0)).then_some(period)
+}
+
+/// The query scalar llama.cpp's `gemma3` uses (`scale = scalar^-½`):
+/// `hidden / heads` for the 62-layer (27B) model, the head width otherwise.
+fn llama_cpp_query_scalar(layers: usize, hidden: usize, heads: usize, head_dim: usize) -> f64 {
+    if layers == 62 {
+        (hidden / heads.max(1)) as f64
+    } else {
+        head_dim as f64
+    }
+}
 
 /// The config with `rope_parameters` of one layer type at its top level
 /// (what the shared RoPE readers take).
@@ -338,3 +363,19 @@ fn plugin() -> Plugin {
 }
 
 declare_plugin!(plugin);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_patterns_become_llama_cpp_periods_or_are_refused() {
+        let (s, g) = (true, false);
+        assert_eq!(swa_period(&[s, s, s, s, s, g, s, s, s, s, s, g]), Some(6));
+        assert_eq!(swa_period(&[s, g]), Some(2));
+        assert_eq!(swa_period(&[s, s]), Some(3));
+        assert_eq!(swa_period(&[g, g]), Some(1));
+        assert_eq!(swa_period(&[g, s]), None);
+        assert_eq!(swa_period(&[s, g, g]), None);
+    }
+}
