@@ -1,11 +1,12 @@
 //! Weight matrices in llama.cpp's block formats, repacked for decoding
-//! into 32-value blocks of four kinds ([`BlockKind`]): the block scales
-//! (and minimums) as f32 arrays beside the packed quants. Q4_0, Q4_1 and
-//! Q8_0 keep their quants; the 5-bit formats (Q5_0, Q5_1) unpack to 8
-//! bits; the K-quants' 32-value sub-blocks (Q4_K, Q5_K) become blocks of
-//! their own, each sub-scale and sub-minimum multiplied out as llama.cpp
-//! does, and Q6_K's 16-value sub-blocks pairs of halves with a scale each,
-//! so every value is exactly the one llama.cpp dequantises ([`GgmlFormat`]). A few rows of activations are
+//! into 32-value blocks of five kinds ([`BlockKind`]): the block scales
+//! (and minimums) beside the packed quants, as f16 where the format stores
+//! them so and f32 where they are products. Q4_0, Q4_1 and Q8_0 keep their
+//! quants; the 5-bit formats (Q5_0, Q5_1) unpack to 8 bits; the K-quants'
+//! 32-value sub-blocks (Q4_K, Q5_K) become blocks of their own, each
+//! sub-scale and sub-minimum multiplied out as llama.cpp does, and Q6_K's
+//! 16-value sub-blocks pairs of halves with a scale each, so every value
+//! is exactly the one llama.cpp dequantises ([`GgmlFormat`]). A few rows of activations are
 //! multiplied straight from the blocks: the activations in 16 bits per
 //! block meet the quants in integer multiply-adds (`vpmaddwd`), then the
 //! two scales; the blocks' offsets use each activation block's f32 sum.
@@ -469,43 +470,14 @@ impl BlockMatrix {
             // SAFETY: AVX2, FMA and F16C were just detected.
             return unsafe {
                 match (self.kind, self.scales.is_half()) {
-                    (BlockKind::Q8Halves, false) => self.dot_halves_avx2::<false>(row, xs, out),
-                    (BlockKind::Q8Halves, true) => self.dot_halves_avx2::<true>(row, xs, out),
+                    (BlockKind::Q8Halves, false) => self.dot_one_row_avx2::<false, true>(row, xs, out),
+                    (BlockKind::Q8Halves, true) => self.dot_one_row_avx2::<true, true>(row, xs, out),
                     (_, false) => self.dot_row_avx2::<false>(row, xs, out),
                     (_, true) => self.dot_row_avx2::<true>(row, xs, out),
                 }
             };
         }
         self.dot_row(row, xs, out)
-    }
-
-    /// [`Self::dot_one_row_avx2`] for [`BlockKind::Q8Halves`]: each half
-    /// block's sum meets its own scale.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_halves_avx2<const HALF: bool>(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
-        use std::arch::x86_64::*;
-        let RowBlocks { per_row, qb, quants, scales, .. } = self.row_blocks(row);
-        for (x, y) in xs.iter().zip(out.iter_mut()) {
-            assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row);
-            let xq = x.quants.as_ptr();
-            let mut accs = [_mm256_setzero_ps(); 4];
-            for b in 0..per_row {
-                let (w0, w1) = widen(self.kind, quants.add(b * qb));
-                let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                let x1 = _mm256_loadu_si256(xq.add(b * QK + 16) as *const __m256i);
-                let xs = *x.scales.get_unchecked(b);
-                let (d0, d1) = (load_factor::<HALF>(scales, 2 * b) * xs, load_factor::<HALF>(scales, 2 * b + 1) * xs);
-                let k = 2 * (b % 2);
-                accs[k] = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(_mm256_madd_epi16(w0, x0)), accs[k]);
-                accs[k + 1] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(_mm256_madd_epi16(w1, x1)), accs[k + 1]);
-            }
-            *y = sum_lanes(&accs);
-        }
     }
 
     /// [`Self::dot_row`] in AVX2 and FMA, on the activations in 16 bits:
@@ -521,7 +493,7 @@ impl BlockMatrix {
         use std::arch::x86_64::*;
         let RowBlocks { first, per_row, qb, quants, scales } = self.row_blocks(row);
         if xs.len() == 1 {
-            return self.dot_one_row_avx2::<HALF>(row, xs, out);
+            return self.dot_one_row_avx2::<HALF, false>(row, xs, out);
         }
         for (xs, out) in xs.chunks(ROWS_AT_ONCE).zip(out.chunks_mut(ROWS_AT_ONCE)) {
             for x in xs {
@@ -550,29 +522,46 @@ impl BlockMatrix {
         }
     }
 
-    /// [`Self::dot_row_avx2`] for one activation row (decoding one
-    /// sequence), its four accumulators kept in registers.
+    /// [`Self::dot_row_avx2`] one activation row at a time (decoding one
+    /// sequence), its four accumulators kept in registers; with `HALVES`
+    /// ([`BlockKind::Q8Halves`]) each half block's sum meets its own scale.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
+    /// The CPU must support AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_one_row_avx2<const HALF: bool>(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
+    unsafe fn dot_one_row_avx2<const HALF: bool, const HALVES: bool>(
+        &self,
+        row: usize,
+        xs: &[ActivationRow],
+        out: &mut [f32],
+    ) {
         use std::arch::x86_64::*;
         let RowBlocks { first, per_row, qb, quants, scales } = self.row_blocks(row);
         for (x, y) in xs.iter().zip(out.iter_mut()) {
             assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row && x.sums.len() >= per_row);
             let xq = x.quants.as_ptr();
-            // Four accumulators, one per block in turn: one would wait on
-            // the previous block's FMA every block.
+            // Four accumulators, one per block in turn (halves: two per
+            // block, two blocks in turn): one would wait on the previous
+            // block's FMA every block.
             let mut accs = [_mm256_setzero_ps(); 4];
             for b in 0..per_row {
                 let (w0, w1) = widen(self.kind, quants.add(b * qb));
                 let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
                 let x1 = _mm256_loadu_si256(xq.add(b * QK + 16) as *const __m256i);
-                let sums = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                let scale = load_factor::<HALF>(scales, b) * *x.scales.get_unchecked(b);
-                accs[b % 4] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), accs[b % 4]);
+                let xs = *x.scales.get_unchecked(b);
+                if HALVES {
+                    let (d0, d1) =
+                        (load_factor::<HALF>(scales, 2 * b) * xs, load_factor::<HALF>(scales, 2 * b + 1) * xs);
+                    let k = 2 * (b % 2);
+                    let (s0, s1) = (_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                    accs[k] = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(s0), accs[k]);
+                    accs[k + 1] = _mm256_fmadd_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(s1), accs[k + 1]);
+                } else {
+                    let sums = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                    let scale = load_factor::<HALF>(scales, b) * xs;
+                    accs[b % 4] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), accs[b % 4]);
+                }
             }
             *y = sum_lanes(&accs) + self.offsets_avx2::<HALF>(first, per_row, x);
         }
@@ -588,11 +577,7 @@ impl BlockMatrix {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn offsets_avx2<const HALF: bool>(&self, first: usize, per_row: usize, x: &ActivationRow) -> f32 {
         use std::arch::x86_64::*;
-        let (factors, factor) = match self.kind {
-            BlockKind::Q8_0 | BlockKind::Q8Halves => return 0.0,
-            BlockKind::Q4_0 => (&self.scales, -8.0),
-            BlockKind::Q4_1 | BlockKind::Q8_1 => (&self.mins, 1.0),
-        };
+        let Some((factors, factor)) = self.offset_factors() else { return 0.0 };
         assert!(factors.len() >= first + per_row && x.sums.len() >= per_row);
         let p = factors.ptr(first);
         let mut acc = _mm256_setzero_ps();
@@ -632,34 +617,26 @@ impl BlockMatrix {
         }
     }
 
+    /// What the blocks' offsets multiply each activation block's sum by:
+    /// the minimums (Q4_1, Q8_1, factor 1) or Q4_0's scales (factor −8);
+    /// `None` for kinds without offsets.
+    fn offset_factors(&self) -> Option<(&Factors, f32)> {
+        match self.kind {
+            BlockKind::Q8_0 | BlockKind::Q8Halves => None,
+            BlockKind::Q4_0 => Some((&self.scales, -8.0)),
+            BlockKind::Q4_1 | BlockKind::Q8_1 => Some((&self.mins, 1.0)),
+        }
+    }
+
     /// The blocks' offsets of weight row from block `first` for `x`
     /// (`Σ min·Σx` for Q4_1 and Q8_1, `-8·Σ d·Σx` for Q4_0), summed apart
     /// from the products: in their loop they would chain every block on
     /// one scalar.
     fn offsets(&self, first: usize, per_row: usize, x: &ActivationRow) -> f32 {
-        let (per_block, factor): (&Factors, f32) = match self.kind {
-            BlockKind::Q8_0 | BlockKind::Q8Halves => return 0.0,
-            BlockKind::Q4_0 => (&self.scales, -8.0),
-            BlockKind::Q4_1 | BlockKind::Q8_1 => (&self.mins, 1.0),
-        };
+        let Some((factors, factor)) = self.offset_factors() else { return 0.0 };
         let mut lanes = [0f32; 8];
-        match per_block {
-            Factors::Full(v) => {
-                for (i, (m, s)) in v[first..first + per_row].iter().zip(&x.sums).enumerate() {
-                    lanes[i % 8] += m * s;
-                }
-            }
-            Factors::Half(v) => {
-                // Converted a chunk at a time (F16C when the CPU has it), not per value.
-                use half::slice::HalfFloatSliceExt;
-                let mut chunk = [0f32; 64];
-                for (c, (ms, ss)) in v[first..first + per_row].chunks(64).zip(x.sums.chunks(64)).enumerate() {
-                    ms.convert_to_f32_slice(&mut chunk[..ms.len()]);
-                    for (i, (m, s)) in chunk.iter().zip(ss).enumerate() {
-                        lanes[(c * 64 + i) % 8] += m * s;
-                    }
-                }
-            }
+        for (i, s) in x.sums.iter().take(per_row).enumerate() {
+            lanes[i % 8] += factors.get(first + i) * s;
         }
         lanes.iter().sum::<f32>() * factor
     }
@@ -675,22 +652,21 @@ impl BlockMatrix {
             for b in 0..per_row {
                 let q: &[u8] = &self.quants[(first + b) * qb..(first + b + 1) * qb];
                 let xb: &[i16; QK] = x.quants[b * QK..(b + 1) * QK].try_into().expect("a whole block");
-                if self.kind == BlockKind::Q8Halves {
-                    let half = |h: usize| -> f32 {
-                        let products: i32 =
-                            (h * 16..h * 16 + 16).map(|j| q[j] as i8 as i32 * xb[j] as i32).sum::<i32>();
-                        self.scales.get(2 * (first + b) + h) * x.scales[b] * products as f32
-                    };
-                    sum += half(0) + half(1);
-                    continue;
-                }
-                let products = match self.kind {
-                    BlockKind::Q8_0 | BlockKind::Q8_1 | BlockKind::Q8Halves => {
-                        dot_i8(q.try_into().expect("32 bytes"), xb)
+                let scaled = |scale: f32, products: i32| scale * x.scales[b] * products as f32;
+                sum += match self.kind {
+                    BlockKind::Q8Halves => (0..2)
+                        .map(|h| {
+                            let products = (h * 16..h * 16 + 16).map(|j| q[j] as i8 as i32 * xb[j] as i32).sum();
+                            scaled(self.scales.get(2 * (first + b) + h), products)
+                        })
+                        .sum(),
+                    BlockKind::Q8_0 | BlockKind::Q8_1 => {
+                        scaled(self.scales.get(first + b), dot_i8(q.try_into().expect("32 bytes"), xb))
                     }
-                    BlockKind::Q4_0 | BlockKind::Q4_1 => dot_nibbles(q.try_into().expect("16 bytes"), xb),
+                    BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                        scaled(self.scales.get(first + b), dot_nibbles(q.try_into().expect("16 bytes"), xb))
+                    }
                 };
-                sum += self.scales.get(first + b) * x.scales[b] * products as f32;
             }
             *y = sum + self.offsets(first, per_row, x);
         }
