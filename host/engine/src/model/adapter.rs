@@ -235,8 +235,7 @@ impl LoadedModel {
         let layers: Vec<&String> = linear.iter().filter(|l| targets.matches(l)).collect();
         if is_lora_family(tuner) {
             let declared = self.declared_linear.as_deref();
-            if let Some(expert) = layers.iter().find(|l| super::peft_experts::fused_parameter_of(declared, l).is_some())
-            {
+            if let Some(expert) = layers.iter().find(|l| super::peft_experts::is_fused(declared, l)) {
                 super::peft_experts::check_config(&config, expert).map_err(|m| config_error(origin, m))?;
             }
         }
@@ -367,7 +366,8 @@ impl LoadedModel {
         let mut saved = saved;
         if let (true, Some(declared)) = (is_lora_family(tuner), self.declared_linear.as_deref()) {
             // Experts go in PEFT's fused layout (transformers 5's parameters).
-            super::peft_experts::fuse(&mut saved, &mut tensors, declared, PEFT_PREFIX)
+            let out_features = |layer: &str| self.weights.dims(&format!("{layer}.weight")).map(|d| d[0]);
+            super::peft_experts::fuse(&mut saved, &mut tensors, declared, out_features, PEFT_PREFIX)
                 .map_err(|message| config_error(dir, message))?;
         }
         super::staging::write_atomically(dir, |staging| {

@@ -75,14 +75,9 @@ fn fused_parameters(declared: &[LinearLayer]) -> Vec<FusedParameter<'_>> {
     out
 }
 
-/// Whether the model holds any layer in a fused parameter.
-pub fn has_fused_layers(declared: Option<&[LinearLayer]>) -> bool {
-    declared.is_some_and(|layers| layers.iter().any(|l| l.fused.is_some()))
-}
-
-/// The fused parameter holding `layer`, if any.
-pub fn fused_parameter_of<'a>(declared: Option<&'a [LinearLayer]>, layer: &str) -> Option<&'a str> {
-    declared?.iter().find(|l| l.name == layer)?.fused.as_ref().map(|slot| slot.parameter.as_str())
+/// Whether transformers holds `layer` in a fused parameter.
+pub fn is_fused(declared: Option<&[LinearLayer]>, layer: &str) -> bool {
+    declared.is_some_and(|layers| layers.iter().any(|l| l.name == layer && l.fused.is_some()))
 }
 
 /// Refuses an adapter config PEFT could not load on fused expert
@@ -136,12 +131,15 @@ fn lora_settings(config: &Value) -> (usize, f64, bool) {
 }
 
 /// Rewrites a per-expert LoRA adapter (`tensors` keyed `{prefix}{layer}.lora_{A,B}.weight`,
-/// `config` its PEFT config) into PEFT's fused form. Nothing changes when
-/// no expert layer is adapted.
+/// `config` its PEFT config) into PEFT's fused form; `out_features` gives
+/// a layer's output rows (a fused pair spans every component's rows, also
+/// those of components left unadapted). Nothing changes when no expert
+/// layer is adapted.
 pub fn fuse(
     config: &mut Value,
     tensors: &mut HashMap<String, Tensor>,
     declared: &[LinearLayer],
+    out_features: impl Fn(&str) -> Option<usize>,
     prefix: &str,
 ) -> Result<(), String> {
     let parameters = fused_parameters(declared);
@@ -158,35 +156,37 @@ pub fn fuse(
     }
     let (r, alpha, rslora) = lora_settings(config);
     let mut fused_ranks: BTreeMap<String, usize> = BTreeMap::new();
-    let mut per_module: BTreeMap<&str, Vec<(&str, Tensor, Tensor)>> = BTreeMap::new();
-    let mut module_order: Vec<&str> = Vec::new();
-    for parameter in &adapted {
+    let mut targets: Vec<Value> = match config.get("target_parameters") {
+        Some(Value::Array(list)) => list.clone(),
+        _ => Vec::new(),
+    };
+    for (i, parameter) in adapted.iter().enumerate() {
         let components = parameter.components();
         let experts = parameter.experts;
-        // Each component's rank, rows and input width, from any expert that adapts it.
+        // Each component's rank and input width, from any expert that adapts
+        // it (0 rank for one left unadapted), and its rows from the model.
         let mut shape = Vec::with_capacity(components.len());
         for &offset in &components {
-            let mut found: Option<(usize, usize, usize)> = None;
+            let rows = parameter
+                .layer(0, offset)
+                .and_then(&out_features)
+                .ok_or_else(|| format!("`{}` has no expert 0 at row {offset} in the model", parameter.name))?;
+            let mut found: Option<(usize, usize)> = None;
             for e in 0..experts {
                 let Some(layer) = parameter.layer(e, offset) else { continue };
-                let (Some(a), Some(b)) = (tensors.get(&key(layer, 'A')), tensors.get(&key(layer, 'B'))) else {
-                    continue;
-                };
-                let (rank, width) = a.dims2().map_err(|e| e.to_string())?;
-                let rows = b.dim(0).map_err(|e| e.to_string())?;
-                match found {
-                    Some(seen) if seen != (rank, rows, width) => {
-                        return Err(format!(
-                            "the experts of `{}` have LoRA ranks or shapes that differ ({seen:?} vs {:?} at \
-                             `{layer}`): PEFT's fused layout needs one rank",
-                            parameter.name,
-                            (rank, rows, width)
-                        ))
-                    }
-                    _ => found = Some((rank, rows, width)),
+                let Some(a) = tensors.get(&key(layer, 'A')) else { continue };
+                let seen = a.dims2().map_err(|e| e.to_string())?;
+                if found.is_some_and(|f| f != seen) {
+                    return Err(format!(
+                        "the experts of `{}` have LoRA ranks or widths that differ ({found:?} vs {seen:?} at \
+                         `{layer}`): PEFT's fused layout needs one rank",
+                        parameter.name
+                    ));
                 }
+                found = Some(seen);
             }
-            shape.push(found.unwrap_or((0, 0, 0)));
+            let (rank, width) = found.unwrap_or((0, 0));
+            shape.push((rank, rows, width));
         }
         let total_rank: usize = shape.iter().map(|s| s.0).sum();
         let width = shape.iter().map(|s| s.2).max().unwrap_or(0);
@@ -203,7 +203,10 @@ pub fn fuse(
                 };
                 (dtype, device) = (a.dtype(), a.device().clone());
                 let (a, _, _) = matrix(&a).map_err(|e| e.to_string())?;
-                let (b, _, _) = matrix(&b).map_err(|e| e.to_string())?;
+                let (b, b_rows, _) = matrix(&b).map_err(|e| e.to_string())?;
+                if b_rows != rows {
+                    return Err(format!("`{layer}`'s LoRA B has {b_rows} rows, the layer {rows}"));
+                }
                 for k in 0..rank {
                     let row = e * total_rank + rank_start + k;
                     a_fused[row * width..(row + 1) * width].copy_from_slice(&a[k * width..(k + 1) * width]);
@@ -218,35 +221,19 @@ pub fn fuse(
         let a = tensor(a_fused, experts * total_rank, width, dtype, &device).map_err(|e| e.to_string())?;
         let b = tensor(b_fused, total_rows, total_rank * experts, dtype, &device).map_err(|e| e.to_string())?;
         let (module, name) = parameter.module_and_name();
-        match fused_ranks.get(name) {
-            Some(&seen) if seen != total_rank => {
-                return Err(format!(
-                    "`{name}` parameters get fused ranks {seen} and {total_rank}: PEFT's rank_pattern holds one"
-                ))
-            }
-            _ => {
-                fused_ranks.insert(name.to_owned(), total_rank);
-            }
+        if fused_ranks.insert(name.to_owned(), total_rank).is_some_and(|seen| seen != total_rank) {
+            return Err(format!("`{name}` parameters get different fused ranks: PEFT's rank_pattern holds one"));
         }
-        if !per_module.contains_key(module) {
-            module_order.push(module);
-        }
-        per_module.entry(module).or_default().push((parameter.name, a, b));
-    }
-    let mut targets: Vec<Value> = match config.get("target_parameters") {
-        Some(Value::Array(list)) => list.clone(),
-        _ => Vec::new(),
-    };
-    for module in module_order {
-        let list = &per_module[module];
-        for (index, (name, a, b)) in list.iter().enumerate() {
-            tensors.insert(fused_key(prefix, module, index, list.len(), 'A'), a.clone());
-            tensors.insert(fused_key(prefix, module, index, list.len(), 'B'), b.clone());
-            // PEFT names them as it does: by the parameter's own name.
-            let short = Value::String(name.rsplit('.').next().unwrap_or(name).to_owned());
-            if !targets.contains(&short) {
-                targets.push(short);
-            }
+        // Each later parameter of a module wraps the earlier ones.
+        let same_module = |p: &&&FusedParameter<'_>| p.module_and_name().0 == module;
+        let (index, count) =
+            (adapted[..i].iter().filter(same_module).count(), adapted.iter().filter(same_module).count());
+        tensors.insert(fused_key(prefix, module, index, count, 'A'), a);
+        tensors.insert(fused_key(prefix, module, index, count, 'B'), b);
+        // PEFT names them as it does: by the parameter's own name.
+        let short = Value::String(name.to_owned());
+        if !targets.contains(&short) {
+            targets.push(short);
         }
     }
     // Module targets naming expert layers leave: PEFT would move them onto
@@ -477,7 +464,7 @@ mod tests {
         let original = tensors.clone();
         let mut config = serde_json::json!({"r": 2, "lora_alpha": 4.0, "lora_dropout": 0.0,
             "target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"]});
-        fuse(&mut config, &mut tensors, &declared, "p.").unwrap();
+        fuse(&mut config, &mut tensors, &declared, out_features, "p.").unwrap();
         let mut keys: Vec<&String> = tensors.keys().collect();
         keys.sort();
         assert_eq!(
@@ -537,6 +524,29 @@ mod tests {
         }
         assert!(config["target_parameters"].is_null());
         assert_eq!(config["rank_pattern"], serde_json::json!({}));
+    }
+
+    /// The rows of the test model's layers: gate and up 2, down 3.
+    fn out_features(layer: &str) -> Option<usize> {
+        Some(if layer.ends_with("down_proj") { 3 } else { 2 })
+    }
+
+    #[test]
+    fn a_fused_pair_spans_every_component_when_only_some_are_adapted() {
+        // Only the gate of each expert: gate_up_proj's B still has the up rows (as zeros).
+        let mut tensors = HashMap::new();
+        for e in 0..2 {
+            tensors.insert(format!("p.m.experts.{e}.gate_proj.lora_A.weight"), random(2, 3, e as u64));
+            tensors.insert(format!("p.m.experts.{e}.gate_proj.lora_B.weight"), random(2, 2, 10 + e as u64));
+        }
+        let mut config = serde_json::json!({"r": 2, "lora_alpha": 4.0, "target_modules": ["gate_proj"]});
+        fuse(&mut config, &mut tensors, &declared(), out_features, "p.").unwrap();
+        let b = &tensors["p.m.experts.lora_B.weight"];
+        assert_eq!(b.dims(), &[4, 4], "2 gate + 2 up rows, rank 2 for 2 experts");
+        let up_rows = b.narrow(0, 2, 2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(up_rows, 0.0);
+        assert_eq!(config["target_parameters"], serde_json::json!(["gate_up_proj"]));
+        assert!(config.get("rank_pattern").is_none(), "the fused rank is r: no pattern");
     }
 
     #[test]
