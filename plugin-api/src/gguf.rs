@@ -163,11 +163,6 @@ impl GgufMetadata {
         &self.architecture
     }
 
-    /// Every key and value.
-    pub fn values(&self) -> &serde_json::Map<String, serde_json::Value> {
-        &self.values
-    }
-
     /// The value of `{architecture}.{key}`.
     pub fn get(&self, key: &str) -> Option<&serde_json::Value> {
         self.values.get(&format!("{}.{key}", self.architecture))
