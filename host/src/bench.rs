@@ -1,4 +1,4 @@
-//! `oxtune bench infer|train|grpo|vl`: the arguments of each benchmark of
+//! `oxtune bench infer|train|grpo|vl|serve|encode`: the arguments of each benchmark of
 //! `oxtune-bench`, and its JSON records printed one per line.
 
 use std::ffi::OsString;
@@ -23,6 +23,44 @@ pub enum BenchCommand {
     Vl(VlBenchArgs),
     /// `oxtune serve` under 1, 8, 32 concurrent streaming clients: time to first token, time per token, throughput.
     Serve(ServeBenchArgs),
+    /// Streamed dataset encoding (`--streaming`): rows/s and peak memory on generated files of growing length.
+    Encode(EncodeBenchArgs),
+}
+
+/// Arguments of `oxtune bench encode`.
+#[derive(Debug, clap::Args)]
+pub struct EncodeBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Conversations in each generated JSONL file; a comma-separated list
+    /// measures each in its own process (its own peak memory).
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    rows: Vec<usize>,
+    /// Encoding threads [default: every core].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where the generated files and tokenised datasets go (removed after).
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<PathBuf>,
+}
+
+/// `oxtune bench encode`: one file in this process, or each row count in
+/// a child process.
+fn encode(global: &GlobalArgs, args: &EncodeBenchArgs) -> anyhow::Result<()> {
+    if let [rows] = args.rows.as_slice() {
+        let registry = global.registry()?;
+        let text = args.model.load(&registry)?;
+        let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let bench = oxtune_bench::encode::EncodeBench { rows: *rows, threads };
+        let scratch = args.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let scratch = scratch.join(format!("oxtune-bench-encode-{}", std::process::id()));
+        print([oxtune_bench::encode::encode(&registry, &text.model, &text.assets, &bench, &scratch)?]);
+        return Ok(());
+    }
+    for rows in &args.rows {
+        print([child_record(&["--rows"], &["--rows".into(), rows.to_string()], json!({"rows": rows}))?]);
+    }
+    Ok(())
 }
 
 /// Arguments of `oxtune bench serve`.
@@ -139,21 +177,27 @@ fn without_flags(flags: &[&str]) -> Vec<OsString> {
 }
 
 /// Measures one shape in a child process of this binary, so that each
-/// shape's peak memory is its own. A shape that fails (one that does not
-/// fit in memory) gives a record with its `error`.
+/// shape's peak memory is its own.
 fn measure_in_child((batch, seq): (usize, usize)) -> anyhow::Result<Value> {
+    let shape = ["--batch-size".into(), batch.to_string(), "--seq-len".into(), seq.to_string()];
+    child_record(&SWEEP_FLAGS, &shape, json!({"batch_size": batch, "seq_len": seq}))
+}
+
+/// Runs this benchmark again in a child process with `drop` flags removed
+/// and `add` appended, and returns the last JSON record it printed. A
+/// child that fails (a shape that does not fit in memory) gives `label`
+/// with its `error`.
+fn child_record(drop: &[&str], add: &[String], mut label: Value) -> anyhow::Result<Value> {
     let exe = std::env::current_exe()?;
-    let out = Command::new(&exe)
-        .args(without_flags(&SWEEP_FLAGS))
-        .args(["--batch-size", &batch.to_string(), "--seq-len", &seq.to_string()])
-        .output()?;
+    let out = Command::new(&exe).args(without_flags(drop)).args(add).output()?;
     let record = String::from_utf8_lossy(&out.stdout).lines().rev().find_map(|l| serde_json::from_str::<Value>(l).ok());
     Ok(match record {
         Some(record) if out.status.success() => record,
         _ => {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let last = stderr.lines().last().unwrap_or("no message").to_owned();
-            json!({"batch_size": batch, "seq_len": seq, "error": format!("{} ({})", last, out.status)})
+            label["error"] = json!(format!("{} ({})", last, out.status));
+            label
         }
     })
 }
@@ -259,6 +303,7 @@ pub fn run(global: &GlobalArgs, command: &BenchCommand) -> anyhow::Result<()> {
             print(oxtune_bench::infer(&text.model, vocab, &bench)?);
         }
         BenchCommand::Train(args) => train(global, args)?,
+        BenchCommand::Encode(args) => encode(global, args)?,
         BenchCommand::Grpo(args) => {
             let registry = global.registry()?;
             let mut text = args.model.load(&registry)?;

@@ -18,6 +18,7 @@ pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
         anyhow::bail!("--packing and --padding-free train sft, pt and preference pairs; grpo scores whole rollouts");
     }
     let config = grpo_config(args)?;
+    run.data.refuse_streaming("rlhf --rlhf-type grpo")?;
     let mut setup = set_up(global, run, "rlhf", args.knobs())?;
     let before = sample_answers_of(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;
     let eos = setup.text.assets.eos_token_ids.clone();

@@ -187,6 +187,7 @@ pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
             "--packing and --padding-free train pairs (dpo, cpo, simpo, orpo); kto compares completions across its batch"
         );
     }
+    run.data.refuse_streaming("rlhf")?;
     let mut setup = set_up(global, run, "rlhf", args.knobs())?;
     let before = sample_answers_of(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;
     let options = run.data.options(run.train.seed)?;

@@ -7,11 +7,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use oxtune_data::pack_rows;
-use oxtune_data::{Encoded, Encoder, Objective, Prepared};
+use oxtune_data::{Encoded, EncodedRow, Encoder, Items, Objective, PackedItems, Prepared, Streamed};
 use oxtune_engine::model::checkpoint::Trainable;
 use oxtune_train::run::{check_identity, resume_point, sample_answers, write_args};
-use oxtune_train::{train, train_with, PackedSftObjective, PaddingFreeSftObjective, StepMetrics, TrainConfig};
+use oxtune_train::{train_items, PackedSftObjective, PaddingFreeSftObjective, SftObjective, StepMetrics, TrainConfig};
 use serde_json::{json, Value};
 
 use super::model_args::{LoadedText, ModelArgs};
@@ -206,40 +205,101 @@ pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow:
     let command = if objective == Objective::AllTokens { "pt" } else { "sft" };
     let mut setup = set_up(global, args, command, json!({}))?;
     let options = args.data.options(args.train.seed)?;
-    let data =
-        encoder(&setup, args, &options).prepare(|encoder, record| encoder.row(record, objective)).map_err(with_hint)?;
-    report_data(&data, &args.data);
+    let encoder = encoder(&setup, args, &options);
+    let metrics = if args.data.streaming {
+        let streamed = encoder.prepare_streamed(objective, &args.data.stream_options(true)).map_err(with_hint)?;
+        report_streamed(&streamed, &args.data);
+        let (train_lengths, eval_lengths) = (streamed.train.lengths(), streamed.eval.lengths());
+        let rows = Rows { train: &streamed.train, eval: &streamed.eval, train_lengths, eval_lengths };
+        train_rows(&mut setup, args, objective, rows)?
+    } else {
+        let data = encoder.prepare(|encoder, record| encoder.row(record, objective)).map_err(with_hint)?;
+        report_data(&data, &args.data);
+        let lengths = |rows: &[EncodedRow]| rows.iter().map(|r| r.input_ids.len()).collect();
+        let (train_lengths, eval_lengths) = (lengths(&data.train), lengths(&data.eval));
+        let rows = Rows { train: &data.train[..], eval: &data.eval[..], train_lengths, eval_lengths };
+        train_rows(&mut setup, args, objective, rows)?
+    };
+    report(&metrics, &args.output_dir);
+    Ok(())
+}
+
+/// A run's encoded rows, wherever they are kept, with their token counts.
+struct Rows<'a, S: ?Sized> {
+    train: &'a S,
+    eval: &'a S,
+    train_lengths: Vec<usize>,
+    eval_lengths: Vec<usize>,
+}
+
+/// Samples before, trains `rows` (packed, padding-free or padded, as the
+/// flags say), samples after; returns the steps' metrics.
+fn train_rows<S: Items<EncodedRow> + ?Sized>(
+    setup: &mut RunSetup,
+    args: &SftArgs,
+    objective: Objective,
+    rows: Rows<'_, S>,
+) -> anyhow::Result<Vec<StepMetrics>> {
     let before = sample_answers_of(&setup.text, &args.sample_prompt, objective)?;
     let config = setup.start(args)?;
     eprintln!(
         "training {} row(s) ({} held out) with {} on {}",
-        data.train.len(),
-        data.eval.len(),
+        rows.train.len(),
+        rows.eval.len(),
         args.tuner.name,
         args.model.model.display()
     );
     let model = &setup.text.model;
+    let max_length = args.data.max_length;
     let metrics = if args.data.packing {
-        let (train, eval) = (pack_rows(&data.train, args.data.max_length), pack_rows(&data.eval, args.data.max_length));
-        let (train, eval) = (train.map_err(anyhow::Error::msg)?, eval.map_err(anyhow::Error::msg)?);
-        let tokens: usize = train.iter().map(|p| p.input_ids.len()).sum();
+        let train = PackedItems::new(rows.train, &rows.train_lengths, max_length).map_err(anyhow::Error::msg)?;
+        let eval = PackedItems::new(rows.eval, &rows.eval_lengths, max_length).map_err(anyhow::Error::msg)?;
+        let tokens: usize = rows.train_lengths.iter().sum();
         eprintln!(
-            "packed {} row(s) into {} row(s) of at most {} tokens ({:.0}% full)",
-            data.train.len(),
+            "packed {} row(s) into {} row(s) of at most {max_length} tokens ({:.0}% full)",
+            train.samples(),
             train.len(),
-            args.data.max_length,
-            100.0 * tokens as f64 / (train.len().max(1) * args.data.max_length) as f64
+            100.0 * tokens as f64 / (train.len().max(1) * max_length) as f64
         );
-        train_with(model, &PackedSftObjective, &train, &eval, &config)?
+        train_items(model, &PackedSftObjective, &train, &eval, &config)?
     } else if args.data.padding_free {
-        train_with(model, &PaddingFreeSftObjective, &data.train, &data.eval, &config)?
+        train_items(model, &PaddingFreeSftObjective, rows.train, rows.eval, &config)?
     } else {
-        train(model, &data.train, &data.eval, &config)?
+        train_items(model, &SftObjective, rows.train, rows.eval, &config)?
     };
-    report(&metrics, &args.output_dir);
     let after = sample_answers_of(&setup.text, &args.sample_prompt, objective)?;
     print_samples(&args.sample_prompt, &before, &after);
-    Ok(())
+    Ok(metrics)
+}
+
+/// Prints what encoding each streamed file did (or that it was reused).
+fn report_streamed(streamed: &Streamed, args: &DataArgs) {
+    for file in &streamed.files {
+        let how = if file.reused {
+            "reused".to_owned()
+        } else {
+            format!("encoded in {:.1} s ({:.0} records/s)", file.seconds, file.records as f64 / file.seconds.max(1e-9))
+        };
+        eprintln!(
+            "{}: {} record(s) -> {} row(s), {how}: {}",
+            file.path.display(),
+            file.records,
+            file.rows,
+            file.entry.display()
+        );
+        if let Some(first) = &file.first_skipped {
+            eprintln!("skipped {} bad record(s); the first: {first}", file.skipped);
+        }
+        if file.truncated > 0 {
+            eprintln!(
+                "{} row(s) longer than --max-length {} were cut on the {}",
+                file.truncated, args.max_length, args.truncation_strategy
+            );
+        }
+        if file.deleted > 0 {
+            eprintln!("{} row(s) longer than --max-length {} were dropped", file.deleted, args.max_length);
+        }
+    }
 }
 
 /// A data error, with the flag that skips bad records named when it applies.

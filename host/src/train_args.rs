@@ -8,7 +8,7 @@ use anyhow::bail;
 use serde_json::{json, Value};
 
 use oxtune_data::sources::{parse_renames, DatasetSource};
-use oxtune_data::DataOptions;
+use oxtune_data::{DataOptions, StreamOptions};
 use oxtune_engine::media::MediaSpec;
 use oxtune_train::optim::{AdamWConfig, Schedule};
 use oxtune_train::TrainConfig;
@@ -55,9 +55,47 @@ pub struct DataArgs {
     /// apart as with --packing). `sft` and `pt` on text rows.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub padding_free: bool,
+    /// Datasets larger than memory: read each file a chunk of records at a
+    /// time, encode on every core into a tokenised dataset on disk, and
+    /// train from it by index (same rows, order and split as without).
+    /// `sft` and `pt` on text rows.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub streaming: bool,
+    /// With --streaming: reuse the tokenised dataset an earlier run made of
+    /// the same file, tokenizer, template and cutting rules; `false`
+    /// encodes again.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub load_from_cache_file: bool,
+    /// Where tokenised datasets are kept [default: $OXTUNE_HOME/datasets,
+    /// i.e. ~/.oxtune/datasets].
+    #[arg(long, value_name = "DIR")]
+    pub dataset_cache_dir: Option<PathBuf>,
+    /// Threads encoding a streamed dataset [default: every core].
+    #[arg(long, value_name = "N")]
+    pub dataset_num_proc: Option<usize>,
 }
 
 impl DataArgs {
+    /// How a `--streaming` run encodes and keeps its datasets.
+    pub fn stream_options(&self, progress: bool) -> StreamOptions {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        StreamOptions {
+            cache_dir: self.dataset_cache_dir.clone().unwrap_or_else(StreamOptions::default_cache_dir),
+            reuse: self.load_from_cache_file,
+            threads: self.dataset_num_proc.unwrap_or(cores).max(1),
+            progress,
+        }
+    }
+
+    /// Fails for a command that reads its dataset into memory when
+    /// `--streaming` is set.
+    pub fn refuse_streaming(&self, command: &str) -> anyhow::Result<()> {
+        if self.streaming {
+            bail!("--streaming: `{command}` reads its dataset into memory; streaming serves `sft` and `pt`");
+        }
+        Ok(())
+    }
+
     /// The data options of the one encoder, with the run's seed.
     pub fn options(&self, seed: u64) -> anyhow::Result<DataOptions> {
         Ok(DataOptions {

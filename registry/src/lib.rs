@@ -24,9 +24,10 @@ use std::sync::Arc;
 use abi_stable::std_types::RStr;
 use oxtune_plugin_api::abi::{ComponentDescriptor, ModelBox, PluginModRef, TunerBox};
 use oxtune_plugin_api::plugin::BuiltinPlugin;
-use oxtune_plugin_api::{ComponentKind, RewardSample, API_VERSION};
+use oxtune_plugin_api::{RewardSample, API_VERSION};
 
 pub use error::RegistryError;
+pub use oxtune_plugin_api::ComponentKind;
 pub use wasm::{SandboxConfig, WasmReward};
 
 /// Where a component came from.

@@ -21,6 +21,7 @@ use oxtune_train::align::objective::Reference;
 use oxtune_train::{TrainConfig, TrainError};
 use serde_json::{json, Value};
 
+pub mod encode;
 pub mod packing;
 pub mod peer;
 pub mod serve;

@@ -169,14 +169,14 @@ impl Encoded for PromptRow {
 
 /// What [`cut`] did to an item.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-enum Cut {
+pub(crate) enum Cut {
     Kept,
     Truncated,
     Deleted,
 }
 
 /// Cuts `item` to `max_length` tokens per row by `truncation`.
-fn cut<T: Encoded>(item: &mut T, max_length: usize, truncation: Truncation) -> Cut {
+pub(crate) fn cut<T: Encoded>(item: &mut T, max_length: usize, truncation: Truncation) -> Cut {
     let mut rows = item.token_rows();
     if rows.iter().all(|r| r.ids.len() <= max_length) {
         return Cut::Kept;

@@ -22,17 +22,22 @@ macro_rules! bail {
 
 pub mod encoder;
 pub mod error;
+pub mod items;
 pub mod media;
 pub mod packing;
 pub mod preference;
 pub mod prompt;
 pub mod records;
 pub mod sources;
+pub mod streaming;
 pub mod text;
+pub mod tokenised;
 
 pub use encoder::{DataOptions, Encoded, Encoder, Objective, Prepared, PromptRow, Truncation};
 pub use error::EncodeError;
-pub use packing::{pack_best_fit_decreasing, pack_rows, PackedRow};
+pub use items::Items;
+pub use packing::{pack_best_fit_decreasing, pack_rows, PackedItems, PackedRow};
 pub use prompt::{encode_prompt, prompt_of_row, Prompt, PromptOptions};
 pub use records::{read_records, DataError, Record};
+pub use streaming::{StreamOptions, Streamed};
 pub use text::{ChatRequest, EncodedRow, TextAssets, TextTokenizer};

@@ -10,11 +10,13 @@
 //! `--max-length` tokens (`--packing`); [`PackedRow::from_rows`] lays out
 //! one bin, or one micro-batch flattened (`--padding-free`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use oxtune_engine::loss::IGNORE_INDEX;
 use oxtune_engine::media::RowMedia;
 
+use crate::items::Items;
 use crate::text::EncodedRow;
 
 /// Several samples in one row.
@@ -140,9 +142,41 @@ pub fn pack_best_fit_decreasing(lengths: &[usize], capacity: usize) -> Result<Ve
 /// `rows` packed into rows of at most `max_length` tokens.
 pub fn pack_rows(rows: &[EncodedRow], max_length: usize) -> Result<Vec<PackedRow>, String> {
     let lengths: Vec<usize> = rows.iter().map(|r| r.input_ids.len()).collect();
-    let bins = pack_best_fit_decreasing(&lengths, max_length)
-        .map_err(|i| format!("a row of {} tokens is longer than --max-length {max_length}", lengths[i]))?;
-    bins.iter().map(|bin| PackedRow::from_rows(&bin.iter().map(|&i| &rows[i]).collect::<Vec<_>>())).collect()
+    let packed = PackedItems::new(rows, &lengths, max_length)?;
+    (0..packed.len()).map(|i| packed.get(i).map(Cow::into_owned)).collect()
+}
+
+/// Rows binned up front by their lengths and laid end to end as they are
+/// read: packing a dataset on disk holds only its bins in memory.
+pub struct PackedItems<'a, S: ?Sized> {
+    rows: &'a S,
+    bins: Vec<Vec<usize>>,
+}
+
+impl<'a, S: Items<EncodedRow> + ?Sized> PackedItems<'a, S> {
+    /// Bins `rows` (whose token counts are `lengths`) into rows of at most
+    /// `max_length` tokens, best fit decreasing.
+    pub fn new(rows: &'a S, lengths: &[usize], max_length: usize) -> Result<Self, String> {
+        let bins = pack_best_fit_decreasing(lengths, max_length)
+            .map_err(|i| format!("a row of {} tokens is longer than --max-length {max_length}", lengths[i]))?;
+        Ok(PackedItems { rows, bins })
+    }
+
+    /// Samples packed (the rows binned).
+    pub fn samples(&self) -> usize {
+        self.bins.iter().map(Vec::len).sum()
+    }
+}
+
+impl<S: Items<EncodedRow> + ?Sized> Items<PackedRow> for PackedItems<'_, S> {
+    fn len(&self) -> usize {
+        self.bins.len()
+    }
+
+    fn get(&self, index: usize) -> Result<Cow<'_, PackedRow>, String> {
+        let rows = self.bins[index].iter().map(|&i| self.rows.get(i)).collect::<Result<Vec<_>, _>>()?;
+        PackedRow::from_rows(&rows.iter().map(|r| r.as_ref()).collect::<Vec<_>>()).map(Cow::Owned)
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Reading datasets: JSONL files and JSON-array files of records, with
-//! every error naming the file and the line (or record) at fault.
+//! Reading datasets: JSONL, JSON-array, CSV/TSV and Parquet files of
+//! records, one record at a time ([`RecordReader`]), with every error
+//! naming the file and the line (or row) at fault.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,17 @@ pub enum DataError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The file is corrupt from a point on (a Parquet page, a JSON array,
+    /// a CSV row the reader cannot get past): nothing after it is read.
+    #[error("{path}:{line}: {message}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The line or row where reading failed (0: the file's header or footer).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// A record is malformed.
     #[error("{path}:{line}: {message}")]
     Record {
@@ -35,8 +47,8 @@ pub enum DataError {
     },
 }
 
-/// Reads a `.jsonl` file (one object per line; blank lines skipped) or a
-/// `.json` file holding an array of objects, stopping at the first bad record.
+/// Reads a dataset file whole (its format from its extension, see
+/// [`RecordReader`]), stopping at the first bad record.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
     let (records, mut bad) = read_records_lenient(path)?;
     match bad.is_empty() {
@@ -45,47 +57,243 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
     }
 }
 
-/// Like [`read_records`], but a malformed line is returned as an error
+/// Like [`read_records`], but a malformed record is returned as an error
 /// beside the good records instead of stopping the read (an unreadable
-/// file or a malformed JSON array still fails as a whole).
+/// or corrupt file still fails as a whole).
 pub fn read_records_lenient(path: &Path) -> Result<(Vec<Record>, Vec<DataError>), DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_owned(), source })?;
-    let bad = |line: usize, message: String| DataError::Record { path: path.to_owned(), line, message };
-    let object = |line: usize, value: serde_json::Value| match value {
-        serde_json::Value::Object(map) => Ok(Record { line, value: map }),
-        other => Err(bad(line, format!("a record must be a JSON object, found {}", kind(&other)))),
-    };
-    let starts_array = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-    let results: Vec<Result<Record, DataError>> = if starts_array {
-        let text = std::str::from_utf8(&bytes).map_err(|e| {
-            let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count();
-            bad(line, format!("not valid UTF-8 (byte {} of the file)", e.valid_up_to()))
-        })?;
-        let values: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| bad(e.line(), e.to_string()))?;
-        values.into_iter().enumerate().map(|(i, v)| object(i + 1, v)).collect()
-    } else {
-        // Line by line, so one line that is not UTF-8 is one bad record.
-        bytes
-            .split(|&b| b == b'\n')
-            .enumerate()
-            .map(|(i, l)| (i + 1, l.strip_suffix(b"\r").unwrap_or(l)))
-            .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
-            .map(|(line, l)| {
-                let text = std::str::from_utf8(l).map_err(|e| {
-                    bad(line, format!("the line is not valid UTF-8 (byte {} of the line)", e.valid_up_to()))
-                })?;
-                object(line, serde_json::from_str(text).map_err(|e| bad(line, e.to_string()))?)
-            })
-            .collect()
-    };
     let (mut records, mut errors) = (Vec::new(), Vec::new());
-    for r in results {
-        match r {
+    for raw in RecordReader::open(path)? {
+        match raw?.parse() {
             Ok(record) => records.push(record),
             Err(e) => errors.push(e),
         }
     }
     Ok((records, errors))
+}
+
+/// A record as read from its file, not yet parsed: JSONL lines are parsed
+/// by [`RawRecord::parse`], which the encoder runs on its worker threads.
+pub struct RawRecord {
+    /// The file.
+    path: std::sync::Arc<Path>,
+    /// 1-based line (JSONL, CSV data rows counted from the header's line)
+    /// or record number (JSON array, Parquet row).
+    pub line: usize,
+    body: RawBody,
+}
+
+enum RawBody {
+    /// A JSONL line, unparsed.
+    Line(Vec<u8>),
+    /// A parsed value (a JSON array's element, a CSV or Parquet row).
+    Value(serde_json::Value),
+    /// A record the reader found malformed (a ragged CSV row).
+    Bad(String),
+}
+
+impl RawRecord {
+    /// The file it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The record, or the error naming its file and line.
+    pub fn parse(self) -> Result<Record, DataError> {
+        let bad = |message: String| DataError::Record { path: self.path.to_path_buf(), line: self.line, message };
+        let value = match self.body {
+            RawBody::Line(bytes) => {
+                let text = std::str::from_utf8(&bytes)
+                    .map_err(|e| bad(format!("the line is not valid UTF-8 (byte {} of the line)", e.valid_up_to())))?;
+                serde_json::from_str(text).map_err(|e| bad(e.to_string()))?
+            }
+            RawBody::Value(value) => value,
+            RawBody::Bad(message) => return Err(bad(message)),
+        };
+        match value {
+            serde_json::Value::Object(map) => Ok(Record { line: self.line, value: map }),
+            other => Err(bad(format!("a record must be a JSON object, found {}", kind(&other)))),
+        }
+    }
+}
+
+/// Reads a dataset file's records in order, holding one record (a JSONL
+/// line, a CSV row) or one Parquet row group at a time. The format comes
+/// from the extension: `.parquet`, `.csv`, `.tsv`, else JSON — a file
+/// whose first character is `[` is a JSON array (read whole), any other a
+/// JSONL file (one object per line, blank lines skipped).
+///
+/// Yields an error, after which it stops, only when the file cannot be read
+/// on (I/O, a corrupt Parquet page); a malformed record is an `Ok` whose
+/// [`RawRecord::parse`] fails, so a caller can skip it.
+pub struct RecordReader {
+    path: std::sync::Arc<Path>,
+    inner: Reader,
+    /// Records read so far.
+    count: usize,
+    done: bool,
+}
+
+enum Reader {
+    Lines {
+        file: std::io::BufReader<std::fs::File>,
+        line: usize,
+    },
+    Array(std::vec::IntoIter<serde_json::Value>),
+    /// `crlf`: the file ends its lines with `\r\n`, for which the csv
+    /// crate reports each record's line one too low (it counts the `\n`
+    /// after taking the record's position).
+    Csv {
+        rows: csv::Reader<std::fs::File>,
+        headers: Vec<String>,
+        crlf: bool,
+    },
+    Parquet(parquet::record::reader::RowIter<'static>),
+}
+
+impl RecordReader {
+    /// Opens `path` (a missing file, an unreadable header or Parquet footer,
+    /// or a malformed JSON array is an error naming it).
+    pub fn open(path: &Path) -> Result<RecordReader, DataError> {
+        use std::io::BufRead;
+        let io = |source| DataError::Io { path: path.to_owned(), source };
+        let corrupt = |line: usize, message: String| DataError::Corrupt { path: path.to_owned(), line, message };
+        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let file = std::fs::File::open(path).map_err(io)?;
+        let inner = match extension.as_str() {
+            "parquet" => {
+                let reader = parquet::file::serialized_reader::SerializedFileReader::new(file)
+                    .map_err(|e| corrupt(0, format!("not a readable Parquet file: {e}")))?;
+                Reader::Parquet(reader.into_iter())
+            }
+            "csv" | "tsv" => {
+                let crlf = {
+                    use std::io::Read;
+                    let mut start = Vec::new();
+                    (&file).take(1 << 16).read_to_end(&mut start).map_err(io)?;
+                    std::io::Seek::rewind(&mut &file).map_err(io)?;
+                    start.iter().position(|&b| b == b'\n').is_some_and(|i| i > 0 && start[i - 1] == b'\r')
+                };
+                let mut rows = csv::ReaderBuilder::new()
+                    .delimiter(if extension == "tsv" { b'\t' } else { b',' })
+                    .flexible(true)
+                    .from_reader(file);
+                let headers = rows.headers().map_err(|e| corrupt(1, format!("the header row: {e}")))?;
+                let headers = headers.iter().map(str::to_owned).collect();
+                Reader::Csv { rows, headers, crlf }
+            }
+            _ => {
+                let mut file = std::io::BufReader::new(file);
+                let starts_array = loop {
+                    let buffer = file.fill_buf().map_err(io)?;
+                    match buffer.iter().position(|b| !b.is_ascii_whitespace()) {
+                        Some(i) => break buffer[i] == b'[',
+                        None if buffer.is_empty() => break false,
+                        None => {
+                            let n = buffer.len();
+                            file.consume(n);
+                        }
+                    }
+                };
+                if starts_array {
+                    let values: Vec<serde_json::Value> =
+                        serde_json::from_reader(file).map_err(|e| corrupt(e.line(), e.to_string()))?;
+                    Reader::Array(values.into_iter())
+                } else {
+                    Reader::Lines { file, line: 0 }
+                }
+            }
+        };
+        Ok(RecordReader { path: path.into(), inner, count: 0, done: false })
+    }
+
+    /// The file being read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn next_record(&mut self) -> Option<Result<RawRecord, DataError>> {
+        use std::io::BufRead;
+        let path = &self.path;
+        let record = |line: usize, body: RawBody| Some(Ok(RawRecord { path: path.clone(), line, body }));
+        match &mut self.inner {
+            Reader::Lines { file, line } => loop {
+                let mut bytes = Vec::new();
+                match file.read_until(b'\n', &mut bytes) {
+                    Ok(0) => return None,
+                    Ok(_) => *line += 1,
+                    Err(source) => return Some(Err(DataError::Io { path: path.to_path_buf(), source })),
+                }
+                if bytes.last() == Some(&b'\n') {
+                    bytes.pop();
+                }
+                if bytes.last() == Some(&b'\r') {
+                    bytes.pop();
+                }
+                if !bytes.iter().all(u8::is_ascii_whitespace) {
+                    return record(*line, RawBody::Line(bytes));
+                }
+            },
+            Reader::Array(values) => values.next().and_then(|v| record(self.count + 1, RawBody::Value(v))),
+            Reader::Csv { rows, headers, crlf } => {
+                let line_of =
+                    |p: Option<&csv::Position>| p.map_or(self.count + 2, |p| p.line() as usize + *crlf as usize);
+                let mut row = csv::StringRecord::new();
+                match rows.read_record(&mut row) {
+                    Ok(false) => None,
+                    Ok(true) => {
+                        let line = line_of(row.position());
+                        if row.len() != headers.len() {
+                            let message = format!("{} fields where the header has {}", row.len(), headers.len());
+                            return record(line, RawBody::Bad(message));
+                        }
+                        let object = headers.iter().cloned().zip(row.iter().map(csv_cell)).collect();
+                        record(line, RawBody::Value(serde_json::Value::Object(object)))
+                    }
+                    Err(e) => {
+                        let line = line_of(e.position());
+                        match e.kind() {
+                            csv::ErrorKind::Utf8 { .. } => record(line, RawBody::Bad(format!("not valid UTF-8: {e}"))),
+                            _ => {
+                                Some(Err(DataError::Corrupt { path: path.to_path_buf(), line, message: e.to_string() }))
+                            }
+                        }
+                    }
+                }
+            }
+            Reader::Parquet(rows) => match rows.next()? {
+                Ok(row) => record(self.count + 1, RawBody::Value(row.to_json_value())),
+                Err(e) => {
+                    let message = format!("row {}: {e}", self.count + 1);
+                    Some(Err(DataError::Corrupt { path: path.to_path_buf(), line: self.count + 1, message }))
+                }
+            },
+        }
+    }
+}
+
+impl Iterator for RecordReader {
+    type Item = Result<RawRecord, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let next = self.next_record();
+        match &next {
+            Some(Ok(_)) => self.count += 1,
+            Some(Err(_)) | None => self.done = true,
+        }
+        next
+    }
+}
+
+/// A CSV cell as a JSON value: an empty cell is null (a missing value,
+/// as pandas and Hugging Face `datasets` read it), anything else a string.
+fn csv_cell(cell: &str) -> serde_json::Value {
+    match cell {
+        "" => serde_json::Value::Null,
+        text => serde_json::Value::String(text.to_owned()),
+    }
 }
 
 fn kind(value: &serde_json::Value) -> &'static str {

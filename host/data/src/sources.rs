@@ -71,39 +71,46 @@ pub fn read_sources(
         let (mut records, errors) = read_records_lenient(&source.path)?;
         bad.extend(errors);
         for record in &mut records {
-            for (old, new) in renames {
-                if let Some(value) = record.value.remove(old) {
-                    record.value.insert(new.clone(), value);
-                }
-            }
+            rename(record, renames);
         }
         if let Some(n) = source.sample {
-            records = sample(records, n, seed.wrapping_add(i as u64));
+            let chosen = sample_indices(records.len(), n, seed.wrapping_add(i as u64));
+            records = chosen.into_iter().map(|i| records[i].clone()).collect();
         }
         out.extend(records.into_iter().map(|record| SourcedRecord { path: source.path.clone(), record }));
     }
     Ok((out, bad))
 }
 
-/// `n` records: whole copies of `records` while they fit, then a seeded
-/// random subset without repetition.
-fn sample(records: Vec<Record>, n: usize, seed: u64) -> Vec<Record> {
-    if records.is_empty() {
-        return records;
+/// Applies `--columns` renames (`old`, `new`) to a record.
+pub fn rename(record: &mut Record, renames: &[(String, String)]) {
+    for (old, new) in renames {
+        if let Some(value) = record.value.remove(old) {
+            record.value.insert(new.clone(), value);
+        }
+    }
+}
+
+/// `FILE#N` over a file of `len` records: the indices of `n` records —
+/// every record as many whole times as fit, then a seeded random subset
+/// without repetition, in file order (ms-swift's rule).
+pub fn sample_indices(len: usize, n: usize, seed: u64) -> Vec<usize> {
+    if len == 0 {
+        return Vec::new();
     }
     let mut out = Vec::with_capacity(n);
-    while out.len() + records.len() <= n {
-        out.extend(records.iter().cloned());
+    while out.len() + len <= n {
+        out.extend(0..len);
     }
     let mut rng = SplitMix64::new(seed);
-    let mut order: Vec<usize> = (0..records.len()).collect();
+    let mut order: Vec<usize> = (0..len).collect();
     for i in (1..order.len()).rev() {
         order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
     }
     let rest = n - out.len();
     let mut chosen: Vec<usize> = order.into_iter().take(rest).collect();
     chosen.sort_unstable();
-    out.extend(chosen.into_iter().map(|i| records[i].clone()));
+    out.extend(chosen);
     out
 }
 
@@ -143,13 +150,11 @@ mod tests {
 
     #[test]
     fn sampling_repeats_whole_copies_then_draws_distinct_records() {
-        let records: Vec<Record> = (1..=4).map(|line| Record { line, value: Default::default() }).collect();
-        let lines = |rs: Vec<Record>| rs.iter().map(|r| r.line).collect::<Vec<_>>();
-        let ten = lines(sample(records.clone(), 10, 7));
+        let ten = sample_indices(4, 10, 7);
         assert_eq!(ten.len(), 10);
-        assert_eq!(&ten[..8], &[1, 2, 3, 4, 1, 2, 3, 4]);
+        assert_eq!(&ten[..8], &[0, 1, 2, 3, 0, 1, 2, 3]);
         assert_ne!(ten[8], ten[9]);
-        let two = lines(sample(records, 2, 7));
+        let two = sample_indices(4, 2, 7);
         assert_eq!(two.len(), 2);
         assert_ne!(two[0], two[1]);
     }

@@ -20,4 +20,6 @@ mod trainer;
 pub use objective::{
     collate_packed, Objective, ObjectiveLoss, PackedSftObjective, PaddingFreeSftObjective, SftObjective,
 };
-pub use trainer::{train, train_with, StepMetrics, TrainConfig, TrainError, TrainerState, ROUTER_AUX_LOSS};
+pub use trainer::{
+    train, train_items, train_with, StepMetrics, TrainConfig, TrainError, TrainerState, ROUTER_AUX_LOSS,
+};

@@ -10,6 +10,7 @@
 use crate::checkpoints;
 use crate::objective::{Objective, SftObjective};
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,6 +20,7 @@ use serde_json::json;
 
 use crate::optim::{global_norm, AdamW, AdamWConfig, Schedule};
 use oxtune_data::text::EncodedRow;
+use oxtune_data::Items;
 use oxtune_engine::model::{LoadedModel, ModelError};
 
 /// How to train.
@@ -277,15 +279,20 @@ fn router_aux_loss<'a>(
 
 /// Mean loss of `objective` over `items`, in batches of `batch_size`,
 /// weighted as the objective weighs its batches (no parameter is updated).
-fn evaluate<O: Objective>(
+fn evaluate<O: Objective, I: Items<O::Item> + ?Sized>(
     model: &LoadedModel,
     objective: &O,
-    items: &[&O::Item],
+    items: &I,
+    indices: &[usize],
     batch_size: usize,
-) -> Result<f64, TrainError> {
+) -> Result<f64, TrainError>
+where
+    O::Item: Clone,
+{
     let (mut weighted, mut total) = (0.0f64, 0.0f64);
-    for batch in items.chunks(batch_size.max(1)) {
-        let out = objective.loss(model, batch, None, 0)?;
+    for batch in indices.chunks(batch_size.max(1)) {
+        let batch = fetch(items, batch, 0)?;
+        let out = objective.loss(model, &batch.iter().map(Cow::as_ref).collect::<Vec<_>>(), None, 0)?;
         let value = out.loss.to_scalar::<f32>().map_err(|cause| TrainError::Compute { step: 0, source: cause })?;
         weighted += value as f64 * out.weight;
         total += out.weight;
@@ -375,7 +382,51 @@ pub fn train_with<O: Objective>(
     items: &[O::Item],
     eval_items: &[O::Item],
     config: &TrainConfig,
-) -> Result<Vec<StepMetrics>, TrainError> {
+) -> Result<Vec<StepMetrics>, TrainError>
+where
+    O::Item: Clone + Sync,
+{
+    train_items(model, objective, items, eval_items, config)
+}
+
+/// Items `indices` of `items`, read for a micro-batch of `step`.
+fn fetch<'a, T: Clone, I: Items<T> + ?Sized>(
+    items: &'a I,
+    indices: &[usize],
+    step: usize,
+) -> Result<Vec<Cow<'a, T>>, TrainError> {
+    indices.iter().map(|&i| items.get(i).map_err(|message| TrainError::Data { step, message })).collect()
+}
+
+/// Indices of the items `objective` can train on.
+fn trainable_indices<O: Objective, I: Items<O::Item> + ?Sized>(
+    objective: &O,
+    items: &I,
+) -> Result<Vec<usize>, TrainError>
+where
+    O::Item: Clone,
+{
+    let mut out = Vec::new();
+    for i in 0..items.len() {
+        if objective.trainable(&*items.get(i).map_err(|message| TrainError::Data { step: 0, message })?) {
+            out.push(i);
+        }
+    }
+    Ok(out)
+}
+
+/// [`train_with`] over items read by index ([`Items`]): in memory, or a
+/// streamed dataset on disk read a micro-batch at a time.
+pub fn train_items<O: Objective, I: Items<O::Item> + ?Sized>(
+    model: &LoadedModel,
+    objective: &O,
+    items: &I,
+    eval_items: &I,
+    config: &TrainConfig,
+) -> Result<Vec<StepMetrics>, TrainError>
+where
+    O::Item: Clone,
+{
     let names: Vec<String> =
         model.weights().names().iter().filter(|n| model.weights().var(n).is_some()).map(|n| n.to_string()).collect();
     if names.is_empty() {
@@ -383,11 +434,11 @@ pub fn train_with<O: Objective>(
             "the model has no trainable parameters (attach an adapter, or load them trainable)".into(),
         ));
     }
-    let rows: Vec<&O::Item> = items.iter().filter(|r| objective.trainable(r)).collect();
+    let rows = trainable_indices(objective, items)?;
     if rows.is_empty() {
         return Err(TrainError::Setup("no row has a token to train on".into()));
     }
-    let eval_rows: Vec<&O::Item> = eval_items.iter().filter(|r| objective.trainable(r)).collect();
+    let eval_rows = trainable_indices(objective, eval_items)?;
     let vars: Vec<Var> = names.iter().map(|n| model.weights().var(n).expect("filtered above").clone()).collect();
     let micro = config.batch_size.max(1);
     let accum = config.gradient_accumulation_steps.max(1);
@@ -449,12 +500,14 @@ pub fn train_with<O: Objective>(
         // the micro-batches left, the last of them possibly partial, so every
         // row is trained once per epoch.
         let micro_batches = accum.min((order.len() - cursor).div_ceil(micro));
-        let batches: Vec<Vec<&O::Item>> = (0..micro_batches)
+        let batches: Vec<Vec<Cow<O::Item>>> = (0..micro_batches)
             .map(|m| {
                 let start = cursor + m * micro;
-                order[start..(start + micro).min(order.len())].iter().map(|&i| rows[i]).collect()
+                let picked: Vec<usize> =
+                    order[start..(start + micro).min(order.len())].iter().map(|&i| rows[i]).collect();
+                fetch(items, &picked, step)
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         cursor = (cursor + micro_batches * micro).min(order.len());
         // Each micro-batch's loss counts by its share of the step's weight
         // (trained tokens for token-level losses).
@@ -466,7 +519,8 @@ pub fn train_with<O: Objective>(
             // Dropout masks depend on the seed, the step and the micro-batch
             // only, so a resumed run draws the same ones.
             let dropout_seed = config.seed ^ ((step as u64) << 20) ^ micro_index as u64;
-            let out = objective.loss(model, batch, Some(dropout_seed), step)?;
+            let batch: Vec<&O::Item> = batch.iter().map(Cow::as_ref).collect();
+            let out = objective.loss(model, &batch, Some(dropout_seed), step)?;
             tokens += out.tokens;
             for (key, value) in out.logged {
                 *extra.entry(key).or_insert(0.0) += value * share;
@@ -507,7 +561,8 @@ pub fn train_with<O: Objective>(
         let train_seconds = started.elapsed().as_secs_f64();
         let evaluate_now =
             !eval_rows.is_empty() && (config.eval_steps.is_some_and(|n| n > 0 && step % n == 0) || step == total);
-        let eval_loss = if evaluate_now { Some(evaluate(model, objective, &eval_rows, micro)?) } else { None };
+        let eval_loss =
+            if evaluate_now { Some(evaluate(model, objective, eval_items, &eval_rows, micro)?) } else { None };
         let m = StepMetrics {
             step,
             total_steps: total,

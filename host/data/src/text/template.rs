@@ -257,6 +257,11 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// The special tokens (`bos_token`, `eos_token`, ...) it renders with.
+    pub fn special_tokens(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.special_tokens
+    }
+
     /// Renders a conversation.
     pub fn render(&self, request: &ChatRequest<'_>) -> Result<String, TemplateError> {
         let render_error = |e: minijinja::Error| TemplateError::Render {

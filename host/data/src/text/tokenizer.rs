@@ -83,6 +83,11 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The tokenizer as `tokenizer.json` text (what a cache key hashes).
+    pub fn to_json(&self) -> String {
+        self.inner.to_string(false).unwrap_or_default()
+    }
 }
 
 impl Detokenizer for TextTokenizer {
@@ -121,6 +126,22 @@ pub struct TextAssets {
 const SPECIAL_TOKENS: [&str; 4] = ["bos_token", "eos_token", "pad_token", "unk_token"];
 
 impl TextAssets {
+    /// A SHA-256 over everything that decides how text becomes tokens: the
+    /// tokenizer, the chat template and its special tokens, the EOS ids.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        hash.update(self.tokenizer.to_json());
+        hash.update([0]);
+        if let Some(template) = &self.template {
+            hash.update(template.source());
+            hash.update(serde_json::Value::Object(template.special_tokens().clone()).to_string());
+        }
+        hash.update([0]);
+        hash.update(format!("{:?} {:?}", self.eos_token_ids, self.eos_token));
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Reads the text assets of a model folder or a `.gguf` file.
     pub fn load(path: &Path) -> Result<TextAssets, TextError> {
         if oxtune_engine::model::is_gguf(path) {

@@ -1,0 +1,329 @@
+//! Tokenised datasets on disk: a dataset file's encoded rows, written once
+//! by the streaming encoder into a cache folder named by a hash of
+//! everything the encoding depends on, then read back by index through a
+//! memory map. A run trains on more rows than fit in memory, and the next
+//! run with the same file, tokenizer, template and cutting rules skips
+//! encoding.
+//!
+//! A cache entry is a folder `<root>/<key>/` holding
+//! - `rows.bin`: each row's ids (u32, little-endian), then its labels
+//!   (i32, little-endian);
+//! - `index.bin`: 16 bytes per row: its byte offset in `rows.bin` (u64),
+//!   its token count (u32) and the record it came from (u32, 0-based among
+//!   the file's well-formed records, so `FILE#N` samples records as the
+//!   in-memory path does);
+//! - `meta.json`: the key's parts, the format version and what happened to
+//!   the records (counts of records, rows, tokens, cut, dropped, skipped).
+//!
+//! An entry is written into `<key>.partial-<pid>` and renamed into place
+//! when whole, so a folder named by its key is never half-written; a run
+//! killed while encoding leaves only a partial folder, which is ignored
+//! (and replaced by the next run's).
+
+use std::borrow::Cow;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::items::Items;
+use crate::text::EncodedRow;
+
+/// The on-disk format's version, part of every key.
+pub const FORMAT_VERSION: u32 = 1;
+
+const ROWS_FILE: &str = "rows.bin";
+const INDEX_FILE: &str = "index.bin";
+const META_FILE: &str = "meta.json";
+const INDEX_ENTRY: usize = 16;
+
+/// What names a cache entry: a JSON object of everything its rows depend
+/// on, and its hash.
+#[derive(Clone, Debug)]
+pub struct CacheKey {
+    parts: Value,
+    hex: String,
+}
+
+impl CacheKey {
+    /// The key of `parts` (the format version is added).
+    pub fn new(mut parts: Value) -> CacheKey {
+        use sha2::Digest;
+        parts["format"] = json!(FORMAT_VERSION);
+        let digest = sha2::Sha256::digest(parts.to_string().as_bytes());
+        let hex = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        CacheKey { parts, hex }
+    }
+
+    /// The entry's folder name.
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+
+    /// What the key was made of.
+    pub fn parts(&self) -> &Value {
+        &self.parts
+    }
+}
+
+/// An I/O error on a cache file, naming it.
+#[derive(Debug, thiserror::Error)]
+#[error("the tokenised dataset {path}: {message}")]
+pub struct CacheError {
+    /// The file or folder.
+    pub path: PathBuf,
+    /// What went wrong.
+    pub message: String,
+}
+
+fn cache_error(path: &Path) -> impl Fn(std::io::Error) -> CacheError + '_ {
+    move |e| CacheError { path: path.to_owned(), message: e.to_string() }
+}
+
+/// Writes one cache entry row by row; [`finish`](TokenisedWriter::finish)
+/// moves it into place.
+pub struct TokenisedWriter {
+    partial: PathBuf,
+    target: PathBuf,
+    key: CacheKey,
+    rows: std::io::BufWriter<std::fs::File>,
+    index: std::io::BufWriter<std::fs::File>,
+    offset: u64,
+    count: usize,
+    tokens: u64,
+}
+
+impl TokenisedWriter {
+    /// Starts the entry of `key` under `root` (created if needed).
+    pub fn create(root: &Path, key: CacheKey) -> Result<TokenisedWriter, CacheError> {
+        let target = root.join(key.hex());
+        let partial = root.join(format!("{}.partial-{}", key.hex(), std::process::id()));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).map_err(cache_error(&partial))?;
+        let open = |name: &str| {
+            let path = partial.join(name);
+            std::fs::File::create(&path).map(std::io::BufWriter::new).map_err(cache_error(&path))
+        };
+        let (rows, index) = (open(ROWS_FILE)?, open(INDEX_FILE)?);
+        Ok(TokenisedWriter { partial, target, key, rows, index, offset: 0, count: 0, tokens: 0 })
+    }
+
+    /// Appends a text row that came from record `record` (0-based among
+    /// the file's well-formed records). Rows with media are refused.
+    pub fn push(&mut self, row: &EncodedRow, record: usize) -> Result<(), CacheError> {
+        if row.media.is_some() {
+            return Err(CacheError {
+                path: self.partial.clone(),
+                message: "rows with images or videos are not cached".into(),
+            });
+        }
+        let (Ok(len), Ok(record)) = (u32::try_from(row.input_ids.len()), u32::try_from(record)) else {
+            return Err(CacheError { path: self.partial.clone(), message: "more than 2^32 tokens or records".into() });
+        };
+        let mut bytes = Vec::with_capacity(row.input_ids.len() * 8);
+        bytes.extend(row.input_ids.iter().flat_map(|id| id.to_le_bytes()));
+        // Labels are -100 or a vocabulary id, both within i32.
+        bytes.extend(row.labels.iter().flat_map(|&l| (l as i32).to_le_bytes()));
+        let rows_path = self.partial.join(ROWS_FILE);
+        self.rows.write_all(&bytes).map_err(cache_error(&rows_path))?;
+        let mut entry = [0u8; INDEX_ENTRY];
+        entry[..8].copy_from_slice(&self.offset.to_le_bytes());
+        entry[8..12].copy_from_slice(&len.to_le_bytes());
+        entry[12..].copy_from_slice(&record.to_le_bytes());
+        let index_path = self.partial.join(INDEX_FILE);
+        self.index.write_all(&entry).map_err(cache_error(&index_path))?;
+        self.offset += bytes.len() as u64;
+        self.count += 1;
+        self.tokens += len as u64;
+        Ok(())
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> usize {
+        self.count
+    }
+
+    /// Writes `meta.json` (the key's parts, the counts, and `summary`),
+    /// syncs, moves the entry into place and opens it. When another run
+    /// finished the same entry first, its entry is kept and this one dropped.
+    pub fn finish(mut self, summary: Value) -> Result<TokenisedRows, CacheError> {
+        let rows_path = self.partial.join(ROWS_FILE);
+        let index_path = self.partial.join(INDEX_FILE);
+        self.rows.flush().and_then(|_| self.rows.get_ref().sync_all()).map_err(cache_error(&rows_path))?;
+        self.index.flush().and_then(|_| self.index.get_ref().sync_all()).map_err(cache_error(&index_path))?;
+        let meta = json!({"key": self.key.parts(), "rows": self.count, "tokens": self.tokens, "summary": summary});
+        let meta_path = self.partial.join(META_FILE);
+        let text = serde_json::to_string_pretty(&meta).expect("JSON values serialise");
+        std::fs::write(&meta_path, text).map_err(cache_error(&meta_path))?;
+        if self.target.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.partial);
+        } else {
+            std::fs::rename(&self.partial, &self.target).map_err(cache_error(&self.target))?;
+        }
+        TokenisedRows::open(&self.target)?
+            .ok_or_else(|| CacheError { path: self.target.clone(), message: "vanished after writing".into() })
+    }
+}
+
+impl Drop for TokenisedWriter {
+    /// An entry abandoned before [`finish`](TokenisedWriter::finish) (a bad
+    /// record stopped encoding) leaves nothing behind.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.partial);
+    }
+}
+
+/// One cache entry, open for reading.
+pub struct TokenisedRows {
+    dir: PathBuf,
+    rows: memmap2::Mmap,
+    /// Per row: byte offset, token count, record.
+    index: Vec<(u64, u32, u32)>,
+    meta: Value,
+}
+
+impl TokenisedRows {
+    /// Opens the entry in `dir`; `None` when there is none (an entry is a
+    /// folder with `meta.json`, which is written last).
+    pub fn open(dir: &Path) -> Result<Option<TokenisedRows>, CacheError> {
+        let meta_path = dir.join(META_FILE);
+        if !meta_path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&meta_path).map_err(cache_error(&meta_path))?;
+        let meta: Value =
+            serde_json::from_str(&text).map_err(|e| CacheError { path: meta_path.clone(), message: e.to_string() })?;
+        let index_path = dir.join(INDEX_FILE);
+        let bytes = std::fs::read(&index_path).map_err(cache_error(&index_path))?;
+        let word = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        let index: Vec<(u64, u32, u32)> = bytes
+            .chunks_exact(INDEX_ENTRY)
+            .map(|e| (u64::from_le_bytes(e[..8].try_into().expect("8 bytes")), word(&e[8..12]), word(&e[12..])))
+            .collect();
+        let rows_path = dir.join(ROWS_FILE);
+        let file = std::fs::File::open(&rows_path).map_err(cache_error(&rows_path))?;
+        // SAFETY: entries are written once into a partial folder and renamed
+        // into place; oxtune never modifies a finished entry, and the map is
+        // only read through bounds-checked slices.
+        let rows = unsafe { memmap2::Mmap::map(&file) }.map_err(cache_error(&rows_path))?;
+        let consistent = meta["rows"].as_u64() == Some(index.len() as u64)
+            && bytes.len() == index.len() * INDEX_ENTRY
+            && index.last().is_none_or(|&(o, n, _)| o + 8 * n as u64 == rows.len() as u64);
+        if !consistent {
+            let message = "its files disagree (delete the folder to encode again)".into();
+            return Err(CacheError { path: dir.to_owned(), message });
+        }
+        Ok(Some(TokenisedRows { dir: dir.to_owned(), rows, index, meta }))
+    }
+
+    /// The entry's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `meta.json`.
+    pub fn meta(&self) -> &Value {
+        &self.meta
+    }
+
+    /// How many rows it holds.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Row `i`'s token count.
+    pub fn tokens(&self, i: usize) -> usize {
+        self.index[i].1 as usize
+    }
+
+    /// The record row `i` came from (0-based among the well-formed records).
+    pub fn record(&self, i: usize) -> usize {
+        self.index[i].2 as usize
+    }
+
+    /// Row `i`, read from the map.
+    pub fn row(&self, i: usize) -> EncodedRow {
+        let (offset, n, _) = self.index[i];
+        let (start, n) = (offset as usize, n as usize);
+        let bytes = &self.rows[start..start + 8 * n];
+        let (ids, labels) = bytes.split_at(4 * n);
+        let word = |b: &[u8]| <[u8; 4]>::try_from(b).expect("4 bytes");
+        EncodedRow {
+            input_ids: ids.chunks_exact(4).map(|b| u32::from_le_bytes(word(b))).collect(),
+            labels: labels.chunks_exact(4).map(|b| i32::from_le_bytes(word(b)) as i64).collect(),
+            media: None,
+        }
+    }
+}
+
+/// Rows picked from several cache entries, in a run's order (sampled,
+/// split): what the trainer reads for a streamed dataset.
+#[derive(Clone)]
+pub struct TokenisedItems {
+    entries: Arc<Vec<TokenisedRows>>,
+    /// (entry, row) per item.
+    picks: Vec<(u32, u32)>,
+}
+
+impl TokenisedItems {
+    /// `picks` (entry, row) of `entries`.
+    pub fn new(entries: Arc<Vec<TokenisedRows>>, picks: Vec<(u32, u32)>) -> TokenisedItems {
+        TokenisedItems { entries, picks }
+    }
+
+    /// Each item's token count (what packing bins by).
+    pub fn lengths(&self) -> Vec<usize> {
+        self.picks.iter().map(|&(e, r)| self.entries[e as usize].tokens(r as usize)).collect()
+    }
+}
+
+impl Items<EncodedRow> for TokenisedItems {
+    fn len(&self) -> usize {
+        self.picks.len()
+    }
+
+    fn get(&self, index: usize) -> Result<Cow<'_, EncodedRow>, String> {
+        let (entry, row) = self.picks[index];
+        Ok(Cow::Owned(self.entries[entry as usize].row(row as usize)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_read_back_as_written_and_a_partial_entry_is_not_an_entry() {
+        let root = std::env::temp_dir().join(format!("oxtune-tokenised-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let key = CacheKey::new(json!({"file": "a.jsonl"}));
+        assert_ne!(key.hex(), CacheKey::new(json!({"file": "b.jsonl"})).hex());
+        let rows = [
+            EncodedRow { input_ids: vec![1, 2, 3], labels: vec![-100, 2, 3], media: None },
+            EncodedRow { input_ids: vec![70000], labels: vec![70000], media: None },
+        ];
+        let mut writer = TokenisedWriter::create(&root, key.clone()).unwrap();
+        writer.push(&rows[0], 0).unwrap();
+        writer.push(&rows[1], 2).unwrap();
+        assert!(TokenisedRows::open(&root.join(key.hex())).unwrap().is_none(), "not in place before finish");
+        let entry = writer.finish(json!({"records": 3})).unwrap();
+        assert_eq!((entry.len(), entry.tokens(0), entry.record(1)), (2, 3, 2));
+        assert_eq!(entry.row(0), rows[0]);
+        assert_eq!(entry.row(1), rows[1]);
+        assert_eq!(entry.meta()["summary"]["records"], 3);
+        let items = TokenisedItems::new(Arc::new(vec![entry]), vec![(0, 1), (0, 0), (0, 1)]);
+        assert_eq!(items.lengths(), vec![1, 3, 1]);
+        assert_eq!(*items.get(1).unwrap(), rows[0]);
+        // A finished entry whose files disagree is an error, not wrong rows.
+        std::fs::write(root.join(key.hex()).join(INDEX_FILE), [0u8; 16]).unwrap();
+        let err = TokenisedRows::open(&root.join(key.hex())).err().unwrap().to_string();
+        assert!(err.contains("its files disagree"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
