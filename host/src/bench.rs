@@ -42,6 +42,11 @@ pub struct EncodeBenchArgs {
     /// Where the generated files and tokenised datasets go (removed after).
     #[arg(long, value_name = "DIR")]
     scratch_dir: Option<PathBuf>,
+    /// A Python with transformers and datasets (and gguf for a GGUF model):
+    /// after oxtune, Hugging Face `datasets` encodes the same file with as
+    /// many worker processes, and the ratio is printed.
+    #[arg(long, value_name = "PATH")]
+    peer_python: Option<PathBuf>,
 }
 
 /// `oxtune bench encode`: one file in this process, or each row count in
@@ -51,14 +56,16 @@ fn encode(global: &GlobalArgs, args: &EncodeBenchArgs) -> anyhow::Result<()> {
         let registry = global.registry()?;
         let text = args.model.load(&registry)?;
         let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let bench = oxtune_bench::encode::EncodeBench { rows: *rows, threads };
+        let peer = args.peer_python.clone().map(|python| oxtune_bench::peer::PythonPeer { python, threads });
+        let bench = oxtune_bench::encode::EncodeBench { rows: *rows, threads, peer };
         let scratch = args.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
         let scratch = scratch.join(format!("oxtune-bench-encode-{}", std::process::id()));
-        print([oxtune_bench::encode::encode(&registry, &text.model, &text.assets, &bench, &scratch)?]);
+        let model = &args.model.model;
+        print(oxtune_bench::encode::encode(&registry, &text.model, model, &text.assets, &bench, &scratch)?);
         return Ok(());
     }
     for rows in &args.rows {
-        print([child_record(&["--rows"], &["--rows".into(), rows.to_string()], json!({"rows": rows}))?]);
+        print(child_records(&["--rows"], &["--rows".into(), rows.to_string()], json!({"rows": rows}))?);
     }
     Ok(())
 }
@@ -180,26 +187,26 @@ fn without_flags(flags: &[&str]) -> Vec<OsString> {
 /// shape's peak memory is its own.
 fn measure_in_child((batch, seq): (usize, usize)) -> anyhow::Result<Value> {
     let shape = ["--batch-size".into(), batch.to_string(), "--seq-len".into(), seq.to_string()];
-    child_record(&SWEEP_FLAGS, &shape, json!({"batch_size": batch, "seq_len": seq}))
+    let records = child_records(&SWEEP_FLAGS, &shape, json!({"batch_size": batch, "seq_len": seq}))?;
+    Ok(records.into_iter().last().expect("at least one record"))
 }
 
 /// Runs this benchmark again in a child process with `drop` flags removed
-/// and `add` appended, and returns the last JSON record it printed. A
-/// child that fails (a shape that does not fit in memory) gives `label`
-/// with its `error`.
-fn child_record(drop: &[&str], add: &[String], mut label: Value) -> anyhow::Result<Value> {
+/// and `add` appended, and returns the JSON records it printed. A child
+/// that fails (a shape that does not fit in memory) gives `label` with its
+/// `error`.
+fn child_records(drop: &[&str], add: &[String], mut label: Value) -> anyhow::Result<Vec<Value>> {
     let exe = std::env::current_exe()?;
     let out = Command::new(&exe).args(without_flags(drop)).args(add).output()?;
-    let record = String::from_utf8_lossy(&out.stdout).lines().rev().find_map(|l| serde_json::from_str::<Value>(l).ok());
-    Ok(match record {
-        Some(record) if out.status.success() => record,
-        _ => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let last = stderr.lines().last().unwrap_or("no message").to_owned();
-            label["error"] = json!(format!("{} ({})", last, out.status));
-            label
-        }
-    })
+    let records: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
+    if out.status.success() && !records.is_empty() {
+        return Ok(records);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or("no message").to_owned();
+    label["error"] = json!(format!("{} ({})", last, out.status));
+    Ok(vec![label])
 }
 
 /// `oxtune bench train`: one shape in this process, or a sweep (or a peer
@@ -222,7 +229,7 @@ fn train(global: &GlobalArgs, args: &TrainBenchArgs) -> anyhow::Result<()> {
         print([oxtune_bench::train(&registry, &mut text.model, vocab, &args.bench(*shape))?]);
         return Ok(());
     }
-    let peer = args.peer_python.as_ref().map(|python| oxtune_bench::peer::TrainPeer {
+    let peer = args.peer_python.as_ref().map(|python| oxtune_bench::peer::PythonPeer {
         python: python.clone(),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
     });

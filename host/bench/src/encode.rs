@@ -2,7 +2,8 @@
 //! encode`): a generated JSONL of conversations is encoded into a fresh
 //! tokenised dataset as `--streaming` does, and the record gives rows/s,
 //! tokens/s and the process's peak memory beside its memory before
-//! encoding — which should not grow with the row count.
+//! encoding — which should not grow with the row count — and, with a peer,
+//! Hugging Face `datasets` encoding the same file.
 
 use std::io::Write;
 use std::path::Path;
@@ -14,6 +15,7 @@ use oxtune_engine::LoadedModel;
 use oxtune_registry::Registry;
 use serde_json::{json, Value};
 
+use crate::peer::{ratio, PythonPeer};
 use crate::{peak_memory_mb, BenchError};
 
 /// What to encode.
@@ -23,6 +25,9 @@ pub struct EncodeBench {
     pub rows: usize,
     /// Encoding threads.
     pub threads: usize,
+    /// Hugging Face `datasets` + transformers encoding the same file right
+    /// after oxtune, with as many worker processes.
+    pub peer: Option<PythonPeer>,
 }
 
 const WORDS: [&str; 16] = [
@@ -50,14 +55,16 @@ pub fn write_conversations(path: &Path, rows: usize) -> std::io::Result<()> {
 }
 
 /// Generates the file in `scratch`, encodes it there with `assets`'
-/// template and tokenizer, and reports the figures.
+/// template and tokenizer, and reports the figures; with a peer, its
+/// record (on `model_path`'s tokenizer) and the ratio follow.
 pub fn encode(
     registry: &Registry,
     model: &LoadedModel,
+    model_path: &Path,
     assets: &oxtune_data::TextAssets,
     bench: &EncodeBench,
     scratch: &Path,
-) -> Result<Value, BenchError> {
+) -> Result<Vec<Value>, BenchError> {
     let io = |e: std::io::Error| BenchError::Invalid(format!("{}: {e}", scratch.display()));
     std::fs::create_dir_all(scratch).map_err(io)?;
     let file = scratch.join(format!("conversations-{}.jsonl", bench.rows));
@@ -78,8 +85,7 @@ pub fn encode(
     let tokens: usize = streamed.train.lengths().iter().sum();
     let rows = streamed.files.iter().map(|f| f.rows).sum::<usize>();
     drop(streamed);
-    let _ = std::fs::remove_dir_all(scratch);
-    Ok(json!({
+    let ours = json!({
         "bench": "encode",
         "rows": rows,
         "file_mb": file_mb,
@@ -89,5 +95,14 @@ pub fn encode(
         "tokens_per_s": tokens as f64 / seconds,
         "memory_before_mb": before_mb,
         "peak_memory_mb": peak_memory_mb(),
-    }))
+    });
+    let mut records = vec![ours.clone()];
+    if let Some(peer) = &bench.peer {
+        let theirs = peer
+            .encode(model_path, &file, scratch)
+            .unwrap_or_else(|e| json!({"peer": "datasets+transformers", "error": e.to_string()}));
+        records.extend([theirs.clone(), ratio(&ours, &theirs)]);
+    }
+    let _ = std::fs::remove_dir_all(scratch);
+    Ok(records)
 }

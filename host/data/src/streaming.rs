@@ -146,7 +146,10 @@ impl Encoder<'_> {
                         let chosen = sample_indices(report.records, n, options.seed.wrapping_add(i as u64));
                         picks.extend(rows_of_records(&mut chosen.into_iter()));
                     }
-                    None => picks.extend((0..entry.len() as u32).map(|row| (at as u32, row))),
+                    None => {
+                        picks.reserve_exact(entry.len());
+                        picks.extend((0..entry.len() as u32).map(|row| (at as u32, row)));
+                    }
                 }
             }
             Ok(picks)

@@ -174,13 +174,23 @@ impl Drop for TokenisedWriter {
     }
 }
 
-/// One cache entry, open for reading.
+/// One cache entry, open for reading (both files memory-mapped: nothing
+/// per row is held in the process's own memory).
 pub struct TokenisedRows {
     dir: PathBuf,
     rows: memmap2::Mmap,
-    /// Per row: byte offset, token count, record.
-    index: Vec<(u64, u32, u32)>,
+    /// 16 bytes per row: byte offset, token count, record.
+    index: memmap2::Mmap,
     meta: Value,
+}
+
+/// Maps `path` read-only.
+fn map(path: &Path) -> Result<memmap2::Mmap, CacheError> {
+    let file = std::fs::File::open(path).map_err(cache_error(path))?;
+    // SAFETY: entries are written once into a partial folder and renamed
+    // into place; oxtune never modifies a finished entry, and the map is
+    // only read through bounds-checked slices.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(cache_error(path))
 }
 
 impl TokenisedRows {
@@ -194,27 +204,24 @@ impl TokenisedRows {
         let text = std::fs::read_to_string(&meta_path).map_err(cache_error(&meta_path))?;
         let meta: Value =
             serde_json::from_str(&text).map_err(|e| CacheError { path: meta_path.clone(), message: e.to_string() })?;
-        let index_path = dir.join(INDEX_FILE);
-        let bytes = std::fs::read(&index_path).map_err(cache_error(&index_path))?;
-        let word = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
-        let index: Vec<(u64, u32, u32)> = bytes
-            .chunks_exact(INDEX_ENTRY)
-            .map(|e| (u64::from_le_bytes(e[..8].try_into().expect("8 bytes")), word(&e[8..12]), word(&e[12..])))
-            .collect();
-        let rows_path = dir.join(ROWS_FILE);
-        let file = std::fs::File::open(&rows_path).map_err(cache_error(&rows_path))?;
-        // SAFETY: entries are written once into a partial folder and renamed
-        // into place; oxtune never modifies a finished entry, and the map is
-        // only read through bounds-checked slices.
-        let rows = unsafe { memmap2::Mmap::map(&file) }.map_err(cache_error(&rows_path))?;
-        let consistent = meta["rows"].as_u64() == Some(index.len() as u64)
-            && bytes.len() == index.len() * INDEX_ENTRY
-            && index.last().is_none_or(|&(o, n, _)| o + 8 * n as u64 == rows.len() as u64);
+        let (index, rows) = (map(&dir.join(INDEX_FILE))?, map(&dir.join(ROWS_FILE))?);
+        let entry = TokenisedRows { dir: dir.to_owned(), rows, index, meta };
+        let n = entry.index.len() / INDEX_ENTRY;
+        let consistent = entry.meta["rows"].as_u64() == Some(n as u64)
+            && entry.index.len() == n * INDEX_ENTRY
+            && (n == 0 || entry.entry(n - 1).0 + 8 * entry.entry(n - 1).1 as u64 == entry.rows.len() as u64);
         if !consistent {
             let message = "its files disagree (delete the folder to encode again)".into();
             return Err(CacheError { path: dir.to_owned(), message });
         }
-        Ok(Some(TokenisedRows { dir: dir.to_owned(), rows, index, meta }))
+        Ok(Some(entry))
+    }
+
+    /// Row `i`'s index entry: byte offset, token count, record.
+    fn entry(&self, i: usize) -> (u64, u32, u32) {
+        let e = &self.index[i * INDEX_ENTRY..(i + 1) * INDEX_ENTRY];
+        let word = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        (u64::from_le_bytes(e[..8].try_into().expect("8 bytes")), word(&e[8..12]), word(&e[12..]))
     }
 
     /// The entry's folder.
@@ -229,7 +236,7 @@ impl TokenisedRows {
 
     /// How many rows it holds.
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.index.len() / INDEX_ENTRY
     }
 
     /// Whether it holds none.
@@ -239,17 +246,17 @@ impl TokenisedRows {
 
     /// Row `i`'s token count.
     pub fn tokens(&self, i: usize) -> usize {
-        self.index[i].1 as usize
+        self.entry(i).1 as usize
     }
 
     /// The record row `i` came from (0-based among the well-formed records).
     pub fn record(&self, i: usize) -> usize {
-        self.index[i].2 as usize
+        self.entry(i).2 as usize
     }
 
     /// Row `i`, read from the map.
     pub fn row(&self, i: usize) -> EncodedRow {
-        let (offset, n, _) = self.index[i];
+        let (offset, n, _) = self.entry(i);
         let (start, n) = (offset as usize, n as usize);
         let bytes = &self.rows[start..start + 8 * n];
         let (ids, labels) = bytes.split_at(4 * n);
