@@ -43,7 +43,7 @@ def main():
         messages = row["messages"]
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
         ids = tokenizer.apply_chat_template(messages, tokenize=True)
-        if isinstance(prompt, dict):
+        if hasattr(prompt, "keys"):  # transformers 5 returns a BatchEncoding
             prompt, ids = prompt["input_ids"], ids["input_ids"]
         labels = [-100] * len(prompt) + ids[len(prompt):]
         return {"input_ids": ids, "labels": labels}
