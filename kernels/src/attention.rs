@@ -105,7 +105,10 @@ pub fn flash_attention(
     // Which rows see no key: found once, read by the forward and backward passes.
     let fallbacks = (0..batch).map(|b| mask.fallbacks(b, queries, keys)).collect();
     let op = FlashAttention { mask: mask.clone(), scale, softcap, fallbacks };
-    let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+    // Keys and values are read in place when each head's rows are
+    // contiguous (a KV cache's preallocated buffer narrowed to its length).
+    let rows = |t: &Tensor| if head_stride(t.layout()).is_some() { Ok(t.clone()) } else { t.contiguous() };
+    let packed = q.contiguous()?.apply_op3(&rows(k)?, &rows(v)?, op)?;
     packed.narrow(3, 0, d)
 }
 
@@ -129,6 +132,37 @@ struct Dims {
     queries: usize,
     keys: usize,
     head_dim: usize,
+    /// Elements from one key/value head's first row to the next head's
+    /// (`keys · head_dim` when contiguous; a KV cache's capacity times
+    /// `head_dim` when read in place).
+    kv_head_stride: usize,
+}
+
+/// The element stride between consecutive (batch row, head) pairs of a
+/// `[b, h, keys, d]` layout whose heads are each `keys` contiguous rows of
+/// `d`, evenly spaced (`None` for any other layout).
+fn head_stride(layout: &Layout) -> Option<usize> {
+    let (b, h, keys, d) = layout.shape().dims4().ok()?;
+    let s = layout.stride();
+    let rows = (keys <= 1 || s[2] == d) && (d <= 1 || s[3] == 1);
+    let even = h <= 1 || b <= 1 || s[0] == h * s[1];
+    let stride = if h > 1 {
+        s[1]
+    } else if b > 1 {
+        s[0]
+    } else {
+        keys * d
+    };
+    (rows && even && stride >= keys * d).then_some(stride)
+}
+
+/// The data of keys or values laid out as [`head_stride`] accepts: from
+/// the first head's first row to the last head's last.
+fn kv_data<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let Some(stride) = head_stride(layout) else { bail!("flash-attention: keys and values need contiguous rows") };
+    let (b, h, keys, d) = layout.shape().dims4()?;
+    let start = layout.start_offset();
+    Ok(&storage.as_slice::<T>()?[start..start + (b * h - 1) * stride + keys * d])
 }
 
 impl Dims {
@@ -144,7 +178,11 @@ impl Dims {
         if keys == 0 {
             bail!("flash-attention: no keys")
         }
-        Ok(Dims { batch, q_heads, kv_heads, queries, keys, head_dim })
+        let kv_head_stride = head_stride(k).unwrap_or(keys * head_dim);
+        if head_stride(v) != Some(kv_head_stride) {
+            bail!("flash-attention: keys and values are laid out differently")
+        }
+        Ok(Dims { batch, q_heads, kv_heads, queries, keys, head_dim, kv_head_stride })
     }
 
     /// The key/value head query head `h` reads.
@@ -240,7 +278,7 @@ impl FlashAttention {
         let fallbacks = &self.fallbacks[b];
         let kvh = dims.kv_head(h);
         let q_at = ((b * dims.q_heads + h) * dims.queries + i0) * d;
-        let kv_at = (b * dims.kv_heads + kvh) * dims.keys * d;
+        let kv_at = (b * dims.kv_heads + kvh) * dims.kv_head_stride;
         let q = &q[q_at..q_at + rows * d];
         let (k, v) = (&k[kv_at..kv_at + dims.keys * d], &v[kv_at..kv_at + dims.keys * d]);
         let mut acc = vec![T::of(0.0); rows * d];
@@ -307,7 +345,7 @@ impl FlashAttention {
         packed: &[T],
         grad: &[T],
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let Dims { batch, q_heads, kv_heads, queries, keys, head_dim: d } = dims;
+        let Dims { batch, q_heads, kv_heads, queries, keys, head_dim: d, .. } = dims;
         // Per query row: its log-sum-exp and D = rowsum(dO ∘ O).
         let rows_total = batch * q_heads * queries;
         let mut lse = vec![T::of(0.0); rows_total];
@@ -508,8 +546,8 @@ impl CustomOp3 for FlashAttention {
         let dims = Dims::of(ql, kl, vl)?;
         let shape = Shape::from((dims.batch, dims.q_heads, dims.queries, dims.head_dim + 1));
         let out = match qs.dtype() {
-            DType::F32 => CpuStorage::F32(self.forward(dims, data(OP, qs, ql)?, data(OP, ks, kl)?, data(OP, vs, vl)?)),
-            DType::F64 => CpuStorage::F64(self.forward(dims, data(OP, qs, ql)?, data(OP, ks, kl)?, data(OP, vs, vl)?)),
+            DType::F32 => CpuStorage::F32(self.forward(dims, data(OP, qs, ql)?, kv_data(ks, kl)?, kv_data(vs, vl)?)),
+            DType::F64 => CpuStorage::F64(self.forward(dims, data(OP, qs, ql)?, kv_data(ks, kl)?, kv_data(vs, vl)?)),
             other => bail!("flash-attention: f32 or f64 inputs, got {other:?}"),
         };
         Ok((out, shape))
@@ -523,6 +561,9 @@ impl CustomOp3 for FlashAttention {
         packed: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The backward pass reads keys and values contiguous (only a KV
+        // cache, which is never differentiated, passes them in place).
+        let (k, v) = (&k.contiguous()?, &v.contiguous()?);
         let grad = grad.contiguous()?;
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
@@ -555,5 +596,35 @@ impl CustomOp3 for FlashAttention {
             other => bail!("flash-attention: f32 or f64 inputs, got {other:?}"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Keys and values read in place from a longer buffer (as a KV cache
+    /// passes them) give exactly what their contiguous copies give, for
+    /// several heads and for one head over several batch rows.
+    #[test]
+    fn keys_and_values_in_a_longer_buffer_are_read_in_place() {
+        for (batch, kv_heads) in [(1, 2), (2, 1), (2, 2)] {
+            let (q_heads, queries, keys, capacity, d) = (2 * kv_heads, 3, 70, 90, 8);
+            let q = Tensor::randn(0f32, 1., (batch, q_heads, queries, d), &Device::Cpu).unwrap();
+            let buffer = |seed: f32| {
+                let t = Tensor::randn(seed, 1., (batch, kv_heads, capacity, d), &Device::Cpu).unwrap();
+                t.narrow(2, 0, keys).unwrap()
+            };
+            let (k, v) = (buffer(0.5), buffer(-0.5));
+            assert!(!k.is_contiguous() && head_stride(k.layout()) == Some(capacity * d));
+            let mask =
+                KeyMask { causal: true, sliding_window: 0, offset: keys - queries, padding: None, segments: None };
+            let in_place = flash_attention(&q, &k, &v, &mask, 0.35, None).unwrap();
+            let copied =
+                flash_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), &mask, 0.35, None).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(&in_place), flat(&copied), "batch {batch}, {kv_heads} kv heads");
+        }
     }
 }

@@ -26,9 +26,66 @@ pub struct BatchInfo {
 }
 
 /// Keys and values of past tokens, per layer, for incremental decoding.
+///
+/// Each layer's keys and values live in a buffer with room for more
+/// positions (`[b, h, capacity, d]`): a step writes its positions in place
+/// and reads the cached ones as a view, so decoding copies nothing that is
+/// already cached; a full buffer (the prompt's keys are kept as they are)
+/// is replaced by one with room for [`SPARE_POSITIONS`] more: a copy every
+/// 128 positions instead of every step, and never more than 128 unused
+/// positions held.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<CachedLayer>>,
+}
+
+/// One layer's buffers and how many positions they hold.
+#[derive(Clone, Debug)]
+struct CachedLayer {
+    keys: Tensor,
+    values: Tensor,
+    len: usize,
+}
+
+/// Positions a new buffer has room for beyond what it is made to hold.
+const SPARE_POSITIONS: usize = 128;
+
+impl CachedLayer {
+    /// Buffers holding `k`, `v` (`[b, h, s, d]`) with room to grow.
+    fn new(k: &Tensor, v: &Tensor, capacity: usize) -> Result<CachedLayer> {
+        let (b, h, s, d) = k.dims4()?;
+        let buffer = |t: &Tensor| -> Result<Tensor> {
+            let buffer = Tensor::zeros((b, h, capacity, d), t.dtype(), t.device())?;
+            buffer.slice_set(&t.contiguous()?.detach(), 2, 0)?;
+            Ok(buffer)
+        };
+        Ok(CachedLayer { keys: buffer(k)?, values: buffer(v)?, len: s })
+    }
+
+    /// The cached keys and values (views of the buffers).
+    fn views(&self) -> Result<(Tensor, Tensor)> {
+        Ok((self.keys.narrow(2, 0, self.len)?, self.values.narrow(2, 0, self.len)?))
+    }
+
+    /// Appends `k`, `v` in place, growing the buffers when full.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let s = k.dim(2)?;
+        if self.len + s > self.keys.dim(2)? {
+            let (keys, values) = self.views()?;
+            *self = CachedLayer::new(&keys, &values, self.len + s + SPARE_POSITIONS)?;
+        }
+        self.keys.slice_set(&k.contiguous()?.detach(), 2, self.len)?;
+        self.values.slice_set(&v.contiguous()?.detach(), 2, self.len)?;
+        self.len += s;
+        Ok(())
+    }
+
+    /// The layer holding `keys`, `values` (`[b, h, s, d]`) as they are,
+    /// without spare room: a prompt's keys are kept without a copy, and
+    /// the first step after it moves them into a buffer.
+    fn of(keys: &Tensor, values: &Tensor) -> Result<CachedLayer> {
+        Ok(CachedLayer { keys: keys.contiguous()?.detach(), values: values.contiguous()?.detach(), len: keys.dim(2)? })
+    }
 }
 
 impl KvCache {
@@ -40,7 +97,7 @@ impl KvCache {
     /// How many tokens are cached (those of layer 0).
     pub fn seq_len(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            Some(Some(layer)) => layer.len,
             _ => 0,
         }
     }
@@ -51,18 +108,17 @@ impl KvCache {
         if self.layers.len() <= layer {
             self.layers.resize(layer + 1, None);
         }
-        let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
-            None => (k.clone(), v.clone()),
-        };
-        self.layers[layer] = Some((k.detach(), v.detach()));
-        Ok((k, v))
+        match &mut self.layers[layer] {
+            Some(cached) => cached.append(k, v)?,
+            slot => *slot = Some(CachedLayer::of(k, v)?),
+        }
+        self.layers[layer].as_ref().expect("filled above").views()
     }
 
     /// Rows in the cache (those of layer 0; 0 when empty).
     pub fn rows(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dim(0).unwrap_or(0),
+            Some(Some(layer)) => layer.keys.dim(0).unwrap_or(0),
             _ => 0,
         }
     }
@@ -71,8 +127,10 @@ impl KvCache {
     /// continuous batch that are still decoding.
     pub fn select_rows(&mut self, keep: &[usize]) -> Result<()> {
         for layer in self.layers.iter_mut().flatten() {
-            let index = Tensor::from_iter(keep.iter().map(|&r| r as u32), layer.0.device())?;
-            *layer = (layer.0.contiguous()?.index_select(&index, 0)?, layer.1.contiguous()?.index_select(&index, 0)?);
+            let index = Tensor::from_iter(keep.iter().map(|&r| r as u32), layer.keys.device())?;
+            let (k, v) = layer.views()?;
+            *layer =
+                CachedLayer::of(&k.contiguous()?.index_select(&index, 0)?, &v.contiguous()?.index_select(&index, 0)?)?;
         }
         Ok(())
     }
@@ -81,8 +139,9 @@ impl KvCache {
     /// are padding in all of them).
     pub fn drop_leading(&mut self, n: usize) -> Result<()> {
         for layer in self.layers.iter_mut().flatten() {
-            let len = layer.0.dim(2)?;
-            *layer = (layer.0.narrow(2, n, len - n)?.contiguous()?, layer.1.narrow(2, n, len - n)?.contiguous()?);
+            let (k, v) = layer.views()?;
+            let len = layer.len;
+            *layer = CachedLayer::of(&k.narrow(2, n, len - n)?, &v.narrow(2, n, len - n)?)?;
         }
         Ok(())
     }
@@ -101,10 +160,13 @@ impl KvCache {
         }
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
             *mine = match (mine.take(), theirs) {
-                (Some((k, v)), Some((k2, v2))) => Some((
-                    Tensor::cat(&[&left_pad(&k, width)?, &left_pad(&k2, width)?], 0)?,
-                    Tensor::cat(&[&left_pad(&v, width)?, &left_pad(&v2, width)?], 0)?,
-                )),
+                (Some(a), Some(b)) => {
+                    let ((k, v), (k2, v2)) = (a.views()?, b.views()?);
+                    Some(CachedLayer::of(
+                        &Tensor::cat(&[&left_pad(&k, width)?, &left_pad(&k2, width)?], 0)?,
+                        &Tensor::cat(&[&left_pad(&v, width)?, &left_pad(&v2, width)?], 0)?,
+                    )?)
+                }
                 (None, None) => None,
                 _ => candle_core::bail!("KV caches with different cached layers cannot be joined"),
             };
