@@ -4,16 +4,19 @@
 //! switched off — no second copy of the weights.
 
 use anyhow::bail;
-use oxtune_data::Objective;
+use oxtune_data::tokenised::TokenisedItems;
+use oxtune_data::{Encoded, Objective, Prepared, Streamed};
 use oxtune_engine::LoadedModel;
 use oxtune_train::align::grpo::{GrpoConfig, GrpoLossType, RewardOnError, ScaleRewards};
 use oxtune_train::align::losses::{DpoVariant, KtoLoss, PairLoss};
 use oxtune_train::align::objective::{pack_pairs, KtoObjective, PackedPairObjective, PairObjective, Reference};
 use oxtune_train::run::needs_frozen_reference;
-use oxtune_train::train_with;
+use oxtune_train::{train_items, train_with};
 use serde_json::{json, Value};
 
-use super::sft::{encoder, print_samples, report, report_data, sample_answers_of, set_up, with_hint, SftArgs};
+use super::sft::{
+    encoder, print_samples, report, report_data, report_streamed, sample_answers_of, set_up, with_hint, SftArgs,
+};
 use super::GlobalArgs;
 
 /// Arguments of `oxtune rlhf`.
@@ -187,56 +190,63 @@ pub fn run(global: &GlobalArgs, args: &RlhfArgs) -> anyhow::Result<()> {
             "--packing and --padding-free train pairs (dpo, cpo, simpo, orpo); kto compares completions across its batch"
         );
     }
-    run.data.refuse_streaming("rlhf")?;
+    if run.data.streaming && run.data.packing {
+        bail!("--packing with --streaming packs sft and pt rows; preference pairs are packed in memory");
+    }
     let mut setup = set_up(global, run, "rlhf", args.knobs())?;
     let before = sample_answers_of(&setup.text, &run.sample_prompt, Objective::AssistantTurns)?;
     let options = run.data.options(run.train.seed)?;
+    let encoder = encoder(&setup, run, &options);
+    let stream = run.data.stream_options(true);
     let metrics = match &method {
         Some(method) => {
-            let data = encoder(&setup, run, &options).prepare(|e, record| e.pair(record)).map_err(with_hint)?;
-            report_data(&data, &run.data);
+            let data = match run.data.streaming {
+                true => PreferenceData::Streamed(
+                    encoder.prepare_streamed("pairs", |e, r| e.pair(r), &stream).map_err(with_hint)?,
+                ),
+                false => PreferenceData::InMemory(encoder.prepare(|e, record| e.pair(record)).map_err(with_hint)?),
+            };
+            data.report(&run.data);
             let config = setup.start(run)?;
             let frozen = frozen_reference(&setup, run, method.needs_reference())?;
             let reference = frozen.as_ref().map_or(Reference::AdapterOff, Reference::Model);
-            eprintln!(
-                "{}: {} pair(s) ({} held out), tuner {}",
-                args.algo,
-                data.train.len(),
-                data.eval.len(),
-                run.tuner.name
-            );
+            let (train, eval) = data.counts();
+            eprintln!("{}: {train} pair(s) ({eval} held out), tuner {}", args.algo, run.tuner.name);
             let objective = PairObjective { method: method.clone(), reference, padding_free: run.data.padding_free };
-            if run.data.packing {
-                let max = run.data.max_length;
-                let too_long = |i: usize| anyhow::anyhow!("pair {i} is longer than --max-length {max} with both rows");
-                let train = pack_pairs(data.train, max).map_err(too_long)?;
-                let eval = pack_pairs(data.eval, max).map_err(too_long)?;
-                let pairs: usize = train.iter().map(Vec::len).sum();
-                eprintln!("packed {pairs} pair(s) into {} row(s) of at most {max} tokens", train.len());
-                train_with(&setup.text.model, &PackedPairObjective(objective), &train, &eval, &config)?
-            } else {
-                train_with(&setup.text.model, &objective, &data.train, &data.eval, &config)?
+            match data {
+                PreferenceData::InMemory(data) if run.data.packing => {
+                    let max = run.data.max_length;
+                    let too_long =
+                        |i: usize| anyhow::anyhow!("pair {i} is longer than --max-length {max} with both rows");
+                    let train = pack_pairs(data.train, max).map_err(too_long)?;
+                    let eval = pack_pairs(data.eval, max).map_err(too_long)?;
+                    let pairs: usize = train.iter().map(Vec::len).sum();
+                    eprintln!("packed {pairs} pair(s) into {} row(s) of at most {max} tokens", train.len());
+                    train_with(&setup.text.model, &PackedPairObjective(objective), &train, &eval, &config)?
+                }
+                data => data.train(&setup.text.model, &objective, &config)?,
             }
         }
         None => {
             let beta = args.beta.unwrap_or(0.1);
             let method =
                 KtoLoss { beta, desirable_weight: args.desirable_weight, undesirable_weight: args.undesirable_weight };
-            let data = encoder(&setup, run, &options).prepare(|e, record| e.labelled(record)).map_err(with_hint)?;
-            report_data(&data, &run.data);
+            let data = match run.data.streaming {
+                true => PreferenceData::Streamed(
+                    encoder.prepare_streamed("kto", |e, r| e.labelled(r), &stream).map_err(with_hint)?,
+                ),
+                false => PreferenceData::InMemory(encoder.prepare(|e, record| e.labelled(record)).map_err(with_hint)?),
+            };
+            data.report(&run.data);
             let config = setup.start(run)?;
             if config.batch_size < 2 {
                 bail!("KTO needs --per-device-train-batch-size of at least 2 (its KL estimate pairs each prompt with another row's completion)");
             }
             let frozen = frozen_reference(&setup, run, true)?;
             let reference = frozen.as_ref().map_or(Reference::AdapterOff, Reference::Model);
-            eprintln!(
-                "kto: {} completion(s) ({} held out), tuner {}",
-                data.train.len(),
-                data.eval.len(),
-                run.tuner.name
-            );
-            train_with(&setup.text.model, &KtoObjective { method, reference }, &data.train, &data.eval, &config)?
+            let (train, eval) = data.counts();
+            eprintln!("kto: {train} completion(s) ({eval} held out), tuner {}", run.tuner.name);
+            data.train(&setup.text.model, &KtoObjective { method, reference }, &config)?
         }
     };
     report(&metrics, &run.output_dir);
@@ -257,4 +267,46 @@ pub(super) fn frozen_reference(
         return Ok(None);
     }
     Ok(Some(run.model.load(&setup.registry)?.model))
+}
+
+/// A preference run's items: encoded in memory, or streamed from a
+/// tokenised dataset on disk (`--streaming`).
+enum PreferenceData<T> {
+    InMemory(Prepared<T>),
+    Streamed(Streamed<T>),
+}
+
+impl<T: Encoded + Clone + Sync> PreferenceData<T>
+where
+    TokenisedItems<T>: oxtune_data::Items<T>,
+{
+    /// Prints what happened to the records on the way.
+    fn report(&self, args: &super::train_args::DataArgs) {
+        match self {
+            PreferenceData::InMemory(data) => report_data(data, args),
+            PreferenceData::Streamed(data) => report_streamed(data, args),
+        }
+    }
+
+    /// Training and held-out item counts.
+    fn counts(&self) -> (usize, usize) {
+        use oxtune_data::Items as _;
+        match self {
+            PreferenceData::InMemory(data) => (data.train.len(), data.eval.len()),
+            PreferenceData::Streamed(data) => (data.train.len(), data.eval.len()),
+        }
+    }
+
+    /// Trains `objective` on the items.
+    fn train<O: oxtune_train::Objective<Item = T>>(
+        self,
+        model: &LoadedModel,
+        objective: &O,
+        config: &oxtune_train::TrainConfig,
+    ) -> anyhow::Result<Vec<oxtune_train::StepMetrics>> {
+        Ok(match self {
+            PreferenceData::InMemory(data) => train_items(model, objective, &data.train[..], &data.eval[..], config)?,
+            PreferenceData::Streamed(data) => train_items(model, objective, &data.train, &data.eval, config)?,
+        })
+    }
 }

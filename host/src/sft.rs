@@ -207,7 +207,9 @@ pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow:
     let options = args.data.options(args.train.seed)?;
     let encoder = encoder(&setup, args, &options);
     let metrics = if args.data.streaming {
-        let streamed = encoder.prepare_streamed(objective, &args.data.stream_options(true)).map_err(with_hint)?;
+        let stream = args.data.stream_options(true);
+        let streamed =
+            encoder.prepare_streamed(command, |e, record| e.row(record, objective), &stream).map_err(with_hint)?;
         report_streamed(&streamed, &args.data);
         let (train_lengths, eval_lengths) = (streamed.train.lengths(), streamed.eval.lengths());
         let rows = Rows { train: &streamed.train, eval: &streamed.eval, train_lengths, eval_lengths };
@@ -273,7 +275,7 @@ fn train_rows<S: Items<EncodedRow> + ?Sized>(
 }
 
 /// Prints what encoding each streamed file did (or that it was reused).
-fn report_streamed(streamed: &Streamed, args: &DataArgs) {
+pub(super) fn report_streamed<T>(streamed: &Streamed<T>, args: &DataArgs) {
     for file in &streamed.files {
         let how = if file.reused {
             "reused".to_owned()

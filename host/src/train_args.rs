@@ -58,7 +58,7 @@ pub struct DataArgs {
     /// Datasets larger than memory: read each file a chunk of records at a
     /// time, encode on every core into a tokenised dataset on disk, and
     /// train from it by index (same rows, order and split as without).
-    /// `sft` and `pt` on text rows.
+    /// `sft`, `pt` and the preference methods, on text rows.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub streaming: bool,
     /// With --streaming: reuse the tokenised dataset an earlier run made of
@@ -91,7 +91,7 @@ impl DataArgs {
     /// `--streaming` is set.
     pub fn refuse_streaming(&self, command: &str) -> anyhow::Result<()> {
         if self.streaming {
-            bail!("--streaming: `{command}` reads its dataset into memory; streaming serves `sft` and `pt`");
+            bail!("--streaming: `{command}` reads its dataset into memory; streaming serves `sft`, `pt` and the preference methods (dpo, cpo, simpo, orpo, kto)");
         }
         Ok(())
     }

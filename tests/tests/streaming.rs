@@ -141,12 +141,55 @@ fn a_bad_record_stops_a_streamed_run_naming_it_and_leaves_no_tokenised_dataset()
     );
 }
 
+/// `oxtune rlhf --rlhf-type ALGO` on tiny-qwen3 with `extra` flags.
+fn rlhf(algo: &str, dataset: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let model = tiny("tiny-qwen3");
+    let mut args = vec!["rlhf", "--rlhf-type", algo, "--model", &model, "--dataset", dataset.to_str().unwrap()];
+    args.extend(["--output-dir", out.to_str().unwrap(), "--max-steps", "2", "--per-device-train-batch-size", "2"]);
+    args.extend(["--split-ratio", "0.25"]);
+    args.extend(extra);
+    oxtune(&args, &[])
+}
+
+#[test]
+fn streamed_preference_pairs_and_kto_completions_train_as_in_memory() {
+    let cache = fresh_dir("stream-pref-cache");
+    let cache_flag = cache.to_str().unwrap();
+    let topics = ["sky", "grass", "snow", "sun", "sea", "night", "leaf", "rose"];
+    let pairs: String = topics
+        .iter()
+        .map(|t| {
+            format!(
+                "{{\"prompt\": \"Colour of the {t}?\", \"chosen\": \"It is bright.\", \"rejected\": \"No idea.\"}}\n"
+            )
+        })
+        .collect();
+    let pairs = scratch("stream-pairs.jsonl", &pairs);
+    let kto: String = topics
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            format!("{{\"prompt\": \"Colour of the {t}?\", \"completion\": \"Maybe.\", \"label\": {}}}\n", i % 2 == 0)
+        })
+        .collect();
+    let kto = scratch("stream-kto.jsonl", &kto);
+    for (algo, data) in [("dpo", &pairs), ("kto", &kto)] {
+        let in_memory = fresh_dir(&format!("stream-{algo}-off"));
+        succeeded(&rlhf(algo, data, &in_memory, &[]));
+        let streamed = fresh_dir(&format!("stream-{algo}-on"));
+        succeeded(&rlhf(algo, data, &streamed, &["--streaming", "true", "--dataset-cache-dir", cache_flag]));
+        assert_eq!(curve(&streamed), curve(&in_memory), "{algo}: the same items in the same order");
+    }
+    assert_eq!(entries(&cache).len(), 2, "pairs and completions are entries of their own: {:?}", entries(&cache));
+}
+
 #[test]
 fn streaming_is_refused_where_a_dataset_is_read_into_memory() {
     let model = tiny("tiny-qwen3");
-    let pairs = scratch("stream-pairs.jsonl", "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n");
-    let out = fresh_dir("stream-dpo");
-    let args = ["rlhf", "--rlhf-type", "dpo", "--model", &model, "--dataset", pairs.to_str().unwrap()];
-    let run = oxtune(&[&args[..], &["--output-dir", out.to_str().unwrap(), "--streaming", "true"]].concat(), &[]);
-    fails_with(&run, &["--streaming: `rlhf` reads its dataset into memory"]);
+    let prompts = scratch("stream-prompts.jsonl", "{\"prompt\": \"a\"}\n");
+    let out = fresh_dir("stream-grpo");
+    let args = ["rlhf", "--rlhf-type", "grpo", "--model", &model, "--dataset", prompts.to_str().unwrap()];
+    let extra = ["--output-dir", out.to_str().unwrap(), "--streaming", "true", "--reward-funcs", "format"];
+    let run = oxtune(&[&args[..], &extra].concat(), &[]);
+    fails_with(&run, &["--streaming: `rlhf --rlhf-type grpo` reads its dataset into memory"]);
 }

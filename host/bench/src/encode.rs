@@ -80,7 +80,7 @@ pub fn encode(
     let stream =
         StreamOptions { cache_dir: scratch.join("cache"), reuse: false, threads: bench.threads, progress: false };
     let started = Instant::now();
-    let streamed = encoder.prepare_streamed(Objective::AssistantTurns, &stream)?;
+    let streamed = encoder.prepare_streamed("sft", |e, record| e.row(record, Objective::AssistantTurns), &stream)?;
     let seconds = started.elapsed().as_secs_f64();
     let tokens: usize = streamed.train.lengths().iter().sum();
     let rows = streamed.files.iter().map(|f| f.rows).sum::<usize>();

@@ -7,8 +7,9 @@
 //! run trains exactly what an in-memory run would.
 //!
 //! The entry is named by a hash of the file (path, size, modification
-//! time), the tokenizer, template and end-of-sequence ids, the objective,
-//! column renames, the dataset adapters, `--max-length`, the truncation
+//! time), the tokenizer, template and end-of-sequence ids, what the
+//! records become (SFT or pretraining rows, preference pairs, KTO
+//! completions), column renames, the dataset adapters, `--max-length`, the truncation
 //! rule and the model's vocabulary; the next run with the same key reuses
 //! it without reading the file (ms-swift's `--load-from-cache-file`).
 
@@ -19,12 +20,11 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::encoder::{cut, Cut, Encoder, Objective};
+use crate::encoder::{cut, Cut, Encoded, Encoder};
 use crate::error::EncodeError;
 use crate::records::{DataError, RawRecord, RecordReader};
 use crate::sources::{rename, sample_indices, split, DatasetSource, SourcedRecord};
-use crate::text::EncodedRow;
-use crate::tokenised::{CacheError, CacheKey, TokenisedItems, TokenisedRows, TokenisedWriter};
+use crate::tokenised::{CacheError, CacheKey, CachedItem, TokenisedItems, TokenisedRows, TokenisedWriter};
 
 /// Records handed to the encoding threads at a time: bounds memory, and
 /// is large enough to keep every core busy.
@@ -79,46 +79,53 @@ pub struct FileReport {
     pub seconds: f64,
 }
 
-/// A streamed run's rows, read from disk as the trainer asks for them.
-pub struct Streamed {
-    /// Training rows.
-    pub train: TokenisedItems,
-    /// Evaluation rows (from the validation files or the held-out share).
-    pub eval: TokenisedItems,
+/// A streamed run's items, read from disk as the trainer asks for them.
+pub struct Streamed<T> {
+    /// Training items.
+    pub train: TokenisedItems<T>,
+    /// Evaluation items (from the validation files or the held-out share).
+    pub eval: TokenisedItems<T>,
     /// One report per distinct dataset file.
     pub files: Vec<FileReport>,
 }
 
 /// How one raw record turned out.
-enum Outcome {
+enum Outcome<T> {
     /// Not a well-formed record (does not count as one).
     Malformed(DataError),
     /// A record the encoder refused.
     Failed(EncodeError),
     /// A record too long for `--max-length`, dropped.
     Deleted,
-    /// The row, and whether it was cut.
-    Row(EncodedRow, bool),
+    /// The item, and whether it was cut.
+    Item(T, bool),
 }
 
 impl Encoder<'_> {
-    /// Encodes the run's training and evaluation files into tokenised
-    /// datasets under `stream.cache_dir` (or reuses them) and returns the
-    /// rows in the order the in-memory [`Encoder::prepare`] would give.
-    /// Text rows only: a row with images or videos is an error naming it.
-    pub fn prepare_streamed(&self, objective: Objective, stream: &StreamOptions) -> Result<Streamed, EncodeError> {
+    /// Encodes the run's training and evaluation files with `encode` into
+    /// tokenised datasets under `stream.cache_dir` (or reuses them) and
+    /// returns the items in the order the in-memory [`Encoder::prepare`]
+    /// would give. `what` names the encoding in the cache key (`sft`,
+    /// `pt`, `dpo`, ...). Text rows only: a row with images or videos is an
+    /// error naming it.
+    pub fn prepare_streamed<T: Encoded + CachedItem + Send>(
+        &self,
+        what: &str,
+        encode: impl Fn(&Self, &SourcedRecord) -> Result<T, EncodeError> + Sync,
+        stream: &StreamOptions,
+    ) -> Result<Streamed<T>, EncodeError> {
         let options = self.options;
         let mut entries: Vec<TokenisedRows> = Vec::new();
         let mut files: Vec<FileReport> = Vec::new();
         let mut picks_of = |sources: &[DatasetSource]| -> Result<Vec<(u32, u32)>, EncodeError> {
             let mut picks = Vec::new();
             for (i, source) in sources.iter().enumerate() {
-                let key = self.cache_key(&source.path, objective)?;
+                let key = self.cache_key(&source.path, &format!("{what} {}", T::KIND))?;
                 let found = entries.iter().position(|e| e.dir().file_name() == Some(key.hex().as_ref()));
                 let at = match found {
                     Some(at) => at,
                     None => {
-                        let (entry, report) = self.open_or_encode(&source.path, key, objective, stream)?;
+                        let (entry, report) = self.open_or_encode(&source.path, key, &encode, stream)?;
                         entries.push(entry);
                         files.push(report);
                         entries.len() - 1
@@ -172,7 +179,7 @@ impl Encoder<'_> {
     }
 
     /// The key of `path`'s tokenised dataset under this encoder.
-    fn cache_key(&self, path: &Path, objective: Objective) -> Result<CacheKey, EncodeError> {
+    fn cache_key(&self, path: &Path, what: &str) -> Result<CacheKey, EncodeError> {
         let meta = std::fs::metadata(path).map_err(|source| DataError::Io { path: path.to_owned(), source })?;
         let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
         let adapters: Vec<String> = self
@@ -187,7 +194,7 @@ impl Encoder<'_> {
             "file": std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()),
             "size": meta.len(),
             "modified_ns": modified.map(|d| d.as_nanos().to_string()),
-            "objective": format!("{objective:?}"),
+            "items": what,
             "text": self.assets.fingerprint(),
             "vocab_rows": self.model.vocab_size(),
             "renames": options.renames,
@@ -198,11 +205,11 @@ impl Encoder<'_> {
         })))
     }
 
-    fn open_or_encode(
+    fn open_or_encode<T: Encoded + CachedItem + Send>(
         &self,
         path: &Path,
         key: CacheKey,
-        objective: Objective,
+        encode: &(impl Fn(&Self, &SourcedRecord) -> Result<T, EncodeError> + Sync),
         stream: &StreamOptions,
     ) -> Result<(TokenisedRows, FileReport), EncodeError> {
         let dir = stream.cache_dir.join(key.hex());
@@ -216,18 +223,18 @@ impl Encoder<'_> {
                 .map_err(|e| cache_failed(CacheError { path: dir.clone(), message: e.to_string() }))?;
         }
         let started = Instant::now();
-        let entry = self.encode_file(path, key, objective, stream)?;
+        let entry = self.encode_file(path, key, encode, stream)?;
         let report = report_of(path, &entry, false, started.elapsed().as_secs_f64());
         Ok((entry, report))
     }
 
     /// Reads `path` a chunk at a time, encodes each chunk on `stream.threads`
     /// threads and writes its rows in file order.
-    fn encode_file(
+    fn encode_file<T: Encoded + CachedItem + Send>(
         &self,
         path: &Path,
         key: CacheKey,
-        objective: Objective,
+        encode: &(impl Fn(&Self, &SourcedRecord) -> Result<T, EncodeError> + Sync),
         stream: &StreamOptions,
     ) -> Result<TokenisedRows, EncodeError> {
         let options = self.options;
@@ -246,8 +253,8 @@ impl Encoder<'_> {
                 break;
             }
             let read = chunk.len();
-            let outcomes: Vec<Outcome> =
-                pool.install(|| chunk.into_par_iter().map(|raw| self.encode_raw(raw, objective)).collect());
+            let outcomes: Vec<Outcome<T>> =
+                pool.install(|| chunk.into_par_iter().map(|raw| self.encode_raw(raw, encode)).collect());
             for outcome in outcomes {
                 let failure = match outcome {
                     Outcome::Malformed(e) => EncodeError::Read(e),
@@ -260,8 +267,8 @@ impl Encoder<'_> {
                         deleted += 1;
                         continue;
                     }
-                    Outcome::Row(row, was_cut) => {
-                        writer.push(&row, records).map_err(cache_failed)?;
+                    Outcome::Item(item, was_cut) => {
+                        writer.push(&item, records).map_err(cache_failed)?;
                         records += 1;
                         truncated += was_cut as usize;
                         continue;
@@ -288,7 +295,11 @@ impl Encoder<'_> {
     }
 
     /// One record through parsing, renaming, encoding and cutting.
-    fn encode_raw(&self, raw: RawRecord, objective: Objective) -> Outcome {
+    fn encode_raw<T: Encoded + CachedItem>(
+        &self,
+        raw: RawRecord,
+        encode: &impl Fn(&Self, &SourcedRecord) -> Result<T, EncodeError>,
+    ) -> Outcome<T> {
         let path = raw.path().to_owned();
         let mut record = match raw.parse() {
             Ok(record) => record,
@@ -297,16 +308,16 @@ impl Encoder<'_> {
         rename(&mut record, &self.options.renames);
         let sourced = SourcedRecord { path, record };
         let failed = |e: EncodeError| Outcome::Failed(EncodeError::Record { at: sourced.at(), source: Box::new(e) });
-        let mut row = match self.row(&sourced, objective) {
-            Ok(row) if row.media.is_some() => {
+        let mut item = match encode(self, &sourced) {
+            Ok(item) if item.rows().iter().any(|r| r.media.is_some()) => {
                 return failed(EncodeError::Invalid("--streaming encodes text rows, and this row has media".into()))
             }
-            Ok(row) => row,
+            Ok(item) => item,
             Err(e) => return failed(e),
         };
-        match cut(&mut row, self.options.max_length, self.options.truncation) {
-            Cut::Kept => Outcome::Row(row, false),
-            Cut::Truncated => Outcome::Row(row, true),
+        match cut(&mut item, self.options.max_length, self.options.truncation) {
+            Cut::Kept => Outcome::Item(item, false),
+            Cut::Truncated => Outcome::Item(item, true),
             Cut::Deleted => Outcome::Deleted,
         }
     }

@@ -5,13 +5,17 @@
 //! run with the same file, tokenizer, template and cutting rules skips
 //! encoding.
 //!
-//! A cache entry is a folder `<root>/<key>/` holding
-//! - `rows.bin`: each row's ids (u32, little-endian), then its labels
-//!   (i32, little-endian);
-//! - `index.bin`: 16 bytes per row: its byte offset in `rows.bin` (u64),
-//!   its token count (u32) and the record it came from (u32, 0-based among
-//!   the file's well-formed records, so `FILE#N` samples records as the
-//!   in-memory path does);
+//! An item is one or more token rows and a flag ([`CachedItem`]: an SFT
+//! row; a preference pair's chosen and rejected rows; a KTO completion and
+//! whether it is desirable). A cache entry is a folder `<root>/<key>/`
+//! holding
+//! - `rows.bin`: per item, its row count and flag (u32 each), each row's
+//!   token count (u32), then each row's ids (u32) and labels (i32), all
+//!   little-endian;
+//! - `index.bin`: 16 bytes per item: its byte offset in `rows.bin` (u64),
+//!   its token count over all rows (u32) and the record it came from (u32,
+//!   0-based among the file's well-formed records, so `FILE#N` samples
+//!   records as the in-memory path does);
 //! - `meta.json`: the key's parts, the format version and what happened to
 //!   the records (counts of records, rows, tokens, cut, dropped, skipped).
 //!
@@ -28,7 +32,67 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::items::Items;
+use crate::preference::{LabelledCompletion, PreferencePair};
 use crate::text::EncodedRow;
+
+/// An encoded item a tokenised dataset holds: its token rows and a flag.
+pub trait CachedItem: Sized {
+    /// What the items are, part of the cache key (`rows`, `pairs`, ...).
+    const KIND: &'static str;
+
+    /// The item's rows, in order.
+    fn rows(&self) -> Vec<&EncodedRow>;
+
+    /// Its flag (KTO's desirable); `false` for items without one.
+    fn flag(&self) -> bool {
+        false
+    }
+
+    /// The item from its rows and flag, as [`rows`](CachedItem::rows) and
+    /// [`flag`](CachedItem::flag) gave them.
+    fn from_parts(rows: Vec<EncodedRow>, flag: bool) -> Self;
+}
+
+impl CachedItem for EncodedRow {
+    const KIND: &'static str = "rows";
+
+    fn rows(&self) -> Vec<&EncodedRow> {
+        vec![self]
+    }
+
+    fn from_parts(mut rows: Vec<EncodedRow>, _: bool) -> Self {
+        rows.swap_remove(0)
+    }
+}
+
+impl CachedItem for PreferencePair {
+    const KIND: &'static str = "pairs";
+
+    fn rows(&self) -> Vec<&EncodedRow> {
+        vec![&self.chosen, &self.rejected]
+    }
+
+    fn from_parts(rows: Vec<EncodedRow>, _: bool) -> Self {
+        let [chosen, rejected]: [EncodedRow; 2] = rows.try_into().expect("a pair is stored as two rows");
+        PreferencePair { chosen, rejected }
+    }
+}
+
+impl CachedItem for LabelledCompletion {
+    const KIND: &'static str = "labelled";
+
+    fn rows(&self) -> Vec<&EncodedRow> {
+        vec![&self.row]
+    }
+
+    fn flag(&self) -> bool {
+        self.desirable
+    }
+
+    fn from_parts(mut rows: Vec<EncodedRow>, desirable: bool) -> Self {
+        LabelledCompletion { row: rows.swap_remove(0), desirable }
+    }
+}
 
 /// The on-disk format's version, part of every key.
 pub const FORMAT_VERSION: u32 = 1;
@@ -109,22 +173,30 @@ impl TokenisedWriter {
         Ok(TokenisedWriter { partial, target, key, rows, index, offset: 0, count: 0, tokens: 0 })
     }
 
-    /// Appends a text row that came from record `record` (0-based among
-    /// the file's well-formed records). Rows with media are refused.
-    pub fn push(&mut self, row: &EncodedRow, record: usize) -> Result<(), CacheError> {
-        if row.media.is_some() {
+    /// Appends an item of text rows that came from record `record`
+    /// (0-based among the file's well-formed records). Rows with media are
+    /// refused.
+    pub fn push<T: CachedItem>(&mut self, item: &T, record: usize) -> Result<(), CacheError> {
+        let rows = item.rows();
+        if rows.iter().any(|r| r.media.is_some()) {
             return Err(CacheError {
                 path: self.partial.clone(),
                 message: "rows with images or videos are not cached".into(),
             });
         }
-        let (Ok(len), Ok(record)) = (u32::try_from(row.input_ids.len()), u32::try_from(record)) else {
+        let tokens: usize = rows.iter().map(|r| r.input_ids.len()).sum();
+        let (Ok(len), Ok(record)) = (u32::try_from(tokens), u32::try_from(record)) else {
             return Err(CacheError { path: self.partial.clone(), message: "more than 2^32 tokens or records".into() });
         };
-        let mut bytes = Vec::with_capacity(row.input_ids.len() * 8);
-        bytes.extend(row.input_ids.iter().flat_map(|id| id.to_le_bytes()));
-        // Labels are -100 or a vocabulary id, both within i32.
-        bytes.extend(row.labels.iter().flat_map(|&l| (l as i32).to_le_bytes()));
+        let mut bytes = Vec::with_capacity(8 + 4 * rows.len() + tokens * 8);
+        bytes.extend((rows.len() as u32).to_le_bytes());
+        bytes.extend((item.flag() as u32).to_le_bytes());
+        bytes.extend(rows.iter().flat_map(|r| (r.input_ids.len() as u32).to_le_bytes()));
+        for row in &rows {
+            bytes.extend(row.input_ids.iter().flat_map(|id| id.to_le_bytes()));
+            // Labels are -100 or a vocabulary id, both within i32.
+            bytes.extend(row.labels.iter().flat_map(|&l| (l as i32).to_le_bytes()));
+        }
         let rows_path = self.partial.join(ROWS_FILE);
         self.rows.write_all(&bytes).map_err(cache_error(&rows_path))?;
         let mut entry = [0u8; INDEX_ENTRY];
@@ -209,7 +281,7 @@ impl TokenisedRows {
         let n = entry.index.len() / INDEX_ENTRY;
         let consistent = entry.meta["rows"].as_u64() == Some(n as u64)
             && entry.index.len() == n * INDEX_ENTRY
-            && (n == 0 || entry.entry(n - 1).0 + 8 * entry.entry(n - 1).1 as u64 == entry.rows.len() as u64);
+            && (n == 0 || entry.blob_end(n - 1) == Some(entry.rows.len()));
         if !consistent {
             let message = "its files disagree (delete the folder to encode again)".into();
             return Err(CacheError { path: dir.to_owned(), message });
@@ -217,7 +289,16 @@ impl TokenisedRows {
         Ok(Some(entry))
     }
 
-    /// Row `i`'s index entry: byte offset, token count, record.
+    /// Where item `i`'s bytes end, from its header (`None` if the header
+    /// lies outside the file).
+    fn blob_end(&self, i: usize) -> Option<usize> {
+        let (offset, tokens, _) = self.entry(i);
+        let header = self.rows.get(offset as usize..offset as usize + 4)?;
+        let rows = u32::from_le_bytes(header.try_into().expect("4 bytes")) as usize;
+        Some(offset as usize + 8 + 4 * rows + 8 * tokens as usize)
+    }
+
+    /// Item `i`'s index entry: byte offset, token count, record.
     fn entry(&self, i: usize) -> (u64, u32, u32) {
         let e = &self.index[i * INDEX_ENTRY..(i + 1) * INDEX_ENTRY];
         let word = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
@@ -244,44 +325,52 @@ impl TokenisedRows {
         self.index.is_empty()
     }
 
-    /// Row `i`'s token count.
+    /// Item `i`'s token count (over all its rows).
     pub fn tokens(&self, i: usize) -> usize {
         self.entry(i).1 as usize
     }
 
-    /// The record row `i` came from (0-based among the well-formed records).
+    /// The record item `i` came from (0-based among the well-formed records).
     pub fn record(&self, i: usize) -> usize {
         self.entry(i).2 as usize
     }
 
-    /// Row `i`, read from the map.
-    pub fn row(&self, i: usize) -> EncodedRow {
-        let (offset, n, _) = self.entry(i);
-        let (start, n) = (offset as usize, n as usize);
-        let bytes = &self.rows[start..start + 8 * n];
-        let (ids, labels) = bytes.split_at(4 * n);
-        let word = |b: &[u8]| <[u8; 4]>::try_from(b).expect("4 bytes");
-        EncodedRow {
-            input_ids: ids.chunks_exact(4).map(|b| u32::from_le_bytes(word(b))).collect(),
-            labels: labels.chunks_exact(4).map(|b| i32::from_le_bytes(word(b)) as i64).collect(),
-            media: None,
-        }
+    /// Item `i`, read from the map.
+    pub fn item<T: CachedItem>(&self, i: usize) -> T {
+        let start = self.entry(i).0 as usize;
+        let word = |at: usize| u32::from_le_bytes(self.rows[at..at + 4].try_into().expect("4 bytes"));
+        let (count, flag) = (word(start) as usize, word(start + 4) != 0);
+        let mut at = start + 8 + 4 * count;
+        let rows = (0..count)
+            .map(|r| {
+                let n = word(start + 8 + 4 * r) as usize;
+                let (ids, labels) = self.rows[at..at + 8 * n].split_at(4 * n);
+                at += 8 * n;
+                let four = |b: &[u8]| <[u8; 4]>::try_from(b).expect("4 bytes");
+                EncodedRow {
+                    input_ids: ids.chunks_exact(4).map(|b| u32::from_le_bytes(four(b))).collect(),
+                    labels: labels.chunks_exact(4).map(|b| i32::from_le_bytes(four(b)) as i64).collect(),
+                    media: None,
+                }
+            })
+            .collect();
+        T::from_parts(rows, flag)
     }
 }
 
-/// Rows picked from several cache entries, in a run's order (sampled,
+/// Items picked from several cache entries, in a run's order (sampled,
 /// split): what the trainer reads for a streamed dataset.
-#[derive(Clone)]
-pub struct TokenisedItems {
+pub struct TokenisedItems<T> {
     entries: Arc<Vec<TokenisedRows>>,
-    /// (entry, row) per item.
+    /// (entry, item) per item.
     picks: Vec<(u32, u32)>,
+    kind: std::marker::PhantomData<fn() -> T>,
 }
 
-impl TokenisedItems {
-    /// `picks` (entry, row) of `entries`.
-    pub fn new(entries: Arc<Vec<TokenisedRows>>, picks: Vec<(u32, u32)>) -> TokenisedItems {
-        TokenisedItems { entries, picks }
+impl<T> TokenisedItems<T> {
+    /// `picks` (entry, item) of `entries`.
+    pub fn new(entries: Arc<Vec<TokenisedRows>>, picks: Vec<(u32, u32)>) -> TokenisedItems<T> {
+        TokenisedItems { entries, picks, kind: std::marker::PhantomData }
     }
 
     /// Each item's token count (what packing bins by).
@@ -290,14 +379,14 @@ impl TokenisedItems {
     }
 }
 
-impl Items<EncodedRow> for TokenisedItems {
+impl<T: CachedItem + Clone> Items<T> for TokenisedItems<T> {
     fn len(&self) -> usize {
         self.picks.len()
     }
 
-    fn get(&self, index: usize) -> Result<Cow<'_, EncodedRow>, String> {
-        let (entry, row) = self.picks[index];
-        Ok(Cow::Owned(self.entries[entry as usize].row(row as usize)))
+    fn get(&self, index: usize) -> Result<Cow<'_, T>, String> {
+        let (entry, item) = self.picks[index];
+        Ok(Cow::Owned(self.entries[entry as usize].item(item as usize)))
     }
 }
 
@@ -321,16 +410,47 @@ mod tests {
         assert!(TokenisedRows::open(&root.join(key.hex())).unwrap().is_none(), "not in place before finish");
         let entry = writer.finish(json!({"records": 3})).unwrap();
         assert_eq!((entry.len(), entry.tokens(0), entry.record(1)), (2, 3, 2));
-        assert_eq!(entry.row(0), rows[0]);
-        assert_eq!(entry.row(1), rows[1]);
+        assert_eq!(entry.item::<EncodedRow>(0), rows[0]);
+        assert_eq!(entry.item::<EncodedRow>(1), rows[1]);
         assert_eq!(entry.meta()["summary"]["records"], 3);
-        let items = TokenisedItems::new(Arc::new(vec![entry]), vec![(0, 1), (0, 0), (0, 1)]);
+        let items = TokenisedItems::<EncodedRow>::new(Arc::new(vec![entry]), vec![(0, 1), (0, 0), (0, 1)]);
         assert_eq!(items.lengths(), vec![1, 3, 1]);
         assert_eq!(*items.get(1).unwrap(), rows[0]);
         // A finished entry whose files disagree is an error, not wrong rows.
         std::fs::write(root.join(key.hex()).join(INDEX_FILE), [0u8; 16]).unwrap();
         let err = TokenisedRows::open(&root.join(key.hex())).err().unwrap().to_string();
         assert!(err.contains("its files disagree"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn pairs_and_labelled_completions_read_back_whole() {
+        let root = std::env::temp_dir().join(format!("oxtune-tokenised-items-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let row = |ids: &[u32]| EncodedRow {
+            input_ids: ids.to_vec(),
+            labels: ids.iter().map(|&i| if i < 3 { -100 } else { i as i64 }).collect(),
+            media: None,
+        };
+        let pair = PreferencePair { chosen: row(&[1, 2, 5, 6]), rejected: row(&[1, 2, 7]) };
+        let kto = [
+            LabelledCompletion { row: row(&[1, 4]), desirable: true },
+            LabelledCompletion { row: row(&[2, 9, 9]), desirable: false },
+        ];
+        let mut writer = TokenisedWriter::create(&root, CacheKey::new(json!({"kind": "pairs"}))).unwrap();
+        writer.push(&pair, 0).unwrap();
+        let pairs = writer.finish(json!({})).unwrap();
+        let back: PreferencePair = pairs.item(0);
+        assert_eq!((back.chosen, back.rejected, pairs.tokens(0)), (pair.chosen.clone(), pair.rejected.clone(), 7));
+        let mut writer = TokenisedWriter::create(&root, CacheKey::new(json!({"kind": "labelled"}))).unwrap();
+        for (i, item) in kto.iter().enumerate() {
+            writer.push(item, i).unwrap();
+        }
+        let labelled = writer.finish(json!({})).unwrap();
+        for (i, item) in kto.iter().enumerate() {
+            let back: LabelledCompletion = labelled.item(i);
+            assert_eq!((back.row, back.desirable), (item.row.clone(), item.desirable));
+        }
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
