@@ -102,6 +102,38 @@ pub(crate) unsafe fn matmul<T: Real>(
     )
 }
 
+/// `y[r][first + j] = Σₖ x[r][k] · w[j][k]`: the product of `x` (rows of
+/// `k` values) with a panel of a weight's rows `w` (each `k` values),
+/// written straight into columns `first..` of `y`, whose rows are
+/// `y_stride` long — no copy of the input and no separate product buffer.
+///
+/// # Panics
+/// When the slices' lengths disagree with `k`, `y_stride` and `first`.
+pub fn panel_product_into(x: &[f32], k: usize, w: &[f32], y: &mut [f32], y_stride: usize, first: usize) {
+    assert!(k > 0 && x.len() % k == 0 && w.len() % k == 0, "x and w must hold whole rows of {k}");
+    let (rows, n) = (x.len() / k, w.len() / k);
+    assert!(first + n <= y_stride && y.len() >= rows * y_stride, "y cannot hold {rows} rows of {first} + {n} columns");
+    if rows == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: x is rows×k (row stride k), wᵀ is read as k×n with element
+    // (kk, j) at w[j·k + kk], and y's rows × columns first..first+n lie in
+    // y (checked above); y is a distinct mutable slice.
+    unsafe {
+        matmul(
+            Threads::All,
+            (rows, n, k),
+            y.as_mut_ptr().add(first),
+            y_stride,
+            false,
+            x.as_ptr(),
+            (k, 1),
+            w.as_ptr(),
+            (1, k),
+        )
+    }
+}
+
 /// The CPU storage behind a tensor's storage (`op` names the kernel in
 /// the error).
 pub(crate) fn cpu<'a>(op: &str, storage: &'a candle_core::Storage) -> Result<&'a CpuStorage> {

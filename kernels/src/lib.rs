@@ -40,6 +40,7 @@ pub mod norm;
 pub mod rope;
 
 pub use attention::{flash_attention, KeyMask};
+pub use float::panel_product_into;
 pub use head::label_log_probs;
 pub use norm::rms_norm;
 pub use rope::rope;

@@ -220,9 +220,12 @@ pub enum Op {
     Constant { values: RVec<f32>, shape: RVec<u64>, dtype: DType },
     /// Gives up the handles `xs` and returns `keep` (a new handle to the
     /// same tensor): the host drops its references, so a long forward pass
-    /// (a vision tower's blocks) does not hold every intermediate until it
-    /// ends. What the backward pass needs stays alive through the graph.
-    /// Using a released handle is an error. Added in 1.1.
+    /// (a vision tower's blocks, a decoder's layer outputs) does not hold
+    /// every intermediate until it ends. What the backward pass needs stays
+    /// alive through the graph. Using a released handle is an error; `keep`
+    /// may be among `xs` (only the returned handle stays valid; an older
+    /// host may keep its old handle too, which costs memory, not
+    /// correctness). Added in 1.1.
     Release { xs: RVec<TensorId>, keep: TensorId },
     /// The model's output projection, the last op of a forward pass:
     /// logits `x · {name}.weight^T (+ {name}.bias)` over the vocabulary,

@@ -92,6 +92,24 @@ pub fn scope(f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
     }
 }
 
+/// Gives up the handles `xs` (any of them may be `keep`) and returns `keep`
+/// as a new handle (see [`Op::Release`]): a loop over layers releases each
+/// layer's input once the next exists, so a forward pass holds one layer's
+/// hidden states, not all of them. A host older than API 1.1 keeps them.
+pub fn release(xs: &[Tensor], keep: &Tensor) -> Result<Tensor> {
+    let mut ids: Vec<TensorId> = Vec::with_capacity(xs.len());
+    for x in xs {
+        if !ids.contains(&x.0) {
+            ids.push(x.0);
+        }
+    }
+    match apply(Op::Release { xs: ids.into(), keep: keep.0 }) {
+        Ok(t) => Ok(t),
+        Err(e) if e.to_string().contains("does not implement") => Ok(*keep),
+        Err(e) => Err(e),
+    }
+}
+
 /// A handle to a tensor owned by the host, valid during one call.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Tensor(pub(crate) TensorId);

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use oxtune_plugin_api::gguf::{GgufLayout, GgufTensor, GgufValue};
-use oxtune_plugin_api::graph::{attention, block, has_weight, output_head, AttentionSpec, Tensor};
+use oxtune_plugin_api::graph::{attention, block, has_weight, output_head, release, scope, AttentionSpec, Tensor};
 use oxtune_plugin_api::nn::{Embedding, Linear, RmsNorm};
 use oxtune_plugin_api::{Error, Inputs, LinearLayer, LinearRole, Model, Result};
 
@@ -281,10 +281,15 @@ impl FeedForward for GatedMlp {
                 "config.json sets `mlp_bias` but the checkpoint has no `{p}.gate_proj.bias`"
             )));
         }
-        let gate = Linear::new(format!("{p}.gate_proj")).forward(x)?;
-        let gate = self.activation.apply(&gate)?;
-        let up = Linear::new(format!("{p}.up_proj")).forward(x)?;
-        Linear::new(format!("{p}.down_proj")).forward(&gate.mul(&up)?)
+        // The gate and up projections are given up once multiplied: the
+        // down projection runs with one intermediate-sized tensor alive.
+        let hidden = scope(|| {
+            let gate = Linear::new(format!("{p}.gate_proj")).forward(x)?;
+            let gate = self.activation.apply(&gate)?;
+            let up = Linear::new(format!("{p}.up_proj")).forward(x)?;
+            gate.mul(&up)
+        })?;
+        Linear::new(format!("{p}.down_proj")).forward(&hidden)
     }
 
     fn linear_layers(&self, _layer: usize, p: &str) -> Vec<LinearLayer> {
@@ -454,7 +459,10 @@ impl Decoder {
                 let mlp = format!("{}.layers.{layer}.mlp", c.prefix);
                 x.add(&self.feed_forward.forward(layer, &mlp, &h)?)
             })?;
-            x = after_layer(layer, y)?;
+            let next = after_layer(layer, y)?;
+            // The layer's input and output handles are given up once the
+            // next layer's input exists: one layer's hidden states held.
+            x = release(&[x, y, next], &next)?;
         }
         let x = RmsNorm::new(format!("{}.norm", c.prefix), c.rms_norm_eps).forward(&x)?;
         let head = if c.tie_word_embeddings { format!("{}.embed_tokens", c.prefix) } else { c.lm_head.clone() };

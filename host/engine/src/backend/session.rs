@@ -708,8 +708,13 @@ impl<'a> GraphSession<'a> {
             Op::Detach { x } => Ok(self.get(*x)?.detach()),
             Op::Dropout { x, p } => self.dropout(*x, *p),
             Op::Release { xs, keep } => {
+                // Every handle in `xs` is given up, `keep`'s too when it is
+                // listed: the caller goes on with the new handle returned.
                 let kept = self.get(*keep)?.clone();
-                for id in xs.iter().filter(|&id| id != keep) {
+                for id in xs.iter() {
+                    if id == keep && self.get(*id).is_err() {
+                        continue; // `keep` listed twice
+                    }
                     self.get(*id)?;
                     self.arena[(id.0 & 0xffff_ffff) as usize] = None;
                 }

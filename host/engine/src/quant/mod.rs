@@ -19,7 +19,7 @@ use oxtune_kernels::blocks::BlockMatrix;
 pub use bnb4::{Bnb4Parts, Bnb4Type, Bnb4Weight};
 
 /// Values dequantised at once: a panel of rows of about this many values.
-const PANEL_VALUES: usize = 1 << 20;
+const PANEL_VALUES: usize = 1 << 18;
 
 /// Most rows of activations multiplied straight from the blocks (decoding,
 /// a small batch of requests); more go through dequantised panels and
@@ -142,15 +142,15 @@ impl CustomOp1 for QuantLinear {
         if !layout.is_contiguous() {
             candle_core::bail!("quantized-linear takes a contiguous input");
         }
-        let x = Tensor::from_slice(&data[start..start + rows * cols], (rows, cols), &Device::Cpu)?;
-        let outs = self
-            .0
-            .panels()
-            .map(|panel| x.matmul(&self.0.panel(panel, &Device::Cpu)?.t()?))
-            .collect::<Result<Vec<_>>>()?;
-        let y = Tensor::cat(&outs, 1)?;
-        let out = y.dim(1)?;
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), Shape::from((rows, out))))
+        // Each panel's product goes straight into its columns of the
+        // output: one dequantised panel alive at a time, the input read in place.
+        let x = &data[start..start + rows * cols];
+        let out = self.0.dims().0;
+        let mut y = vec![0f32; rows * out];
+        for (first, end) in self.0.panels() {
+            oxtune_kernels::panel_product_into(x, cols, &self.0.rows(first, end), &mut y, out, first);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
