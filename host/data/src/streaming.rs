@@ -115,12 +115,13 @@ impl Encoder<'_> {
         stream: &StreamOptions,
     ) -> Result<Streamed<T>, EncodeError> {
         let options = self.options;
+        let text = self.assets.fingerprint();
         let mut entries: Vec<TokenisedRows> = Vec::new();
         let mut files: Vec<FileReport> = Vec::new();
         let mut picks_of = |sources: &[DatasetSource]| -> Result<Vec<(u32, u32)>, EncodeError> {
             let mut picks = Vec::new();
             for (i, source) in sources.iter().enumerate() {
-                let key = self.cache_key(&source.path, &format!("{what} {}", T::KIND))?;
+                let key = self.cache_key(&source.path, &format!("{what} {}", T::KIND), &text)?;
                 let found = entries.iter().position(|e| e.dir().file_name() == Some(key.hex().as_ref()));
                 let at = match found {
                     Some(at) => at,
@@ -178,8 +179,9 @@ impl Encoder<'_> {
         })
     }
 
-    /// The key of `path`'s tokenised dataset under this encoder.
-    fn cache_key(&self, path: &Path, what: &str) -> Result<CacheKey, EncodeError> {
+    /// The key of `path`'s tokenised dataset under this encoder (`text`:
+    /// the tokenizer and template's [`fingerprint`](crate::TextAssets::fingerprint)).
+    fn cache_key(&self, path: &Path, what: &str, text: &str) -> Result<CacheKey, EncodeError> {
         let meta = std::fs::metadata(path).map_err(|source| DataError::Io { path: path.to_owned(), source })?;
         let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
         let adapters: Vec<String> = self
@@ -195,7 +197,7 @@ impl Encoder<'_> {
             "size": meta.len(),
             "modified_ns": modified.map(|d| d.as_nanos().to_string()),
             "items": what,
-            "text": self.assets.fingerprint(),
+            "text": text,
             "vocab_rows": self.model.vocab_size(),
             "renames": options.renames,
             "dataset_adapter": options.dataset_adapter,
