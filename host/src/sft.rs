@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use oxtune_data::tokenised::TokenisedItems;
 use oxtune_data::{Encoded, EncodedRow, Encoder, Items, Objective, PackedItems, Prepared, Streamed};
 use oxtune_engine::model::checkpoint::Trainable;
 use oxtune_train::run::{check_identity, resume_point, sample_answers, write_args};
@@ -185,18 +186,24 @@ pub(super) fn encoder<'a>(setup: &'a RunSetup, args: &SftArgs, options: &'a oxtu
 
 /// Prints what happened to the records on the way to rows.
 pub(super) fn report_data<T: Encoded>(data: &Prepared<T>, args: &DataArgs) {
-    if let Some(first) = data.skipped.first() {
-        let first = oxtune_engine::error_chain(first);
-        eprintln!("skipped {} bad record(s); the first: {first}", data.skipped.len());
+    let first = data.skipped.first().map(|e| oxtune_engine::error_chain(e));
+    report_counts(first.map(|f| (data.skipped.len(), f)), data.truncated, data.deleted, args);
+}
+
+/// Prints the bad records skipped (how many, and the first one's error)
+/// and the rows cut or dropped for `--max-length`.
+fn report_counts(skipped: Option<(usize, String)>, truncated: usize, deleted: usize, args: &DataArgs) {
+    if let Some((count, first)) = skipped {
+        eprintln!("skipped {count} bad record(s); the first: {first}");
     }
-    if data.truncated > 0 {
+    if truncated > 0 {
         eprintln!(
-            "{} row(s) longer than --max-length {} were cut on the {}",
-            data.truncated, args.max_length, args.truncation_strategy
+            "{truncated} row(s) longer than --max-length {} were cut on the {}",
+            args.max_length, args.truncation_strategy
         );
     }
-    if data.deleted > 0 {
-        eprintln!("{} row(s) longer than --max-length {} were dropped", data.deleted, args.max_length);
+    if deleted > 0 {
+        eprintln!("{deleted} row(s) longer than --max-length {} were dropped", args.max_length);
     }
 }
 
@@ -211,27 +218,25 @@ pub fn run(global: &GlobalArgs, args: &SftArgs, objective: Objective) -> anyhow:
         let streamed =
             encoder.prepare_streamed(command, |e, record| e.row(record, objective), &stream).map_err(with_hint)?;
         report_streamed(&streamed, &args.data);
-        let (train_lengths, eval_lengths) = (streamed.train.lengths(), streamed.eval.lengths());
-        let rows = Rows { train: &streamed.train, eval: &streamed.eval, train_lengths, eval_lengths };
+        let rows = Rows { train: &streamed.train, eval: &streamed.eval, lengths: TokenisedItems::lengths };
         train_rows(&mut setup, args, objective, rows)?
     } else {
         let data = encoder.prepare(|encoder, record| encoder.row(record, objective)).map_err(with_hint)?;
         report_data(&data, &args.data);
         let lengths = |rows: &[EncodedRow]| rows.iter().map(|r| r.input_ids.len()).collect();
-        let (train_lengths, eval_lengths) = (lengths(&data.train), lengths(&data.eval));
-        let rows = Rows { train: &data.train[..], eval: &data.eval[..], train_lengths, eval_lengths };
+        let rows = Rows { train: &data.train[..], eval: &data.eval[..], lengths };
         train_rows(&mut setup, args, objective, rows)?
     };
     report(&metrics, &args.output_dir);
     Ok(())
 }
 
-/// A run's encoded rows, wherever they are kept, with their token counts.
+/// A run's encoded rows, wherever they are kept, and how to count each
+/// row's tokens (read only when packing bins them).
 struct Rows<'a, S: ?Sized> {
     train: &'a S,
     eval: &'a S,
-    train_lengths: Vec<usize>,
-    eval_lengths: Vec<usize>,
+    lengths: fn(&S) -> Vec<usize>,
 }
 
 /// Samples before, trains `rows` (packed, padding-free or padded, as the
@@ -254,9 +259,10 @@ fn train_rows<S: Items<EncodedRow> + ?Sized>(
     let model = &setup.text.model;
     let max_length = args.data.max_length;
     let metrics = if args.data.packing {
-        let train = PackedItems::new(rows.train, &rows.train_lengths, max_length).map_err(anyhow::Error::msg)?;
-        let eval = PackedItems::new(rows.eval, &rows.eval_lengths, max_length).map_err(anyhow::Error::msg)?;
-        let tokens: usize = rows.train_lengths.iter().sum();
+        let train_lengths = (rows.lengths)(rows.train);
+        let train = PackedItems::new(rows.train, &train_lengths, max_length).map_err(anyhow::Error::msg)?;
+        let eval = PackedItems::new(rows.eval, &(rows.lengths)(rows.eval), max_length).map_err(anyhow::Error::msg)?;
+        let tokens: usize = train_lengths.iter().sum();
         eprintln!(
             "packed {} row(s) into {} row(s) of at most {max_length} tokens ({:.0}% full)",
             train.samples(),
@@ -289,18 +295,8 @@ pub(super) fn report_streamed<T>(streamed: &Streamed<T>, args: &DataArgs) {
             file.rows,
             file.entry.display()
         );
-        if let Some(first) = &file.first_skipped {
-            eprintln!("skipped {} bad record(s); the first: {first}", file.skipped);
-        }
-        if file.truncated > 0 {
-            eprintln!(
-                "{} row(s) longer than --max-length {} were cut on the {}",
-                file.truncated, args.max_length, args.truncation_strategy
-            );
-        }
-        if file.deleted > 0 {
-            eprintln!("{} row(s) longer than --max-length {} were dropped", file.deleted, args.max_length);
-        }
+        let skipped = file.first_skipped.clone().map(|first| (file.skipped, first));
+        report_counts(skipped, file.truncated, file.deleted, args);
     }
 }
 

@@ -110,7 +110,7 @@ pub(crate) unsafe fn matmul<T: Real>(
 /// # Panics
 /// When the slices' lengths disagree with `k`, `y_stride` and `first`.
 pub fn panel_product_into(x: &[f32], k: usize, w: &[f32], y: &mut [f32], y_stride: usize, first: usize) {
-    assert!(k > 0 && x.len() % k == 0 && w.len() % k == 0, "x and w must hold whole rows of {k}");
+    assert!(k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k), "x and w must hold whole rows of {k}");
     let (rows, n) = (x.len() / k, w.len() / k);
     assert!(first + n <= y_stride && y.len() >= rows * y_stride, "y cannot hold {rows} rows of {first} + {n} columns");
     if rows == 0 || n == 0 {

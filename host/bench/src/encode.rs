@@ -82,8 +82,8 @@ pub fn encode(
     let started = Instant::now();
     let streamed = encoder.prepare_streamed("sft", |e, record| e.row(record, Objective::AssistantTurns), &stream)?;
     let seconds = started.elapsed().as_secs_f64();
-    let tokens: usize = streamed.train.lengths().iter().sum();
-    let rows = streamed.files.iter().map(|f| f.rows).sum::<usize>();
+    let tokens: usize = streamed.files.iter().map(|f| f.tokens).sum();
+    let rows: usize = streamed.files.iter().map(|f| f.rows).sum();
     drop(streamed);
     let ours = json!({
         "bench": "encode",

@@ -65,8 +65,10 @@ pub struct FileReport {
     pub reused: bool,
     /// Well-formed records in the file.
     pub records: usize,
-    /// Rows encoded from them.
+    /// Rows encoded from them (items: a preference pair counts once).
     pub rows: usize,
+    /// Tokens over all its rows.
+    pub tokens: usize,
     /// Rows cut to `--max-length`.
     pub truncated: usize,
     /// Records dropped as too long.
@@ -338,6 +340,7 @@ fn report_of(path: &Path, entry: &TokenisedRows, reused: bool, seconds: f64) -> 
         reused,
         records: count("records"),
         rows: entry.len(),
+        tokens: entry.meta()["tokens"].as_u64().unwrap_or(0) as usize,
         truncated: count("truncated"),
         deleted: count("deleted"),
         skipped: count("skipped"),
