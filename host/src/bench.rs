@@ -156,6 +156,7 @@ impl TrainBenchArgs {
             seq_len,
             steps: self.steps,
             gradient_checkpointing: self.gradient_checkpointing,
+            dtype: self.model.dtype.clone(),
         }
     }
 

@@ -144,7 +144,7 @@ pub(crate) fn cpu<'a>(op: &str, storage: &'a candle_core::Storage) -> Result<&'a
 }
 
 /// The contiguous data of a storage, as `T`.
-pub(crate) fn data<'a, T: Real>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+pub(crate) fn data<'a, T: WithDType>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
     let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: contiguous inputs only") };
     Ok(&storage.as_slice::<T>()?[start..end])
 }

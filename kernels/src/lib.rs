@@ -11,6 +11,8 @@
 //!   gradient of both operands, so every frozen weight would get a
 //!   weight-sized gradient (a third of a step's FLOPs, and its memory)
 //!   that is thrown away; this op's backward gives `x` its gradient only.
+//!   Over bf16 or f16 weights both products run in f32, widening the
+//!   weight a panel at a time (see [`narrow`]).
 //!
 //! - [`flash_attention`]: attention whose memory is linear in the
 //!   sequence length, with its backward pass (see [`attention`]).
@@ -36,6 +38,7 @@ pub mod attention;
 pub mod blocks;
 mod float;
 pub mod head;
+mod narrow;
 pub mod norm;
 pub mod rope;
 
@@ -78,12 +81,56 @@ impl CustomOp2 for FrozenLinear {
         if inp != w_in {
             bail!("frozen-linear: input has {inp} features, the weight {w_in}");
         }
-        let y = x.matmul(w, (1, rows, out, inp), xl, &wl.transpose(0, 1)?)?;
-        Ok((y, Shape::from((rows, out))))
+        let shape = Shape::from((rows, out));
+        let op = "frozen-linear";
+        let y = match (x, w) {
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+                CpuStorage::BF16(narrow::forward(float::data(op, x, xl)?, float::data(op, w, wl)?, rows, inp, out))
+            }
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => {
+                CpuStorage::F16(narrow::forward(float::data(op, x, xl)?, float::data(op, w, wl)?, rows, inp, out))
+            }
+            _ => x.matmul(w, (1, rows, out, inp), xl, &wl.transpose(0, 1)?)?,
+        };
+        Ok((y, shape))
     }
 
     fn bwd(&self, _x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None))
+        let narrow = matches!(w.dtype(), candle_core::DType::BF16 | candle_core::DType::F16);
+        let dx = match narrow && grad.dtype() == w.dtype() {
+            true => grad.contiguous()?.apply_op2_no_bwd(w, &FrozenLinearInputGrad)?,
+            false => grad.matmul(w)?,
+        };
+        Ok((Some(dx), None))
+    }
+}
+
+/// `g · W`, the input's gradient of [`FrozenLinear`] over a bf16 or f16
+/// weight (computed in f32, a panel of the weight at a time).
+struct FrozenLinearInputGrad;
+
+impl CustomOp2 for FrozenLinearInputGrad {
+    fn name(&self) -> &'static str {
+        "frozen-linear-input-grad"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, out) = gl.shape().dims2()?;
+        let (w_out, inp) = wl.shape().dims2()?;
+        if out != w_out {
+            bail!("frozen-linear: the gradient has {out} features, the weight {w_out} rows");
+        }
+        let op = "frozen-linear";
+        let dx = match (g, w) {
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+                CpuStorage::BF16(narrow::input_grad(float::data(op, g, gl)?, float::data(op, w, wl)?, rows, out, inp))
+            }
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => {
+                CpuStorage::F16(narrow::input_grad(float::data(op, g, gl)?, float::data(op, w, wl)?, rows, out, inp))
+            }
+            _ => bail!("frozen-linear: the narrow gradient path takes bf16 or f16 tensors of one dtype"),
+        };
+        Ok((dx, Shape::from((rows, inp))))
     }
 }
 
@@ -166,7 +213,7 @@ impl CustomOp2 for MatVec {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor, Var};
 
     #[test]
     fn matches_matmul() {
@@ -177,6 +224,40 @@ mod tests {
             let slow = x.matmul(&w.t().unwrap()).unwrap();
             let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "{diff}");
+        }
+    }
+
+    /// The largest |a − b| over two tensors, in f64.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+        d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    #[test]
+    fn frozen_linear_over_narrow_weights_computes_in_f32() {
+        // 2100 output rows of 700 inputs: three panels of the weight, the
+        // last one partial, so the panel seams are crossed.
+        for dtype in [DType::BF16, DType::F16] {
+            let x = Tensor::randn(0f32, 1.0, (37, 700), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let w = Tensor::randn(0f32, 0.05, (2100, 700), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let x = Var::from_tensor(&x).unwrap();
+            let y = super::frozen_linear(x.as_tensor(), &w).unwrap();
+            assert_eq!(y.dtype(), dtype);
+            // The reference: the same narrow values, multiplied in f64.
+            let (x64, w64) = (x.as_tensor().to_dtype(DType::F64).unwrap(), w.to_dtype(DType::F64).unwrap());
+            let want = x64.matmul(&w64.t().unwrap()).unwrap();
+            // One rounding of the f32 result to the narrow type: half an
+            // ulp of values of magnitude ~4 (bf16: 2^-8·4·… ≤ 0.02).
+            let tol = if dtype == DType::BF16 { 0.02 } else { 0.003 };
+            assert!(max_diff(&y, &want) < tol, "{dtype:?} forward {}", max_diff(&y, &want));
+            // The input's gradient of Σ y·c is c · W; the weight gets none.
+            let c = Tensor::randn(0f32, 1.0, (37, 2100), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let grads = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = grads.get(x.as_tensor()).unwrap();
+            let want = c.to_dtype(DType::F64).unwrap().matmul(&w64).unwrap();
+            let tol = if dtype == DType::BF16 { 0.05 } else { 0.01 };
+            assert!(max_diff(dx, &want) < tol, "{dtype:?} input gradient {}", max_diff(dx, &want));
+            assert!(grads.get(&w).is_none());
         }
     }
 }

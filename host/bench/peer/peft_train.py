@@ -1,10 +1,12 @@
 """The PyTorch + PEFT peer of `oxtune bench train`: the same model, shapes and
-tuner, trained with transformers + peft in a plain torch loop (AdamW, fp32,
-every position labelled, a fixed batch), printing one JSON object.
+tuner, trained with transformers + peft in a plain torch loop (AdamW, the
+model in --dtype — f32 by default; under bf16/f16 PEFT keeps the adapter in
+f32, its default `autocast_adapter_dtype` — every position labelled, a fixed
+batch), printing one JSON object.
 
 usage: python peft_train.py MODEL [--batch 4] [--seq 128] [--steps 3]
                             [--tuner lora|full] [--r 8] [--targets q_proj,v_proj|all-linear]
-                            [--threads N] [--cache DIR]
+                            [--threads N] [--dtype f32|bf16|f16] [--cache DIR]
 
 MODEL is a Hugging Face folder or a GGUF file. A GGUF file is dequantised to
 f32 once (transformers + the `gguf` package, in a child process so its
@@ -54,6 +56,7 @@ def main():
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtype", default="f32", help="f32, bf16 or f16 (also float32, bfloat16, float16)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute each layer's activations in the backward pass (transformers' own)")
     ap.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "oxtune-peer-models"))
@@ -73,7 +76,11 @@ def main():
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    dtypes = {"f32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+              "bfloat16": torch.bfloat16, "f16": torch.float16, "float16": torch.float16}
+    if a.dtype not in dtypes:
+        ap.error(f"--dtype {a.dtype}: use f32, bf16 or f16")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtypes[a.dtype])
     if a.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if a.tuner == "lora":
@@ -111,6 +118,7 @@ def main():
         "batch_size": a.batch,
         "seq_len": a.seq,
         "gradient_checkpointing": a.gradient_checkpointing,
+        "dtype": str(dtypes[a.dtype]).removeprefix("torch."),
         "timed_steps": len(timed),
         "seconds_per_step": sum(timed) / len(timed),
         "tokens_per_s": tokens * len(timed) / sum(timed),

@@ -117,8 +117,13 @@ fn adapter_step_flops(model: &LoadedModel, tokens: usize, seq_len: usize) -> f64
     let matrix_weights: usize = model
         .linear_layers()
         .iter()
-        .filter_map(|layer| store.get(&format!("{layer}.weight")))
-        .map(|t| t.elem_count())
+        .map(|layer| format!("{layer}.weight"))
+        .map(|name| match (store.get(&name), store.quantized(&name)) {
+            (Some(t), _) => t.elem_count(),
+            // Kept quantised: the same products, through dequantised panels.
+            (None, Some(q)) => q.dims().0 * q.dims().1,
+            (None, None) => 0,
+        })
         .sum();
     // A tied output layer reuses the embedding matrix.
     let output_layer = if store.contains(&format!("{OUTPUT_LAYER}.weight")) {
@@ -211,6 +216,9 @@ pub struct TrainBench {
     pub steps: usize,
     /// Recompute each layer's activations in the backward pass.
     pub gradient_checkpointing: bool,
+    /// The compute dtype the model was loaded in (`f32`, `bf16`, `f16`),
+    /// which the peer loads its model in too.
+    pub dtype: String,
 }
 
 /// Trains `model` (a tuner is attached) on synthetic rows and measures
@@ -258,6 +266,7 @@ pub fn train(
         "batch_size": bench.batch_size,
         "seq_len": bench.seq_len,
         "gradient_checkpointing": bench.gradient_checkpointing,
+        "dtype": bench.dtype,
         "timed_steps": timed.len(),
         "seconds_per_step": tokens as f64 / tokens_per_s,
         "tokens_per_s": tokens_per_s,

@@ -48,6 +48,7 @@ impl PythonPeer {
             .args(["--batch", &bench.batch_size.to_string(), "--seq", &bench.seq_len.to_string()])
             .args(["--steps", &bench.steps.to_string(), "--tuner", tuner, "--r", &bench.lora_rank.to_string()])
             .args(["--targets", &bench.target_modules.join(","), "--threads", &self.threads.to_string()])
+            .args(["--dtype", &bench.dtype])
             .args(bench.gradient_checkpointing.then_some("--gradient-checkpointing"));
         run_peer(&self.python, command)
     }

@@ -54,12 +54,24 @@ impl Default for AdamWConfig {
 struct Slot {
     name: String,
     var: Var,
+    /// The parameter's f32 master copy, when the parameter itself is held
+    /// in a narrower dtype (bf16, f16): updates accumulate here and the
+    /// parameter is this rounded, so an update smaller than the narrow
+    /// dtype's resolution is not lost (mixed precision, as transformers'
+    /// and PEFT's f32 adapters and optimizer states do).
+    master: Option<Tensor>,
     m: Tensor,
     v: Tensor,
     decay: bool,
 }
 
-/// AdamW over a fixed set of parameters (state in f32).
+/// Whether a parameter of `dtype` trains through an f32 master copy.
+fn needs_master(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// AdamW over a fixed set of parameters (state in f32, and f32 master
+/// copies of parameters held in bf16 or f16).
 pub struct AdamW {
     config: AdamWConfig,
     slots: Vec<Slot>,
@@ -75,7 +87,11 @@ impl AdamW {
             .map(|(name, var)| {
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
                 let decay = var.rank() >= 2;
-                Ok(Slot { name, m: zeros.clone(), v: zeros, decay, var })
+                let master = match needs_master(var.dtype()) {
+                    true => Some(var.as_tensor().to_dtype(DType::F32)?),
+                    false => None,
+                };
+                Ok(Slot { name, master, m: zeros.clone(), v: zeros, decay, var })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { config, slots, step: 0 })
@@ -86,12 +102,19 @@ impl AdamW {
         self.step
     }
 
-    /// The moments, named `m.<parameter>` / `v.<parameter>`, for a checkpoint.
+    /// The moments, named `m.<parameter>` / `v.<parameter>`, and the f32
+    /// master copies of narrow parameters, `master.<parameter>`, for a
+    /// checkpoint.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.slots
-            .iter()
-            .flat_map(|s| [(format!("m.{}", s.name), s.m.clone()), (format!("v.{}", s.name), s.v.clone())])
-            .collect()
+        let mut out = Vec::with_capacity(self.slots.len() * 3);
+        for s in &self.slots {
+            out.push((format!("m.{}", s.name), s.m.clone()));
+            out.push((format!("v.{}", s.name), s.v.clone()));
+            if let Some(master) = &s.master {
+                out.push((format!("master.{}", s.name), master.clone()));
+            }
+        }
+        out
     }
 
     /// Restores what [`AdamW::state`] saved after `step` steps.
@@ -114,6 +137,18 @@ impl AdamW {
             }
             slot.m = m.to_dtype(DType::F32)?;
             slot.v = v.to_dtype(DType::F32)?;
+            if slot.master.is_some() {
+                // A checkpoint of a narrow parameter keeps its master copy;
+                // the parameter is its rounding, as after a step. (One
+                // written before master copies existed has only the
+                // parameter, which then is the master.)
+                let master = match state.get(&format!("master.{}", slot.name)) {
+                    Some(master) => master.to_dtype(DType::F32)?,
+                    None => slot.var.as_tensor().to_dtype(DType::F32)?,
+                };
+                slot.var.set(&master.to_dtype(slot.var.dtype())?)?;
+                slot.master = Some(master);
+            }
         }
         self.step = step;
         Ok(())
@@ -131,11 +166,17 @@ impl AdamW {
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&slot.m / bias1)? / ((&slot.v / bias2)?.sqrt()? + c.eps)?)?;
-            let param = slot.var.as_tensor().to_dtype(DType::F32)?;
+            let param = match &slot.master {
+                Some(master) => master.clone(),
+                None => slot.var.as_tensor().to_dtype(DType::F32)?,
+            };
             let decayed =
                 if slot.decay && c.weight_decay > 0.0 { (&param * (1.0 - lr * c.weight_decay))? } else { param };
             let next = (decayed - (update * lr)?)?;
             slot.var.set(&next.to_dtype(slot.var.dtype())?)?;
+            if slot.master.is_some() {
+                slot.master = Some(next);
+            }
         }
         Ok(())
     }
@@ -181,5 +222,45 @@ mod tests {
                 assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_bf16_parameter_accumulates_updates_below_its_resolution_in_its_f32_master() {
+        // bf16 has 8 significant bits: around 1.0 its step is 2^-7, so an
+        // update of 1e-3 rounds away on its own. Ten of them must add up.
+        let start = Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let var = Var::from_tensor(&start).unwrap();
+        let mut opt = AdamW::new(vec![("w".to_owned(), var.clone())], AdamWConfig::default()).unwrap();
+        let grad = Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        for _ in 0..10 {
+            opt.step(&[Some(grad.clone())], 1e-3).unwrap();
+        }
+        let got = var.as_tensor().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        // 1 - 10·1e-3 = 0.99 → bf16 0.98828125 (the nearest); without the
+        // master every step would round back to 1.0.
+        assert_eq!(got, vec![0.98828125, -0.98828125]);
+        let state: std::collections::HashMap<String, Tensor> = opt.state().into_iter().collect();
+        let master = state["master.w"].to_vec1::<f32>().unwrap();
+        assert!((master[0] - 0.99).abs() < 1e-6 && (master[1] + 0.99).abs() < 1e-6, "{master:?}");
+
+        // Restoring the checkpoint restores the master (not the rounded
+        // parameter): the next step continues from 0.99.
+        let again = Var::from_tensor(&start).unwrap();
+        let mut resumed = AdamW::new(vec![("w".to_owned(), again.clone())], AdamWConfig::default()).unwrap();
+        resumed.restore(10, &state).unwrap();
+        assert_eq!(again.as_tensor().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), got);
+        opt.step(&[Some(grad.clone())], 1e-3).unwrap();
+        resumed.step(&[Some(grad)], 1e-3).unwrap();
+        let a: std::collections::HashMap<String, Tensor> = opt.state().into_iter().collect();
+        let b: std::collections::HashMap<String, Tensor> = resumed.state().into_iter().collect();
+        assert_eq!(a["master.w"].to_vec1::<f32>().unwrap(), b["master.w"].to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn f32_parameters_have_no_master_copy() {
+        let var = Var::from_tensor(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap()).unwrap();
+        let opt = AdamW::new(vec![("w".to_owned(), var)], AdamWConfig::default()).unwrap();
+        let names: Vec<String> = opt.state().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, vec!["m.w".to_owned(), "v.w".to_owned()]);
     }
 }

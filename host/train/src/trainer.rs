@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde_json::json;
 
 use crate::optim::{global_norm, AdamW, AdamWConfig, Schedule};
@@ -539,9 +539,15 @@ where
             model.merge_block_gradients(&mut grads).map_err(compute)?;
             for (slot, var) in summed.iter_mut().zip(&vars) {
                 if let Some(g) = grads.get(var.as_tensor()) {
+                    // Gradients of bf16/f16 parameters are summed (and
+                    // clipped) in f32, as their master copies are updated.
+                    let g = match g.dtype() {
+                        DType::BF16 | DType::F16 => g.to_dtype(DType::F32).map_err(compute)?,
+                        _ => g.clone(),
+                    };
                     *slot = Some(match slot.take() {
                         Some(acc) => (acc + g).map_err(compute)?,
-                        None => g.clone(),
+                        None => g,
                     });
                 }
             }

@@ -7,19 +7,24 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// Softmax over `dim`, stabilised by subtracting the (detached) maximum.
+/// Softmax over `dim`, stabilised by subtracting the (detached) maximum;
+/// a bf16/f16 input is computed in f32 and the result rounded back.
 pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(norm_dtype(dtype))?;
     let max = x.max_keepdim(dim)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(dim)?)
+    e.broadcast_div(&e.sum_keepdim(dim)?)?.to_dtype(dtype)
 }
 
-/// Log-softmax over `dim`.
+/// Log-softmax over `dim` (in f32 for a bf16/f16 input, as [`softmax`]).
 pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(norm_dtype(dtype))?;
     let max = x.max_keepdim(dim)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let log_sum = shifted.exp()?.sum_keepdim(dim)?.log()?;
-    shifted.broadcast_sub(&log_sum)
+    shifted.broadcast_sub(&log_sum)?.to_dtype(dtype)
 }
 
 /// `1 / (1 + e^-x)`.

@@ -867,8 +867,10 @@ impl<'a> GraphSession<'a> {
                 let fast = cpu && rows <= 8 && w.dtype() == DType::F32 && !input.track_op() && !w.track_op();
                 if fast {
                     oxtune_kernels::matvec(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
-                } else if cpu && input.track_op() && !w.track_op() {
-                    // Training through a frozen weight: no gradient for the weight.
+                } else if cpu && !w.track_op() && (input.track_op() || matches!(w.dtype(), DType::BF16 | DType::F16)) {
+                    // Training through a frozen weight: no gradient for the
+                    // weight. A bf16/f16 weight goes this way without a
+                    // gradient too: it multiplies in f32 a panel at a time.
                     oxtune_kernels::frozen_linear(&x2.contiguous().map_err(candle)?, w).map_err(candle)?
                 } else {
                     x2.matmul(&w.t().map_err(candle)?).map_err(candle)?
@@ -1040,10 +1042,17 @@ impl<'a> GraphSession<'a> {
             w = w.affine(1.0, offset).map_err(candle)?;
         }
         let x = self.get(x)?;
-        let kernel = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && w.dtype() == x.dtype();
-        match kernel {
-            true => oxtune_kernels::rms_norm(x, &w, eps).map_err(candle),
-            false => ops::rms_norm(x, &w, eps).map_err(candle),
+        match (x.device().is_cpu(), x.dtype(), w.dtype()) {
+            (true, DType::F32, DType::F32) | (true, DType::F64, DType::F64) => {
+                oxtune_kernels::rms_norm(x, &w, eps).map_err(candle)
+            }
+            // bf16/f16: the one-pass kernel in f32, rounded back once.
+            (true, DType::BF16 | DType::F16, _) => {
+                let widened = (x.to_dtype(DType::F32), w.to_dtype(DType::F32));
+                let (xf, wf) = (widened.0.map_err(candle)?, widened.1.map_err(candle)?);
+                oxtune_kernels::rms_norm(&xf, &wf, eps).and_then(|y| y.to_dtype(x.dtype())).map_err(candle)
+            }
+            _ => ops::rms_norm(x, &w, eps).map_err(candle),
         }
     }
 
@@ -1092,6 +1101,19 @@ impl<'a> GraphSession<'a> {
     fn rope(&mut self, x: TensorId, inv_freq: &[f32], interleaved: bool, scale: f32) -> Result<Tensor, OpError> {
         let candle = |source| OpError::Candle { op: "rope", source: source };
         let t = self.get(x)?.clone();
+        if t.device().is_cpu() && matches!(t.dtype(), DType::BF16 | DType::F16) {
+            // The kernel in f32 (transformers rotates in the narrow dtype
+            // with f32-built tables: this rounds once instead of twice).
+            let wide = t.to_dtype(DType::F32).map_err(candle)?;
+            let out = self.rope_of(wide, inv_freq, interleaved, scale);
+            return out.and_then(|o| o.to_dtype(t.dtype()).map_err(candle));
+        }
+        self.rope_of(t, inv_freq, interleaved, scale)
+    }
+
+    /// [`Self::rope`] of the tensor `t`.
+    fn rope_of(&mut self, t: Tensor, inv_freq: &[f32], interleaved: bool, scale: f32) -> Result<Tensor, OpError> {
+        let candle = |source| OpError::Candle { op: "rope", source: source };
         let (b, _, s, _) = t.dims4().map_err(candle)?;
         if !(t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)) {
             let pos = self.positions(b, s, t.device())?;
