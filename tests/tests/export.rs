@@ -20,7 +20,7 @@ use oxtune_export::gguf_model::{write_model_gguf, write_model_gguf_streaming};
 use oxtune_export::merged::write_merged;
 use oxtune_export::QuantType;
 use oxtune_registry::Registry;
-use oxtune_tests::{fixtures, workspace_root};
+use oxtune_tests::{fixtures, smollm2, workspace_root};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("oxtune-export-{}", std::process::id()));
@@ -321,16 +321,6 @@ fn llama_cpp_continues_gemma3_phi3_and_qwen3_moe_exports_as_oxtune_does() {
         let run = llama_cpp_complete(&script, &path, "the cat sat on", 12, None);
         assert_eq!(run.generated, oxtune_complete(&load(&source), &assets, &run.prompt, 12), "{name}");
     }
-}
-
-/// The SmolLM2 GGUF `.ci/fetch-models` puts in place.
-fn smollm2() -> Option<PathBuf> {
-    let path = workspace_root().join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(std::env::var_os("CI").is_none(), "{} is missing: .ci/run fetches it", path.display());
-    None
 }
 
 #[test]

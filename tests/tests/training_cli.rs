@@ -427,3 +427,61 @@ fn the_quick_start_config_trains_the_shipped_model() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert_eq!(stdout.matches("after:").count(), 3, "{stdout}");
 }
+
+/// `oxtune pt` on SmolLM2 with rows of 1024 tokens, run under an
+/// address-space limit (`ulimit -v`, in KiB).
+fn pt_under_limit(limit_kib: u64, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let model = oxtune_tests::smollm2().expect("checked by the caller");
+    let mut command = std::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!("ulimit -v {limit_kib} && exec \"$0\" \"$@\""))
+        .arg(oxtune_tests::oxtune_bin())
+        .args(["pt", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap()])
+        .args(["--output-dir", out.to_str().unwrap(), "--max-length", "1024", "--truncation-strategy", "right"])
+        .args(extra);
+    command.output().unwrap()
+}
+
+#[test]
+fn a_micro_batch_that_cannot_fit_in_memory_is_refused_before_training_naming_the_flags() {
+    if oxtune_tests::smollm2().is_none() {
+        return;
+    }
+    let text: Vec<String> = (0..1200).map(|i| format!("word{}", i % 97)).collect();
+    let row = serde_json::json!({ "text": text.join(" ") }).to_string();
+    let data = scratch("long-rows.jsonl", &format!("{row}\n").repeat(16));
+    let out = fresh_dir("memory-refused");
+    // 3 GiB of address space: the model takes about half; 8 rows of 1024
+    // tokens need about 16 GB of activations without checkpointing.
+    let refused = pt_under_limit(
+        3 << 20,
+        &data,
+        &out,
+        &["--per-device-train-batch-size", "8", "--gradient-checkpointing", "false"],
+    );
+    let error = last_error_line(&refused);
+    for needle in [
+        "--per-device-train-batch-size 8 with rows of up to 1024 tokens needs at least",
+        "GB is left under the address-space limit (ulimit -v)",
+        "lower --per-device-train-batch-size or --max-length, or set --gradient-checkpointing true",
+    ] {
+        assert!(error.contains(needle), "`{needle}` not in: {error}");
+    }
+    assert!(!out.join("checkpoint-1").exists() && !out.join("metrics.jsonl").exists(), "no step was taken");
+    // With checkpointing on, 16 rows still need more than is left, and the
+    // message does not suggest what is already on.
+    let refused = pt_under_limit(3 << 20, &data, &out, &["--per-device-train-batch-size", "16"]);
+    let error = last_error_line(&refused);
+    assert!(error.contains("--per-device-train-batch-size 16 with rows of up to 1024 tokens"), "{error}");
+    assert!(!error.contains("--gradient-checkpointing"), "{error}");
+}
+
+/// The one-line error a failed run ended with (after its data report).
+fn last_error_line(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "expected a refusal");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default().to_owned();
+    assert!(last.starts_with("error: "), "the run ended without a one-line error:\n{stderr}");
+    last
+}

@@ -51,6 +51,16 @@ pub trait Objective {
         1.0
     }
 
+    /// Tokens the item puts through the model's forward pass with
+    /// gradients, padded to its own longest row (a pair: its chosen and
+    /// rejected rows). A micro-batch of `n` items runs at most `n` times the
+    /// largest of these, which the trainer sizes a step's activation memory
+    /// by before training starts; 0 when not known.
+    fn forward_tokens(&self, item: &Self::Item) -> usize {
+        let _ = item;
+        0
+    }
+
     /// The loss of `batch`. `dropout_seed` is set while training (dropout
     /// active) and `None` when evaluating; `step` is the optimizer step
     /// (0 when evaluating).
@@ -99,6 +109,10 @@ impl Objective for SftObjective {
 
     fn weight(&self, item: &EncodedRow) -> f64 {
         trained_tokens(item) as f64
+    }
+
+    fn forward_tokens(&self, item: &EncodedRow) -> usize {
+        item.input_ids.len()
     }
 
     fn loss(
@@ -236,6 +250,10 @@ impl Objective for PackedSftObjective {
         item.trained_tokens() as f64
     }
 
+    fn forward_tokens(&self, item: &PackedRow) -> usize {
+        item.input_ids.len()
+    }
+
     fn loss(
         &self,
         model: &LoadedModel,
@@ -260,6 +278,10 @@ impl Objective for PaddingFreeSftObjective {
 
     fn weight(&self, item: &EncodedRow) -> f64 {
         SftObjective.weight(item)
+    }
+
+    fn forward_tokens(&self, item: &EncodedRow) -> usize {
+        item.input_ids.len()
     }
 
     fn loss(

@@ -57,7 +57,9 @@ pub enum RunError {
 /// The checkpoint a run continues from: `resume_from` if given, else the
 /// latest checkpoint of an earlier run in `output_dir` whose `args.json`
 /// equals `recorded`. A folder holding any other run is an error naming
-/// the arguments that differ.
+/// the arguments that differ; one whose run never took a step (it was
+/// refused before training, or stopped while loading) holds nothing to
+/// keep, and is taken over.
 pub fn resume_point(
     output_dir: &Path,
     resume_from: Option<&Path>,
@@ -74,7 +76,8 @@ pub fn resume_point(
         return Ok(None);
     }
     let earlier = read_json(&args_path)?;
-    if &earlier != recorded {
+    let took_a_step = output_dir.join("metrics.jsonl").exists() || checkpoints::latest(output_dir).is_some();
+    if &earlier != recorded && took_a_step {
         let differing: Vec<&str> = recorded
             .as_object()
             .map(|o| o.iter().filter(|(k, v)| earlier.get(k.as_str()) != Some(*v)).map(|(k, _)| k.as_str()).collect())

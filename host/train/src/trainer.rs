@@ -398,21 +398,54 @@ fn fetch<'a, T: Clone, I: Items<T> + ?Sized>(
     indices.iter().map(|&i| items.get(i).map_err(|message| TrainError::Data { step, message })).collect()
 }
 
-/// Indices of the items `objective` can train on.
+/// Indices of the items `objective` can train on, and the most tokens one
+/// of them puts through the forward pass ([`Objective::forward_tokens`]).
 fn trainable_indices<O: Objective, I: Items<O::Item> + ?Sized>(
     objective: &O,
     items: &I,
-) -> Result<Vec<usize>, TrainError>
+) -> Result<(Vec<usize>, usize), TrainError>
 where
     O::Item: Clone,
 {
-    let mut out = Vec::new();
+    let (mut out, mut longest) = (Vec::new(), 0);
     for i in 0..items.len() {
-        if objective.trainable(&*items.get(i).map_err(|message| TrainError::Data { step: 0, message })?) {
+        let item = items.get(i).map_err(|message| TrainError::Data { step: 0, message })?;
+        if objective.trainable(&item) {
             out.push(i);
+            longest = longest.max(objective.forward_tokens(&item));
         }
     }
-    Ok(out)
+    Ok((out, longest))
+}
+
+/// Refuses, before the first step, a micro-batch whose activations cannot
+/// fit in the memory this process has left ([`oxtune_engine::memory::budget`]):
+/// `micro` items of up to `longest` forward tokens each, at the model's
+/// lower-bound cost per token. Only on the CPU, whose memory is the
+/// process's; a device's is not read.
+fn check_activation_memory(model: &LoadedModel, micro: usize, longest: usize) -> Result<(), TrainError> {
+    if !model.device().is_cpu() || longest == 0 {
+        return Ok(());
+    }
+    let (Some(per_token), Some(budget)) = (model.activation_bytes_per_token(), oxtune_engine::memory::budget()) else {
+        return Ok(());
+    };
+    let need = per_token.saturating_mul((micro * longest) as u64);
+    if need <= budget.bytes {
+        return Ok(());
+    }
+    let gb = |bytes: u64| bytes as f64 / 1e9;
+    let checkpointing = match model.gradient_checkpointing() {
+        true => "",
+        false => ", or set --gradient-checkpointing true",
+    };
+    Err(TrainError::Setup(format!(
+        "--per-device-train-batch-size {micro} with rows of up to {longest} tokens needs at least {:.1} GB for \
+         activations, and {:.1} GB is left under {}: lower --per-device-train-batch-size or --max-length{checkpointing}",
+        gb(need),
+        gb(budget.bytes),
+        budget.limit
+    )))
 }
 
 /// [`train_with`] over items read by index ([`Items`]): in memory, or a
@@ -434,13 +467,14 @@ where
             "the model has no trainable parameters (attach an adapter, or load them trainable)".into(),
         ));
     }
-    let rows = trainable_indices(objective, items)?;
+    let (rows, longest) = trainable_indices(objective, items)?;
     if rows.is_empty() {
         return Err(TrainError::Setup("no row has a token to train on".into()));
     }
-    let eval_rows = trainable_indices(objective, eval_items)?;
+    let (eval_rows, _) = trainable_indices(objective, eval_items)?;
     let vars: Vec<Var> = names.iter().map(|n| model.weights().var(n).expect("filtered above").clone()).collect();
     let micro = config.batch_size.max(1);
+    check_activation_memory(model, micro, longest)?;
     let accum = config.gradient_accumulation_steps.max(1);
     let steps_per_epoch = rows.len().div_ceil(micro * accum);
     let total = config.max_steps.unwrap_or(steps_per_epoch * config.epochs.max(1));

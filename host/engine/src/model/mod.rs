@@ -465,6 +465,34 @@ impl LoadedModel {
         read(&self.config).or_else(|| self.config.get("text_config").and_then(read)).map(|v| v as usize)
     }
 
+    /// A lower bound on the memory a training forward pass keeps for the
+    /// backward pass, per token of a micro-batch, before any tuner's own
+    /// share: without gradient checkpointing every layer's activations
+    /// (taken as 14 hidden-size and 5 intermediate-size vectors per layer,
+    /// in the model's dtype); with it, 2.5 hidden-size vectors per layer
+    /// (its input, kept) and one layer's activations. Read from
+    /// `config.json`'s `hidden_size`, `intermediate_size` and
+    /// `num_hidden_layers` (or its `text_config`'s); `None` when it lacks
+    /// them. Measured on SmolLM2-135M in f32 (LoRA r 8 on q/v, no dropout,
+    /// peak memory of 1024 against 2048 tokens): 1.99 MB per token without
+    /// checkpointing, where this gives 1.89 MB; 0.26 MB with it, where this
+    /// gives 0.24 MB. A tuner adds its own (LoRA on every linear layer with
+    /// dropout doubled it), so this never refuses a shape that fits.
+    pub fn activation_bytes_per_token(&self) -> Option<u64> {
+        let read = |key: &str| {
+            let get = |config: &serde_json::Value| config.get(key).and_then(serde_json::Value::as_u64);
+            get(&self.config).or_else(|| self.config.get("text_config").and_then(get))
+        };
+        let (hidden, intermediate, layers) =
+            (read("hidden_size")?, read("intermediate_size")?, read("num_hidden_layers")?);
+        let bytes = self.dtype.size_in_bytes() as u64;
+        let layer = (14 * hidden + 5 * intermediate) * bytes;
+        Some(match self.block_gradients {
+            Some(_) => layers * hidden * bytes * 5 / 2 + layer,
+            None => layers * layer,
+        })
+    }
+
     /// The parameters.
     pub fn weights(&self) -> &WeightStore {
         &self.weights
@@ -621,6 +649,11 @@ impl LoadedModel {
     /// gradients through [`merge_block_gradients`](Self::merge_block_gradients).
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.block_gradients = on.then(|| Arc::new(BlockGradients::new()));
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.block_gradients.is_some()
     }
 
     /// Adds the gradients that checkpointed blocks produced during the

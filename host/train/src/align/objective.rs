@@ -155,6 +155,10 @@ impl Objective for PairObjective<'_> {
         true
     }
 
+    fn forward_tokens(&self, item: &PreferencePair) -> usize {
+        2 * item.chosen.input_ids.len().max(item.rejected.input_ids.len())
+    }
+
     fn loss(
         &self,
         model: &LoadedModel,
@@ -181,6 +185,10 @@ impl Objective for PackedPairObjective<'_> {
 
     fn weight(&self, item: &Vec<PreferencePair>) -> f64 {
         item.len() as f64
+    }
+
+    fn forward_tokens(&self, item: &Vec<PreferencePair>) -> usize {
+        item.iter().map(|p| p.chosen.input_ids.len() + p.rejected.input_ids.len()).sum()
     }
 
     fn loss(
@@ -224,6 +232,10 @@ impl Objective for KtoObjective<'_> {
 
     fn trainable(&self, item: &LabelledCompletion) -> bool {
         item.row.labels.iter().any(|&l| l != IGNORE_INDEX)
+    }
+
+    fn forward_tokens(&self, item: &LabelledCompletion) -> usize {
+        item.row.input_ids.len()
     }
 
     fn loss(
