@@ -69,11 +69,15 @@ impl RmsNorm {
     }
 
     /// `dx` and the weight's gradient (summed over rows) for the incoming
-    /// gradient `g`.
+    /// gradient `g`. Each task sums its rows' share of the weight's
+    /// gradient; the shares are then added in task order, so the sum is
+    /// the same bits whichever thread ran what (rayon's `reduce` pairs
+    /// shares as its work-stealing split them, which made full
+    /// fine-tuning differ run to run in the last bits, then further).
     fn backward<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
         let hidden = w.len();
         let mut dx = vec![T::of(0.0); x.len()];
-        let dw = dx
+        let shares: Vec<Vec<T>> = dx
             .par_chunks_mut(ROWS_PER_TASK * hidden)
             .zip(x.par_chunks(ROWS_PER_TASK * hidden).zip(g.par_chunks(ROWS_PER_TASK * hidden)))
             .map(|(dxs, (xs, gs))| {
@@ -90,13 +94,11 @@ impl RmsNorm {
                 }
                 dw
             })
-            .reduce(
-                || vec![T::of(0.0); hidden],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a = *a + b);
-                    a
-                },
-            );
+            .collect();
+        let mut dw = vec![T::of(0.0); hidden];
+        for share in shares {
+            dw.iter_mut().zip(share).for_each(|(a, b)| *a = *a + b);
+        }
         (dx, dw)
     }
 }

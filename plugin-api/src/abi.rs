@@ -298,6 +298,16 @@ pub enum Op {
     /// RMSNorm over the last dim with weight `{name}.weight + offset`
     /// (Gemma's `(1 + w)` is `offset` 1), computed in f32. Added in 1.2.
     RmsNormOffset { name: RString, x: TensorId, eps: f64, offset: f64 },
+    /// `base + scale · dropout(x) · aᵀ · bᵀ`: a low-rank update of a linear
+    /// layer's output `base` (`[.., out]`) from its input `x` (`[.., in]`),
+    /// with `a` `[r, in]` and `b` `[out, r]` (LoRA's `lora_A` and `lora_B`)
+    /// and dropout `p` on `x` while training (as [`Op::Dropout`]; 0 for
+    /// none). The host runs it as one graph node that keeps no
+    /// activation-sized intermediate for the backward pass (the dropout
+    /// mask is redrawn and `x · aᵀ` recomputed there), where the same
+    /// maths in single ops keeps four. Differentiable in all four
+    /// tensors. Added in 1.3.
+    LowRankUpdate { base: TensorId, x: TensorId, a: TensorId, b: TensorId, scale: f64, dropout: f64 },
 }
 
 /// An [`Op`] as it crosses the boundary.

@@ -370,6 +370,14 @@ pub fn grouped_linear(names: &[String], x: &Tensor, groups: &Tensor) -> Result<T
     apply(Op::GroupedLinear { names, x: x.0, groups: groups.0 })
 }
 
+/// `base + scale · dropout(x) · aᵀ · bᵀ`, a LoRA layer's output from the
+/// base layer's `base` and input `x`, with `a` `[r, in]` and `b` `[out, r]`
+/// and dropout `p` on `x` while training (see [`Op::LowRankUpdate`]: one
+/// node that keeps no activation-sized intermediate). Needs a 1.3 host.
+pub fn low_rank_update(base: &Tensor, x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, dropout: f64) -> Result<Tensor> {
+    apply(Op::LowRankUpdate { base: base.0, x: x.0, a: a.0, b: b.0, scale, dropout })
+}
+
 /// Keeps `x` under `key` until the forward pass ends, past the end of its
 /// block (see [`Op::Collect`]); returns `x`.
 pub fn collect(key: &str, x: &Tensor) -> Result<Tensor> {

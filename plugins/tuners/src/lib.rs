@@ -139,7 +139,9 @@ impl TunerLayers for LoraLayers {
     }
 
     fn forward(&self, layer: &str, x: &Tensor, base: &Tensor) -> Result<Tensor> {
-        base.add(&self.0.delta(layer, x)?)
+        let a = weight(&format!("{layer}.lora_A.weight"))?;
+        let b = weight(&format!("{layer}.lora_B.weight"))?;
+        oxtune_plugin_api::graph::low_rank_update(base, x, &a, &b, self.0.scale, self.0.dropout)
     }
 
     fn merge(&self, layer: &str) -> Result<Tensor> {

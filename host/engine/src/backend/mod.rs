@@ -9,6 +9,7 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod fused;
 pub mod ops;
 pub mod session;
 pub mod weights;

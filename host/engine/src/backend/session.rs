@@ -707,6 +707,11 @@ impl<'a> GraphSession<'a> {
             }
             Op::Detach { x } => Ok(self.get(*x)?.detach()),
             Op::Dropout { x, p } => self.dropout(*x, *p),
+            Op::LowRankUpdate { base, x, a, b, scale, dropout } => {
+                let mask = self.dropout_mask(*dropout)?;
+                let (base, x, a, b) = (self.get(*base)?, self.get(*x)?, self.get(*a)?, self.get(*b)?);
+                super::fused::low_rank_update(base, x, a, b, *scale, mask).map_err(candle)
+            }
             Op::Release { xs, keep } => {
                 // Every handle in `xs` is given up, `keep`'s too when it is
                 // listed: the caller goes on with the new handle returned.
@@ -1075,17 +1080,25 @@ impl<'a> GraphSession<'a> {
 
     fn dropout(&mut self, x: TensorId, p: f64) -> Result<Tensor, OpError> {
         let t = self.get(x)?.clone();
+        match self.dropout_mask(p)? {
+            Some(mask) => {
+                super::fused::dropout(&t, mask).map_err(|source| OpError::Candle { op: "dropout", source: source })
+            }
+            None => Ok(t),
+        }
+    }
+
+    /// The mask of the forward pass's next dropout of probability `p`:
+    /// `None` when not training or `p` is 0. Each dropout of a pass draws
+    /// from its own seed (the batch's seed and the dropout's count), so a
+    /// replayed block draws the same masks.
+    fn dropout_mask(&mut self, p: f64) -> Result<Option<super::fused::DropoutMask>, OpError> {
         if !(0.0..1.0).contains(&p) {
             return Err(OpError::Invalid { op: "dropout", message: format!("p = {p} is not in [0, 1)") });
         }
-        let Some(seed) = self.ctx.batch.dropout_seed.filter(|_| p > 0.0) else { return Ok(t) };
+        let Some(seed) = self.ctx.batch.dropout_seed.filter(|_| p > 0.0) else { return Ok(None) };
         self.dropouts += 1;
-        let mut rng = crate::rng::SplitMix64::new(seed ^ self.dropouts.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let keep = (1.0 / (1.0 - p)) as f32;
-        let mask: Vec<f32> = (0..t.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
-        let candle = |source| OpError::Candle { op: "dropout", source: source };
-        let mask = Tensor::from_vec(mask, t.shape(), t.device()).and_then(|m| m.to_dtype(t.dtype())).map_err(candle)?;
-        t.mul(&mask).map_err(candle)
+        Ok(Some(super::fused::DropoutMask { seed: seed ^ self.dropouts.wrapping_mul(0x9E37_79B9_7F4A_7C15), p }))
     }
 
     fn positions(&self, batch: usize, seq: usize, device: &Device) -> Result<Tensor, OpError> {
@@ -1274,6 +1287,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::AuxOutput { .. } => "aux_output",
         Op::TokenMask { .. } => "token_mask",
         Op::RmsNormOffset { .. } => "rms_norm_offset",
+        Op::LowRankUpdate { .. } => "low_rank_update",
         _ => "unknown op",
     }
 }

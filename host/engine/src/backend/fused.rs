@@ -1,0 +1,271 @@
+//! Two ops of adapter training for which candle's graph would keep several
+//! activation-sized tensors alive until the backward pass: dropout (its
+//! mask and its output) and a LoRA layer's low-rank update (the
+//! dropped-out input, `x·Aᵀ·Bᵀ`, its scaled copy and the sum). Each runs
+//! as one graph node that keeps only its inputs: the dropout mask is
+//! redrawn from its seed in the backward pass, and the rank-sized `x·Aᵀ`
+//! recomputed.
+//!
+//! Both compute their output with plain tensor ops on detached inputs and
+//! hand it to the graph through a custom op (as a checkpointed block
+//! does), so they run on any candle device.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Device, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+
+use crate::rng::SplitMix64;
+
+/// Mask values one task draws.
+const MASK_CHUNK: usize = 1 << 14;
+
+/// A dropout mask: element `i` is dropped with probability `p` when the
+/// `i`-th draw of [`SplitMix64`] seeded with `seed` falls below `p` (the
+/// draws are independent of each other, so the mask is drawn on every
+/// thread and redrawn identically in the backward pass).
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub struct DropoutMask {
+    /// The generator's seed.
+    pub seed: u64,
+    /// The probability of dropping an element, in `[0, 1)`.
+    pub p: f64,
+}
+
+impl DropoutMask {
+    /// The mask as a tensor of `shape`: 0 where an element is dropped,
+    /// `1 / (1 − p)` where it is kept.
+    pub fn tensor(&self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let mut values = vec![0f32; shape.elem_count()];
+        values.par_chunks_mut(MASK_CHUNK).enumerate().for_each(|(chunk, out)| {
+            for (j, v) in out.iter_mut().enumerate() {
+                let draw = SplitMix64::nth_uniform(self.seed, (chunk * MASK_CHUNK + j) as u64);
+                *v = if draw < self.p { 0.0 } else { keep };
+            }
+        });
+        Tensor::from_vec(values, shape, device)?.to_dtype(dtype)
+    }
+
+    /// `x` with the mask applied.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        x.mul(&self.tensor(x.shape(), x.dtype(), x.device())?)
+    }
+}
+
+/// Dropout of `x` under `mask`, differentiable in `x`; the graph keeps no
+/// mask.
+pub fn dropout(x: &Tensor, mask: DropoutMask) -> Result<Tensor> {
+    let value = mask.apply(&x.detach())?;
+    if !x.track_op() {
+        return Ok(value);
+    }
+    x.apply_op1(Dropout { output: HandOver::new(value), mask })
+}
+
+/// `base + scale · dropout(x) · aᵀ · bᵀ` for `x` `[.., in]`, `base`
+/// `[.., out]`, `a` `[r, in]` and `b` `[out, r]` (a LoRA layer: `a` is
+/// `lora_A`, `b` `lora_B`), differentiable in all four; the graph keeps
+/// nothing beyond the inputs.
+pub fn low_rank_update(
+    base: &Tensor,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<DropoutMask>,
+) -> Result<Tensor> {
+    let (r, inp) = a.dims2()?;
+    let (out, rb) = b.dims2()?;
+    let x_in = x.dim(candle_core::D::Minus1)?;
+    let base_out = base.dim(candle_core::D::Minus1)?;
+    if rb != r || x_in != inp || base_out != out {
+        candle_core::bail!(
+            "low-rank update: x {:?}, a {:?}, b {:?} and base {:?} do not chain",
+            x.dims(),
+            a.dims(),
+            b.dims(),
+            base.dims()
+        );
+    }
+    let rows = x.elem_count() / inp.max(1);
+    let shape = base.shape().clone();
+    let (x2, base2) = (x.reshape((rows, inp))?, base.reshape((rows, out))?);
+    let update = LowRank { r, inp, out, scale, mask };
+    let value = update.value(&x2.detach(), &base2.detach(), &a.detach(), &b.detach())?;
+    if ![&x2, &base2, a, b].iter().any(|t| t.track_op()) {
+        return value.reshape(shape);
+    }
+    // A and B enter as one small tensor (rank × (in + out) values), so the
+    // node has three inputs; the concatenation routes their gradients back.
+    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    let node = LowRankNode { output: HandOver::new(value), update };
+    x2.apply_op3(&base2, &ab, node)?.reshape(shape)
+}
+
+/// The shapes and settings of one [`low_rank_update`].
+struct LowRank {
+    r: usize,
+    inp: usize,
+    out: usize,
+    scale: f64,
+    mask: Option<DropoutMask>,
+}
+
+impl LowRank {
+    /// `dropout(x)` for `x` `[rows, in]`.
+    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.mask {
+            Some(mask) => mask.apply(x),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The output for detached inputs.
+    fn value(&self, x: &Tensor, base: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let update = self.dropped(x)?.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        base + (update * self.scale)?
+    }
+
+    /// `a` and `b` out of their concatenation.
+    fn split(&self, ab: &Tensor) -> Result<(Tensor, Tensor)> {
+        let a = ab.narrow(0, 0, self.r * self.inp)?.reshape((self.r, self.inp))?;
+        let b = ab.narrow(0, self.r * self.inp, self.out * self.r)?.reshape((self.out, self.r))?;
+        Ok((a, b))
+    }
+}
+
+/// An output computed before it enters the graph, handed over once.
+struct HandOver(Mutex<Option<Tensor>>);
+
+impl HandOver {
+    fn new(value: Tensor) -> HandOver {
+        HandOver(Mutex::new(Some(value)))
+    }
+
+    /// The value, contiguous (its storage is then cloned once, into the
+    /// graph's output).
+    fn take(&self, op: &str) -> Result<Tensor> {
+        match self.0.lock().expect("not poisoned").take() {
+            Some(value) => value.contiguous(),
+            None => candle_core::bail!("{op}: the forward pass ran twice"),
+        }
+    }
+}
+
+/// The storage of the handed-over value of `$node`, on the `$variant` device.
+macro_rules! handed_over {
+    ($node:expr, $variant:ident) => {{
+        let value = $node.output.take($node.name())?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::$variant(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
+            _ => candle_core::bail!("{}: the output is on another device than the input", $node.name()),
+        }
+    }};
+}
+
+/// The graph node of [`dropout`].
+struct Dropout {
+    output: HandOver,
+    mask: DropoutMask,
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        handed_over!(self, Cpu)
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        handed_over!(self, Cuda)
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        handed_over!(self, Metal)
+    }
+
+    fn bwd(&self, _x: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.mask.apply(grad)?))
+    }
+}
+
+/// The graph node of [`low_rank_update`], on `(x, base, a ‖ b)`.
+struct LowRankNode {
+    output: HandOver,
+    update: LowRank,
+}
+
+impl CustomOp3 for LowRankNode {
+    fn name(&self) -> &'static str {
+        "low-rank-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        handed_over!(self, Cpu)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        handed_over!(self, Cuda)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        handed_over!(self, Metal)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _base: &Tensor,
+        ab: &Tensor,
+        _output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let u = &self.update;
+        let (a, b) = u.split(&ab.detach())?;
+        let grad = grad.detach();
+        let dropped = u.dropped(&x.detach())?;
+        // y = base + s·(d·Aᵀ)·Bᵀ with d = dropout(x), h = d·Aᵀ:
+        // dB = s·gᵀ·h, dh = s·g·B, dA = dhᵀ·d, dx = dropout'(dh·A).
+        let h = dropped.matmul(&a.t()?)?;
+        let grad_b = (grad.t()?.matmul(&h)? * u.scale)?;
+        let grad_h = (grad.matmul(&b)? * u.scale)?;
+        let grad_a = grad_h.t()?.matmul(&dropped)?;
+        let grad_ab = Tensor::cat(&[grad_a.flatten_all()?, grad_b.flatten_all()?], 0)?;
+        let grad_x = match x.track_op() {
+            true => Some(u.dropped(&grad_h.matmul(&a)?)?),
+            false => None,
+        };
+        Ok((grad_x, Some(grad), Some(grad_ab)))
+    }
+}
