@@ -304,7 +304,7 @@ pub enum Op {
     /// and dropout `p` on `x` while training (as [`Op::Dropout`]; 0 for
     /// none). The host runs it as one graph node that keeps no
     /// activation-sized intermediate for the backward pass (the dropout
-    /// mask is redrawn and `x · aᵀ` recomputed there), where the same
+    /// mask is kept as bits and `x · aᵀ` recomputed there), where the same
     /// maths in single ops keeps four. Differentiable in all four
     /// tensors. Added in 1.3.
     LowRankUpdate { base: TensorId, x: TensorId, a: TensorId, b: TensorId, scale: f64, dropout: f64 },

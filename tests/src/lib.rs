@@ -300,11 +300,18 @@ pub mod cli {
     }
 
     /// Writes `contents` to `name` in this test process's scratch folder.
+    /// Tests running at once may write the same file: each writes its own
+    /// temporary file and renames it into place, so a reader never sees a
+    /// half-written (or just truncated) file.
     pub fn scratch(name: &str, contents: &str) -> PathBuf {
+        static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!("oxtune-cli-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
-        std::fs::write(&path, contents).unwrap();
+        let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let partial = dir.join(format!(".{name}.{write}.partial"));
+        std::fs::write(&partial, contents).unwrap();
+        std::fs::rename(&partial, &path).unwrap();
         path
     }
 

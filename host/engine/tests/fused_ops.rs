@@ -136,7 +136,7 @@ fn the_fused_low_rank_update_equals_single_ops_in_values_and_all_four_gradients(
 }
 
 #[test]
-fn fused_dropout_equals_the_mask_product_and_redraws_the_mask_for_the_gradient() {
+fn fused_dropout_equals_the_mask_product_and_its_gradient() {
     use oxtune_engine::backend::fused::{dropout, DropoutMask};
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 50_000), &dev).unwrap()).unwrap();

@@ -2,9 +2,9 @@
 //! activation-sized tensors alive until the backward pass: dropout (its
 //! mask and its output) and a LoRA layer's low-rank update (the
 //! dropped-out input, `x·Aᵀ·Bᵀ`, its scaled copy and the sum). Each runs
-//! as one graph node that keeps only its inputs: the dropout mask is
-//! redrawn from its seed in the backward pass, and the rank-sized `x·Aᵀ`
-//! recomputed.
+//! as one graph node that keeps only its inputs and its dropout mask as
+//! bits (1/32 of an f32 mask), and recomputes the rank-sized `x·Aᵀ` in the
+//! backward pass.
 //!
 //! Both compute their output with plain tensor ops on detached inputs and
 //! hand it to the graph through a custom op (as a checkpointed block
@@ -20,13 +20,13 @@ use rayon::prelude::*;
 
 use crate::rng::SplitMix64;
 
-/// Mask values one task draws.
-const MASK_CHUNK: usize = 1 << 14;
+/// Mask words (64 elements each) one task draws or expands.
+const WORDS_PER_TASK: usize = 256;
 
 /// A dropout mask: element `i` is dropped with probability `p` when the
 /// `i`-th draw of [`SplitMix64`] seeded with `seed` falls below `p` (the
 /// draws are independent of each other, so the mask is drawn on every
-/// thread and redrawn identically in the backward pass).
+/// thread, the same whichever thread draws what).
 #[derive(Copy, Clone, Debug, PartialEq)]
 pub struct DropoutMask {
     /// The generator's seed.
@@ -39,12 +39,45 @@ impl DropoutMask {
     /// The mask as a tensor of `shape`: 0 where an element is dropped,
     /// `1 / (1 − p)` where it is kept.
     pub fn tensor(&self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
-        let keep = (1.0 / (1.0 - self.p)) as f32;
-        let mut values = vec![0f32; shape.elem_count()];
-        values.par_chunks_mut(MASK_CHUNK).enumerate().for_each(|(chunk, out)| {
+        self.draw(shape.elem_count()).tensor(shape, dtype, device)
+    }
+
+    /// The first `n` elements' fates, one bit each.
+    fn draw(&self, n: usize) -> DrawnMask {
+        let mut kept = vec![0u64; n.div_ceil(64)];
+        kept.par_chunks_mut(WORDS_PER_TASK).enumerate().for_each(|(task, words)| {
+            for (w, word) in words.iter_mut().enumerate() {
+                let first = (task * WORDS_PER_TASK + w) * 64;
+                for bit in 0..64.min(n.saturating_sub(first)) {
+                    let draw = SplitMix64::nth_uniform(self.seed, (first + bit) as u64);
+                    *word |= ((draw >= self.p) as u64) << bit;
+                }
+            }
+        });
+        DrawnMask { kept, scale: (1.0 / (1.0 - self.p)) as f32 }
+    }
+}
+
+/// A drawn dropout mask, a bit per element (1: kept): what a graph node
+/// keeps for its backward pass instead of an activation-sized mask (1/32
+/// of an f32 mask), so the mask is drawn once per step.
+struct DrawnMask {
+    kept: Vec<u64>,
+    /// What a kept element is multiplied by, `1 / (1 − p)`.
+    scale: f32,
+}
+
+impl DrawnMask {
+    /// The mask as a tensor of `shape` (0 or the scale).
+    fn tensor(&self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let n = shape.elem_count();
+        let mut values = vec![0f32; n];
+        values.par_chunks_mut(WORDS_PER_TASK * 64).enumerate().for_each(|(task, out)| {
             for (j, v) in out.iter_mut().enumerate() {
-                let draw = SplitMix64::nth_uniform(self.seed, (chunk * MASK_CHUNK + j) as u64);
-                *v = if draw < self.p { 0.0 } else { keep };
+                let i = task * WORDS_PER_TASK * 64 + j;
+                if self.kept[i / 64] >> (i % 64) & 1 == 1 {
+                    *v = self.scale;
+                }
             }
         });
         Tensor::from_vec(values, shape, device)?.to_dtype(dtype)
@@ -59,6 +92,7 @@ impl DropoutMask {
 /// Dropout of `x` under `mask`, differentiable in `x`; the graph keeps no
 /// mask.
 pub fn dropout(x: &Tensor, mask: DropoutMask) -> Result<Tensor> {
+    let mask = mask.draw(x.elem_count());
     let value = mask.apply(&x.detach())?;
     if !x.track_op() {
         return Ok(value);
@@ -94,6 +128,7 @@ pub fn low_rank_update(
     let rows = x.elem_count() / inp.max(1);
     let shape = base.shape().clone();
     let (x2, base2) = (x.reshape((rows, inp))?, base.reshape((rows, out))?);
+    let mask = mask.map(|m| m.draw(x.elem_count()));
     let update = LowRank { r, inp, out, scale, mask };
     let value = update.value(&x2.detach(), &base2.detach(), &a.detach(), &b.detach())?;
     if ![&x2, &base2, a, b].iter().any(|t| t.track_op()) {
@@ -112,7 +147,7 @@ struct LowRank {
     inp: usize,
     out: usize,
     scale: f64,
-    mask: Option<DropoutMask>,
+    mask: Option<DrawnMask>,
 }
 
 impl LowRank {
@@ -171,7 +206,7 @@ macro_rules! handed_over {
 /// The graph node of [`dropout`].
 struct Dropout {
     output: HandOver,
-    mask: DropoutMask,
+    mask: DrawnMask,
 }
 
 impl CustomOp1 for Dropout {
