@@ -86,7 +86,9 @@ fn a_browser_chats_and_launches_a_run_whose_curve_updates() {
     let _ = std::fs::remove_file(&screenshot);
     let out = std::process::Command::new("node")
         .arg(driver.join("browser.mjs"))
-        .args(["--url", &server.url, "--model-dir", "model", "--dataset", "sft.jsonl", "--max-steps", "40"])
+        // 400 steps: the quick-start model trains 40 in under a second, and
+        // the page must see the curve grow between its 1-second polls.
+        .args(["--url", &server.url, "--model-dir", "model", "--dataset", "sft.jsonl", "--max-steps", "400"])
         .args(["--message", "What is two plus five?", "--timeout", "280"])
         .arg("--screenshot")
         .arg(&screenshot)
@@ -107,14 +109,14 @@ fn a_browser_chats_and_launches_a_run_whose_curve_updates() {
 
     // The form's command, the run, its live curve and checkpoints.
     let preview = seen["command_preview"].as_str().unwrap();
-    assert!(preview.starts_with("oxtune sft ") && preview.contains("--max-steps 40"), "{preview}");
+    assert!(preview.starts_with("oxtune sft ") && preview.contains("--max-steps 400"), "{preview}");
     assert_eq!(seen["run_status"], "finished");
-    assert_eq!(seen["loss_points_last"], 40);
+    assert_eq!(seen["loss_points_last"], 400);
     let counts: Vec<u64> = seen["loss_points_seen"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-    assert!(counts.len() >= 2 && counts[0] < 40, "the curve grew while the page watched: {counts:?}");
-    assert_eq!(seen["checkpoints"], json!(["checkpoint-20", "checkpoint-40"]));
+    assert!(counts.len() >= 2 && counts[0] < 400, "the curve grew while the page watched: {counts:?}");
+    assert_eq!(seen["checkpoints"], json!(["checkpoint-200", "checkpoint-400"]));
     let metrics = std::fs::read_to_string(dir.join("runs/ui-run/metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 40, "the run the page launched wrote its metrics in the workspace");
+    assert_eq!(metrics.lines().count(), 400, "the run the page launched wrote its metrics in the workspace");
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000, "a screenshot was written");
     let _ = std::fs::remove_dir_all(&dir);
 }
