@@ -85,13 +85,14 @@ impl AdamW {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Two buffers: the moments are updated in place.
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
                 let decay = var.rank() >= 2;
                 let master = match needs_master(var.dtype()) {
-                    true => Some(var.as_tensor().to_dtype(DType::F32)?),
+                    true => Some(var.as_tensor().to_dtype(DType::F32)?.contiguous()?),
                     false => None,
                 };
-                Ok(Slot { name, master, m: zeros.clone(), v: zeros, decay, var })
+                Ok(Slot { name, master, m: zeros()?, v: zeros()?, decay, var })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { config, slots, step: 0 })
@@ -104,7 +105,8 @@ impl AdamW {
 
     /// The moments, named `m.<parameter>` / `v.<parameter>`, and the f32
     /// master copies of narrow parameters, `master.<parameter>`, for a
-    /// checkpoint.
+    /// checkpoint: the live tensors (the next step updates them in place),
+    /// to be saved before it.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::with_capacity(self.slots.len() * 3);
         for s in &self.slots {
@@ -135,16 +137,17 @@ impl AdamW {
                     slot.m.dims()
                 );
             }
-            slot.m = m.to_dtype(DType::F32)?;
-            slot.v = v.to_dtype(DType::F32)?;
+            // Copies: the moments are updated in place.
+            slot.m = m.to_dtype(DType::F32)?.copy()?;
+            slot.v = v.to_dtype(DType::F32)?.copy()?;
             if slot.master.is_some() {
                 // A checkpoint of a narrow parameter keeps its master copy;
                 // the parameter is its rounding, as after a step. (One
                 // written before master copies existed has only the
                 // parameter, which then is the master.)
                 let master = match state.get(&format!("master.{}", slot.name)) {
-                    Some(master) => master.to_dtype(DType::F32)?,
-                    None => slot.var.as_tensor().to_dtype(DType::F32)?,
+                    Some(master) => master.to_dtype(DType::F32)?.copy()?,
+                    None => slot.var.as_tensor().to_dtype(DType::F32)?.copy()?,
                 };
                 slot.var.set(&master.to_dtype(slot.var.dtype())?)?;
                 slot.master = Some(master);
@@ -155,7 +158,9 @@ impl AdamW {
     }
 
     /// Applies one update with learning rate `lr` from `grads` (one per
-    /// parameter, in order; `None` leaves a parameter unchanged).
+    /// parameter, in order; `None` leaves a parameter unchanged). On the
+    /// CPU the update runs in place, three passes over each parameter and
+    /// no temporaries ([`in_place`]); elsewhere as tensor ops.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         self.step += 1;
         let c = &self.config;
@@ -163,6 +168,28 @@ impl AdamW {
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
             let Some(grad) = grad else { continue };
             let g = grad.to_dtype(DType::F32)?;
+            if g.device().is_cpu() {
+                let decay = if slot.decay { c.weight_decay } else { 0.0 };
+                let update = in_place::Update { lr, decay, bias1, bias2, eps: c.eps };
+                let g = g.contiguous()?;
+                slot.m.inplace_op2(&g, &in_place::Moment { beta: c.beta1, squared: false })?;
+                slot.v.inplace_op2(&g, &in_place::Moment { beta: c.beta2, squared: true })?;
+                match &slot.master {
+                    Some(master) => {
+                        master.inplace_op3(&slot.m, &slot.v, &update)?;
+                        slot.var.set(&master.to_dtype(slot.var.dtype())?)?;
+                    }
+                    None if slot.var.dtype() == DType::F32 && slot.var.is_contiguous() => {
+                        slot.var.as_tensor().inplace_op3(&slot.m, &slot.v, &update)?;
+                    }
+                    None => {
+                        let param = slot.var.as_tensor().to_dtype(DType::F32)?.contiguous()?;
+                        param.inplace_op3(&slot.m, &slot.v, &update)?;
+                        slot.var.set(&param.to_dtype(slot.var.dtype())?)?;
+                    }
+                }
+                continue;
+            }
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&slot.m / bias1)? / ((&slot.v / bias2)?.sqrt()? + c.eps)?)?;
@@ -179,6 +206,100 @@ impl AdamW {
             }
         }
         Ok(())
+    }
+}
+
+/// AdamW's passes on CPU f32 tensors, in place: the moments, then the
+/// parameter (the same arithmetic, in f64 scalars and f32 values, as the
+/// tensor-op path).
+mod in_place {
+    use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
+    use rayon::prelude::*;
+
+    /// Values one task updates.
+    const CHUNK: usize = 1 << 14;
+
+    /// The contiguous f32 values of a storage.
+    fn values<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+        let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+            bail!("{op}: contiguous f32 tensors only")
+        };
+        Ok(&v[a..b])
+    }
+
+    /// The contiguous f32 values of a storage, to update.
+    fn values_mut<'a>(op: &str, s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+        let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+            bail!("{op}: contiguous f32 tensors only")
+        };
+        Ok(&mut v[a..b])
+    }
+
+    /// `m ← β·m + (1 − β)·g`, or with `g²` for the second moment.
+    pub(super) struct Moment {
+        pub beta: f64,
+        pub squared: bool,
+    }
+
+    impl InplaceOp2 for Moment {
+        fn name(&self) -> &'static str {
+            "adamw-moment"
+        }
+
+        fn cpu_fwd(&self, m: &mut CpuStorage, ml: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+            let (m, g) = (values_mut(self.name(), m, ml)?, values(self.name(), g, gl)?);
+            if m.len() != g.len() {
+                bail!("adamw-moment: {} moments for {} gradients", m.len(), g.len());
+            }
+            let (keep, take) = (self.beta as f32, (1.0 - self.beta) as f32);
+            m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    let g = if self.squared { g * g } else { g };
+                    *m = *m * keep + g * take;
+                }
+            });
+            Ok(())
+        }
+    }
+
+    /// `p ← p·(1 − lr·decay) − lr · (m / bias1) / (√(v / bias2) + eps)`.
+    pub(super) struct Update {
+        pub lr: f64,
+        pub decay: f64,
+        pub bias1: f64,
+        pub bias2: f64,
+        pub eps: f64,
+    }
+
+    impl InplaceOp3 for Update {
+        fn name(&self) -> &'static str {
+            "adamw-update"
+        }
+
+        fn cpu_fwd(
+            &self,
+            p: &mut CpuStorage,
+            pl: &Layout,
+            m: &CpuStorage,
+            ml: &Layout,
+            v: &CpuStorage,
+            vl: &Layout,
+        ) -> Result<()> {
+            let p = values_mut(self.name(), p, pl)?;
+            let (m, v) = (values(self.name(), m, ml)?, values(self.name(), v, vl)?);
+            if p.len() != m.len() || p.len() != v.len() {
+                bail!("adamw-update: {} values, {} and {} moments", p.len(), m.len(), v.len());
+            }
+            let kept = (1.0 - self.lr * self.decay) as f32;
+            let (lr, bias1, bias2, eps) = (self.lr as f32, self.bias1 as f32, self.bias2 as f32, self.eps as f32);
+            p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(p, (m, v))| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    let update = (m / bias1) / ((v / bias2).sqrt() + eps);
+                    *p = *p * kept - update * lr;
+                }
+            });
+            Ok(())
+        }
     }
 }
 
@@ -262,5 +383,46 @@ mod tests {
         let opt = AdamW::new(vec![("w".to_owned(), var)], AdamWConfig::default()).unwrap();
         let names: Vec<String> = opt.state().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, vec!["m.w".to_owned(), "v.w".to_owned()]);
+    }
+
+    #[test]
+    fn three_steps_with_weight_decay_follow_adamw_computed_in_f64() {
+        let (w0, b0) = ([[0.5f32, -1.5, 2.0], [0.25, 1.0, -0.75]], [0.1f32, -0.2]);
+        let w = Var::from_tensor(&Tensor::new(&w0, &Device::Cpu).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&b0, &Device::Cpu).unwrap()).unwrap();
+        let config = AdamWConfig { weight_decay: 0.05, ..Default::default() };
+        let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], config.clone()).unwrap();
+        let grads: Vec<(Vec<f32>, Vec<f32>)> = vec![
+            (vec![0.3, -0.2, 0.0, 4.0, -1.0, 0.5], vec![1.0, -0.5]),
+            (vec![-0.1, 0.4, 2.0, -3.0, 0.2, 0.0], vec![0.25, 0.75]),
+            (vec![0.05, -0.05, 1.0, 1.0, -2.0, 0.3], vec![-1.0, 0.1]),
+        ];
+        let lrs = [0.1, 0.05, 0.02];
+        // The reference: AdamW (decoupled decay on the matrix only) in f64.
+        let reference = |start: Vec<f64>, gs: Vec<Vec<f64>>, decay: f64| {
+            let (mut p, mut m, mut v) = (start, vec![0.0; gs[0].len()], vec![0.0; gs[0].len()]);
+            for (t, (g, lr)) in gs.iter().zip(lrs).enumerate() {
+                let (b1, b2) = (1.0 - 0.9f64.powi(t as i32 + 1), 1.0 - 0.999f64.powi(t as i32 + 1));
+                for i in 0..p.len() {
+                    m[i] = 0.9 * m[i] + 0.1 * g[i];
+                    v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
+                    p[i] = p[i] * (1.0 - lr * decay) - lr * (m[i] / b1) / ((v[i] / b2).sqrt() + 1e-8);
+                }
+            }
+            p
+        };
+        for ((gw, gb), lr) in grads.iter().zip(lrs) {
+            let gw = Tensor::from_vec(gw.clone(), (2, 3), &Device::Cpu).unwrap();
+            let gb = Tensor::from_vec(gb.clone(), 2, &Device::Cpu).unwrap();
+            opt.step(&[Some(gw), Some(gb)], lr).unwrap();
+        }
+        let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let want_w = reference(f64s(w0.as_flattened()), grads.iter().map(|g| f64s(&g.0)).collect(), 0.05);
+        let want_b = reference(f64s(&b0), grads.iter().map(|g| f64s(&g.1)).collect(), 0.0);
+        let got_w = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got_b = b.as_tensor().to_vec1::<f32>().unwrap();
+        for (got, want) in got_w.iter().zip(&want_w).chain(got_b.iter().zip(&want_b)) {
+            assert!((*got as f64 - want).abs() < 1e-6, "{got_w:?} {got_b:?} vs {want_w:?} {want_b:?}");
+        }
     }
 }
