@@ -20,11 +20,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Shape, Tensor, Var};
 use oxtune_plugin_api::abi::{Op, TensorId};
 
+use super::fused::{handed_over, HandOver};
 use super::session::{ForwardContext, GraphSession, OpError, TunerBinding};
 use super::{BatchInfo, WeightStore};
 
@@ -153,32 +153,9 @@ impl Replay {
 /// output's values out; the backward pass recomputes it.
 pub(crate) struct Block {
     /// The output's values, taken by the forward pass.
-    pub value: Mutex<Option<Tensor>>,
+    pub output: HandOver,
     pub replay: Replay,
     pub grads: Arc<BlockGradients>,
-}
-
-impl Block {
-    /// The output's values as a fresh contiguous tensor (taken: the
-    /// forward pass runs once).
-    fn take_output(&self) -> candle_core::Result<Tensor> {
-        match self.value.lock().expect("not poisoned").take() {
-            Some(value) => value.copy(),
-            None => candle_core::bail!("checkpointed-block: the forward pass ran twice"),
-        }
-    }
-}
-
-/// The backend storage of the tensor `$value` on the `$variant` device.
-macro_rules! output_storage {
-    ($value:expr, $variant:ident) => {{
-        let value = $value;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::$variant(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
-            _ => candle_core::bail!("checkpointed-block: the output is on another device than the input"),
-        }
-    }};
 }
 
 impl CustomOp2 for Block {
@@ -193,7 +170,7 @@ impl CustomOp2 for Block {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        output_storage!(self.take_output()?, Cpu)
+        handed_over!(self, Cpu)
     }
 
     fn cuda_fwd(
@@ -203,7 +180,7 @@ impl CustomOp2 for Block {
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        output_storage!(self.take_output()?, Cuda)
+        handed_over!(self, Cuda)
     }
 
     fn metal_fwd(
@@ -213,7 +190,7 @@ impl CustomOp2 for Block {
         _: &MetalStorage,
         _: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        output_storage!(self.take_output()?, Metal)
+        handed_over!(self, Metal)
     }
 
     fn bwd(

@@ -12,9 +12,8 @@
 
 use std::sync::Mutex;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Device, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Device, Layout, MetalStorage, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 
@@ -173,17 +172,20 @@ impl LowRank {
     }
 }
 
-/// An output computed before it enters the graph, handed over once.
-struct HandOver(Mutex<Option<Tensor>>);
+/// An output computed before it enters the graph, handed over once (to a
+/// custom op's forward pass, which must return an owned storage): the
+/// fused ops here and a checkpointed block.
+pub(crate) struct HandOver(Mutex<Option<Tensor>>);
 
 impl HandOver {
-    fn new(value: Tensor) -> HandOver {
+    /// Holds `value` until the graph takes it.
+    pub(crate) fn new(value: Tensor) -> HandOver {
         HandOver(Mutex::new(Some(value)))
     }
 
     /// The value, contiguous (its storage is then cloned once, into the
     /// graph's output).
-    fn take(&self, op: &str) -> Result<Tensor> {
+    pub(crate) fn take(&self, op: &str) -> Result<Tensor> {
         match self.0.lock().expect("not poisoned").take() {
             Some(value) => value.contiguous(),
             None => candle_core::bail!("{op}: the forward pass ran twice"),
@@ -191,17 +193,21 @@ impl HandOver {
     }
 }
 
-/// The storage of the handed-over value of `$node`, on the `$variant` device.
+/// The storage of the value `$node.output` ([`HandOver`]) holds, on the
+/// `$variant` device, for a custom op's forward pass.
 macro_rules! handed_over {
     ($node:expr, $variant:ident) => {{
         let value = $node.output.take($node.name())?;
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
-            Storage::$variant(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
+            candle_core::Storage::$variant(s) => {
+                Ok((candle_core::backend::BackendStorage::try_clone(s, layout)?, value.shape().clone()))
+            }
             _ => candle_core::bail!("{}: the output is on another device than the input", $node.name()),
         }
     }};
 }
+pub(crate) use handed_over;
 
 /// The graph node of [`dropout`].
 struct Dropout {

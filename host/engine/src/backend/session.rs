@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RResult, RStr, RString, RVec};
@@ -17,6 +17,7 @@ use oxtune_plugin_api::abi::{self, GraphHost, GraphHost_TO, GraphRef, NamedTenso
 
 use super::batch::{build_mask, key_mask, BatchInfo, KvCache, MaskShape, MaskSpec};
 use super::checkpoint::{Block, Checkpointing, Recording, Replay};
+use super::fused::HandOver;
 use super::ops;
 use super::weights::WeightStore;
 use crate::quant::QuantizedWeight;
@@ -552,7 +553,7 @@ impl<'a> GraphSession<'a> {
                     self.block_anchor.insert(var.as_tensor().clone()).clone()
                 }
             };
-            let block = Block { value: Mutex::new(Some(output.detach())), replay, grads: checkpointing.grads };
+            let block = Block { output: HandOver::new(output.detach()), replay, grads: checkpointing.grads };
             recording.outer_input.apply_op2(&anchor, block).map_err(candle)?
         };
         Ok(self.insert(result))
