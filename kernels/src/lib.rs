@@ -62,6 +62,26 @@ pub fn matvec(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 struct MatVec;
 
+/// `Some(f(a, b, args..))` stored in the dtype of `a` and `b` when both
+/// hold bf16 or both f16 (a [`narrow`] product), `None` for other dtypes.
+macro_rules! narrow_product {
+    ($op:expr, ($a:expr, $al:expr), ($b:expr, $bl:expr), $f:path, $($arg:expr),*) => {
+        match ($a, $b) {
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => Some(CpuStorage::BF16($f(
+                float::data::<half::bf16>($op, $a, $al)?,
+                float::data($op, $b, $bl)?,
+                $($arg),*
+            ))),
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => Some(CpuStorage::F16($f(
+                float::data::<half::f16>($op, $a, $al)?,
+                float::data($op, $b, $bl)?,
+                $($arg),*
+            ))),
+            _ => None,
+        }
+    };
+}
+
 /// `x · Wᵀ` for `x` `[rows, in]` and a frozen `W` `[out, in]` (same float
 /// dtype), differentiable in `x` only.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -81,18 +101,11 @@ impl CustomOp2 for FrozenLinear {
         if inp != w_in {
             bail!("frozen-linear: input has {inp} features, the weight {w_in}");
         }
-        let shape = Shape::from((rows, out));
-        let op = "frozen-linear";
-        let y = match (x, w) {
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-                CpuStorage::BF16(narrow::forward(float::data(op, x, xl)?, float::data(op, w, wl)?, rows, inp, out))
-            }
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => {
-                CpuStorage::F16(narrow::forward(float::data(op, x, xl)?, float::data(op, w, wl)?, rows, inp, out))
-            }
-            _ => x.matmul(w, (1, rows, out, inp), xl, &wl.transpose(0, 1)?)?,
+        let y = match narrow_product!("frozen-linear", (x, xl), (w, wl), narrow::forward, rows, inp, out) {
+            Some(y) => y,
+            None => x.matmul(w, (1, rows, out, inp), xl, &wl.transpose(0, 1)?)?,
         };
-        Ok((y, shape))
+        Ok((y, Shape::from((rows, out))))
     }
 
     fn bwd(&self, _x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -120,15 +133,9 @@ impl CustomOp2 for FrozenLinearInputGrad {
         if out != w_out {
             bail!("frozen-linear: the gradient has {out} features, the weight {w_out} rows");
         }
-        let op = "frozen-linear";
-        let dx = match (g, w) {
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-                CpuStorage::BF16(narrow::input_grad(float::data(op, g, gl)?, float::data(op, w, wl)?, rows, out, inp))
-            }
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => {
-                CpuStorage::F16(narrow::input_grad(float::data(op, g, gl)?, float::data(op, w, wl)?, rows, out, inp))
-            }
-            _ => bail!("frozen-linear: the narrow gradient path takes bf16 or f16 tensors of one dtype"),
+        let dx = narrow_product!("frozen-linear", (g, gl), (w, wl), narrow::input_grad, rows, out, inp);
+        let Some(dx) = dx else {
+            bail!("frozen-linear: the narrow gradient path takes bf16 or f16 tensors of one dtype")
         };
         Ok((dx, Shape::from((rows, inp))))
     }

@@ -1,10 +1,17 @@
-//! How much memory this process has used, for metrics and benchmarks.
+//! How much memory this process has used (for metrics and benchmarks),
+//! and how much more it can take (to refuse a training shape up front).
 
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    proc_bytes("/proc/self/status", "VmHWM:")
+}
+
+/// The `KEY: N kB` line of a `/proc` file (`/proc/meminfo`,
+/// `/proc/self/status`), in bytes.
+fn proc_bytes(file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let kib: u64 = text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// How much more memory this process can take, and what sets that limit.
@@ -23,19 +30,12 @@ pub struct MemoryBudget {
 /// (`ulimit -v`) less what the process has mapped. `None` when none is
 /// known (another OS).
 pub fn budget() -> Option<MemoryBudget> {
-    let machine = meminfo_kib("MemAvailable:")
-        .map(|kib| MemoryBudget { bytes: kib * 1024, limit: "the machine's available memory (MemAvailable)" });
-    let cgroup =
-        cgroup_room().map(|bytes| MemoryBudget { bytes, limit: "the container's memory limit (cgroup memory.max)" });
+    let machine = proc_bytes("/proc/meminfo", "MemAvailable:")
+        .map(|bytes| MemoryBudget { bytes, limit: "the machine's available memory (MemAvailable)" });
+    let cgroup = cgroup_room().map(|bytes| MemoryBudget { bytes, limit: "the container's memory limit (cgroup)" });
     let address_space =
         address_space_room().map(|bytes| MemoryBudget { bytes, limit: "the address-space limit (ulimit -v)" });
     [machine, cgroup, address_space].into_iter().flatten().min_by_key(|b| b.bytes)
-}
-
-/// A `KEY: N kB` line of `/proc/meminfo`, in KiB.
-fn meminfo_kib(key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The memory limit of this process's cgroup less its use: cgroup v2's
@@ -71,9 +71,7 @@ fn address_space_room() -> Option<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
         return None;
     }
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let mapped_kib: u64 = status.lines().find(|l| l.starts_with("VmSize:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some((limit.rlim_cur as u64).saturating_sub(mapped_kib * 1024))
+    Some((limit.rlim_cur as u64).saturating_sub(proc_bytes("/proc/self/status", "VmSize:")?))
 }
 
 /// No address-space limit is read off other systems.

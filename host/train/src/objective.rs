@@ -281,7 +281,7 @@ impl Objective for PaddingFreeSftObjective {
     }
 
     fn forward_tokens(&self, item: &EncodedRow) -> usize {
-        item.input_ids.len()
+        SftObjective.forward_tokens(item)
     }
 
     fn loss(

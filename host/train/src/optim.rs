@@ -168,42 +168,60 @@ impl AdamW {
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
             let Some(grad) = grad else { continue };
             let g = grad.to_dtype(DType::F32)?;
-            if g.device().is_cpu() {
-                let decay = if slot.decay { c.weight_decay } else { 0.0 };
-                let update = in_place::Update { lr, decay, bias1, bias2, eps: c.eps };
-                let g = g.contiguous()?;
-                slot.m.inplace_op2(&g, &in_place::Moment { beta: c.beta1, squared: false })?;
-                slot.v.inplace_op2(&g, &in_place::Moment { beta: c.beta2, squared: true })?;
-                match &slot.master {
-                    Some(master) => {
-                        master.inplace_op3(&slot.m, &slot.v, &update)?;
-                        slot.var.set(&master.to_dtype(slot.var.dtype())?)?;
-                    }
-                    None if slot.var.dtype() == DType::F32 && slot.var.is_contiguous() => {
-                        slot.var.as_tensor().inplace_op3(&slot.m, &slot.v, &update)?;
-                    }
-                    None => {
-                        let param = slot.var.as_tensor().to_dtype(DType::F32)?.contiguous()?;
-                        param.inplace_op3(&slot.m, &slot.v, &update)?;
-                        slot.var.set(&param.to_dtype(slot.var.dtype())?)?;
-                    }
-                }
-                continue;
+            let decay = if slot.decay { c.weight_decay } else { 0.0 };
+            let update = in_place::Update { lr, decay, bias1, bias2, eps: c.eps };
+            match slot.in_place_target() {
+                Some(target) if g.device().is_cpu() => slot.update_in_place(&target, &g.contiguous()?, c, &update)?,
+                _ => slot.update_with_tensor_ops(&g, c, &update)?,
             }
-            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&slot.m / bias1)? / ((&slot.v / bias2)?.sqrt()? + c.eps)?)?;
-            let param = match &slot.master {
-                Some(master) => master.clone(),
-                None => slot.var.as_tensor().to_dtype(DType::F32)?,
-            };
-            let decayed =
-                if slot.decay && c.weight_decay > 0.0 { (&param * (1.0 - lr * c.weight_decay))? } else { param };
-            let next = (decayed - (update * lr)?)?;
-            slot.var.set(&next.to_dtype(slot.var.dtype())?)?;
-            if slot.master.is_some() {
-                slot.master = Some(next);
-            }
+        }
+        Ok(())
+    }
+}
+
+impl Slot {
+    /// The f32 tensor an in-place update writes: the master copy, or the
+    /// parameter itself when it is contiguous f32.
+    fn in_place_target(&self) -> Option<Tensor> {
+        match &self.master {
+            Some(master) => Some(master.clone()),
+            None => (self.var.dtype() == DType::F32 && self.var.is_contiguous()).then(|| self.var.as_tensor().clone()),
+        }
+    }
+
+    /// One update on the CPU, in place on `target` (see
+    /// [`in_place_target`](Self::in_place_target)): three passes and no
+    /// temporaries.
+    fn update_in_place(
+        &mut self,
+        target: &Tensor,
+        g: &Tensor,
+        c: &AdamWConfig,
+        update: &in_place::Update,
+    ) -> Result<()> {
+        self.m.inplace_op2(g, &in_place::Moment { beta: c.beta1, squared: false })?;
+        self.v.inplace_op2(g, &in_place::Moment { beta: c.beta2, squared: true })?;
+        target.inplace_op3(&self.m, &self.v, update)?;
+        if self.master.is_some() {
+            self.var.set(&target.to_dtype(self.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// One update as tensor ops, on any device (the same arithmetic).
+    fn update_with_tensor_ops(&mut self, g: &Tensor, c: &AdamWConfig, u: &in_place::Update) -> Result<()> {
+        self.m = ((&self.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+        self.v = ((&self.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+        let step = ((&self.m / u.bias1)? / ((&self.v / u.bias2)?.sqrt()? + u.eps)?)?;
+        let param = match &self.master {
+            Some(master) => master.clone(),
+            None => self.var.as_tensor().to_dtype(DType::F32)?,
+        };
+        let decayed = if u.decay > 0.0 { (&param * (1.0 - u.lr * u.decay))? } else { param };
+        let next = (decayed - (step * u.lr)?)?;
+        self.var.set(&next.to_dtype(self.var.dtype())?)?;
+        if self.master.is_some() {
+            self.master = Some(next);
         }
         Ok(())
     }
@@ -262,7 +280,8 @@ mod in_place {
         }
     }
 
-    /// `p ← p·(1 − lr·decay) − lr · (m / bias1) / (√(v / bias2) + eps)`.
+    /// `p ← p·(1 − lr·decay) − lr · (m / bias1) / (√(v / bias2) + eps)`
+    /// (its settings are the tensor-op path's too).
     pub(super) struct Update {
         pub lr: f64,
         pub decay: f64,
@@ -424,5 +443,27 @@ mod tests {
         for (got, want) in got_w.iter().zip(&want_w).chain(got_b.iter().zip(&want_b)) {
             assert!((*got as f64 - want).abs() < 1e-6, "{got_w:?} {got_b:?} vs {want_w:?} {want_b:?}");
         }
+    }
+
+    #[test]
+    fn the_in_place_update_equals_the_tensor_op_update_other_devices_run() {
+        let var = || Var::from_tensor(&Tensor::new(&[[0.5f32, -1.5], [2.0, 0.25]], &Device::Cpu).unwrap()).unwrap();
+        let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
+        let (fast, slow) = (var(), var());
+        let mut a = AdamW::new(vec![("w".into(), fast.clone())], config.clone()).unwrap();
+        let mut b = AdamW::new(vec![("w".into(), slow.clone())], config.clone()).unwrap();
+        for (t, lr) in [0.1, 0.05, 0.02].into_iter().enumerate() {
+            let g = Tensor::new(&[[0.3f32, -0.2 * t as f32], [1.0, -4.0]], &Device::Cpu).unwrap();
+            a.step(&[Some(g.clone())], lr).unwrap();
+            // The same step through the tensor-op path.
+            b.step += 1;
+            let (bias1, bias2) = (1.0 - 0.9f64.powi(b.step as i32), 1.0 - 0.999f64.powi(b.step as i32));
+            let update = in_place::Update { lr, decay: 0.1, bias1, bias2, eps: config.eps };
+            b.slots[0].update_with_tensor_ops(&g, &config, &update).unwrap();
+        }
+        let (x, y) = (fast.as_tensor().flatten_all().unwrap(), slow.as_tensor().flatten_all().unwrap());
+        let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "the two paths differ by {diff}");
+        assert_ne!(fast.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], 0.5, "the parameter moved");
     }
 }

@@ -21,10 +21,10 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Shape, Tensor, Var};
+use candle_core::{CustomOp2, Tensor, Var};
 use oxtune_plugin_api::abi::{Op, TensorId};
 
-use super::fused::{handed_over, HandOver};
+use super::hand_over::{hand_over_forwards, HandOver};
 use super::session::{ForwardContext, GraphSession, OpError, TunerBinding};
 use super::{BatchInfo, WeightStore};
 
@@ -163,35 +163,7 @@ impl CustomOp2 for Block {
         "checkpointed-block"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        handed_over!(self, Cpu)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        handed_over!(self, Cuda)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        handed_over!(self, Metal)
-    }
+    hand_over_forwards!(2);
 
     fn bwd(
         &self,

@@ -10,13 +10,10 @@
 //! hand it to the graph through a custom op (as a checkpointed block
 //! does), so they run on any candle device.
 
-use std::sync::Mutex;
-
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Device, Layout, MetalStorage, Result, Shape, Tensor,
-};
+use candle_core::{CustomOp1, CustomOp3, DType, Device, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::hand_over::{hand_over_forwards, HandOver};
 use crate::rng::SplitMix64;
 
 /// Mask words (64 elements each) one task draws or expands.
@@ -88,8 +85,8 @@ impl DrawnMask {
     }
 }
 
-/// Dropout of `x` under `mask`, differentiable in `x`; the graph keeps no
-/// mask.
+/// Dropout of `x` under `mask`, differentiable in `x`; the graph keeps the
+/// mask as bits.
 pub fn dropout(x: &Tensor, mask: DropoutMask) -> Result<Tensor> {
     let mask = mask.draw(x.elem_count());
     let value = mask.apply(&x.detach())?;
@@ -172,43 +169,6 @@ impl LowRank {
     }
 }
 
-/// An output computed before it enters the graph, handed over once (to a
-/// custom op's forward pass, which must return an owned storage): the
-/// fused ops here and a checkpointed block.
-pub(crate) struct HandOver(Mutex<Option<Tensor>>);
-
-impl HandOver {
-    /// Holds `value` until the graph takes it.
-    pub(crate) fn new(value: Tensor) -> HandOver {
-        HandOver(Mutex::new(Some(value)))
-    }
-
-    /// The value, contiguous (its storage is then cloned once, into the
-    /// graph's output).
-    pub(crate) fn take(&self, op: &str) -> Result<Tensor> {
-        match self.0.lock().expect("not poisoned").take() {
-            Some(value) => value.contiguous(),
-            None => candle_core::bail!("{op}: the forward pass ran twice"),
-        }
-    }
-}
-
-/// The storage of the value `$node.output` ([`HandOver`]) holds, on the
-/// `$variant` device, for a custom op's forward pass.
-macro_rules! handed_over {
-    ($node:expr, $variant:ident) => {{
-        let value = $node.output.take($node.name())?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::$variant(s) => {
-                Ok((candle_core::backend::BackendStorage::try_clone(s, layout)?, value.shape().clone()))
-            }
-            _ => candle_core::bail!("{}: the output is on another device than the input", $node.name()),
-        }
-    }};
-}
-pub(crate) use handed_over;
-
 /// The graph node of [`dropout`].
 struct Dropout {
     output: HandOver,
@@ -220,17 +180,7 @@ impl CustomOp1 for Dropout {
         "dropout"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        handed_over!(self, Cpu)
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        handed_over!(self, Cuda)
-    }
-
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        handed_over!(self, Metal)
-    }
+    hand_over_forwards!(1);
 
     fn bwd(&self, _x: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.mask.apply(grad)?))
@@ -248,41 +198,7 @@ impl CustomOp3 for LowRankNode {
         "low-rank-update"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        handed_over!(self, Cpu)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        handed_over!(self, Cuda)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        handed_over!(self, Metal)
-    }
+    hand_over_forwards!(3);
 
     fn bwd(
         &self,

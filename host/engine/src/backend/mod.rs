@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod fused;
+mod hand_over;
 pub mod ops;
 pub mod session;
 pub mod weights;

@@ -17,7 +17,7 @@ use oxtune_plugin_api::abi::{self, GraphHost, GraphHost_TO, GraphRef, NamedTenso
 
 use super::batch::{build_mask, key_mask, BatchInfo, KvCache, MaskShape, MaskSpec};
 use super::checkpoint::{Block, Checkpointing, Recording, Replay};
-use super::fused::HandOver;
+use super::hand_over::HandOver;
 use super::ops;
 use super::weights::WeightStore;
 use crate::quant::QuantizedWeight;

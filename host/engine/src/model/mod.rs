@@ -461,8 +461,14 @@ impl LoadedModel {
     /// model accepts. Checkpoints pad it past the tokenizer's vocabulary
     /// (Qwen: 151 936 rows for 151 665 tokens).
     pub fn vocab_size(&self) -> Option<usize> {
-        let read = |config: &serde_json::Value| config.get("vocab_size").and_then(serde_json::Value::as_u64);
-        read(&self.config).or_else(|| self.config.get("text_config").and_then(read)).map(|v| v as usize)
+        self.text_config_u64("vocab_size").map(|v| v as usize)
+    }
+
+    /// The integer `key` of `config.json`, or of its `text_config` (a
+    /// vision-language model's language half).
+    fn text_config_u64(&self, key: &str) -> Option<u64> {
+        let read = |config: &serde_json::Value| config.get(key).and_then(serde_json::Value::as_u64);
+        read(&self.config).or_else(|| self.config.get("text_config").and_then(read))
     }
 
     /// A lower bound on the memory a training forward pass keeps for the
@@ -476,13 +482,10 @@ impl LoadedModel {
     /// them. Measured on SmolLM2-135M in f32 (LoRA r 8 on q/v, no dropout,
     /// peak memory of 1024 against 2048 tokens): 1.99 MB per token without
     /// checkpointing, where this gives 1.89 MB; 0.26 MB with it, where this
-    /// gives 0.24 MB. A tuner adds its own (LoRA on every linear layer with
-    /// dropout doubled it), so this never refuses a shape that fits.
+    /// gives 0.24 MB. A tuner's own share comes on top, so the estimate
+    /// errs towards letting a shape run.
     pub fn activation_bytes_per_token(&self) -> Option<u64> {
-        let read = |key: &str| {
-            let get = |config: &serde_json::Value| config.get(key).and_then(serde_json::Value::as_u64);
-            get(&self.config).or_else(|| self.config.get("text_config").and_then(get))
-        };
+        let read = |key: &str| self.text_config_u64(key);
         let (hidden, intermediate, layers) =
             (read("hidden_size")?, read("intermediate_size")?, read("num_hidden_layers")?);
         let bytes = self.dtype.size_in_bytes() as u64;
