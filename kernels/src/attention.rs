@@ -70,6 +70,23 @@ impl KeyMask {
         true
     }
 
+    /// The same rules without the per-key ones that hide nothing: padding
+    /// that pads no key, and segments that put every query and key of each
+    /// row in one segment (a batch without padding passes an all-ones
+    /// mask; checking it key by key was 5% of a training step).
+    fn without_trivial_rules(&self, queries: usize, keys: usize) -> KeyMask {
+        let pads = self.padding.as_ref().is_some_and(|p| p.iter().any(|row| row.iter().any(|&seen| !seen)));
+        let splits = self
+            .segments
+            .as_ref()
+            .is_some_and(|s| s.iter().any(|row| row.len() < queries.max(keys) || row.iter().any(|&id| id != row[0])));
+        KeyMask {
+            padding: if pads { self.padding.clone() } else { None },
+            segments: if splits { self.segments.clone() } else { None },
+            ..self.clone()
+        }
+    }
+
     /// For each query of batch row `row`: `None` when its rules leave it
     /// some key, else the one key it falls back to (its own position).
     fn fallbacks(&self, row: usize, queries: usize, keys: usize) -> Vec<Option<usize>> {
@@ -102,9 +119,10 @@ pub fn flash_attention(
     if keys == 0 {
         bail!("flash-attention: no keys")
     }
+    let mask = mask.without_trivial_rules(queries, keys);
     // Which rows see no key: found once, read by the forward and backward passes.
     let fallbacks = (0..batch).map(|b| mask.fallbacks(b, queries, keys)).collect();
-    let op = FlashAttention { mask: mask.clone(), scale, softcap, fallbacks };
+    let op = FlashAttention { mask, scale, softcap, fallbacks };
     // Keys and values are read in place when each head's rows are
     // contiguous (a KV cache's preallocated buffer narrowed to its length).
     let rows = |t: &Tensor| if head_stride(t.layout()).is_some() { Ok(t.clone()) } else { t.contiguous() };
@@ -210,27 +228,36 @@ fn scores<T: Real>(
         matmul(Threads::One, (rows, cols, d), s.as_mut_ptr(), cols, false, q.as_ptr(), (d, 1), k.as_ptr(), (1, d));
     }
     let scale = T::of(op.scale);
-    for r in 0..rows {
+    let fallbacks = &op.fallbacks[row];
+    // Padding and segments hide keys one by one; without them a row sees
+    // one run of keys.
+    let checked = op.mask.padding.is_some() || op.mask.segments.is_some();
+    for (r, line) in s[..rows * cols].chunks_exact_mut(cols).enumerate() {
         let i = i0 + r;
-        let pos = op.mask.offset + i;
-        let (lo, hi) = op.mask.range(pos, dims.keys);
-        for c in 0..cols {
-            let j = j0 + c;
-            let cell = &mut s[r * cols + c];
-            let visible = match op.fallbacks[row][i] {
-                Some(f) => j == f,
-                None => j >= lo && j < hi && op.mask.sees(row, i, j),
-            };
-            if !visible {
-                *cell = T::neg_infinity();
-                continue;
+        let (lo, hi) = match fallbacks[i] {
+            Some(f) => (f, f + 1),
+            None => op.mask.range(op.mask.offset + i, dims.keys),
+        };
+        let c_lo = lo.saturating_sub(j0).min(cols);
+        let c_hi = hi.saturating_sub(j0).min(cols).max(c_lo);
+        line[..c_lo].fill(T::neg_infinity());
+        line[c_hi..].fill(T::neg_infinity());
+        let span = &mut line[c_lo..c_hi];
+        for x in span.iter_mut() {
+            *x = *x * scale;
+        }
+        if checked && fallbacks[i].is_none() {
+            for (c, x) in span.iter_mut().enumerate() {
+                if !op.mask.sees(row, i, j0 + c_lo + c) {
+                    *x = T::neg_infinity();
+                }
             }
-            let mut x = *cell * scale;
-            if let Some(cap) = op.softcap {
-                let cap = T::of(cap);
-                x = cap * (x / cap).tanh();
+        }
+        if let Some(cap) = op.softcap {
+            let cap = T::of(cap);
+            for x in span.iter_mut().filter(|x| **x != T::neg_infinity()) {
+                *x = cap * (*x / cap).tanh();
             }
-            *cell = x;
         }
     }
 }
@@ -293,18 +320,14 @@ impl FlashAttention {
             scores(self, dims, b, (i0, rows), (j0, cols), q, &k[j0 * d..], tile);
             for r in 0..rows {
                 let line = &mut tile[r * cols..(r + 1) * cols];
-                let tile_max = line.iter().copied().fold(T::neg_infinity(), |a, x| if x > a { x } else { a });
+                let tile_max = T::max_of(line);
                 if tile_max == T::neg_infinity() {
                     line.fill(T::of(0.0));
                     continue;
                 }
                 let new_max = if tile_max > max[r] { tile_max } else { max[r] };
                 let rescale = (max[r] - new_max).exp();
-                let mut line_sum = T::of(0.0);
-                for x in line.iter_mut() {
-                    *x = (*x - new_max).exp();
-                    line_sum += *x;
-                }
+                let line_sum = T::exp_shifted_sum(line, new_max);
                 sum[r] = sum[r] * rescale + line_sum;
                 max[r] = new_max;
                 for a in &mut acc[r * d..(r + 1) * d] {
@@ -425,24 +448,24 @@ impl<T: Real> Backward<'_, T> {
             );
         }
         let scale = T::of(self.op.scale);
-        for r in 0..rows {
+        for (r, (p, ds)) in p.chunks_exact_mut(cols).zip(ds.chunks_exact_mut(cols)).enumerate() {
             let (lse, delta) = (self.lse[q_row + r], self.delta[q_row + r]);
-            for c in 0..cols {
-                let at = r * cols + c;
-                let s = p[at];
-                if s == T::neg_infinity() {
-                    p[at] = T::of(0.0);
-                    ds[at] = T::of(0.0);
-                    continue;
+            // The softcap's derivative reads the capped scores: scaled
+            // before the exponential overwrites them.
+            if let Some(cap) = self.op.softcap {
+                for (s, ds) in p.iter().zip(ds.iter_mut()) {
+                    let t = *s / T::of(cap);
+                    *ds = (*ds - delta) * (T::of(1.0) - t * t);
                 }
-                let prob = (s - lse).exp();
-                p[at] = prob;
-                let mut g = prob * (ds[at] - delta);
-                if let Some(cap) = self.op.softcap {
-                    let t = s / T::of(cap);
-                    g *= T::of(1.0) - t * t;
+            } else {
+                for ds in ds.iter_mut() {
+                    *ds = *ds - delta;
                 }
-                ds[at] = g * scale;
+            }
+            // Hidden keys (-inf) get probability 0, hence gradient 0.
+            T::exp_shifted_sum(p, lse);
+            for (p, ds) in p.iter().zip(ds.iter_mut()) {
+                *ds = if *p == T::of(0.0) { T::of(0.0) } else { *p * *ds * scale };
             }
         }
     }
@@ -603,6 +626,36 @@ impl CustomOp3 for FlashAttention {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Padding that pads nothing and one segment per row are dropped
+    /// (the output is bit for bit the rule-free one); a padded key or a
+    /// second segment keeps its rule.
+    #[test]
+    fn rules_that_hide_nothing_are_dropped() {
+        let (batch, heads, s, d) = (2, 2, 70, 8);
+        let q = Tensor::randn(0f32, 1., (batch, heads, s, d), &Device::Cpu).unwrap();
+        let k = Tensor::randn(0.5f32, 1., (batch, heads, s, d), &Device::Cpu).unwrap();
+        let v = Tensor::randn(-0.5f32, 1., (batch, heads, s, d), &Device::Cpu).unwrap();
+        let plain = KeyMask { causal: true, ..Default::default() };
+        let trivial = KeyMask {
+            padding: Some(vec![vec![true; s]; batch]),
+            segments: Some(vec![vec![3; s]; batch]),
+            ..plain.clone()
+        };
+        assert_eq!(trivial.without_trivial_rules(s, s), plain);
+        let flat = |m: &KeyMask| {
+            flash_attention(&q, &k, &v, m, 0.35, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(flat(&trivial), flat(&plain));
+        let mut padded = trivial.clone();
+        padded.padding.as_mut().unwrap()[1][0] = false;
+        assert!(padded.without_trivial_rules(s, s).padding.is_some());
+        let mut split = trivial.clone();
+        split.segments.as_mut().unwrap()[0][40] = 4;
+        assert!(split.without_trivial_rules(s, s).segments.is_some());
+        let short = KeyMask { segments: Some(vec![vec![3; s - 1]; batch]), ..plain.clone() };
+        assert!(short.without_trivial_rules(s, s).segments.is_some());
+    }
 
     /// Keys and values read in place from a longer buffer (as a KV cache
     /// passes them) give exactly what their contiguous copies give, for

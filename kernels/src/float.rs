@@ -3,9 +3,36 @@
 
 use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
 
-/// The float types the kernels compute in.
-pub(crate) trait Real: WithDType + num_like::Float + Send + Sync {}
-impl Real for f32 {}
+/// The float types the kernels compute in, with the row loops of the
+/// attention kernel (vectorised for f32, plain loops for f64).
+pub(crate) trait Real: WithDType + num_like::Float + Send + Sync {
+    /// The largest of `xs` (`-inf` when empty).
+    fn max_of(xs: &[Self]) -> Self {
+        xs.iter().copied().fold(Self::neg_infinity(), |m, x| if x > m { x } else { m })
+    }
+
+    /// `x ← exp(x − shift)` for every `x` (`-inf` becomes 0); returns
+    /// their sum.
+    fn exp_shifted_sum(xs: &mut [Self], shift: Self) -> Self {
+        let mut sum = Self::of(0.0);
+        for x in xs {
+            *x = (*x - shift).exp();
+            sum += *x;
+        }
+        sum
+    }
+}
+
+impl Real for f32 {
+    fn max_of(xs: &[f32]) -> f32 {
+        crate::vector::max(xs)
+    }
+
+    fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
+        crate::vector::exp_shifted_sum(xs, shift)
+    }
+}
+
 impl Real for f64 {}
 
 /// The few float operations the kernels need, for f32 and f64.

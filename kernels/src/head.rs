@@ -147,19 +147,30 @@ impl LabelLogProbs {
         let cap = self.softcap.map(T::of);
         let mut logps = vec![T::of(0.0); chunk.rows.len()];
         z.par_chunks_mut(vocab).zip(logps.par_iter_mut()).enumerate().for_each(|(i, (row, logp))| {
-            let max = row.iter().fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
+            let max = T::max_of(row);
+            let label = chunk.labels[i];
+            let scale = scales.map_or(T::of(1.0), |s| s[i]);
+            let Some(c) = cap else {
+                // One exponential per logit: the row becomes exp(z - max),
+                // the probabilities are that over its sum.
+                let label_logit = row[label];
+                let sum = T::exp_shifted_sum(row, max);
+                *logp = label_logit - (max + sum.ln());
+                let inverse = T::of(1.0) / sum;
+                for v in row.iter_mut() {
+                    *v = T::of(0.0) - scale * *v * inverse;
+                }
+                row[label] += scale;
+                return;
+            };
+            // Softcapped: the derivative of the cap reads the logits.
             let sum = row.iter().fold(T::of(0.0), |s, &v| s + (v - max).exp());
             let lse = max + sum.ln();
-            let label = chunk.labels[i];
             *logp = row[label] - lse;
-            let scale = scales.map_or(T::of(1.0), |s| s[i]);
             for (j, v) in row.iter_mut().enumerate() {
                 let p = (*v - lse).exp();
                 let onehot = if j == label { T::of(1.0) } else { T::of(0.0) };
-                let dcap = match cap {
-                    Some(c) => T::of(1.0) - (*v / c) * (*v / c),
-                    None => T::of(1.0),
-                };
+                let dcap = T::of(1.0) - (*v / c) * (*v / c);
                 *v = scale * (onehot - p) * dcap;
             }
         });

@@ -20,6 +20,9 @@
 //! - [`rms_norm`]: RMSNorm in one pass over each row, forward and
 //!   backward, keeping no intermediates (see [`norm`]).
 //!
+//! - [`silu`]: SiLU with a vectorised exponential, its gradient in one
+//!   pass (see [`activation`]).
+//!
 //! - [`rope()`]: rotary position embedding in one pass, forward and
 //!   backward, from tables built once per forward pass (see [`rope`]).
 //!
@@ -34,6 +37,7 @@
 //! The crate is compiled at full optimisation even in dev builds (see the
 //! workspace's `Cargo.toml`).
 
+pub mod activation;
 pub mod attention;
 pub mod blocks;
 mod float;
@@ -41,7 +45,9 @@ pub mod head;
 mod narrow;
 pub mod norm;
 pub mod rope;
+mod vector;
 
+pub use activation::silu;
 pub use attention::{flash_attention, KeyMask};
 pub use float::panel_product_into;
 pub use head::label_log_probs;

@@ -625,7 +625,14 @@ impl<'a> GraphSession<'a> {
             Op::Sqr { x } => self.get(*x)?.sqr().map_err(candle),
             Op::Tanh { x } => self.get(*x)?.tanh().map_err(candle),
             Op::Sigmoid { x } => ops::sigmoid(self.get(*x)?).map_err(candle),
-            Op::Silu { x } => self.get(*x)?.silu().map_err(candle),
+            Op::Silu { x } => {
+                let x = self.get(*x)?;
+                match (x.device().is_cpu(), x.dtype()) {
+                    (true, DType::F32 | DType::F64) => oxtune_kernels::silu(x),
+                    _ => x.silu(),
+                }
+                .map_err(candle)
+            }
             Op::Gelu { x } => self.get(*x)?.gelu().map_err(candle),
             Op::GeluErf { x } => self.get(*x)?.gelu_erf().map_err(candle),
             Op::Relu { x } => self.get(*x)?.relu().map_err(candle),
