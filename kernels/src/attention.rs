@@ -223,9 +223,13 @@ fn scores<T: Real>(
     s: &mut [T],
 ) {
     let d = dims.head_dim;
-    // SAFETY: q holds `rows` rows of `d`, k `cols` rows of `d`, s is rows × cols.
-    unsafe {
-        matmul(Threads::One, (rows, cols, d), s.as_mut_ptr(), cols, false, q.as_ptr(), (d, 1), k.as_ptr(), (1, d));
+    if rows == 1 {
+        T::dots(&q[..d], &k[..cols * d], &mut s[..cols]);
+    } else {
+        // SAFETY: q holds `rows` rows of `d`, k `cols` rows of `d`, s is rows × cols.
+        unsafe {
+            matmul(Threads::One, (rows, cols, d), s.as_mut_ptr(), cols, false, q.as_ptr(), (d, 1), k.as_ptr(), (1, d));
+        }
     }
     let scale = T::of(op.scale);
     let fallbacks = &op.fallbacks[row];
@@ -244,7 +248,7 @@ fn scores<T: Real>(
         line[c_hi..].fill(T::neg_infinity());
         let span = &mut line[c_lo..c_hi];
         for x in span.iter_mut() {
-            *x = *x * scale;
+            *x *= scale;
         }
         if checked && fallbacks[i].is_none() {
             for (c, x) in span.iter_mut().enumerate() {
@@ -334,19 +338,23 @@ impl FlashAttention {
                     *a *= rescale;
                 }
             }
-            // SAFETY: tile is rows × cols, v from j0 holds cols rows of d, acc rows × d.
-            unsafe {
-                matmul(
-                    Threads::One,
-                    (rows, d, cols),
-                    acc.as_mut_ptr(),
-                    d,
-                    true,
-                    tile.as_ptr(),
-                    (cols, 1),
-                    v[j0 * d..].as_ptr(),
-                    (d, 1),
-                );
+            if rows == 1 {
+                T::weighted_sum(tile, &v[j0 * d..(j0 + cols) * d], &mut acc[..d]);
+            } else {
+                // SAFETY: tile is rows × cols, v from j0 holds cols rows of d, acc rows × d.
+                unsafe {
+                    matmul(
+                        Threads::One,
+                        (rows, d, cols),
+                        acc.as_mut_ptr(),
+                        d,
+                        true,
+                        tile.as_ptr(),
+                        (cols, 1),
+                        v[j0 * d..].as_ptr(),
+                        (d, 1),
+                    );
+                }
             }
             j0 += BLOCK;
         }
@@ -459,7 +467,7 @@ impl<T: Real> Backward<'_, T> {
                 }
             } else {
                 for ds in ds.iter_mut() {
-                    *ds = *ds - delta;
+                    *ds -= delta;
                 }
             }
             // Hidden keys (-inf) get probability 0, hence gradient 0.

@@ -601,7 +601,9 @@ impl BlockMatrix {
     }
 
     /// Where weight row `row`'s blocks are, checked against the arrays'
-    /// lengths (the kernels read through these pointers).
+    /// lengths (the kernels read through these pointers). Inlined: it runs
+    /// once per weight row, and as a call it was 5% of a decoding profile.
+    #[inline(always)]
     fn row_blocks(&self, row: usize) -> RowBlocks {
         let per_row = self.cols / QK;
         let first = row * per_row;

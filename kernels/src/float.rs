@@ -4,11 +4,30 @@
 use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
 
 /// The float types the kernels compute in, with the row loops of the
-/// attention kernel (vectorised for f32, plain loops for f64).
+/// attention kernel (vectorised for f32, plain loops for f64); one query
+/// row (decoding) takes them instead of a matrix product, whose set-up
+/// costs more than the product at that size.
 pub(crate) trait Real: WithDType + num_like::Float + Send + Sync {
     /// The largest of `xs` (`-inf` when empty).
     fn max_of(xs: &[Self]) -> Self {
         xs.iter().copied().fold(Self::neg_infinity(), |m, x| if x > m { x } else { m })
+    }
+
+    /// `out[r] = q · rows[r]` for the rows of `q.len()` values in `rows`.
+    fn dots(q: &[Self], rows: &[Self], out: &mut [Self]) {
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
+            *o = q.iter().zip(row).fold(Self::of(0.0), |s, (&x, &y)| s + x * y);
+        }
+    }
+
+    /// `acc += Σ_r weights[r] · rows[r]` for the rows of `acc.len()`
+    /// values in `rows`.
+    fn weighted_sum(weights: &[Self], rows: &[Self], acc: &mut [Self]) {
+        for (&w, row) in weights.iter().zip(rows.chunks_exact(acc.len())) {
+            for (a, &x) in acc.iter_mut().zip(row) {
+                *a += w * x;
+            }
+        }
     }
 
     /// `x ← exp(x − shift)` for every `x` (`-inf` becomes 0); returns
@@ -24,6 +43,14 @@ pub(crate) trait Real: WithDType + num_like::Float + Send + Sync {
 }
 
 impl Real for f32 {
+    fn dots(q: &[f32], rows: &[f32], out: &mut [f32]) {
+        crate::vector::dots(q, rows, out)
+    }
+
+    fn weighted_sum(weights: &[f32], rows: &[f32], acc: &mut [f32]) {
+        crate::vector::weighted_sum(weights, rows, acc)
+    }
+
     fn max_of(xs: &[f32]) -> f32 {
         crate::vector::max(xs)
     }

@@ -23,10 +23,12 @@ const EXP_HIGHEST: f32 = 88.722_83;
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that n · LN2_HI is exact for |n| ≤ 128.
+    #[allow(clippy::excessive_precision)] // exactly an f32: 355/512
     const LN2_HI: f32 = 0.693_359_375;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // max/min (not clamp) so that NaN becomes a number here: n below must
     // be finite and in range.
+    #[allow(clippy::manual_clamp)]
     let clamped = x.max(EXP_LOWEST).min(EXP_HIGHEST);
     let n = (clamped * LOG2E).round_ties_even();
     let r = clamped - n * LN2_HI - n * LN2_LO;
@@ -35,7 +37,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p.mul_add(r, 8.333_452e-3);
     let p = p.mul_add(r, 4.166_579_6e-2);
     let p = p.mul_add(r, 1.666_666_5e-1);
-    let p = p.mul_add(r, 5.000_000_1e-1);
+    let p = p.mul_add(r, 0.5); // Cephes' 5.0000001201e-1 in f32
     let p = p.mul_add(r * r, r) + 1.0;
     // 2ⁿ as two powers built in the exponent field (n ∈ [-126, 128] after
     // the clamp; 2¹²⁸ itself is not an f32, halves of it are).
@@ -118,6 +120,40 @@ dispatch! {
     }
 }
 
+/// `Σ aᵢ·bᵢ` with [`LANES`] running sums.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (ca, cb) in ca.zip(cb) {
+        for ((s, x), y) in lanes.iter_mut().zip(ca).zip(cb) {
+            *s = x.mul_add(*y, *s);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+dispatch! {
+    fn dots(q: &[f32], rows: &[f32], out: &mut [f32]) -> () {
+        let d = q.len();
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
+            *o = dot_lanes(q, row);
+        }
+    }
+}
+
+dispatch! {
+    fn weighted_sum(weights: &[f32], rows: &[f32], acc: &mut [f32]) -> () {
+        let d = acc.len();
+        for (&w, row) in weights.iter().zip(rows.chunks_exact(d)).filter(|(&w, _)| w != 0.0) {
+            for (a, x) in acc.iter_mut().zip(row) {
+                *a = w.mul_add(*x, *a);
+            }
+        }
+    }
+}
+
 dispatch! {
     fn silu(xs: &[f32], ys: &mut [f32]) -> () {
         for (x, y) in xs.iter().zip(ys) {
@@ -166,6 +202,28 @@ mod tests {
         assert_eq!(exp(f32::INFINITY), f32::INFINITY);
         assert_eq!(exp(100.0), f32::INFINITY);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    /// Products of one row with many and weighted sums of rows agree
+    /// with f64 loops, for row lengths around the lane count.
+    #[test]
+    fn dots_and_weighted_sums_match_f64_loops() {
+        for d in [1, 15, 16, 17, 64, 100] {
+            let q: Vec<f32> = (0..d).map(|i| ((i * 37) % 23) as f32 * 0.37 - 4.0).collect();
+            let rows: Vec<f32> = (0..3 * d).map(|i| ((i * 11) % 19) as f32 * 0.21 - 2.0).collect();
+            let mut out = [0f32; 3];
+            dots(&q, &rows, &mut out);
+            let mut acc = q.clone();
+            weighted_sum(&[0.5, 0.0, -2.0], &rows, &mut acc);
+            for (r, row) in rows.chunks(d).enumerate() {
+                let want: f64 = q.iter().zip(row).map(|(x, y)| *x as f64 * *y as f64).sum();
+                assert!((out[r] as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "d {d}, row {r}");
+            }
+            for (c, a) in acc.iter().enumerate() {
+                let want = q[c] as f64 + 0.5 * rows[c] as f64 - 2.0 * rows[2 * d + c] as f64;
+                assert!((*a as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "d {d}, column {c}");
+            }
+        }
     }
 
     /// The dispatched row loops agree with scalar loops, tails included
