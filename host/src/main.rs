@@ -55,15 +55,18 @@ const WORKER_STACK_BYTES: usize = 16 << 20;
 /// - `RAYON_NUM_THREADS`: without it candle finds its thread count by
 ///   parsing `/proc/cpuinfo` on every matrix product (~670 parses in a
 ///   SmolLM2 training step at 1×1024, seen with `strace`); set once here to
-///   the count candle would find (the physical cores), which rayon's pool
-///   then uses too.
+///   the count candle would find (the physical cores), capped by the CPUs
+///   this process may use (affinity and cgroup quota, which candle's count
+///   ignores), and rayon's pool and candle's own threads then use it too.
 /// - `CANDLE_BARRIER_POOL_SPIN_LIMIT`: after each element-wise op candle's
 ///   own worker threads spin 25,000 pauses before sleeping, taking a core
 ///   from the rayon workers that run the next kernel (8% of a 1×1024
 ///   training profile); a short spin keeps back-to-back ops cheap.
 fn configure_candle_threads() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
+        let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = candle_core::utils::get_num_threads().clamp(1, allowed);
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", BARRIER_POOL_SPIN_LIMIT.to_string());
