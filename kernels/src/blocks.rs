@@ -749,17 +749,13 @@ struct ActivationRow {
 }
 
 impl ActivationRow {
+    /// Each block of `x` scaled to ±32767 and rounded (to even), with its
+    /// scale and its values' sum.
     fn new(x: &[f32]) -> ActivationRow {
-        let mut quants = Vec::with_capacity(x.len());
-        let mut scales = Vec::with_capacity(x.len() / QK);
-        for block in x.chunks(QK) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 32767.0;
-            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            quants.extend(block.iter().map(|&v| (v * inverse).round() as i16));
-            scales.push(scale);
-        }
-        ActivationRow { quants, scales, sums: x.chunks(QK).map(|b| b.iter().sum()).collect() }
+        let blocks = x.len().div_ceil(QK);
+        let mut row = ActivationRow { quants: vec![0; x.len()], scales: vec![0.0; blocks], sums: vec![0.0; blocks] };
+        crate::vector::quantize_blocks_i16(x, QK, &mut row.quants, &mut row.scales, &mut row.sums);
+        row
     }
 }
 

@@ -89,7 +89,7 @@ impl RmsNorm {
                     let k = r * r * r * dot / T::of(hidden as f64);
                     for i in 0..hidden {
                         dxr[i] = r * gr[i] * w[i] - xr[i] * k;
-                        dw[i] = dw[i] + gr[i] * xr[i] * r;
+                        dw[i] += gr[i] * xr[i] * r;
                     }
                 }
                 dw
@@ -97,7 +97,7 @@ impl RmsNorm {
             .collect();
         let mut dw = vec![T::of(0.0); hidden];
         for share in shares {
-            dw.iter_mut().zip(share).for_each(|(a, b)| *a = *a + b);
+            dw.iter_mut().zip(share).for_each(|(a, b)| *a += b);
         }
         (dx, dw)
     }

@@ -1,4 +1,5 @@
-//! f32 loops of the attention and SiLU kernels, written so the compiler
+//! f32 loops of the attention and SiLU kernels and of the block kernels'
+//! activation quantisation, written so the compiler
 //! vectorises them, and compiled for AVX-512 or AVX2 + FMA when the CPU
 //! has them (found at run time; plain SSE2 code otherwise).
 //!
@@ -155,6 +156,25 @@ dispatch! {
 }
 
 dispatch! {
+    fn quantize_blocks_i16(x: &[f32], block: usize, quants: &mut [i16], scales: &mut [f32], sums: &mut [f32]) -> () {
+        let blocks = x.chunks(block).zip(quants.chunks_mut(block)).zip(scales.iter_mut().zip(sums.iter_mut()));
+        for ((values, quants), (scale, sum)) in blocks {
+            let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+            *scale = amax / 32767.0;
+            let inverse = if *scale > 0.0 { 1.0 / *scale } else { 0.0 };
+            for (q, &v) in quants.iter_mut().zip(values) {
+                // max/min also map NaN into range for the unchecked conversion.
+                #[allow(clippy::manual_clamp)]
+                let rounded = (v * inverse).round_ties_even().max(-32767.0).min(32767.0);
+                // SAFETY: rounded is an integer in [-32767, 32767].
+                *q = unsafe { rounded.to_int_unchecked::<i32>() } as i16;
+            }
+            *sum = values.iter().sum();
+        }
+    }
+}
+
+dispatch! {
     fn silu(xs: &[f32], ys: &mut [f32]) -> () {
         for (x, y) in xs.iter().zip(ys) {
             *y = x / (1.0 + exp(-x));
@@ -224,6 +244,30 @@ mod tests {
                 assert!((*a as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "d {d}, column {c}");
             }
         }
+    }
+
+    /// Blocks scaled to ±32767: each block's largest magnitude becomes
+    /// exactly ±32767, values round to even, a zero block gets scale 0,
+    /// sums are the blocks' sums, and a partial last block is handled.
+    #[test]
+    fn activation_blocks_quantise_to_sixteen_bits() {
+        let mut x: Vec<f32> = (0..70).map(|i| ((i * 37) % 23) as f32 * 0.37 - 4.0).collect();
+        x[32..64].fill(0.0);
+        let (mut quants, mut scales, mut sums) = (vec![0i16; 70], vec![0f32; 3], vec![0f32; 3]);
+        quantize_blocks_i16(&x, 32, &mut quants, &mut scales, &mut sums);
+        for (b, values) in x.chunks(32).enumerate() {
+            let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(scales[b], amax / 32767.0, "block {b}");
+            assert_eq!(sums[b], values.iter().sum::<f32>(), "block {b}");
+            for (j, &v) in values.iter().enumerate() {
+                let want = if amax > 0.0 { (v * (1.0 / scales[b])).round_ties_even() as i16 } else { 0 };
+                assert_eq!(quants[b * 32 + j], want, "block {b}, value {j}");
+            }
+        }
+        assert!(quants[..32].iter().any(|q| q.abs() == 32767));
+        // A NaN activation (a model gone wrong) still gives quants in range.
+        quantize_blocks_i16(&[1.0, f32::NAN, 2.0], 32, &mut quants[..3], &mut scales[..1], &mut sums[..1]);
+        assert!(quants[..3].iter().all(|&q| q != i16::MIN));
     }
 
     /// The dispatched row loops agree with scalar loops, tails included
