@@ -12,7 +12,6 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use crate::float::{cpu, data, Real};
-use crate::vector;
 
 /// The op's name in errors.
 const OP: &str = "silu";
@@ -36,48 +35,15 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 struct Silu;
 
-/// SiLU's loops over a slice, in the element type.
-trait SiluLoops: Real {
-    /// Writes `silu(x)` of every `x` to `ys`.
-    fn silu_into(xs: &[Self], ys: &mut [Self]);
-    /// Writes `g · silu'(x)` to `dxs`.
-    fn silu_grad_into(xs: &[Self], grads: &[Self], dxs: &mut [Self]);
-}
-
-impl SiluLoops for f32 {
-    fn silu_into(xs: &[f32], ys: &mut [f32]) {
-        vector::silu(xs, ys)
-    }
-
-    fn silu_grad_into(xs: &[f32], grads: &[f32], dxs: &mut [f32]) {
-        vector::silu_grad(xs, grads, dxs)
-    }
-}
-
-impl SiluLoops for f64 {
-    fn silu_into(xs: &[f64], ys: &mut [f64]) {
-        for (x, y) in xs.iter().zip(ys) {
-            *y = x / (1.0 + (-x).exp());
-        }
-    }
-
-    fn silu_grad_into(xs: &[f64], grads: &[f64], dxs: &mut [f64]) {
-        for ((x, g), dx) in xs.iter().zip(grads).zip(dxs) {
-            let s = 1.0 / (1.0 + (-x).exp());
-            *dx = g * s * (1.0 + x * (1.0 - s));
-        }
-    }
-}
-
 /// `silu(x)` of every element, [`PER_TASK`] elements a task.
-fn forward<T: SiluLoops>(xs: &[T]) -> Vec<T> {
+fn forward<T: Real>(xs: &[T]) -> Vec<T> {
     let mut ys = vec![T::of(0.0); xs.len()];
     ys.par_chunks_mut(PER_TASK).zip(xs.par_chunks(PER_TASK)).for_each(|(ys, xs)| T::silu_into(xs, ys));
     ys
 }
 
 /// `g · silu'(x)` of every element, [`PER_TASK`] elements a task.
-fn backward<T: SiluLoops>(xs: &[T], grads: &[T]) -> Vec<T> {
+fn backward<T: Real>(xs: &[T], grads: &[T]) -> Vec<T> {
     let mut dxs = vec![T::of(0.0); xs.len()];
     dxs.par_chunks_mut(PER_TASK)
         .zip(xs.par_chunks(PER_TASK).zip(grads.par_chunks(PER_TASK)))

@@ -81,9 +81,11 @@ impl KeyMask {
             .as_ref()
             .is_some_and(|s| s.iter().any(|row| row.len() < queries.max(keys) || row.iter().any(|&id| id != row[0])));
         KeyMask {
+            causal: self.causal,
+            sliding_window: self.sliding_window,
+            offset: self.offset,
             padding: if pads { self.padding.clone() } else { None },
             segments: if splits { self.segments.clone() } else { None },
-            ..self.clone()
         }
     }
 
@@ -458,8 +460,8 @@ impl<T: Real> Backward<'_, T> {
         let scale = T::of(self.op.scale);
         for (r, (p, ds)) in p.chunks_exact_mut(cols).zip(ds.chunks_exact_mut(cols)).enumerate() {
             let (lse, delta) = (self.lse[q_row + r], self.delta[q_row + r]);
-            // The softcap's derivative reads the capped scores: scaled
-            // before the exponential overwrites them.
+            // The softcap's derivative reads the capped scores, so it is
+            // taken before the exponential overwrites them.
             if let Some(cap) = self.op.softcap {
                 for (s, ds) in p.iter().zip(ds.iter_mut()) {
                     let t = *s / T::of(cap);

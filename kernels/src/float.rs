@@ -3,10 +3,10 @@
 
 use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
 
-/// The float types the kernels compute in, with the row loops of the
-/// attention kernel (vectorised for f32, plain loops for f64); one query
-/// row (decoding) takes them instead of a matrix product, whose set-up
-/// costs more than the product at that size.
+/// The float types the kernels compute in, with the loops of the
+/// attention and SiLU kernels (vectorised for f32, plain loops for f64);
+/// one query row (decoding) takes `dots` and `weighted_sum` instead of a
+/// matrix product, whose set-up costs more than the product at that size.
 pub(crate) trait Real: WithDType + num_like::Float + Send + Sync {
     /// The largest of `xs` (`-inf` when empty).
     fn max_of(xs: &[Self]) -> Self {
@@ -27,6 +27,20 @@ pub(crate) trait Real: WithDType + num_like::Float + Send + Sync {
             for (a, &x) in acc.iter_mut().zip(row) {
                 *a += w * x;
             }
+        }
+    }
+
+    /// `ys = silu(xs)` element-wise.
+    fn silu_into(xs: &[Self], ys: &mut [Self]) {
+        for (x, y) in xs.iter().zip(ys) {
+            *y = silu(*x, Self::exp);
+        }
+    }
+
+    /// `dxs = grads · silu'(xs)` element-wise.
+    fn silu_grad_into(xs: &[Self], grads: &[Self], dxs: &mut [Self]) {
+        for ((x, g), dx) in xs.iter().zip(grads).zip(dxs) {
+            *dx = silu_grad(*x, *g, Self::exp);
         }
     }
 
@@ -55,12 +69,35 @@ impl Real for f32 {
         crate::vector::max(xs)
     }
 
+    fn silu_into(xs: &[f32], ys: &mut [f32]) {
+        crate::vector::silu(xs, ys)
+    }
+
+    fn silu_grad_into(xs: &[f32], grads: &[f32], dxs: &mut [f32]) {
+        crate::vector::silu_grad(xs, grads, dxs)
+    }
+
     fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
         crate::vector::exp_shifted_sum(xs, shift)
     }
 }
 
 impl Real for f64 {}
+
+/// `x · σ(x)`, with the exponential `exp` (the f32 loops pass the
+/// vectorisable one).
+#[inline(always)]
+pub(crate) fn silu<T: Real>(x: T, exp: impl Fn(T) -> T) -> T {
+    x / (T::of(1.0) + exp(T::of(0.0) - x))
+}
+
+/// `g · silu'(x) = g · σ(x) · (1 + x · (1 − σ(x)))`, with the exponential
+/// `exp`.
+#[inline(always)]
+pub(crate) fn silu_grad<T: Real>(x: T, g: T, exp: impl Fn(T) -> T) -> T {
+    let s = T::of(1.0) / (T::of(1.0) + exp(T::of(0.0) - x));
+    g * s * (T::of(1.0) + x * (T::of(1.0) - s))
+}
 
 /// The few float operations the kernels need, for f32 and f64.
 pub(crate) mod num_like {

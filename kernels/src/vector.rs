@@ -1,13 +1,14 @@
 //! f32 loops of the attention and SiLU kernels and of the block kernels'
-//! activation quantisation, written so the compiler
-//! vectorises them, and compiled for AVX-512 or AVX2 + FMA when the CPU
-//! has them (found at run time; plain SSE2 code otherwise).
+//! activation quantisation, written so the compiler vectorises them, and
+//! compiled for AVX-512 or AVX2 + FMA when the CPU has them (found at run
+//! time). The baseline copy is correct everywhere but slow on an x86 CPU
+//! without FMA and SSE4.1, where `mul_add` and rounding are library calls.
 //!
 //! The exponential is a polynomial one (Cephes' `expf`: range reduction by
 //! `ln 2`, a degree-7 polynomial), within 1 ulp of the correctly rounded
-//! value over f32's whole range; libm's `expf` is a function call per
-//! element that no loop around it can vectorise (9% of a 1×1024 training
-//! step's profile before this).
+//! value wherever that is a normal f32 (smaller results are flushed to 0);
+//! libm's `expf` is a function call per element that no loop around it can
+//! vectorise (9% of a 1×1024 training step's profile before this).
 
 /// Lanes of the explicit accumulators: one AVX-512 register of f32s.
 const LANES: usize = 16;
@@ -177,7 +178,7 @@ dispatch! {
 dispatch! {
     fn silu(xs: &[f32], ys: &mut [f32]) -> () {
         for (x, y) in xs.iter().zip(ys) {
-            *y = x / (1.0 + exp(-x));
+            *y = crate::float::silu(*x, exp);
         }
     }
 }
@@ -185,8 +186,7 @@ dispatch! {
 dispatch! {
     fn silu_grad(xs: &[f32], grads: &[f32], dxs: &mut [f32]) -> () {
         for ((x, g), dx) in xs.iter().zip(grads).zip(dxs) {
-            let s = 1.0 / (1.0 + exp(-x));
-            *dx = g * s * (1.0 + x * (1.0 - s));
+            *dx = crate::float::silu_grad(*x, *g, exp);
         }
     }
 }
