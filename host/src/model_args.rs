@@ -68,6 +68,12 @@ pub struct ModelArgs {
     /// `float16`): the model's compute dtype (`--dtype`).
     #[arg(long, value_name = "DTYPE")]
     pub bnb_4bit_compute_dtype: Option<String>,
+    /// What generation's KV cache stores keys and values in: `f32`, `f16`,
+    /// `bf16`, or `auto` — f16 for a GGUF file (llama.cpp's default cache
+    /// type: half the memory, within f16 rounding), the compute dtype
+    /// (`--dtype`) for a Hugging Face folder (as transformers keeps it).
+    #[arg(long, value_name = "DTYPE", default_value = "auto")]
+    pub kv_cache_dtype: String,
 }
 
 /// A model with its tokenizer and template.
@@ -96,6 +102,18 @@ impl ModelArgs {
             ),
             (None, Some(_)) => anyhow::bail!("--quant-bits needs --quant-method bnb"),
         }
+    }
+
+    /// What `--kv-cache-dtype` asks (`None`: the compute dtype).
+    fn kv_cache_dtype(&self) -> anyhow::Result<Option<DType>> {
+        Ok(match self.kv_cache_dtype.as_str() {
+            "auto" if oxtune_engine::model::is_gguf(&self.model) => Some(DType::F16),
+            "auto" => None,
+            "f32" | "float32" => Some(DType::F32),
+            "f16" | "float16" => Some(DType::F16),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            other => anyhow::bail!("--kv-cache-dtype {other}: use auto, f32, f16 or bf16"),
+        })
     }
 
     /// Loads the model (with `--adapter` applied) and its text assets.
@@ -135,6 +153,7 @@ impl ModelArgs {
             model_type: self.model_type.clone(),
             quantize,
             keep_gguf_quantized: self.keep_quantized,
+            kv_cache_dtype: self.kv_cache_dtype()?,
         };
         let load_assets = || {
             TextAssets::load(&self.model).with_context(|| format!("loading the tokenizer of {}", self.model.display()))

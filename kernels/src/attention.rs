@@ -14,7 +14,8 @@
 //! packing segments, and an offset for cached keys.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use half::slice::HalfFloatSliceExt;
 
 use crate::float::{cpu, data, matmul, Real, Threads};
 use rayon::prelude::*;
@@ -105,7 +106,8 @@ impl KeyMask {
 
 /// `softmax(q·kᵀ·scale + mask)·v` for `q` `[b, hq, s, d]`, `k` and `v`
 /// `[b, hkv, t, d]` (`hq` a multiple of `hkv`; query head `h` reads
-/// key/value head `h / (hq / hkv)`), all f32 or all f64, with scores
+/// key/value head `h / (hq / hkv)`), all f32 or all f64 (or f32 queries
+/// over f16 keys and values, without a gradient: a KV cache), with scores
 /// capped at `softcap · tanh(score / softcap)` when given. Differentiable
 /// in `q`, `k` and `v`; memory is linear in `s` and `t`.
 pub fn flash_attention(
@@ -130,6 +132,43 @@ pub fn flash_attention(
     let rows = |t: &Tensor| if head_stride(t.layout()).is_some() { Ok(t.clone()) } else { t.contiguous() };
     let packed = q.contiguous()?.apply_op3(&rows(k)?, &rows(v)?, op)?;
     packed.narrow(3, 0, d)
+}
+
+/// How keys and values are stored for a computation in `T`: as `T`
+/// itself (read in place), or as f16 for an f32 computation (a KV cache
+/// in half the memory, llama.cpp's default), converted a tile at a time.
+trait KvElement<T>: WithDType {
+    /// `src` as `T`s: itself, or converted into `scratch`.
+    fn as_compute<'a>(src: &'a [Self], scratch: &'a mut Vec<T>) -> &'a [T];
+}
+
+impl<T: Real + WithDType> KvElement<T> for T {
+    fn as_compute<'a>(src: &'a [T], _: &'a mut Vec<T>) -> &'a [T] {
+        src
+    }
+}
+
+impl KvElement<f32> for half::f16 {
+    fn as_compute<'a>(src: &'a [half::f16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.resize(src.len(), 0.0);
+        // F16C, eight values an instruction, where the CPU has it.
+        src.convert_to_f32_slice(&mut scratch[..src.len()]);
+        &scratch[..src.len()]
+    }
+}
+
+/// `t` in f16: on the CPU from f32 by half's slice conversion (F16C,
+/// eight values an instruction; candle's conversion goes value by value),
+/// else by candle. How a KV cache stores keys and values for
+/// [`flash_attention`] to read.
+pub fn to_f16(t: &Tensor) -> Result<Tensor> {
+    if !(t.device().is_cpu() && t.dtype() == DType::F32) {
+        return t.to_dtype(DType::F16);
+    }
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    let mut halves = vec![half::f16::ZERO; values.len()];
+    halves.convert_from_f32_slice(&values);
+    Tensor::from_vec(halves, t.shape(), t.device())
 }
 
 /// The op: its output is `[b, hq, s, d + 1]`, the attention output with
@@ -178,7 +217,7 @@ fn head_stride(layout: &Layout) -> Option<usize> {
 
 /// The data of keys or values laid out as [`head_stride`] accepts: from
 /// the first head's first row to the last head's last.
-fn kv_data<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+fn kv_data<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
     let Some(stride) = head_stride(layout) else { bail!("flash-attention: keys and values need contiguous rows") };
     let (b, h, keys, d) = layout.shape().dims4()?;
     let start = layout.start_offset();
@@ -281,7 +320,7 @@ fn key_span(mask: &KeyMask, fallbacks: &[Option<usize>], (i0, i1): (usize, usize
 }
 
 impl FlashAttention {
-    fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    fn forward<T: Real, KV: KvElement<T>>(&self, dims: Dims, q: &[T], k: &[KV], v: &[KV]) -> Vec<T> {
         let Dims { batch, q_heads, queries, head_dim: d, .. } = dims;
         let width = d + 1;
         let mut out = vec![T::of(0.0); batch * q_heads * queries * width];
@@ -296,15 +335,15 @@ impl FlashAttention {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn forward_block<T: Real>(
+    fn forward_block<T: Real, KV: KvElement<T>>(
         &self,
         dims: &Dims,
         b: usize,
         h: usize,
         (i0, rows): (usize, usize),
         q: &[T],
-        k: &[T],
-        v: &[T],
+        k: &[KV],
+        v: &[KV],
         out: &mut [T],
     ) {
         let d = dims.head_dim;
@@ -318,12 +357,14 @@ impl FlashAttention {
         let mut max = vec![T::neg_infinity(); rows];
         let mut sum = vec![T::of(0.0); rows];
         let mut s = vec![T::of(0.0); rows * BLOCK];
+        let (mut k_tile, mut v_tile) = (Vec::new(), Vec::new());
         let (lo, hi) = key_span(&self.mask, fallbacks, (i0, i0 + rows), dims.keys);
         let mut j0 = lo / BLOCK * BLOCK;
         while j0 < hi {
             let cols = BLOCK.min(dims.keys - j0);
             let tile = &mut s[..rows * cols];
-            scores(self, dims, b, (i0, rows), (j0, cols), q, &k[j0 * d..], tile);
+            let keys = KV::as_compute(&k[j0 * d..(j0 + cols) * d], &mut k_tile);
+            scores(self, dims, b, (i0, rows), (j0, cols), q, keys, tile);
             for r in 0..rows {
                 let line = &mut tile[r * cols..(r + 1) * cols];
                 let tile_max = T::max_of(line);
@@ -340,8 +381,9 @@ impl FlashAttention {
                     *a *= rescale;
                 }
             }
+            let values = KV::as_compute(&v[j0 * d..(j0 + cols) * d], &mut v_tile);
             if rows == 1 {
-                T::weighted_sum(tile, &v[j0 * d..(j0 + cols) * d], &mut acc[..d]);
+                T::weighted_sum(tile, values, &mut acc[..d]);
             } else {
                 // SAFETY: tile is rows × cols, v from j0 holds cols rows of d, acc rows × d.
                 unsafe {
@@ -353,7 +395,7 @@ impl FlashAttention {
                         true,
                         tile.as_ptr(),
                         (cols, 1),
-                        v[j0 * d..].as_ptr(),
+                        values.as_ptr(),
                         (d, 1),
                     );
                 }
@@ -578,10 +620,24 @@ impl CustomOp3 for FlashAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::of(ql, kl, vl)?;
         let shape = Shape::from((dims.batch, dims.q_heads, dims.queries, dims.head_dim + 1));
-        let out = match qs.dtype() {
-            DType::F32 => CpuStorage::F32(self.forward(dims, data(OP, qs, ql)?, kv_data(ks, kl)?, kv_data(vs, vl)?)),
-            DType::F64 => CpuStorage::F64(self.forward(dims, data(OP, qs, ql)?, kv_data(ks, kl)?, kv_data(vs, vl)?)),
-            other => bail!("flash-attention: f32 or f64 inputs, got {other:?}"),
+        if ks.dtype() != vs.dtype() {
+            bail!("flash-attention: keys in {:?}, values in {:?}", ks.dtype(), vs.dtype())
+        }
+        let q = qs;
+        let out = match (q.dtype(), ks.dtype()) {
+            (DType::F32, DType::F16) => CpuStorage::F32(self.forward::<f32, half::f16>(
+                dims,
+                data(OP, q, ql)?,
+                kv_data(ks, kl)?,
+                kv_data(vs, vl)?,
+            )),
+            (DType::F32, _) => {
+                CpuStorage::F32(self.forward::<f32, f32>(dims, data(OP, q, ql)?, kv_data(ks, kl)?, kv_data(vs, vl)?))
+            }
+            (DType::F64, _) => {
+                CpuStorage::F64(self.forward::<f64, f64>(dims, data(OP, q, ql)?, kv_data(ks, kl)?, kv_data(vs, vl)?))
+            }
+            (other, _) => bail!("flash-attention: f32 or f64 inputs, got {other:?}"),
         };
         Ok((out, shape))
     }
@@ -594,6 +650,9 @@ impl CustomOp3 for FlashAttention {
         packed: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if k.dtype() != q.dtype() {
+            bail!("flash-attention: no gradient through {:?} keys and values (a KV cache's)", k.dtype())
+        }
         // The backward pass reads keys and values contiguous (only a KV
         // cache, which is never differentiated, passes them in place).
         let (k, v) = (&k.contiguous()?, &v.contiguous()?);
@@ -689,5 +748,39 @@ mod tests {
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(flat(&in_place), flat(&copied), "batch {batch}, {kv_heads} kv heads");
         }
+    }
+
+    /// f16 keys and values (a KV cache's) give what their values widened
+    /// to f32 give: one query (decoding) and a prompt over several key
+    /// tiles, query heads sharing key/value heads; and no gradient flows
+    /// through them (an error, not a wrong one).
+    #[test]
+    fn half_keys_and_values_read_as_their_f32_values() {
+        for queries in [1usize, 70] {
+            let (batch, q_heads, kv_heads, keys, d) = (1, 4, 2, 150, 16);
+            let q = Tensor::randn(0f32, 1., (batch, q_heads, queries, d), &Device::Cpu).unwrap();
+            let k = to_f16(&Tensor::randn(0.5f32, 1., (batch, kv_heads, keys, d), &Device::Cpu).unwrap()).unwrap();
+            let v = to_f16(&Tensor::randn(-0.5f32, 1., (batch, kv_heads, keys, d), &Device::Cpu).unwrap()).unwrap();
+            assert_eq!(k.dtype(), DType::F16);
+            let mask = KeyMask { causal: true, offset: keys - queries, ..Default::default() };
+            let half = flash_attention(&q, &k, &v, &mask, 0.25, None).unwrap();
+            let [k32, v32] = [&k, &v].map(|t| t.to_dtype(DType::F32).unwrap());
+            let full = flash_attention(&q, &k32, &v32, &mask, 0.25, None).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in flat(&half).iter().zip(flat(&full)) {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{queries} queries: {a} vs {b}");
+            }
+        }
+        // to_f16 rounds as candle's conversion does.
+        let x = Tensor::new(&[1.0f32, -2.5e-3, 65504.0, 1e-8, 3.1415927], &Device::Cpu).unwrap();
+        assert_eq!(
+            to_f16(&x).unwrap().to_vec1::<half::f16>().unwrap(),
+            x.to_dtype(DType::F16).unwrap().to_vec1::<half::f16>().unwrap()
+        );
+        let q = candle_core::Var::randn(0f32, 1., (1, 2, 3, 8), &Device::Cpu).unwrap();
+        let kv = to_f16(&Tensor::randn(0f32, 1., (1, 2, 3, 8), &Device::Cpu).unwrap()).unwrap();
+        let out = flash_attention(q.as_tensor(), &kv, &kv, &KeyMask::default(), 0.3, None).unwrap();
+        let err = out.sum_all().unwrap().backward().unwrap_err().to_string();
+        assert!(err.contains("no gradient through F16 keys"), "{err}");
     }
 }

@@ -48,7 +48,7 @@ pub mod rope;
 mod vector;
 
 pub use activation::silu;
-pub use attention::{flash_attention, KeyMask};
+pub use attention::{flash_attention, to_f16, KeyMask};
 pub use float::panel_product_into;
 pub use head::label_log_probs;
 pub use norm::rms_norm;

@@ -152,6 +152,17 @@ fn infer_answers_a_prompt_and_every_dataset_row() {
         &oxtune(&["infer", "--model", "/nonexistent-model", "--prompt", "x"], &[]),
         &["/nonexistent-model/config.json"],
     );
+    fails_with(
+        &oxtune(&["infer", "--model", &model, "--prompt", "x", "--kv-cache-dtype", "q8"], &[]),
+        &["--kv-cache-dtype q8", "auto, f32, f16 or bf16"],
+    );
+    // An f16 cache under an f32 model decodes (its greedy answer is pinned
+    // against the f32 cache's in the GGUF tests).
+    let answer = oxtune(
+        &["infer", "--model", &model, "--prompt", "hi", "--max-new-tokens", "3", "--kv-cache-dtype", "f16"],
+        &[],
+    );
+    assert!(answer.status.success(), "{}", String::from_utf8_lossy(&answer.stderr));
 }
 
 #[test]

@@ -368,3 +368,37 @@ fn smollm2_kept_quantised_matches_the_dequantised_model_in_logits_generation_and
         assert!(diff <= 5e-2 * scale, "{name}: gradients differ by {diff} (scale {scale})");
     }
 }
+
+/// A KV cache in f16 (what `--kv-cache-dtype auto` picks for a GGUF file)
+/// decodes as the f32 one does: the same greedy tokens, logits at each
+/// step within f16's rounding of the keys and values, and not bit for bit
+/// the f32 cache's (so the cache does store f16).
+#[test]
+fn smollm2_decodes_from_an_f16_kv_cache_as_from_an_f32_one() {
+    let Some(path) = smollm2() else { return };
+    let load = |kv_cache_dtype| {
+        let options = LoadOptions { kv_cache_dtype, ..LoadOptions::default() };
+        LoadedModel::load(&Registry::with_builtins().unwrap(), &path, &options).unwrap()
+    };
+    let (half, full) = (load(Some(DType::F16)), load(None));
+    assert_eq!((half.kv_cache_dtype(), full.kv_cache_dtype()), (DType::F16, DType::F32));
+    let prompt = vec![vec![1u32, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2, 198]];
+    let params = SamplingParams { max_new_tokens: 16, ..Default::default() };
+    let a = generate(&half, None, &prompt, &params, |_, _| {}).unwrap();
+    let b = generate(&full, None, &prompt, &params, |_, _| {}).unwrap();
+    assert_eq!(a[0].tokens, b[0].tokens, "greedy decoding from an f16 cache");
+
+    let (mut half_cache, mut full_cache) = (half.new_kv_cache(), full.new_kv_cache());
+    let mut input = Tensor::new(prompt[0].as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let mut largest = 0f32;
+    for step in 0..4 {
+        let x = half.forward_last(&input, &BatchInfo::default(), Some(&mut half_cache), None).unwrap();
+        let y = full.forward_last(&input, &BatchInfo::default(), Some(&mut full_cache), None).unwrap();
+        let diff = max_abs_f32(&(&x - &y).unwrap());
+        assert!(diff < 2e-2 * max_abs_f32(&y), "step {step}: logits differ by {diff}");
+        largest = largest.max(diff);
+        let next = oxtune_engine::generate::last_argmax(&y).unwrap();
+        input = Tensor::new(next.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    }
+    assert!(largest > 0.0, "an f16 cache rounds keys and values: the logits cannot all be equal");
+}

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use oxtune_data::{EncodeError, EncodedRow, PromptRow, TextAssets};
-use oxtune_engine::backend::{BatchInfo, KvCache};
+use oxtune_engine::backend::BatchInfo;
 use oxtune_engine::memory::peak_resident_bytes;
 use oxtune_engine::model::OUTPUT_LAYER;
 use oxtune_engine::{LoadedModel, ModelError};
@@ -164,7 +164,7 @@ pub fn infer(model: &LoadedModel, vocab: usize, bench: &InferBench) -> Result<Ve
     for &batch in &bench.batch_sizes {
         let ids: Vec<u32> = (0..batch * bench.prompt_tokens).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
         let prompt = Tensor::from_vec(ids, (batch, bench.prompt_tokens), model.device())?;
-        let mut cache = KvCache::new();
+        let mut cache = model.new_kv_cache();
         let start = Instant::now();
         let logits = model.forward_last(&prompt, &BatchInfo::default(), Some(&mut cache), None)?;
         let mut next = oxtune_engine::generate::last_argmax(&logits)?;

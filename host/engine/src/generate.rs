@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::backend::{BatchInfo, KvCache, OpError};
+use crate::backend::{BatchInfo, OpError};
 use crate::media::{batch_inputs, RowMedia};
 use crate::model::{LoadedModel, ModelError};
 use crate::rng::SplitMix64 as Rng;
@@ -329,7 +329,7 @@ pub fn generate_until(
         }
     };
 
-    let mut cache = KvCache::new();
+    let mut cache = model.new_kv_cache();
     let mut states: Vec<RowState> =
         prompts.iter().enumerate().map(|(r, p)| RowState::new(p, row_seed(params.seed, r as u64))).collect();
 

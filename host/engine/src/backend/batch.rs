@@ -34,9 +34,16 @@ pub struct BatchInfo {
 /// is replaced by one with room for [`SPARE_POSITIONS`] more: a copy every
 /// 128 positions instead of every step, and never more than 128 unused
 /// positions held.
+///
+/// Keys and values are stored in the cache's dtype ([`KvCache::with_dtype`]:
+/// f16 halves an f32 model's cache, as llama.cpp stores it; the CPU
+/// attention kernel reads f16 tiles directly), or as the model computes
+/// them ([`KvCache::new`]).
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<CachedLayer>>,
+    /// The dtype keys and values are stored in (`None`: as computed).
+    dtype: Option<DType>,
 }
 
 /// One layer's buffers and how many positions they hold.
@@ -94,6 +101,20 @@ impl KvCache {
         KvCache::default()
     }
 
+    /// An empty cache storing keys and values as `dtype`.
+    pub fn with_dtype(dtype: DType) -> KvCache {
+        KvCache { layers: Vec::new(), dtype: Some(dtype) }
+    }
+
+    /// `t` in the cache's dtype.
+    fn stored(&self, t: &Tensor) -> Result<Tensor> {
+        match self.dtype {
+            Some(DType::F16) if t.dtype() != DType::F16 => oxtune_kernels::to_f16(t),
+            Some(dtype) if dtype != t.dtype() => t.to_dtype(dtype),
+            _ => Ok(t.clone()),
+        }
+    }
+
     /// How many tokens are cached (those of layer 0).
     pub fn seq_len(&self) -> usize {
         match self.layers.first() {
@@ -108,6 +129,7 @@ impl KvCache {
         if self.layers.len() <= layer {
             self.layers.resize(layer + 1, None);
         }
+        let (k, v) = (&self.stored(k)?, &self.stored(v)?);
         match &mut self.layers[layer] {
             Some(cached) => cached.append(k, v)?,
             slot => *slot = Some(CachedLayer::of(k, v)?),

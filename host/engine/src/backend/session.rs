@@ -1185,7 +1185,11 @@ impl<'a> GraphSession<'a> {
             }
             let dtype = q.dtype();
             let compute = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
-            let [q, k, v] = [q, k, v].map(|t| t.to_dtype(compute));
+            // f16 keys and values without a gradient (a KV cache's) are
+            // read as they are: the kernel converts them a tile at a time.
+            let half_kv = compute == DType::F32 && [&k, &v].iter().all(|t| t.dtype() == DType::F16 && !t.track_op());
+            let q = q.to_dtype(compute);
+            let [k, v] = [k, v].map(|t| if half_kv { Ok(t) } else { t.to_dtype(compute) });
             let out = oxtune_kernels::flash_attention(
                 &q.map_err(candle)?,
                 &k.map_err(candle)?,
@@ -1202,7 +1206,9 @@ impl<'a> GraphSession<'a> {
             self.masks.insert(key, mask);
         }
         let mask = self.masks[&key].as_ref();
-        let (k, v) = (k.contiguous().map_err(candle)?, v.contiguous().map_err(candle)?);
+        // A KV cache may store keys and values in another dtype.
+        let [k, v] = [k, v].map(|t| t.to_dtype(q.dtype()).and_then(|t| t.contiguous()));
+        let (k, v) = (k.map_err(candle)?, v.map_err(candle)?);
         ops::attention(&q.contiguous().map_err(candle)?, &k, &v, mask, scale, softcap).map_err(candle)
     }
 }

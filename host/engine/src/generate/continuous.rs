@@ -65,7 +65,7 @@ pub struct ContinuousBatch<'m, K> {
 impl<'m, K: Clone + PartialEq> ContinuousBatch<'m, K> {
     /// An empty batch over `model`.
     pub fn new(model: &'m LoadedModel) -> Self {
-        ContinuousBatch { model, rows: Vec::new(), cache: KvCache::new(), mask: Vec::new() }
+        ContinuousBatch { model, rows: Vec::new(), cache: model.new_kv_cache(), mask: Vec::new() }
     }
 
     /// Rows decoding.
@@ -121,7 +121,7 @@ impl<'m, K: Clone + PartialEq> ContinuousBatch<'m, K> {
             None => len as u32,
         };
         let batch = BatchInfo { position_ids: positions, media: media_inputs, ..Default::default() };
-        let mut cache = KvCache::new();
+        let mut cache = self.model.new_kv_cache();
         let logits = self.forward(&input, &batch, &mut cache, &[adapter], adapters)?;
         let mut logits = logits.flatten_all().and_then(|l| l.to_vec1::<f32>()).map_err(candle_error)?;
         let (token, delta) = state.advance(&mut logits, &params, tokenizer)?;
@@ -218,7 +218,7 @@ impl<'m, K: Clone + PartialEq> ContinuousBatch<'m, K> {
 
     /// Takes every row out (after a failed step) and returns their keys.
     pub fn clear(&mut self) -> Vec<K> {
-        self.cache = KvCache::new();
+        self.cache = self.model.new_kv_cache();
         self.mask.clear();
         std::mem::take(&mut self.rows).into_iter().map(|r| r.key).collect()
     }
@@ -227,7 +227,7 @@ impl<'m, K: Clone + PartialEq> ContinuousBatch<'m, K> {
     /// trims columns that are padding in every remaining row.
     fn retain(&mut self, keep: &[usize]) -> Result<(), ModelError> {
         if keep.is_empty() {
-            self.cache = KvCache::new();
+            self.cache = self.model.new_kv_cache();
             self.mask.clear();
             return Ok(());
         }

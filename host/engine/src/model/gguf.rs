@@ -126,6 +126,13 @@ impl GgufFile {
         values.iter().map(|v| v.to_string().cloned().map_err(|_| bad())).collect()
     }
 
+    /// Forgets the `tokenizer.ggml.*` metadata (the vocabulary and merges
+    /// as some 100,000 strings: 6 MB for SmolLM2), for a caller that loads
+    /// the weights and has no use for it.
+    pub fn drop_tokenizer_metadata(&mut self) {
+        self.content.metadata.retain(|key, _| !key.starts_with("tokenizer.ggml."));
+    }
+
     /// `general.architecture` (`llama`, `qwen2`, ...).
     pub fn architecture(&self) -> Result<&str, CheckpointError> {
         self.string("general.architecture")

@@ -79,6 +79,10 @@ pub struct LoadOptions {
     /// memory (decoding by integer dot products; training reaches the
     /// input through dequantised panels).
     pub keep_gguf_quantized: bool,
+    /// The dtype generation's KV cache stores keys and values in (`None`:
+    /// the compute dtype). f16 halves an f32 model's cache (llama.cpp's
+    /// default); the CPU attention kernel reads it directly.
+    pub kv_cache_dtype: Option<DType>,
 }
 
 impl Default for LoadOptions {
@@ -90,6 +94,7 @@ impl Default for LoadOptions {
             model_type: None,
             quantize: None,
             keep_gguf_quantized: true,
+            kv_cache_dtype: None,
         }
     }
 }
@@ -125,6 +130,8 @@ pub struct LoadedModel {
     /// Whether training differentiates the auxiliary outputs (a router's
     /// aux loss added to the loss).
     aux_gradients: bool,
+    /// What [`Self::new_kv_cache`] stores keys and values in.
+    kv_cache_dtype: DType,
 }
 
 /// What a training forward pass gives: per position the log-probability
@@ -281,9 +288,14 @@ impl LoadedModel {
                 },
             });
         }
-        let gguf = if is_gguf(dir) { Some(gguf::GgufFile::open(dir)?) } else { None };
+        let mut gguf = if is_gguf(dir) { Some(gguf::GgufFile::open(dir)?) } else { None };
         let ResolvedModel { config, config_path, architecture, instance } =
             resolve(registry, dir, gguf.as_ref(), options.model_type.as_deref())?;
+        if let Some(file) = &mut gguf {
+            // The vocabulary is the tokenizer's (loaded apart): freed
+            // before the weights arrive, its memory is theirs to reuse.
+            file.drop_tokenizer_metadata();
+        }
         let architecture_error =
             |source| ModelError::Architecture { path: config_path.clone(), source: Box::new(source) };
         let media_spec = match instance.media_spec().into_result() {
@@ -326,6 +338,7 @@ impl LoadedModel {
         Ok(LoadedModel {
             declared_linear,
             aux_gradients: false,
+            kv_cache_dtype: options.kv_cache_dtype.unwrap_or(options.dtype),
             dir: dir.to_owned(),
             architecture,
             config,
@@ -531,6 +544,18 @@ impl LoadedModel {
     /// the weights.
     pub fn forward_without_adapter(&self, input_ids: &Tensor, batch: &BatchInfo) -> Result<Tensor, ModelError> {
         Ok(self.run(input_ids, batch, None, None, Head::Logits, false)?.out)
+    }
+
+    /// An empty KV cache for generating with this model, storing keys and
+    /// values in the dtype the model was loaded with
+    /// ([`LoadOptions::kv_cache_dtype`]).
+    pub fn new_kv_cache(&self) -> KvCache {
+        KvCache::with_dtype(self.kv_cache_dtype)
+    }
+
+    /// The dtype [`Self::new_kv_cache`] stores keys and values in.
+    pub fn kv_cache_dtype(&self) -> DType {
+        self.kv_cache_dtype
     }
 
     /// Logits `[batch, 1, vocab]` of the last position only, as
