@@ -137,23 +137,39 @@ pub fn flash_attention(
 /// How keys and values are stored for a computation in `T`: as `T`
 /// itself (read in place), or as f16 for an f32 computation (a KV cache
 /// in half the memory, llama.cpp's default), converted a tile at a time.
+/// One query (decoding) reads the stored rows directly.
 trait KvElement<T>: WithDType {
     /// `src` as `T`s: itself, or converted into `scratch`.
     fn as_compute<'a>(src: &'a [Self], scratch: &'a mut Vec<T>) -> &'a [T];
+    /// `out[j] = q · keys[j]` ([`Real::dots`] over stored rows).
+    fn dots(q: &[T], keys: &[Self], out: &mut [T]);
+    /// `acc += Σ_j weights[j] · values[j]` ([`Real::weighted_sum`] over stored rows).
+    fn weighted_sum(weights: &[T], values: &[Self], acc: &mut [T]);
 }
 
 impl<T: Real + WithDType> KvElement<T> for T {
     fn as_compute<'a>(src: &'a [T], _: &'a mut Vec<T>) -> &'a [T] {
         src
     }
+    fn dots(q: &[T], keys: &[T], out: &mut [T]) {
+        T::dots(q, keys, out)
+    }
+    fn weighted_sum(weights: &[T], values: &[T], acc: &mut [T]) {
+        T::weighted_sum(weights, values, acc)
+    }
 }
 
 impl KvElement<f32> for half::f16 {
     fn as_compute<'a>(src: &'a [half::f16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
         scratch.resize(src.len(), 0.0);
-        // F16C, eight values an instruction, where the CPU has it.
-        src.convert_to_f32_slice(&mut scratch[..src.len()]);
+        crate::vector::f16_to_f32(src, &mut scratch[..src.len()]);
         &scratch[..src.len()]
+    }
+    fn dots(q: &[f32], keys: &[half::f16], out: &mut [f32]) {
+        crate::vector::dots_f16(q, keys, out)
+    }
+    fn weighted_sum(weights: &[f32], values: &[half::f16], acc: &mut [f32]) {
+        crate::vector::weighted_sum_f16(weights, values, acc)
     }
 }
 
@@ -253,20 +269,21 @@ impl Dims {
 /// One tile's scores: `S = q_blk · k_blkᵀ · scale`, capped, and `-inf`
 /// where the mask hides the key.
 #[allow(clippy::too_many_arguments)]
-fn scores<T: Real>(
+fn scores<T: Real, KV: KvElement<T>>(
     op: &FlashAttention,
     dims: &Dims,
     row: usize,
     (i0, rows): (usize, usize),
     (j0, cols): (usize, usize),
     q: &[T],
-    k: &[T],
+    (k, k_scratch): (&[KV], &mut Vec<T>),
     s: &mut [T],
 ) {
     let d = dims.head_dim;
     if rows == 1 {
-        T::dots(&q[..d], &k[..cols * d], &mut s[..cols]);
+        KV::dots(&q[..d], &k[..cols * d], &mut s[..cols]);
     } else {
+        let k = KV::as_compute(&k[..cols * d], k_scratch);
         // SAFETY: q holds `rows` rows of `d`, k `cols` rows of `d`, s is rows × cols.
         unsafe {
             matmul(Threads::One, (rows, cols, d), s.as_mut_ptr(), cols, false, q.as_ptr(), (d, 1), k.as_ptr(), (1, d));
@@ -363,8 +380,7 @@ impl FlashAttention {
         while j0 < hi {
             let cols = BLOCK.min(dims.keys - j0);
             let tile = &mut s[..rows * cols];
-            let keys = KV::as_compute(&k[j0 * d..(j0 + cols) * d], &mut k_tile);
-            scores(self, dims, b, (i0, rows), (j0, cols), q, keys, tile);
+            scores(self, dims, b, (i0, rows), (j0, cols), q, (&k[j0 * d..(j0 + cols) * d], &mut k_tile), tile);
             for r in 0..rows {
                 let line = &mut tile[r * cols..(r + 1) * cols];
                 let tile_max = T::max_of(line);
@@ -381,10 +397,11 @@ impl FlashAttention {
                     *a *= rescale;
                 }
             }
-            let values = KV::as_compute(&v[j0 * d..(j0 + cols) * d], &mut v_tile);
+            let values = &v[j0 * d..(j0 + cols) * d];
             if rows == 1 {
-                T::weighted_sum(tile, values, &mut acc[..d]);
+                KV::weighted_sum(tile, values, &mut acc[..d]);
             } else {
+                let values = KV::as_compute(values, &mut v_tile);
                 // SAFETY: tile is rows × cols, v from j0 holds cols rows of d, acc rows × d.
                 unsafe {
                     matmul(
@@ -483,7 +500,8 @@ impl<T: Real> Backward<'_, T> {
         let kv_at = (b * self.dims.kv_heads + self.dims.kv_head(h)) * self.dims.keys * d;
         let q_row = bh * self.dims.queries + i0;
         let q = &self.q[q_row * d..(q_row + rows) * d];
-        scores(self.op, &self.dims, b, (i0, rows), (j0, cols), q, &self.k[kv_at + j0 * d..], p);
+        let keys = &self.k[kv_at + j0 * d..kv_at + (j0 + cols) * d];
+        scores(self.op, &self.dims, b, (i0, rows), (j0, cols), q, (keys, &mut Vec::new()), p);
         // dP = dO · Vᵀ.
         // SAFETY: d_out rows × d, v cols rows of d, ds rows × cols.
         unsafe {

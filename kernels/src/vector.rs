@@ -191,6 +191,144 @@ dispatch! {
     }
 }
 
+/// `dst[i] = src[i]` widened to f32 (exactly): F16C's `vcvtph2ps` sixteen
+/// (AVX-512) or eight values an instruction where the CPU has it.
+pub fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F was just detected; both slices hold `n` values.
+        done = unsafe { f16_to_f32_avx512(&src[..n], &mut dst[..n]) };
+    } else if std::is_x86_feature_detected!("avx") && std::is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX and F16C were just detected.
+        done = unsafe { f16_to_f32_f16c(&src[..n], &mut dst[..n]) };
+    }
+    for (h, f) in src[done..n].iter().zip(&mut dst[done..n]) {
+        *f = widen_f16(*h);
+    }
+}
+
+/// [`f16_to_f32`] sixteen values at a time; returns how many it did.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `dst` must be as long as `src`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_to_f32_avx512(src: &[half::f16], dst: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let whole = src.len() / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+        _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+    }
+    whole
+}
+
+/// [`f16_to_f32`] eight values at a time; returns how many it did.
+///
+/// # Safety
+/// The CPU must support AVX and F16C; `dst` must be as long as `src`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_to_f32_f16c(src: &[half::f16], dst: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let whole = src.len() / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    }
+    whole
+}
+
+/// `out[j] = q · rows[j]` for f16 rows of `q.len()` values (one query
+/// against a tile of a KV cache's keys), widened in registers.
+pub fn dots_f16(q: &[f32], rows: &[half::f16], out: &mut [f32]) {
+    let d = q.len();
+    #[cfg(target_arch = "x86_64")]
+    if d % 16 == 0 && std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F was just detected; rows hold out.len() rows of d.
+        return unsafe { dots_f16_avx512(q, &rows[..out.len() * d], out) };
+    }
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
+        *o = q.iter().zip(row).map(|(a, b)| a * widen_f16(*b)).sum();
+    }
+}
+
+/// [`dots_f16`] for a head size a multiple of 16.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `d` a multiple of 16, `rows` hold
+/// `out.len()` rows of `q.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_f16_avx512(q: &[f32], rows: &[half::f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let row = rows.as_ptr().add(j * d);
+        let mut acc = _mm512_setzero_ps();
+        for c in (0..d).step_by(16) {
+            let k = _mm512_cvtph_ps(_mm256_loadu_si256(row.add(c) as *const __m256i));
+            acc = _mm512_fmadd_ps(k, _mm512_loadu_ps(q.as_ptr().add(c)), acc);
+        }
+        *o = _mm512_reduce_add_ps(acc);
+    }
+}
+
+/// `acc += Σ_j weights[j] · rows[j]` for f16 rows of `acc.len()` values
+/// (a query's attention over a tile of a KV cache's values).
+pub fn weighted_sum_f16(weights: &[f32], rows: &[half::f16], acc: &mut [f32]) {
+    let d = acc.len();
+    #[cfg(target_arch = "x86_64")]
+    if d % 16 == 0 && std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F was just detected; rows hold weights.len() rows of d.
+        return unsafe { weighted_sum_f16_avx512(weights, &rows[..weights.len() * d], acc) };
+    }
+    for (&w, row) in weights.iter().zip(rows.chunks_exact(d)).filter(|(&w, _)| w != 0.0) {
+        for (a, x) in acc.iter_mut().zip(row) {
+            *a = w.mul_add(widen_f16(*x), *a);
+        }
+    }
+}
+
+/// [`weighted_sum_f16`] for a head size a multiple of 16.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `acc.len()` a multiple of 16, `rows`
+/// hold `weights.len()` rows of it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_sum_f16_avx512(weights: &[f32], rows: &[half::f16], acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = acc.len();
+    for c in (0..d).step_by(16) {
+        let mut sum = _mm512_loadu_ps(acc.as_ptr().add(c));
+        for (j, &w) in weights.iter().enumerate() {
+            let v = _mm512_cvtph_ps(_mm256_loadu_si256(rows.as_ptr().add(j * d + c) as *const __m256i));
+            sum = _mm512_fmadd_ps(_mm512_set1_ps(w), v, sum);
+        }
+        _mm512_storeu_ps(acc.as_mut_ptr().add(c), sum);
+    }
+}
+
+/// `h` as f32, exactly, in branch-free integer and float steps a loop
+/// vectorises (half's own conversion calls out per eight values): the
+/// exponent and mantissa moved into f32's fields and rebiased by one
+/// multiplication by 2¹¹², which also normalises subnormals; infinities
+/// and NaNs get f32's all-ones exponent.
+#[inline(always)]
+fn widen_f16(h: half::f16) -> f32 {
+    let bits = h.to_bits() as u32;
+    let sign = (bits & 0x8000) << 16;
+    let magnitude = bits & 0x7fff;
+    let rebias = f32::from_bits(0x7780_0000); // 2^112
+    let finite = f32::from_bits(magnitude << 13) * rebias;
+    let special = f32::from_bits((magnitude << 13) | 0x7f80_0000);
+    let value = if magnitude >= 0x7c00 { special } else { finite };
+    f32::from_bits(value.to_bits() | sign)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +426,52 @@ mod tests {
             }
             let want_sum: f64 = want.iter().map(|&w| w as f64).sum();
             assert!((sum as f64 - want_sum).abs() <= 1e-6 * want_sum.max(1.0), "len {len}: {sum} vs {want_sum}");
+        }
+    }
+
+    /// Every one of the 65,536 f16 values widens to half's own f32 (bit
+    /// for bit; NaNs stay NaN), by the vector loop and by the portable
+    /// formula (its tail and fallback).
+    #[test]
+    fn every_f16_widens_exactly() {
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let mut out = vec![0f32; all.len()];
+        f16_to_f32(&all, &mut out);
+        let portable: Vec<f32> = all.iter().map(|&h| widen_f16(h)).collect();
+        for ((h, f), p) in all.iter().zip(&out).zip(&portable) {
+            assert!(f.to_bits() == p.to_bits() || (f.is_nan() && p.is_nan()), "{:#06x}", h.to_bits());
+            let want = h.to_f32();
+            if want.is_nan() {
+                assert!(f.is_nan(), "{:#06x}", h.to_bits());
+            } else {
+                assert_eq!(f.to_bits(), want.to_bits(), "{:#06x}: {f} vs {want}", h.to_bits());
+            }
+        }
+    }
+
+    /// The f16 dots and weighted sums equal their widened-f32 versions:
+    /// the vector path (head size 64) and the portable one (head size 12).
+    #[test]
+    fn f16_rows_meet_f32_queries_as_their_widened_values() {
+        for d in [64usize, 12] {
+            let keys = 37;
+            let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+            let rows: Vec<half::f16> =
+                (0..keys * d).map(|i| half::f16::from_f32((i as f32 * 0.11).cos() * 3.0)).collect();
+            let wide: Vec<f32> = rows.iter().map(|h| h.to_f32()).collect();
+            let (mut got, mut want) = (vec![0f32; keys], vec![0f32; keys]);
+            dots_f16(&q, &rows, &mut got);
+            dots(&q, &wide, &mut want);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "d {d}: {a} vs {b}");
+            }
+            let weights: Vec<f32> = (0..keys).map(|j| if j % 5 == 0 { 0.0 } else { 1.0 / (j + 1) as f32 }).collect();
+            let (mut got, mut want) = (vec![0.5f32; d], vec![0.5f32; d]);
+            weighted_sum_f16(&weights, &rows, &mut got);
+            weighted_sum(&weights, &wide, &mut want);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "d {d}: {a} vs {b}");
+            }
         }
     }
 }

@@ -194,6 +194,7 @@ pub fn infer(model: &LoadedModel, vocab: usize, bench: &InferBench) -> Result<Ve
             "decode_bandwidth_bound_tokens_per_s": bound_tps,
             "decode_vs_bound": decode_tps / bound_tps,
             "peak_memory_mb": peak,
+            "kv_cache_dtype": format!("{:?}", model.kv_cache_dtype()).to_lowercase(),
         }));
     }
     Ok(records)

@@ -518,7 +518,7 @@ impl BlockMatrix {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_row_avx2<const HALF: bool>(&self, row: usize, xs: &[ActivationRow], out: &mut [f32]) {
         use std::arch::x86_64::*;
-        let RowBlocks { first, per_row, qb, quants, scales } = self.row_blocks(row);
+        let RowBlocks { first, per_row, qb, quants, scales, .. } = self.row_blocks(row);
         for (xs, out) in xs.chunks(ROWS_AT_ONCE).zip(out.chunks_mut(ROWS_AT_ONCE)) {
             for x in xs {
                 assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row && x.sums.len() >= per_row);
@@ -559,8 +559,7 @@ impl BlockMatrix {
         None
     }
 
-    /// `out[r] = W[row] · x[r]` by `kernel`, one activation row at a time,
-    /// the offsets added.
+    /// `out[r] = W[row] · x[r]` by `kernel`, one activation row at a time.
     ///
     /// # Safety
     /// `kernel` must be one [`one_row::best`] chose for this matrix on this
@@ -572,12 +571,7 @@ impl BlockMatrix {
             self.prefetch_row(row + PREFETCH_ROWS);
         }
         for (x, y) in xs.iter().zip(out.iter_mut()) {
-            let offsets = if self.scales.is_half() {
-                self.offsets_avx2::<true>(blocks.first, blocks.per_row, x)
-            } else {
-                self.offsets_avx2::<false>(blocks.first, blocks.per_row, x)
-            };
-            *y = kernel(&blocks, x) + offsets;
+            *y = kernel(&blocks, x);
         }
     }
 
@@ -648,12 +642,21 @@ impl BlockMatrix {
         let (qb, spb) = (self.kind.quant_bytes(), self.kind.scales_per_block());
         assert!(self.quants.len() >= (first + per_row) * qb && self.scales.len() >= (first + per_row) * spb);
         assert!(!self.kind.has_min() || self.mins.len() >= first + per_row);
+        let (offsets, offset_factor) = match self.offset_factors() {
+            Some((factors, factor)) => {
+                assert!(factors.len() >= first + per_row && factors.is_half() == self.scales.is_half());
+                (factors.ptr(first), factor)
+            }
+            None => (std::ptr::null(), 0.0),
+        };
         RowBlocks {
             first,
             per_row,
             qb,
             quants: self.quants[first * qb..].as_ptr(),
             scales: self.scales.ptr(first * spb),
+            offsets,
+            offset_factor,
         }
     }
 
@@ -729,6 +732,11 @@ struct RowBlocks {
     quants: *const u8,
     /// f16 or f32, as the matrix stores them.
     scales: *const u8,
+    /// The factors of the blocks' offsets ([`BlockMatrix::offset_factors`],
+    /// stored as the scales are), null for kinds without offsets.
+    offsets: *const u8,
+    /// What the offsets' sum is multiplied by.
+    offset_factor: f32,
 }
 
 /// One block's 32 quants widened to 16-bit integers (two 16-lane vectors,

@@ -17,7 +17,8 @@ use std::arch::x86_64::*;
 use super::{ActivationRow, RowBlocks, QK};
 
 /// A row kernel: `Σ_b scale_b · x_scale_b · (q_b · x_b)` over a weight
-/// row's blocks (the offsets of kinds with a minimum are added apart).
+/// row's blocks, plus the blocks' offsets `factor · Σ_b offset_b · Σx_b`
+/// (minimums, or Q4_0's `-8·scale`) where the kind has them.
 pub(super) type RowKernel = unsafe fn(&RowBlocks, &ActivationRow) -> f32;
 
 /// How a kind's 32 quants of a block are stored.
@@ -92,12 +93,20 @@ const CHUNK: usize = 16;
 /// must describe whole blocks in range and `x` hold `per_row` blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn avx512<const HALF: bool, const NIBBLES: bool>(blocks: &RowBlocks, x: &ActivationRow) -> f32 {
-    let RowBlocks { per_row, qb, quants, scales, .. } = *blocks;
-    assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row);
+    let RowBlocks { per_row, qb, quants, scales, offsets, offset_factor, .. } = *blocks;
+    assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row && x.sums.len() >= per_row);
     let (xq, xs) = (x.quants.as_ptr(), x.scales.as_ptr());
     let mut combined = [0f32; CHUNK];
     let (mut a0, mut a1, mut a2, mut a3) =
         (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut offset_sum = _mm512_setzero_ps();
+    let load_factors = |p: *const u8, start: usize, mask: __mmask16| {
+        if HALF {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (p as *const i16).add(start)))
+        } else {
+            _mm512_maskz_loadu_ps(mask, (p as *const f32).add(start))
+        }
+    };
     let block = |acc: __m512, b: usize, scale: f32| -> __m512 {
         let q = quants.add(b * qb);
         let w = if NIBBLES {
@@ -114,12 +123,12 @@ unsafe fn avx512<const HALF: bool, const NIBBLES: bool>(blocks: &RowBlocks, x: &
     while start < per_row {
         let n = (per_row - start).min(CHUNK);
         let mask: __mmask16 = if n == CHUNK { u16::MAX } else { (1u16 << n) - 1 };
-        let d = if HALF {
-            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (scales as *const i16).add(start)))
-        } else {
-            _mm512_maskz_loadu_ps(mask, (scales as *const f32).add(start))
-        };
+        let d = load_factors(scales, start, mask);
         _mm512_storeu_ps(combined.as_mut_ptr(), _mm512_mul_ps(d, _mm512_maskz_loadu_ps(mask, xs.add(start))));
+        if !offsets.is_null() {
+            let sums = _mm512_maskz_loadu_ps(mask, x.sums.as_ptr().add(start));
+            offset_sum = _mm512_fmadd_ps(load_factors(offsets, start, mask), sums, offset_sum);
+        }
         let mut i = 0;
         while i + 4 <= n {
             let b = start + i;
@@ -136,6 +145,7 @@ unsafe fn avx512<const HALF: bool, const NIBBLES: bool>(blocks: &RowBlocks, x: &
         start += n;
     }
     _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)))
+        + _mm512_reduce_add_ps(offset_sum) * offset_factor
 }
 
 /// The AVX2 row kernel (`NIBBLES`: Q4_0/Q4_1 quants, else 8-bit ones;
@@ -149,10 +159,12 @@ unsafe fn avx2<const HALF: bool, const NIBBLES: bool, const HALVES: bool>(
     blocks: &RowBlocks,
     x: &ActivationRow,
 ) -> f32 {
-    let RowBlocks { per_row, qb, quants, scales, .. } = *blocks;
-    assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row);
+    let RowBlocks { per_row, qb, quants, scales, offsets, offset_factor, .. } = *blocks;
+    assert!(x.quants.len() >= per_row * QK && x.scales.len() >= per_row && x.sums.len() >= per_row);
     let (xq, xs) = (x.quants.as_ptr(), x.scales.as_ptr());
     let factor = |i: usize| super::load_factor::<HALF>(scales, i);
+    // Eight running sums of the offsets (one would chain every block).
+    let mut offset_lanes = [0f32; 8];
     // Per block: the quants times the activations, as two 8-lane sums of
     // 32-bit products (values 0..16 and 16..32).
     let products = |b: usize| -> (__m256i, __m256i) {
@@ -186,6 +198,9 @@ unsafe fn avx2<const HALF: bool, const NIBBLES: bool, const HALVES: bool>(
     while start < per_row {
         let n = (per_row - start).min(HALF_CHUNK);
         for i in 0..n {
+            if !offsets.is_null() {
+                offset_lanes[i] += super::load_factor::<HALF>(offsets, start + i) * *x.sums.get_unchecked(start + i);
+            }
             let s = *xs.add(start + i);
             if HALVES {
                 combined[2 * i] = factor(2 * (start + i)) * s;
@@ -226,7 +241,7 @@ unsafe fn avx2<const HALF: bool, const NIBBLES: bool, const HALVES: bool>(
         }
         start += n;
     }
-    super::sum_lanes(&[a0, a1, a2, a3])
+    super::sum_lanes(&[a0, a1, a2, a3]) + offset_lanes.iter().sum::<f32>() * offset_factor
 }
 
 /// Every row kernel this CPU runs for `quants` and `half`, by name (the
