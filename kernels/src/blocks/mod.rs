@@ -14,7 +14,8 @@
 //! 8 bits; on SmolLM2 that lost up to 8% of a `v_proj` output here and
 //! changed its answers.) Split across threads by weight rows, AVX2+FMA
 //! where the CPU has it (chosen at run time), the same integer sums in
-//! portable code otherwise.
+//! portable code otherwise; one activation row (decoding a sequence) runs
+//! the row kernels of [`one_row`], with an AVX-512 copy.
 
 use rayon::prelude::*;
 
