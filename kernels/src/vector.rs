@@ -246,7 +246,7 @@ unsafe fn f16_to_f32_f16c(src: &[half::f16], dst: &mut [f32]) -> usize {
 pub fn dots_f16(q: &[f32], rows: &[half::f16], out: &mut [f32]) {
     let d = q.len();
     #[cfg(target_arch = "x86_64")]
-    if d % 16 == 0 && std::is_x86_feature_detected!("avx512f") {
+    if d.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512 F was just detected; rows hold out.len() rows of d.
         return unsafe { dots_f16_avx512(q, &rows[..out.len() * d], out) };
     }
@@ -281,7 +281,7 @@ unsafe fn dots_f16_avx512(q: &[f32], rows: &[half::f16], out: &mut [f32]) {
 pub fn weighted_sum_f16(weights: &[f32], rows: &[half::f16], acc: &mut [f32]) {
     let d = acc.len();
     #[cfg(target_arch = "x86_64")]
-    if d % 16 == 0 && std::is_x86_feature_detected!("avx512f") {
+    if d.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512 F was just detected; rows hold weights.len() rows of d.
         return unsafe { weighted_sum_f16_avx512(weights, &rows[..weights.len() * d], acc) };
     }
