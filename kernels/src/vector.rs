@@ -250,6 +250,11 @@ pub fn dots_f16(q: &[f32], rows: &[half::f16], out: &mut [f32]) {
         // SAFETY: AVX-512 F was just detected; rows hold out.len() rows of d.
         return unsafe { dots_f16_avx512(q, &rows[..out.len() * d], out) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && has_f16c_fma() {
+        // SAFETY: AVX2, FMA and F16C were just detected; rows hold out.len() rows of d.
+        return unsafe { dots_f16_f16c(q, &rows[..out.len() * d], out) };
+    }
     for (o, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
         *o = q.iter().zip(row).map(|(a, b)| a * widen_f16(*b)).sum();
     }
@@ -276,6 +281,57 @@ unsafe fn dots_f16_avx512(q: &[f32], rows: &[half::f16], out: &mut [f32]) {
     }
 }
 
+/// Whether the CPU has AVX2, FMA and F16C (the 8-lane f16 loops).
+#[cfg(target_arch = "x86_64")]
+fn has_f16c_fma() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
+/// [`dots_f16`] eight lanes wide, for a head size a multiple of 8.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `rows` hold `out.len()` rows
+/// of `q.len()`, a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_f16_f16c(q: &[f32], rows: &[half::f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let row = rows.as_ptr().add(j * d);
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..d).step_by(8) {
+            let k = _mm256_cvtph_ps(_mm_loadu_si128(row.add(c) as *const __m128i));
+            acc = _mm256_fmadd_ps(k, _mm256_loadu_ps(q.as_ptr().add(c)), acc);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        *o = lanes.iter().sum();
+    }
+}
+
+/// [`weighted_sum_f16`] eight lanes wide, for a head size a multiple of 8.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `rows` hold `weights.len()`
+/// rows of `acc.len()`, a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_f16_f16c(weights: &[f32], rows: &[half::f16], acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = acc.len();
+    for c in (0..d).step_by(8) {
+        let mut sum = _mm256_loadu_ps(acc.as_ptr().add(c));
+        for (j, &w) in weights.iter().enumerate() {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(rows.as_ptr().add(j * d + c) as *const __m128i));
+            sum = _mm256_fmadd_ps(_mm256_set1_ps(w), v, sum);
+        }
+        _mm256_storeu_ps(acc.as_mut_ptr().add(c), sum);
+    }
+}
+
 /// `acc += Σ_j weights[j] · rows[j]` for f16 rows of `acc.len()` values
 /// (a query's attention over a tile of a KV cache's values).
 pub fn weighted_sum_f16(weights: &[f32], rows: &[half::f16], acc: &mut [f32]) {
@@ -284,6 +340,11 @@ pub fn weighted_sum_f16(weights: &[f32], rows: &[half::f16], acc: &mut [f32]) {
     if d.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512 F was just detected; rows hold weights.len() rows of d.
         return unsafe { weighted_sum_f16_avx512(weights, &rows[..weights.len() * d], acc) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && has_f16c_fma() {
+        // SAFETY: AVX2, FMA and F16C were just detected; rows hold weights.len() rows of d.
+        return unsafe { weighted_sum_f16_f16c(weights, &rows[..weights.len() * d], acc) };
     }
     for (&w, row) in weights.iter().zip(rows.chunks_exact(d)).filter(|(&w, _)| w != 0.0) {
         for (a, x) in acc.iter_mut().zip(row) {
@@ -450,10 +511,11 @@ mod tests {
     }
 
     /// The f16 dots and weighted sums equal their widened-f32 versions:
-    /// the vector path (head size 64) and the portable one (head size 12).
+    /// the vector paths (head sizes 64 and 24, the AVX2 one called
+    /// directly too) and the portable one (head size 12).
     #[test]
     fn f16_rows_meet_f32_queries_as_their_widened_values() {
-        for d in [64usize, 12] {
+        for d in [64usize, 24, 12] {
             let keys = 37;
             let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
             let rows: Vec<half::f16> =
@@ -471,6 +533,20 @@ mod tests {
             weighted_sum(&weights, &wide, &mut want);
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "d {d}: {a} vs {b}");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if d.is_multiple_of(8) && has_f16c_fma() {
+                let (mut dots8, mut sums8) = (vec![0f32; keys], vec![0.5f32; d]);
+                // SAFETY: the features were just detected; the sizes are as the functions need.
+                unsafe {
+                    dots_f16_f16c(&q, &rows, &mut dots8);
+                    weighted_sum_f16_f16c(&weights, &rows, &mut sums8);
+                }
+                let mut want_dots = vec![0f32; keys];
+                dots(&q, &wide, &mut want_dots);
+                for (a, b) in dots8.iter().zip(&want_dots).chain(sums8.iter().zip(&want)) {
+                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "d {d}, AVX2: {a} vs {b}");
+                }
             }
         }
     }

@@ -274,7 +274,7 @@ mod tests {
         for blocks in [1usize, 3, 4, 5, 8, 9, 16, 17, 19, 24] {
             let cols = blocks * QK;
             // K-quants need whole 256-value super-blocks.
-            let formats: &[(GgmlDType, GgmlFormat)] = if cols % 256 == 0 {
+            let formats: &[(GgmlDType, GgmlFormat)] = if cols.is_multiple_of(256) {
                 &[(GgmlDType::Q4K, GgmlFormat::Q4K), (GgmlDType::Q6K, GgmlFormat::Q6K)]
             } else {
                 &[
